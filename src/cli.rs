@@ -1,0 +1,194 @@
+//! Command line: `run` (the default), `migrate`, `demo`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Overrides};
+use crate::telemetry::{self, LogFormat};
+use crate::{demo, pipeline, store};
+
+/// Moves Kafka records into PostgreSQL exactly once.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kafka-pg-ingest",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `run`, which is what a bare `kafka-pg-ingest` does.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume and ingest until stopped (SIGINT/SIGTERM) or --cycles polls have run.
+    Run(RunArgs),
+    /// Apply database migrations and exit.
+    Migrate(CommonArgs),
+    /// Start an in-process broker, produce sample messages, ingest them, print what landed.
+    Demo(DemoArgs),
+}
+
+/// Flags every command that reads configuration takes.
+#[derive(Debug, Args, Clone)]
+pub struct CommonArgs {
+    /// YAML file layered over the built-in defaults (config/service.yaml).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Postgres URL.
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Flags of `run`.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "KAFKA_BROKERS", value_name = "LIST")]
+    pub brokers: Option<String>,
+    /// Consumer group id.
+    #[arg(long, value_name = "ID")]
+    pub group: Option<String>,
+    /// Topic to consume; repeat for several.
+    #[arg(long = "topic", value_name = "NAME")]
+    pub topics: Vec<String>,
+    /// Number of poll cycles, then exit 0 (unlimited when absent).
+    #[arg(long, value_name = "N")]
+    pub cycles: Option<u64>,
+    /// Seconds to pause after a poll that returned nothing.
+    #[arg(long, value_name = "SECONDS")]
+    pub sleep: Option<f64>,
+    /// Any librdkafka property, e.g. session.timeout.ms=6000; repeatable.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_options: Vec<(String, String)>,
+}
+
+/// Flags of `demo`.
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// Postgres URL the demo ingests into.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// How many messages to produce.
+    #[arg(long, default_value_t = 3000)]
+    pub messages: u64,
+    /// Partitions of the demo topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+impl CommonArgs {
+    fn load(&self, mut overrides: Overrides) -> anyhow::Result<Config> {
+        overrides.database_url = self.database_url.clone();
+        Ok(Config::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            &overrides,
+        )?)
+    }
+}
+
+impl Cli {
+    /// The log format the chosen command asked for.
+    pub fn log_format(&self) -> LogFormat {
+        match &self.command {
+            Some(Command::Run(a)) => a.common.log_format,
+            Some(Command::Migrate(a)) => a.log_format,
+            Some(Command::Demo(a)) => a.log_format,
+            None => self.run.common.log_format,
+        }
+    }
+}
+
+/// Runs the parsed command.
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init(cli.log_format());
+    match cli.command {
+        Some(Command::Run(args)) => run(args).await,
+        None => run(cli.run).await,
+        Some(Command::Migrate(args)) => {
+            let config = args.load(Overrides::default())?;
+            let pool = store::connect_pool(&config).await?;
+            store::migrate(&pool).await?;
+            println!("migrations applied to {}", config.database_url_masked());
+            Ok(())
+        }
+        Some(Command::Demo(args)) => {
+            let report = demo::run(&args.database_url, args.messages, args.partitions).await?;
+            print!("{report}");
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.common.load(Overrides {
+        brokers: args.brokers,
+        group: args.group,
+        topics: args.topics,
+        sleep_secs: args.sleep,
+        kafka_options: args.kafka_options,
+        database_url: None,
+    })?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    pipeline::run(config, args.cycles, shutdown)
+        .await
+        .context("worker stopped on an error")?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM; the loop then aborts or finishes its batch
+/// and leaves the group. If that takes longer than 30 s, the process exits anyway.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    tracing::error!("shutdown took longer than 30 s; exiting");
+    std::process::exit(1);
+}

@@ -1,0 +1,534 @@
+//! Typed configuration and its layers.
+//!
+//! Layers, each overriding the one before: built-in defaults (`config/service.yaml`,
+//! embedded) -> the YAML file given with `--config` -> environment variables
+//! `KAFKA_PG_INGEST__SECTION__KEY` -> CLI flags. Maps merge key by key; lists replace.
+//! Every struct denies unknown fields, so a misspelt key is an error that names it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_yaml_ng::{Mapping, Value};
+
+/// The embedded default configuration: the website-metrics pipeline.
+pub const DEFAULT_YAML: &str = include_str!("../config/service.yaml");
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "KAFKA_PG_INGEST__";
+
+/// A configuration that cannot be used, with the key to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration ({origin}): {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration of a worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where records come from.
+    pub kafka: KafkaConfig,
+    /// Where rows, dead letters and offsets go.
+    pub postgres: PostgresConfig,
+    /// How much one transaction holds.
+    pub batch: BatchConfig,
+    /// Backoff for transient failures.
+    pub retry: RetryConfig,
+    /// How a record becomes a row.
+    pub sink: SinkConfig,
+    /// Loop pacing.
+    pub run: RunConfig,
+}
+
+/// Kafka consumer settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers.
+    pub brokers: String,
+    /// Consumer group id; also the key of the offset rows.
+    pub group: String,
+    /// Topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Start of a partition that has no stored offset.
+    pub auto_offset_reset: OffsetReset,
+    /// Mirror committed offsets to Kafka (advisory, for lag tools).
+    pub mirror_offsets: bool,
+    /// Extra librdkafka properties, passed through unchanged.
+    pub options: BTreeMap<String, String>,
+}
+
+/// Where a partition without a stored offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    /// The oldest record still on the broker.
+    Earliest,
+    /// Only records produced after the claim.
+    Latest,
+}
+
+/// Postgres connection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL; a secret, since it may hold a password.
+    pub url: SecretString,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long to keep retrying the first connection before exiting non-zero.
+    pub connect_retry_secs: u64,
+    /// Apply migrations at startup.
+    pub migrate_on_start: bool,
+}
+
+/// Bounds of one poll batch (= one transaction).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most records in one batch.
+    pub max_records: usize,
+    /// Most payload bytes in one batch.
+    pub max_bytes: usize,
+    /// Longest wait to fill a batch, in milliseconds.
+    pub max_wait_ms: u64,
+}
+
+/// Capped exponential backoff with jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First delay, in milliseconds.
+    pub initial_delay_ms: u64,
+    /// Cap of the delay, in milliseconds.
+    pub max_delay_ms: u64,
+    /// How long a claim on assignment is retried before the worker gives up.
+    pub claim_limit_secs: u64,
+}
+
+/// The target table and how a record maps onto it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Schema-qualified target table, e.g. `web_metrics.metrics`.
+    pub table: String,
+    /// Larger record values become `too_large` dead letters.
+    pub max_record_bytes: usize,
+    /// Deeper JSON becomes a `too_deep` dead letter.
+    pub max_json_depth: usize,
+    /// Columns that receive the record's coordinates.
+    pub source_columns: SourceColumns,
+    /// One entry per mapped column.
+    pub columns: Vec<ColumnMapping>,
+}
+
+/// Names of the columns holding the Kafka coordinates of each row.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceColumns {
+    /// Column for the topic (text).
+    pub topic: String,
+    /// Column for the partition (integer).
+    pub partition: String,
+    /// Column for the offset (bigint).
+    pub offset: String,
+}
+
+/// One target column filled from one JSON field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnMapping {
+    /// Target column name.
+    pub column: String,
+    /// Top-level field name, or a JSON pointer starting with `/`.
+    pub field: String,
+    /// Type the value must have.
+    #[serde(rename = "type")]
+    pub kind: ColumnType,
+    /// Absent or null makes the record a `missing_field` dead letter.
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// Column types the decoder validates and encodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    Text,
+    Int2,
+    Int4,
+    Int8,
+    Float8,
+    Bool,
+    Timestamptz,
+    Interval,
+    Inet,
+    Jsonb,
+}
+
+/// Pacing of the loop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Seconds to pause after a poll that returned nothing.
+    pub sleep_secs: f64,
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub brokers: Option<String>,
+    pub database_url: Option<String>,
+    pub group: Option<String>,
+    pub topics: Vec<String>,
+    pub sleep_secs: Option<f64>,
+    pub kafka_options: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Builds the configuration from all layers and validates it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut tree = parse_yaml(DEFAULT_YAML, "built-in defaults")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            merge(&mut tree, parse_yaml(&text, &path.display().to_string())?);
+        }
+        for (name, value) in env {
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                let keys: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+                let value = serde_yaml_ng::from_str(&value).unwrap_or(Value::String(value));
+                set_path(&mut tree, &keys, value).map_err(|problem| invalid(&name, problem))?;
+            }
+        }
+        let mut config: Config =
+            serde_yaml_ng::from_value(tree).map_err(|e| ConfigError::Parse {
+                origin: "merged layers".into(),
+                message: e.to_string(),
+            })?;
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(b) = &o.brokers {
+            self.kafka.brokers = b.clone();
+        }
+        if let Some(url) = &o.database_url {
+            self.postgres.url = SecretString::from(url.clone());
+        }
+        if let Some(g) = &o.group {
+            self.kafka.group = g.clone();
+        }
+        if !o.topics.is_empty() {
+            self.kafka.topics = o.topics.clone();
+        }
+        if let Some(s) = o.sleep_secs {
+            self.run.sleep_secs = s;
+        }
+        for (k, v) in &o.kafka_options {
+            self.kafka.options.insert(k.clone(), v.clone());
+        }
+    }
+
+    /// Refuses relations that cannot work, saying which key to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid(
+                "kafka.brokers",
+                "is empty: give host:port[,host:port]",
+            ));
+        }
+        if self.kafka.group.trim().is_empty() {
+            return Err(invalid("kafka.group", "is empty: give a consumer group id"));
+        }
+        if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.is_empty()) {
+            return Err(invalid(
+                "kafka.topics",
+                "must name at least one non-empty topic",
+            ));
+        }
+        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+            if self.kafka.options.get(key).is_some_and(|v| v != "false") {
+                return Err(invalid(
+                    &format!("kafka.options.{key}"),
+                    "must stay false: offsets live in Postgres; remove the option",
+                ));
+            }
+        }
+        if self.batch.max_records == 0 {
+            return Err(invalid("batch.max_records", "must be at least 1"));
+        }
+        if self.batch.max_bytes < self.sink.max_record_bytes {
+            return Err(invalid(
+                "batch.max_bytes",
+                "must be at least sink.max_record_bytes, or a maximal record can never fit a batch",
+            ));
+        }
+        let poll_interval = self.max_poll_interval();
+        if self.batch_wait() >= poll_interval / 2 {
+            return Err(invalid(
+                "batch.max_wait_ms",
+                format!(
+                    "must be below half of max.poll.interval.ms ({} ms); lower it or raise kafka.options.max.poll.interval.ms",
+                    poll_interval.as_millis()
+                ),
+            ));
+        }
+        if self.claim_limit() >= poll_interval {
+            return Err(invalid(
+                "retry.claim_limit_secs",
+                format!(
+                    "must be below max.poll.interval.ms ({} ms), or the group evicts a worker while it claims",
+                    poll_interval.as_millis()
+                ),
+            ));
+        }
+        if self.retry.initial_delay_ms == 0 || self.retry.max_delay_ms < self.retry.initial_delay_ms
+        {
+            return Err(invalid(
+                "retry.max_delay_ms",
+                "must be at least retry.initial_delay_ms, which must be above 0",
+            ));
+        }
+        if !(self.run.sleep_secs.is_finite() && self.run.sleep_secs >= 0.0) {
+            return Err(invalid(
+                "run.sleep_secs",
+                "must be a number of seconds >= 0",
+            ));
+        }
+        if self.sink.max_json_depth == 0 || self.sink.max_json_depth > 120 {
+            return Err(invalid("sink.max_json_depth", "must be between 1 and 120"));
+        }
+        if self.sink.columns.is_empty() {
+            return Err(invalid("sink.columns", "must map at least one column"));
+        }
+        if self.sink.table.split('.').count() != 2 {
+            return Err(invalid(
+                "sink.table",
+                "must be schema-qualified, e.g. web_metrics.metrics",
+            ));
+        }
+        let sc = &self.sink.source_columns;
+        let mut names: Vec<&str> = vec![&sc.topic, &sc.partition, &sc.offset];
+        names.extend(self.sink.columns.iter().map(|c| c.column.as_str()));
+        let mut seen = std::collections::HashSet::new();
+        for (i, name) in names.iter().enumerate() {
+            if name.is_empty() || !seen.insert(*name) {
+                let key = if i < 3 {
+                    "sink.source_columns".to_owned()
+                } else {
+                    format!("sink.columns[{}].column", i - 3)
+                };
+                return Err(invalid(&key, format!("`{name}` is empty or named twice")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `max.poll.interval.ms` as librdkafka will use it (its default is 300 s).
+    pub fn max_poll_interval(&self) -> Duration {
+        let ms = self
+            .kafka
+            .options
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300_000);
+        Duration::from_millis(ms)
+    }
+
+    /// Longest wait to fill a batch.
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch.max_wait_ms)
+    }
+
+    /// How long a claim is retried.
+    pub fn claim_limit(&self) -> Duration {
+        Duration::from_secs(self.retry.claim_limit_secs)
+    }
+
+    /// The database URL with any password replaced, for logs.
+    pub fn database_url_masked(&self) -> String {
+        mask_url(self.postgres.url.expose_secret())
+    }
+}
+
+/// Replaces the password of a URL with `***`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+fn parse_yaml(text: &str, origin: &str) -> Result<Value, ConfigError> {
+    let value: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+        origin: origin.to_owned(),
+        message: e.to_string(),
+    })?;
+    match value {
+        Value::Mapping(_) => Ok(value),
+        Value::Null => Ok(Value::Mapping(Mapping::new())),
+        _ => Err(ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: "the top level must be a map of sections".into(),
+        }),
+    }
+}
+
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn set_path(tree: &mut Value, keys: &[String], value: Value) -> Result<(), String> {
+    let (last, parents) = keys.split_last().ok_or("names no key")?;
+    let mut node = tree;
+    for key in parents {
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| format!("`{key}` is not inside a section"))?;
+        node = map
+            .entry(Value::String(key.clone()))
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+    }
+    let map = node
+        .as_mapping_mut()
+        .ok_or_else(|| format!("`{last}` is not inside a section"))?;
+    map.insert(Value::String(last.clone()), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_yaml(yaml: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("kpi-config-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&dir, yaml).expect("temp file is writable");
+        let env = env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let result = Config::load(Some(&dir), env, &Overrides::default());
+        let _ = std::fs::remove_file(&dir);
+        result
+    }
+
+    #[test]
+    fn built_in_defaults_are_the_website_metrics_pipeline() {
+        let c = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
+        assert_eq!(c.kafka.topics, vec!["website-metrics"]);
+        assert_eq!(c.kafka.group, "web-metrics-ingest");
+        assert_eq!(c.sink.table, "web_metrics.metrics");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_the_key() {
+        let err = load_yaml("kafka:\n  brokerz: x:1\n", vec![]).unwrap_err();
+        assert!(err.to_string().contains("brokerz"), "{err}");
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_then_env_then_flags() {
+        let yaml = "kafka:\n  group: from-file\n  brokers: file:1\nbatch:\n  max_records: 7\n";
+        let env = vec![
+            ("KAFKA_PG_INGEST__KAFKA__GROUP", "from-env"),
+            ("KAFKA_PG_INGEST__BATCH__MAX_WAIT_MS", "250"),
+        ];
+        let dir = std::env::temp_dir().join(format!("kpi-config-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&dir, yaml).expect("temp file is writable");
+        let flags = Overrides {
+            brokers: Some("flag:1".into()),
+            ..Overrides::default()
+        };
+        let env = env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let c = Config::load(Some(&dir), env, &flags).expect("loads");
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(c.kafka.group, "from-env");
+        assert_eq!(c.kafka.brokers, "flag:1");
+        assert_eq!(c.batch.max_records, 7);
+        assert_eq!(c.batch.max_wait_ms, 250);
+        assert_eq!(c.sink.columns.len(), 8, "lists from defaults survive");
+    }
+
+    #[test]
+    fn unknown_env_key_is_an_error_naming_the_key() {
+        let err = load_yaml("{}", vec![("KAFKA_PG_INGEST__BATCH__MAX_RECORZ", "1")]).unwrap_err();
+        assert!(err.to_string().contains("max_recorz"), "{err}");
+    }
+
+    #[test]
+    fn batch_wait_above_poll_interval_names_the_key_to_change() {
+        let yaml =
+            "batch:\n  max_wait_ms: 9000\nkafka:\n  options:\n    max.poll.interval.ms: '10000'\n";
+        let err = load_yaml(yaml, vec![]).unwrap_err();
+        assert!(err.to_string().contains("batch.max_wait_ms"), "{err}");
+    }
+
+    #[test]
+    fn auto_commit_cannot_be_enabled() {
+        let yaml = "kafka:\n  options:\n    enable.auto.commit: 'true'\n";
+        let err = load_yaml(yaml, vec![]).unwrap_err();
+        assert!(err.to_string().contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn password_is_masked_and_debug_hides_the_url() {
+        assert_eq!(
+            mask_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        let c = Config::load(
+            None,
+            vec![(
+                "KAFKA_PG_INGEST__POSTGRES__URL".to_owned(),
+                "postgres://a:s3cret@h/d".to_owned(),
+            )],
+            &Overrides::default(),
+        )
+        .expect("loads");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(!c.database_url_masked().contains("s3cret"));
+    }
+}

@@ -1,0 +1,287 @@
+//! Bytes -> a row of the target table, or a dead-letter reason.
+//!
+//! Decoding never panics and never drops a record: every input byte sequence ends as one
+//! encoded COPY line or one [`Rejection`]. Rows are encoded straight into the batch's
+//! COPY buffer (PostgreSQL text format), so a valid record costs no row allocation.
+
+mod value;
+
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::config::{ColumnMapping, ColumnType, SinkConfig};
+use crate::record::Record;
+
+/// Stable, machine-readable reasons a record became a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReasonCode {
+    /// The record has no value (a tombstone).
+    Tombstone,
+    /// The value is zero bytes long.
+    Empty,
+    /// The value exceeds `sink.max_record_bytes`.
+    TooLarge,
+    /// The value is not valid UTF-8.
+    NotUtf8,
+    /// The value does not parse as JSON.
+    NotJson,
+    /// The JSON nests deeper than `sink.max_json_depth`.
+    TooDeep,
+    /// The JSON is valid but not an object.
+    NotObject,
+    /// A required field is absent or null.
+    MissingField,
+    /// A timestamp field does not parse.
+    BadTimestamp,
+    /// An IP address field does not parse.
+    BadIp,
+    /// A duration field does not parse.
+    BadInterval,
+    /// A field has the wrong JSON type or is out of range.
+    BadValue,
+    /// A text field holds a NUL character, which Postgres text cannot store.
+    NulInText,
+    /// Postgres rejected the row (a constraint or a data error); see `sqlstate`.
+    DbRejected,
+}
+
+impl ReasonCode {
+    /// The code as stored in `ingest.dead_letters.reason_code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tombstone => "tombstone",
+            Self::Empty => "empty",
+            Self::TooLarge => "too_large",
+            Self::NotUtf8 => "not_utf8",
+            Self::NotJson => "not_json",
+            Self::TooDeep => "too_deep",
+            Self::NotObject => "not_object",
+            Self::MissingField => "missing_field",
+            Self::BadTimestamp => "bad_timestamp",
+            Self::BadIp => "bad_ip",
+            Self::BadInterval => "bad_interval",
+            Self::BadValue => "bad_value",
+            Self::NulInText => "nul_in_text",
+            Self::DbRejected => "db_rejected",
+        }
+    }
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a record cannot become a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ReasonCode,
+    /// Human-readable detail, naming the field where there is one.
+    pub reason: String,
+    /// The SQLSTATE when Postgres rejected the row.
+    pub sqlstate: Option<String>,
+}
+
+impl Rejection {
+    /// A rejection whose reason is made safe to store: record bytes quoted in it may hold
+    /// NUL (which Postgres text refuses) or be arbitrarily long.
+    pub fn new(code: ReasonCode, reason: impl Into<String>) -> Self {
+        const MAX_REASON_CHARS: usize = 1000;
+        let reason: String = reason
+            .into()
+            .replace('\0', "\\u0000")
+            .chars()
+            .take(MAX_REASON_CHARS)
+            .collect();
+        Self {
+            code,
+            reason,
+            sqlstate: None,
+        }
+    }
+}
+
+/// Decodes records of one sink configuration.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    columns: Vec<ColumnMapping>,
+    max_record_bytes: usize,
+    max_json_depth: usize,
+}
+
+impl Decoder {
+    pub fn new(sink: &SinkConfig) -> Self {
+        Self {
+            columns: sink.columns.clone(),
+            max_record_bytes: sink.max_record_bytes,
+            max_json_depth: sink.max_json_depth,
+        }
+    }
+
+    /// Target columns in COPY order: the mapped ones; the source coordinates follow.
+    pub fn column_names(&self) -> impl Iterator<Item = &str> {
+        self.columns.iter().map(|c| c.column.as_str())
+    }
+
+    /// Appends one COPY text line for `record` to `out`, or leaves `out` as it was and
+    /// says why not.
+    pub fn decode_into(&self, record: &Record, out: &mut Vec<u8>) -> Result<(), Rejection> {
+        let mark = out.len();
+        let result = self.encode(record, out);
+        if result.is_err() {
+            out.truncate(mark);
+        }
+        result
+    }
+
+    fn encode(&self, record: &Record, out: &mut Vec<u8>) -> Result<(), Rejection> {
+        let object = self.parse(record)?;
+        for mapping in &self.columns {
+            let field = lookup(&object, &mapping.field);
+            match field {
+                None | Some(Value::Null) if mapping.required => {
+                    return Err(Rejection::new(
+                        ReasonCode::MissingField,
+                        format!("required field `{}` is absent or null", mapping.field),
+                    ));
+                }
+                None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
+                Some(v) => value::encode(mapping, v, out)?,
+            }
+            out.push(b'\t');
+        }
+        push_escaped(out, &record.topic);
+        out.push(b'\t');
+        out.extend_from_slice(record.partition.to_string().as_bytes());
+        out.push(b'\t');
+        out.extend_from_slice(record.offset.to_string().as_bytes());
+        out.push(b'\n');
+        Ok(())
+    }
+
+    fn parse(&self, record: &Record) -> Result<Value, Rejection> {
+        let bytes = match &record.value {
+            None => {
+                return Err(Rejection::new(
+                    ReasonCode::Tombstone,
+                    "record has no value (tombstone)",
+                ));
+            }
+            Some(b) if b.is_empty() => {
+                return Err(Rejection::new(ReasonCode::Empty, "record value is empty"));
+            }
+            Some(b) => b,
+        };
+        if bytes.len() > self.max_record_bytes {
+            return Err(Rejection::new(
+                ReasonCode::TooLarge,
+                format!(
+                    "value is {} bytes, above sink.max_record_bytes = {}",
+                    bytes.len(),
+                    self.max_record_bytes
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Rejection::new(ReasonCode::NotUtf8, format!("value is not UTF-8: {e}")))?;
+        // serde_json stops at 128 levels with an opaque error; a cheap scan first gives
+        // a precise reason and a limit the operator controls.
+        if exceeds_depth(text.as_bytes(), self.max_json_depth) {
+            return Err(Rejection::new(
+                ReasonCode::TooDeep,
+                format!(
+                    "JSON nests deeper than sink.max_json_depth = {}",
+                    self.max_json_depth
+                ),
+            ));
+        }
+        match serde_json::from_str::<Value>(text) {
+            Ok(object @ Value::Object(_)) => Ok(object),
+            Ok(other) => Err(Rejection::new(
+                ReasonCode::NotObject,
+                format!("JSON value is {}, not an object", json_kind(&other)),
+            )),
+            Err(e) => Err(Rejection::new(
+                ReasonCode::NotJson,
+                format!("value is not JSON: {e}"),
+            )),
+        }
+    }
+}
+
+fn lookup<'a>(object: &'a Value, field: &str) -> Option<&'a Value> {
+    if field.starts_with('/') {
+        object.pointer(field)
+    } else {
+        object.get(field)
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// True when brackets nest deeper than `max` outside of strings.
+fn exceeds_depth(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Appends `s` escaped for COPY text format.
+pub(crate) fn push_escaped(out: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.push(b),
+        }
+    }
+}
+
+impl ColumnType {
+    /// The reason code for a value of this type that does not parse.
+    fn bad_value_code(self) -> ReasonCode {
+        match self {
+            ColumnType::Timestamptz => ReasonCode::BadTimestamp,
+            ColumnType::Interval => ReasonCode::BadInterval,
+            ColumnType::Inet => ReasonCode::BadIp,
+            _ => ReasonCode::BadValue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,505 @@
+//! The loop: poll a batch, decode it, commit it. [`Pipeline::step`] does one cycle so
+//! tests can drive it; [`run`] is that step in a loop with shutdown.
+//!
+//! A batch is retried as a whole on transient failures while its partitions are paused
+//! and the consumer keeps polling (so the group does not evict the worker). Partitions a
+//! commit finds fenced are dropped from the batch and re-positioned from Postgres.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::decode::Decoder;
+use crate::kafka::{self, Assignments, IngestConsumer, TopicPartition};
+use crate::record::Record;
+use crate::retry::{self, ErrorClass};
+use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("Kafka consumer: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("{0}")]
+    Claim(String),
+    #[error("shutdown requested while a batch was being retried; nothing of it was committed")]
+    ShutDown,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// No records arrived within `batch.max_wait_ms`.
+    Idle,
+    /// A batch committed.
+    Committed {
+        records: usize,
+        rows: u64,
+        dead_letters: u64,
+    },
+    /// Every partition of the batch was fenced; nothing committed.
+    Fenced { partitions: usize },
+}
+
+/// Counters of a pipeline's life, for reports and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub batches: u64,
+    pub rows: u64,
+    pub dead_letters: u64,
+    /// Transient failures retried (commits and re-reads).
+    pub retries: u64,
+    /// Partitions found fenced at commit.
+    pub fenced: u64,
+    /// Commits whose outcome had to be read back from the offset rows.
+    pub ambiguous_commits: u64,
+}
+
+/// One worker's loop state.
+pub struct Pipeline {
+    config: Config,
+    store: Store,
+    decoder: Decoder,
+    consumer: Option<IngestConsumer>,
+    assignments: Assignments,
+    /// Records that arrived while partitions were paused, tagged with the epoch they
+    /// arrived under; consumed before polling again.
+    pending: VecDeque<(i64, Record)>,
+    stats: Stats,
+}
+
+impl Pipeline {
+    /// Connects to Postgres (with startup retries), then joins the consumer group.
+    pub async fn connect(config: Config) -> Result<Self, PipelineError> {
+        let store = Store::connect(&config).await?;
+        Self::with_store(config, store)
+    }
+
+    /// Joins the consumer group using an existing store.
+    pub fn with_store(config: Config, store: Store) -> Result<Self, PipelineError> {
+        let assignments = Assignments::default();
+        let owner = kafka::worker_id();
+        let consumer = kafka::subscribe(&config, store.clone(), &owner, assignments.clone())?;
+        tracing::info!(
+            owner = %owner,
+            group = %config.kafka.group,
+            topics = ?config.kafka.topics,
+            database = %config.database_url_masked(),
+            "worker started"
+        );
+        Ok(Self {
+            decoder: Decoder::new(&config.sink),
+            config,
+            store,
+            consumer: Some(consumer),
+            assignments,
+            pending: VecDeque::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The store this pipeline commits to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Partitions this worker owns now.
+    pub fn owned_partitions(&self) -> Vec<TopicPartition> {
+        let mut owned: Vec<_> = self.assignments.lock().keys().cloned().collect();
+        owned.sort();
+        owned
+    }
+
+    fn consumer(&self) -> &IngestConsumer {
+        // `consumer` is only taken by `close`, which consumes `self`.
+        self.consumer
+            .as_ref()
+            .expect("consumer is present until close")
+    }
+
+    /// One cycle: poll a batch, decode it, commit it (retrying transient failures).
+    #[tracing::instrument(name = "batch", skip_all, err)]
+    pub async fn step(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<StepOutcome, PipelineError> {
+        if let Some(fatal) = self.consumer().context().take_fatal() {
+            return Err(PipelineError::Claim(fatal));
+        }
+        let collected = tokio::task::block_in_place(|| self.collect());
+        if let Some(fatal) = self.consumer().context().take_fatal() {
+            return Err(PipelineError::Claim(fatal));
+        }
+        if collected.is_empty() {
+            return Ok(StepOutcome::Idle);
+        }
+        let mut batch = self.build(collected);
+        let mut delays = retry::backoff(&self.config.retry);
+        loop {
+            if batch.ranges.is_empty() {
+                return Ok(StepOutcome::Fenced { partitions: 0 });
+            }
+            let result = match self.store.commit(&batch).await {
+                Err(StoreError::AmbiguousCommit(e)) => {
+                    self.stats.ambiguous_commits += 1;
+                    tracing::warn!(error = %e, "commit outcome unknown; reading it back from the offset rows");
+                    match self.resolve_ambiguous(&batch).await {
+                        // Not applied: retried like any transient failure.
+                        Ok(None) => Err(StoreError::AmbiguousCommit(e)),
+                        Ok(Some(outcome)) => Ok(outcome),
+                        Err(read_error) => Err(read_error),
+                    }
+                }
+                other => other,
+            };
+            match result {
+                Ok(CommitOutcome::Committed { rows, dead_letters }) => {
+                    self.committed(&batch, rows, dead_letters);
+                    return Ok(StepOutcome::Committed {
+                        records: batch.records.len(),
+                        rows,
+                        dead_letters,
+                    });
+                }
+                Ok(CommitOutcome::Fenced(fenced)) => {
+                    self.stats.fenced += fenced.len() as u64;
+                    let all = fenced.len() == batch.ranges.len();
+                    if let Err(e) = self.reposition(&fenced).await {
+                        self.wait_or_fail(e, &mut delays, shutdown).await?;
+                    }
+                    if all {
+                        return Ok(StepOutcome::Fenced {
+                            partitions: fenced.len(),
+                        });
+                    }
+                    batch = self.without(batch, &fenced);
+                }
+                Err(e) => self.wait_or_fail(e, &mut delays, shutdown).await?,
+            }
+        }
+    }
+
+    /// Polls until the batch is full or `batch.max_wait_ms` has passed.
+    fn collect(&mut self) -> Vec<(i64, Record)> {
+        let max = &self.config.batch;
+        let deadline = Instant::now() + self.config.batch_wait();
+        let mut collected = Vec::new();
+        let mut bytes = 0;
+        while collected.len() < max.max_records && bytes < max.max_bytes {
+            let entry = match self.pending.pop_front() {
+                Some(entry) => entry,
+                None => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self.poll_one(remaining) {
+                        Some(entry) => entry,
+                        None if remaining.is_zero() => break,
+                        None => continue,
+                    }
+                }
+            };
+            bytes += entry.1.size();
+            collected.push(entry);
+        }
+        collected
+    }
+
+    /// One poll; a record comes back tagged with the epoch of its partition's claim.
+    fn poll_one(&self, timeout: Duration) -> Option<(i64, Record)> {
+        match self.consumer().poll(timeout)? {
+            Ok(message) => {
+                let record = kafka::to_record(&message);
+                let epoch = self
+                    .assignments
+                    .lock()
+                    .get(&(record.topic.clone(), record.partition))
+                    .map_or(-1, |s| s.epoch);
+                Some((epoch, record))
+            }
+            Err(e) => {
+                // librdkafka recovers from broker errors by itself; they are reported here.
+                tracing::warn!(error = %e, "Kafka consumer error");
+                None
+            }
+        }
+    }
+
+    /// Keeps, per partition, records of the current claim that continue its stored
+    /// position (stale deliveries after a re-claim or a seek are dropped), and decodes.
+    fn build(&self, collected: Vec<(i64, Record)>) -> Batch {
+        let assignments = self.assignments.lock();
+        let mut ranges: Vec<PartitionRange> = Vec::new();
+        let mut index: HashMap<TopicPartition, usize> = HashMap::new();
+        let mut records = Vec::with_capacity(collected.len());
+        for (epoch, record) in collected {
+            let tp = (record.topic.clone(), record.partition);
+            let Some(state) = assignments.get(&tp).filter(|s| s.epoch == epoch) else {
+                continue;
+            };
+            match index.get(&tp) {
+                Some(&i) => {
+                    if record.offset < ranges[i].end {
+                        continue;
+                    }
+                    ranges[i].end = record.offset + 1;
+                }
+                None => {
+                    if state.next_offset.is_some_and(|n| record.offset < n) {
+                        continue;
+                    }
+                    if let Some(n) = state.next_offset.filter(|n| record.offset > *n) {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, from = n, to = record.offset,
+                            "offsets skipped by the broker (retention or compaction)");
+                    }
+                    index.insert(tp.clone(), ranges.len());
+                    ranges.push(PartitionRange {
+                        topic: tp.0,
+                        partition: tp.1,
+                        epoch: state.epoch,
+                        start: state.next_offset,
+                        end: record.offset + 1,
+                    });
+                }
+            }
+            records.push(record);
+        }
+        drop(assignments);
+        Batch::decode(records, &self.decoder, ranges)
+    }
+
+    /// The same batch without the given partitions.
+    fn without(&self, batch: Batch, fenced: &[PartitionRange]) -> Batch {
+        let gone = |topic: &str, partition: i32| {
+            fenced
+                .iter()
+                .any(|f| f.topic == topic && f.partition == partition)
+        };
+        let records = batch
+            .records
+            .into_iter()
+            .filter(|r| !gone(&r.topic, r.partition))
+            .collect();
+        let ranges = batch
+            .ranges
+            .into_iter()
+            .filter(|r| !gone(&r.topic, r.partition))
+            .collect();
+        Batch::decode(records, &self.decoder, ranges)
+    }
+
+    fn committed(&mut self, batch: &Batch, rows: u64, dead_letters: u64) {
+        self.stats.batches += 1;
+        self.stats.rows += rows;
+        self.stats.dead_letters += dead_letters;
+        let mut mirror = TopicPartitionList::new();
+        {
+            let mut assignments = self.assignments.lock();
+            for r in &batch.ranges {
+                if let Some(state) = assignments
+                    .get_mut(&(r.topic.clone(), r.partition))
+                    .filter(|s| s.epoch == r.epoch)
+                {
+                    state.next_offset = Some(r.end);
+                }
+                let _ = mirror.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.end));
+            }
+        }
+        tracing::debug!(
+            records = batch.records.len(),
+            rows,
+            dead_letters,
+            partitions = batch.ranges.len(),
+            "batch committed"
+        );
+        if self.config.kafka.mirror_offsets {
+            // Advisory only, for lag tools: positions are never read back from Kafka.
+            if let Err(e) = self.consumer().commit(&mirror, CommitMode::Async) {
+                tracing::debug!(error = %e, "mirroring offsets to Kafka failed");
+            }
+        }
+    }
+
+    /// Reads the offset rows after a COMMIT whose outcome is unknown, and says what
+    /// happened: committed, fenced, or not applied (`None`).
+    async fn resolve_ambiguous(&self, batch: &Batch) -> Result<Option<CommitOutcome>, StoreError> {
+        let partitions: Vec<TopicPartition> = batch
+            .ranges
+            .iter()
+            .map(|r| (r.topic.clone(), r.partition))
+            .collect();
+        let stored = self.store.stored_offsets(&partitions).await?;
+        let find = |r: &PartitionRange| {
+            stored
+                .iter()
+                .find(|s| s.topic == r.topic && s.partition == r.partition)
+        };
+        let committed = batch
+            .ranges
+            .iter()
+            .all(|r| find(r).is_some_and(|s| s.epoch == r.epoch && s.next_offset == Some(r.end)));
+        if committed {
+            // Counted as decoded: rows Postgres rejected inside that commit are not known here.
+            let dead = batch.rejects.len() as u64;
+            return Ok(Some(CommitOutcome::Committed {
+                rows: batch.rows.len() as u64,
+                dead_letters: dead,
+            }));
+        }
+        let fenced: Vec<PartitionRange> = batch
+            .ranges
+            .iter()
+            .filter(|r| !find(r).is_some_and(|s| s.epoch == r.epoch && s.next_offset == r.start))
+            .cloned()
+            .collect();
+        Ok((!fenced.is_empty()).then_some(CommitOutcome::Fenced(fenced)))
+    }
+
+    /// Re-reads fenced partitions' rows: where this worker still holds the claim (an
+    /// operator moved the offset), continue from the stored offset; otherwise forget the
+    /// partition until the group hands it back.
+    async fn reposition(&mut self, fenced: &[PartitionRange]) -> Result<(), StoreError> {
+        let partitions: Vec<TopicPartition> = fenced
+            .iter()
+            .map(|r| (r.topic.clone(), r.partition))
+            .collect();
+        let stored = self.store.stored_offsets(&partitions).await?;
+        let mut seeks = Vec::new();
+        {
+            let mut assignments = self.assignments.lock();
+            for row in stored {
+                let tp = (row.topic.clone(), row.partition);
+                match assignments.get_mut(&tp) {
+                    Some(state) if state.epoch == row.epoch => {
+                        tracing::warn!(topic = %row.topic, partition = row.partition, next_offset = ?row.next_offset,
+                            "stored offset moved under this worker; continuing from it");
+                        state.next_offset = row.next_offset;
+                        seeks.push((tp, row.next_offset));
+                    }
+                    Some(_) => {
+                        tracing::warn!(topic = %row.topic, partition = row.partition, owner = %row.owner,
+                            "partition fenced: claimed by another worker");
+                        assignments.remove(&tp);
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.pending.retain(|(_, r)| {
+            !partitions
+                .iter()
+                .any(|(t, p)| *t == r.topic && *p == r.partition)
+        });
+        for ((topic, partition), next) in seeks {
+            let offset = next.map_or(Offset::Beginning, Offset::Offset);
+            let consumer = self.consumer();
+            let result = tokio::task::block_in_place(|| {
+                consumer.seek(
+                    &topic,
+                    partition,
+                    offset,
+                    Timeout::After(Duration::from_secs(5)),
+                )
+            });
+            if let Err(e) = result {
+                tracing::warn!(error = %e, topic = %topic, partition, "seek after fencing failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails on a non-transient error; otherwise waits one backoff delay with the
+    /// assigned partitions paused, polling so the group keeps this worker.
+    async fn wait_or_fail(
+        &mut self,
+        err: StoreError,
+        delays: &mut impl Iterator<Item = Duration>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PipelineError> {
+        if err.class() != ErrorClass::Transient {
+            return Err(err.into());
+        }
+        let delay = delays
+            .next()
+            .unwrap_or(Duration::from_millis(self.config.retry.max_delay_ms));
+        self.stats.retries += 1;
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, class = err.class().as_str(), "transient failure, retrying batch");
+        let until = Instant::now() + delay;
+        tokio::task::block_in_place(|| {
+            while Instant::now() < until && !shutdown.is_cancelled() {
+                let consumer = self.consumer();
+                if let Ok(assigned) = consumer.assignment() {
+                    // Re-paused each turn: a rebalance may have added partitions.
+                    let _ = consumer.pause(&assigned);
+                }
+                let slice = until
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(200));
+                if let Some(entry) = self.poll_one(slice) {
+                    self.pending.push_back(entry);
+                }
+            }
+            let consumer = self.consumer();
+            if let Ok(assigned) = consumer.assignment() {
+                let _ = consumer.resume(&assigned);
+            }
+        });
+        if shutdown.is_cancelled() {
+            return Err(PipelineError::ShutDown);
+        }
+        Ok(())
+    }
+
+    /// Leaves the group cleanly.
+    pub fn close(mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            tokio::task::block_in_place(move || {
+                consumer.unsubscribe();
+                drop(consumer);
+            });
+        }
+    }
+}
+
+/// Runs the loop until `shutdown` is cancelled or `cycles` steps have run.
+pub async fn run(
+    config: Config,
+    cycles: Option<u64>,
+    shutdown: CancellationToken,
+) -> Result<Stats, PipelineError> {
+    let sleep = Duration::from_secs_f64(config.run.sleep_secs);
+    let mut pipeline = Pipeline::connect(config).await?;
+    let mut done = 0u64;
+    let result = loop {
+        if shutdown.is_cancelled() || cycles.is_some_and(|c| done >= c) {
+            break Ok(());
+        }
+        done += 1;
+        match pipeline.step(&shutdown).await {
+            Ok(StepOutcome::Idle) if !sleep.is_zero() => {
+                tokio::select! {
+                    () = tokio::time::sleep(sleep) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            Ok(_) => {}
+            Err(PipelineError::ShutDown) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let stats = pipeline.stats().clone();
+    pipeline.close();
+    tracing::info!(?stats, "worker stopped");
+    result.map(|()| stats)
+}

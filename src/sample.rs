@@ -1,0 +1,102 @@
+//! Sample website-metrics messages, valid and malformed, for the demo and for tests.
+
+use rand::Rng;
+
+/// The kinds of malformed message the generator makes, each landing as the named
+/// dead-letter reason.
+pub const MALFORMED_KINDS: [(&str, &[u8]); 6] = [
+    ("not_json", b"<html>502 Bad Gateway</html>"),
+    ("not_utf8", &[0xc3, 0x28, 0xa0, 0xa1]),
+    ("empty", b""),
+    ("missing_field", br#"{"url": "https://www.example.com/", "resp_status_code": 200}"#),
+    ("bad_timestamp", br#"{"request_timestamp": "yesterday", "url": "https://www.example.com/"}"#),
+    ("bad_ip", br#"{"request_timestamp": "2021-01-01 00:00:00", "url": "https://www.example.com/", "ip_address": "999.1.1.1"}"#),
+];
+
+/// A valid probe message whose `comment` is `id`, so each message is unique and
+/// traceable in the target table.
+pub fn website_metric(id: u64, rng: &mut impl Rng) -> Vec<u8> {
+    const SITES: [&str; 4] = [
+        "https://www.example.com/",
+        "https://status.example.org/health",
+        "https://shop.example.net/cart",
+        "https://api.example.io/v1/ping",
+    ];
+    const STATUS: [u16; 4] = [200, 200, 301, 503];
+    let micros: u32 = rng.random_range(5_000..2_000_000);
+    serde_json::json!({
+        "request_timestamp": format!("2021-01-{:02} {:02}:{:02}:{:02}", 1 + id % 28, id % 24, id % 60, (id / 60) % 60),
+        "url": SITES[rng.random_range(0..SITES.len())],
+        "ip_address": format!("104.18.{}.{}", rng.random_range(0..256), rng.random_range(1..255)),
+        "resp_time": format!("0:00:{:02}.{:06}", micros / 1_000_000, micros % 1_000_000),
+        "resp_status_code": STATUS[rng.random_range(0..STATUS.len())],
+        "pattern_found": rng.random_bool(0.9),
+        "service_name": "Web metric collection service",
+        "comment": id.to_string(),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Message `id` of a stream where a `malformed_ratio` share is malformed: `None` for a
+/// valid one, else the dead-letter reason it must end with and its bytes.
+pub fn message(
+    id: u64,
+    malformed_ratio: f64,
+    rng: &mut impl Rng,
+) -> (Option<&'static str>, Vec<u8>) {
+    if rng.random_bool(malformed_ratio.clamp(0.0, 1.0)) {
+        let (reason, bytes) = MALFORMED_KINDS[(id % MALFORMED_KINDS.len() as u64) as usize];
+        (Some(reason), bytes.to_vec())
+    } else {
+        (None, website_metric(id, rng))
+    }
+}
+
+/// Produces `payloads` (`None` = tombstone) round-robin over `partitions` and waits until
+/// all are acknowledged. Blocking.
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    payloads: impl IntoIterator<Item = Option<Vec<u8>>>,
+) -> rdkafka::error::KafkaResult<u64> {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use std::time::Duration;
+
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "10000000")
+        .set("linger.ms", "5")
+        .create()?;
+    let mut sent = 0u64;
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let partition = (i as i64 % i64::from(partitions.max(1))) as i32;
+        let key = i.to_string();
+        loop {
+            let mut record = BaseRecord::<String, [u8]>::to(topic)
+                .key(&key)
+                .partition(partition);
+            if let Some(p) = payload.as_deref() {
+                record = record.payload(p);
+            }
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        sent += 1;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60))?;
+    Ok(sent)
+}

@@ -1,0 +1,259 @@
+//! Committing a batch.
+//!
+//! Invariant: a batch's rows, its dead letters and the advance of its partitions' offset
+//! rows commit in ONE transaction, or none of them does. The offset advance is a
+//! compare-and-set on (expected next offset, claimed epoch), done first: if another
+//! worker claimed a partition since, nothing of this batch is written. Records Postgres
+//! rejects with a data error are isolated by bisection under savepoints and become
+//! `db_rejected` dead letters in the same transaction; the rest of the batch lands.
+
+use sqlx::PgConnection;
+
+use super::{Store, StoreError, db, execute_trusted, offsets};
+use crate::decode::{Decoder, ReasonCode, Rejection};
+use crate::record::Record;
+use crate::retry::{self, ErrorClass};
+
+/// The offset advance of one partition within a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRange {
+    pub topic: String,
+    pub partition: i32,
+    /// The epoch of this worker's claim.
+    pub epoch: i64,
+    /// The stored next offset this batch continues from (`None`: nothing stored yet).
+    pub start: Option<i64>,
+    /// The next offset after this batch: last record's offset + 1.
+    pub end: i64,
+}
+
+/// Where one decoded row sits in the COPY buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowRef {
+    /// End (exclusive) of the row's line in `copy_data`; it starts where the previous ends.
+    pub end: usize,
+    /// Index of the row's record in `records`.
+    pub record: usize,
+}
+
+/// One transaction's worth of work.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// COPY text lines of the decoded records, back to back.
+    pub copy_data: Vec<u8>,
+    pub rows: Vec<RowRef>,
+    /// Records that did not decode, with why.
+    pub rejects: Vec<(usize, Rejection)>,
+    pub ranges: Vec<PartitionRange>,
+}
+
+impl Batch {
+    /// Decodes `records` into rows and rejections, to be committed as `ranges`.
+    pub fn decode(records: Vec<Record>, decoder: &Decoder, ranges: Vec<PartitionRange>) -> Self {
+        let mut batch = Batch {
+            copy_data: Vec::with_capacity(records.iter().map(Record::size).sum()),
+            ranges,
+            ..Batch::default()
+        };
+        for (index, record) in records.iter().enumerate() {
+            match decoder.decode_into(record, &mut batch.copy_data) {
+                Ok(()) => batch.rows.push(RowRef {
+                    end: batch.copy_data.len(),
+                    record: index,
+                }),
+                Err(rejection) => batch.rejects.push((index, rejection)),
+            }
+        }
+        batch.records = records;
+        batch
+    }
+
+    fn row_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
+        let start = rows.start.checked_sub(1).map_or(0, |i| self.rows[i].end);
+        let end = self.rows[rows.end - 1].end;
+        &self.copy_data[start..end]
+    }
+}
+
+/// What became of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Everything committed.
+    Committed { rows: u64, dead_letters: u64 },
+    /// Nothing committed: these partitions' offset rows no longer match this worker's
+    /// claim (another owner, or an operator moved them).
+    Fenced(Vec<PartitionRange>),
+}
+
+impl Store {
+    /// Commits a batch under the invariant stated at the top of this module.
+    pub async fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        let fenced = offsets::compare_and_set(&mut tx, &self.group, &batch.ranges).await?;
+        if !fenced.is_empty() {
+            let fenced = fenced.into_iter().cloned().collect();
+            tx.rollback()
+                .await
+                .map_err(db("roll back a fenced batch"))?;
+            return Ok(CommitOutcome::Fenced(fenced));
+        }
+        let mut rejects: Vec<(usize, Rejection)> = Vec::new();
+        let rows = self.write_rows(&mut tx, batch, &mut rejects).await?;
+        let dead = batch.rejects.iter().chain(&rejects);
+        let dead_letters = self
+            .write_dead_letters(&mut tx, &batch.records, dead)
+            .await?;
+        tx.commit().await.map_err(|e| match retry::classify(&e) {
+            ErrorClass::Transient => StoreError::AmbiguousCommit(e),
+            _ => db("commit")(e),
+        })?;
+        Ok(CommitOutcome::Committed { rows, dead_letters })
+    }
+
+    /// COPYs the batch's rows; on a data error, bisects under savepoints until each
+    /// rejected row stands alone, and records it in `rejects`.
+    async fn write_rows(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch,
+        rejects: &mut Vec<(usize, Rejection)>,
+    ) -> Result<u64, StoreError> {
+        let mut written = 0;
+        let mut pending = Vec::with_capacity(64);
+        pending.push(0..batch.rows.len());
+        while let Some(rows) = pending.pop() {
+            if rows.is_empty() {
+                continue;
+            }
+            execute_trusted(conn, "SAVEPOINT rows", "set a savepoint").await?;
+            let result = copy(conn, &self.copy_sql, batch.row_bytes(rows.clone())).await;
+            let err = match result {
+                Ok(n) => {
+                    execute_trusted(conn, "RELEASE SAVEPOINT rows", "release a savepoint").await?;
+                    written += n;
+                    continue;
+                }
+                Err(err) => err,
+            };
+            if self.is_source_duplicate(&err) {
+                return Err(StoreError::Fatal(format!(
+                    "protocol violation: a row with the same source coordinates already exists \
+                     ({err}); offsets in ingest.offsets disagree with the target table. \
+                     Stopping without committing anything."
+                )));
+            }
+            if retry::classify(&err) != ErrorClass::Data {
+                return Err(db("copy rows")(err));
+            }
+            execute_trusted(
+                conn,
+                "ROLLBACK TO SAVEPOINT rows; RELEASE SAVEPOINT rows",
+                "roll back to a savepoint",
+            )
+            .await?;
+            if rows.len() == 1 {
+                let message = match &err {
+                    sqlx::Error::Database(e) => e.message().to_owned(),
+                    other => other.to_string(),
+                };
+                let mut rejection = Rejection::new(
+                    ReasonCode::DbRejected,
+                    format!("Postgres rejected the row: {message}"),
+                );
+                rejection.sqlstate = retry::sqlstate(&err);
+                rejects.push((batch.rows[rows.start].record, rejection));
+            } else {
+                let mid = rows.start + rows.len() / 2;
+                pending.push(mid..rows.end);
+                pending.push(rows.start..mid);
+            }
+        }
+        Ok(written)
+    }
+
+    fn is_source_duplicate(&self, err: &sqlx::Error) -> bool {
+        matches!(err, sqlx::Error::Database(e)
+            if e.code().as_deref() == Some("23505") && e.constraint() == Some(&self.source_index))
+    }
+
+    async fn write_dead_letters<'a>(
+        &self,
+        conn: &mut PgConnection,
+        records: &[Record],
+        dead: impl Iterator<Item = &'a (usize, Rejection)>,
+    ) -> Result<u64, StoreError> {
+        let mut cols = DeadLetterColumns::default();
+        for (index, rejection) in dead {
+            cols.push(&records[*index], rejection);
+        }
+        if cols.offsets.is_empty() {
+            return Ok(0);
+        }
+        let result = sqlx::query(
+            "INSERT INTO ingest.dead_letters (consumer_group, topic, partition, \"offset\", key, value, \
+               headers, kafka_timestamp, reason_code, reason, sqlstate, trace_id) \
+             SELECT $1, t, p, o, k, v, h::jsonb, to_timestamp(ts / 1000.0), rc, r, s, tr \
+             FROM unnest($2::text[], $3::int4[], $4::int8[], $5::bytea[], $6::bytea[], $7::text[], \
+                         $8::int8[], $9::text[], $10::text[], $11::text[], $12::text[]) \
+                  AS u(t, p, o, k, v, h, ts, rc, r, s, tr)",
+        )
+        .bind(&self.group)
+        .bind(&cols.topics)
+        .bind(&cols.partitions)
+        .bind(&cols.offsets)
+        .bind(&cols.keys)
+        .bind(&cols.values)
+        .bind(&cols.headers)
+        .bind(&cols.timestamps)
+        .bind(&cols.codes)
+        .bind(&cols.reasons)
+        .bind(&cols.sqlstates)
+        .bind(&cols.trace_ids)
+        .execute(conn)
+        .await
+        .map_err(db("write dead letters"))?;
+        Ok(result.rows_affected())
+    }
+}
+
+/// Dead letters as column arrays, for one UNNEST insert.
+#[derive(Default)]
+struct DeadLetterColumns<'a> {
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    keys: Vec<Option<&'a [u8]>>,
+    values: Vec<Option<&'a [u8]>>,
+    headers: Vec<String>,
+    timestamps: Vec<Option<i64>>,
+    codes: Vec<&'static str>,
+    reasons: Vec<&'a str>,
+    sqlstates: Vec<Option<&'a str>>,
+    trace_ids: Vec<Option<String>>,
+}
+
+impl<'a> DeadLetterColumns<'a> {
+    fn push(&mut self, record: &'a Record, rejection: &'a Rejection) {
+        self.topics.push(&record.topic);
+        self.partitions.push(record.partition);
+        self.offsets.push(record.offset);
+        self.keys.push(record.key.as_deref());
+        self.values.push(record.value.as_deref());
+        self.headers.push(record.headers_json().to_string());
+        self.timestamps.push(record.timestamp_ms);
+        self.codes.push(rejection.code.as_str());
+        self.reasons.push(&rejection.reason);
+        self.sqlstates.push(rejection.sqlstate.as_deref());
+        self.trace_ids.push(record.trace_id());
+    }
+}
+
+async fn copy(conn: &mut PgConnection, sql: &str, data: &[u8]) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(sql).await?;
+    if let Err(e) = copy.send(data).await {
+        // The server's own error, if it sent one, is the one worth reporting.
+        return Err(copy.finish().await.err().unwrap_or(e));
+    }
+    copy.finish().await
+}
