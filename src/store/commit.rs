@@ -4,8 +4,9 @@
 //! rows commit in ONE transaction, or none of them does. The offset advance is a
 //! compare-and-set on (expected next offset, claimed epoch), done first: if another
 //! worker claimed a partition since, nothing of this batch is written. Records Postgres
-//! rejects with a data error are isolated by bisection under savepoints and become
-//! `db_rejected` dead letters in the same transaction; the rest of the batch lands.
+//! rejects with a data error are isolated by bisection under savepoints (in a second
+//! transaction, the first having rolled back) and become `db_rejected` dead letters in
+//! the same transaction as the rest of the batch.
 
 use sqlx::PgConnection;
 
@@ -88,7 +89,26 @@ pub enum CommitOutcome {
 
 impl Store {
     /// Commits a batch under the invariant stated at the top of this module.
+    ///
+    /// The first attempt COPYs all rows at once, with no savepoint (subtransactions cost
+    /// on the hot path). Only when Postgres rejects a row does a second attempt, in a new
+    /// transaction, isolate the rejected rows by bisection.
     pub async fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
+        match self.commit_attempt(batch, false).await? {
+            Some(outcome) => Ok(outcome),
+            None => self
+                .commit_attempt(batch, true)
+                .await?
+                .ok_or_else(|| StoreError::Fatal("bisection ended without a result".into())),
+        }
+    }
+
+    /// One transaction; `None` when `isolate` is off and a row was rejected.
+    async fn commit_attempt(
+        &self,
+        batch: &Batch,
+        isolate: bool,
+    ) -> Result<Option<CommitOutcome>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         let fenced = offsets::compare_and_set(&mut tx, &self.group, &batch.ranges).await?;
         if !fenced.is_empty() {
@@ -96,10 +116,26 @@ impl Store {
             tx.rollback()
                 .await
                 .map_err(db("roll back a fenced batch"))?;
-            return Ok(CommitOutcome::Fenced(fenced));
+            return Ok(Some(CommitOutcome::Fenced(fenced)));
         }
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
-        let rows = self.write_rows(&mut tx, batch, &mut rejects).await?;
+        let rows = if isolate {
+            self.write_rows_isolating(&mut tx, batch, &mut rejects)
+                .await?
+        } else if batch.rows.is_empty() {
+            0
+        } else {
+            match copy(&mut tx, &self.copy_sql, &batch.copy_data).await {
+                Ok(n) => n,
+                Err(e) if self.is_rejection(&e)? => {
+                    tx.rollback()
+                        .await
+                        .map_err(db("roll back a batch with rejected rows"))?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(db("copy rows")(e)),
+            }
+        };
         let dead = batch.rejects.iter().chain(&rejects);
         let dead_letters = self
             .write_dead_letters(&mut tx, &batch.records, dead)
@@ -108,12 +144,25 @@ impl Store {
             ErrorClass::Transient => StoreError::AmbiguousCommit(e),
             _ => db("commit")(e),
         })?;
-        Ok(CommitOutcome::Committed { rows, dead_letters })
+        Ok(Some(CommitOutcome::Committed { rows, dead_letters }))
     }
 
-    /// COPYs the batch's rows; on a data error, bisects under savepoints until each
-    /// rejected row stands alone, and records it in `rejects`.
-    async fn write_rows(
+    /// Whether a COPY error is Postgres rejecting a row (a data error). A duplicate of the
+    /// source coordinates is not: it means the protocol broke, so it stops the worker.
+    fn is_rejection(&self, err: &sqlx::Error) -> Result<bool, StoreError> {
+        if self.is_source_duplicate(err) {
+            return Err(StoreError::Fatal(format!(
+                "protocol violation: a row with the same source coordinates already exists \
+                 ({err}); offsets in ingest.offsets disagree with the target table. \
+                 Stopping without committing anything."
+            )));
+        }
+        Ok(retry::classify(err) == ErrorClass::Data)
+    }
+
+    /// COPYs the rows in halves under savepoints, bisecting every failing half until each
+    /// rejected row stands alone, and records those in `rejects`.
+    async fn write_rows_isolating(
         &self,
         conn: &mut PgConnection,
         batch: &Batch,
@@ -127,25 +176,15 @@ impl Store {
                 continue;
             }
             execute_trusted(conn, "SAVEPOINT rows", "set a savepoint").await?;
-            let result = copy(conn, &self.copy_sql, batch.row_bytes(rows.clone())).await;
-            let err = match result {
+            let err = match copy(conn, &self.copy_sql, batch.row_bytes(rows.clone())).await {
                 Ok(n) => {
                     execute_trusted(conn, "RELEASE SAVEPOINT rows", "release a savepoint").await?;
                     written += n;
                     continue;
                 }
-                Err(err) => err,
+                Err(err) if self.is_rejection(&err)? => err,
+                Err(err) => return Err(db("copy rows")(err)),
             };
-            if self.is_source_duplicate(&err) {
-                return Err(StoreError::Fatal(format!(
-                    "protocol violation: a row with the same source coordinates already exists \
-                     ({err}); offsets in ingest.offsets disagree with the target table. \
-                     Stopping without committing anything."
-                )));
-            }
-            if retry::classify(&err) != ErrorClass::Data {
-                return Err(db("copy rows")(err));
-            }
             execute_trusted(
                 conn,
                 "ROLLBACK TO SAVEPOINT rows; RELEASE SAVEPOINT rows",

@@ -1,0 +1,283 @@
+//! Shared test fixtures: a fresh database per test, a mock Kafka cluster with a fresh
+//! topic, and checks of what Postgres holds.
+
+use std::time::{Duration, Instant};
+
+use kafka_pg_ingest::config::{Config, Overrides};
+use kafka_pg_ingest::pipeline::Pipeline;
+use kafka_pg_ingest::sample;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// The server tests create their databases on.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own for one test, migrated; dropped by [`TestDb::drop`].
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!("kpi_it_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect("admin connection");
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create database");
+        admin.close().await;
+        let base = admin_url();
+        let url = format!(
+            "{}/{name}",
+            &base[..base.rfind('/').expect("URL has a database part")]
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .expect("test database connection");
+        kafka_pg_ingest::store::migrate(&pool)
+            .await
+            .expect("migrations apply");
+        Self { name, url, pool }
+    }
+
+    /// Drops the database (after a passing test; a failing one leaves it to inspect).
+    pub async fn drop(self) {
+        self.pool.close().await;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect("admin connection");
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&admin)
+        .await
+        .expect("drop database");
+    }
+}
+
+/// An in-process Kafka-protocol broker with one fresh topic.
+pub struct TestKafka {
+    /// Kept alive for the test; dropping it stops the broker.
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    pub partitions: i32,
+}
+
+impl TestKafka {
+    pub fn new(partitions: i32) -> Self {
+        let cluster = MockCluster::new(1).expect("mock cluster starts");
+        let brokers = cluster.bootstrap_servers();
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let topic = format!("it-{}", &suffix[..12]);
+        cluster
+            .create_topic(&topic, partitions, 1)
+            .expect("topic created");
+        Self {
+            cluster,
+            brokers,
+            group: format!("group-{}", &suffix[..12]),
+            topic,
+            partitions,
+        }
+    }
+
+    /// Produces payloads round-robin over the partitions (blocking the calling thread).
+    pub fn produce(&self, payloads: Vec<Option<Vec<u8>>>) -> u64 {
+        let sent = sample::produce(&self.brokers, &self.topic, self.partitions, payloads)
+            .expect("produce");
+        sent
+    }
+
+    /// A worker configuration for this topic and the given database, tuned for tests:
+    /// short waits, fast group joins, quick retries.
+    pub fn config(&self, db: &TestDb) -> Config {
+        self.config_for_url(&db.url)
+    }
+
+    pub fn config_for_url(&self, url: &str) -> Config {
+        let mut config = Config::load(
+            None,
+            test_env(),
+            &Overrides {
+                brokers: Some(self.brokers.clone()),
+                database_url: Some(url.to_owned()),
+                group: Some(self.group.clone()),
+                topics: vec![self.topic.clone()],
+                kafka_options: fast_group_options(),
+                ..Overrides::default()
+            },
+        )
+        .expect("test config is valid");
+        config.batch.max_wait_ms = 100;
+        config.retry.initial_delay_ms = 50;
+        config.retry.max_delay_ms = 1000;
+        config
+    }
+}
+
+/// Environment layer of test workers: claims give up well within the short poll interval.
+pub fn test_env() -> Vec<(String, String)> {
+    vec![(
+        "KAFKA_PG_INGEST__RETRY__CLAIM_LIMIT_SECS".into(),
+        "5".into(),
+    )]
+}
+
+/// librdkafka options that make joins and rebalances take seconds, not minutes.
+pub fn fast_group_options() -> Vec<(String, String)> {
+    [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+        ("max.poll.interval.ms", "10000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// `count` valid website-metrics messages whose `comment` is their id, starting at `first`.
+pub fn valid_messages(first: u64, count: u64) -> Vec<Option<Vec<u8>>> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(first);
+    (first..first + count)
+        .map(|id| Some(sample::website_metric(id, &mut rng)))
+        .collect()
+}
+
+/// Sum of the group's stored next offsets for the topic.
+pub async fn stored_total(pool: &PgPool, group: &str, topic: &str) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::int8 FROM ingest.offsets WHERE consumer_group = $1 AND topic = $2")
+        .bind(group)
+        .bind(topic)
+        .fetch_one(pool)
+        .await
+        .expect("read offsets")
+}
+
+/// Steps the pipeline until the stored offsets cover `total` records, or panics after
+/// `limit`.
+pub async fn drive_until_caught_up(
+    pipeline: &mut Pipeline,
+    pool: &PgPool,
+    kafka: &TestKafka,
+    total: i64,
+    limit: Duration,
+) {
+    let token = CancellationToken::new();
+    let deadline = Instant::now() + limit;
+    while stored_total(pool, &kafka.group, &kafka.topic).await < total {
+        assert!(Instant::now() < deadline, "not caught up within {limit:?}");
+        pipeline.step(&token).await.expect("step succeeds");
+    }
+}
+
+/// Waits for `condition` to hold, polling, or panics after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the target table and dead letters hold for a topic.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Landed {
+    pub rows: i64,
+    pub distinct_coordinates: i64,
+    pub distinct_comments: i64,
+    pub dead_letters: i64,
+    pub distinct_dead_offsets: i64,
+}
+
+impl Landed {
+    pub async fn read(pool: &PgPool, topic: &str) -> Self {
+        let (rows, distinct_coordinates, distinct_comments): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)), count(DISTINCT comment) \
+             FROM web_metrics.metrics WHERE kafka_topic = $1",
+        )
+        .bind(topic)
+        .fetch_one(pool)
+        .await
+        .expect("count rows");
+        let (dead_letters, distinct_dead_offsets): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT (partition, \"offset\")) FROM ingest.dead_letters WHERE topic = $1",
+        )
+        .bind(topic)
+        .fetch_one(pool)
+        .await
+        .expect("count dead letters");
+        Self {
+            rows,
+            distinct_coordinates,
+            distinct_comments,
+            dead_letters,
+            distinct_dead_offsets,
+        }
+    }
+
+    /// Asserts every one of `valid` messages landed once and `dead` dead letters exist once.
+    pub fn assert_exactly_once(&self, valid: i64, dead: i64) {
+        assert_eq!(
+            self,
+            &Landed {
+                rows: valid,
+                distinct_coordinates: valid,
+                distinct_comments: valid,
+                dead_letters: dead,
+                distinct_dead_offsets: dead,
+            }
+        );
+    }
+}
+
+/// Asserts the stored next offset of every partition equals its end offset.
+pub async fn assert_offsets_at_end(pool: &PgPool, kafka: &TestKafka, total: i64) {
+    let rows: Vec<(i32, Option<i64>)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM ingest.offsets WHERE consumer_group = $1 AND topic = $2 ORDER BY 1",
+    )
+    .bind(&kafka.group)
+    .bind(&kafka.topic)
+    .fetch_all(pool)
+    .await
+    .expect("read offsets");
+    let per_partition = total / i64::from(kafka.partitions);
+    let expected: Vec<(i32, Option<i64>)> = (0..kafka.partitions)
+        .map(|p| {
+            (
+                p,
+                Some(per_partition + i64::from(i64::from(p) < total % i64::from(kafka.partitions))),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows, expected,
+        "stored offsets equal each partition's end offset"
+    );
+}

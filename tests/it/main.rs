@@ -1,0 +1,5 @@
+//! Integration tests against a real Postgres and a real Kafka-protocol broker
+//! (librdkafka's mock cluster). Each test has its own database, topic and group.
+
+mod core;
+mod helpers;
