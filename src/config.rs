@@ -96,6 +96,9 @@ pub struct PostgresConfig {
     pub max_connections: u32,
     /// How long to keep retrying the first connection before exiting non-zero.
     pub connect_retry_secs: u64,
+    /// How long one operation waits for a pooled connection before it counts as a
+    /// transient failure (and is retried with backoff).
+    pub acquire_timeout_ms: u64,
     /// Apply migrations at startup.
     pub migrate_on_start: bool,
 }

@@ -69,6 +69,7 @@ pub struct Pipeline {
     store: Store,
     decoder: Decoder,
     consumer: Option<IngestConsumer>,
+    owner: String,
     assignments: Assignments,
     /// Records that arrived while partitions were paused, tagged with the epoch they
     /// arrived under; consumed before polling again.
@@ -100,6 +101,7 @@ impl Pipeline {
             config,
             store,
             consumer: Some(consumer),
+            owner,
             assignments,
             pending: VecDeque::new(),
             stats: Stats::default(),
@@ -109,6 +111,11 @@ impl Pipeline {
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// This worker's id, as written to `ingest.offsets.owner`.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// The store this pipeline commits to.

@@ -185,7 +185,7 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
     loop {
         let attempt = PgPoolOptions::new()
             .max_connections(config.postgres.max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_millis(config.postgres.acquire_timeout_ms))
             .connect_with(options.clone())
             .await;
         match attempt {

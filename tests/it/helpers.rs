@@ -25,8 +25,22 @@ pub struct TestDb {
     pub pool: PgPool,
 }
 
+/// Worker logs in test output, filtered by `RUST_LOG` (default: warnings).
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 impl TestDb {
     pub async fn new() -> Self {
+        init_logs();
         let name = format!("kpi_it_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
             .max_connections(1)
@@ -75,7 +89,7 @@ impl TestDb {
 /// An in-process Kafka-protocol broker with one fresh topic.
 pub struct TestKafka {
     /// Kept alive for the test; dropping it stops the broker.
-    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub _cluster: MockCluster<'static, DefaultProducerContext>,
     pub brokers: String,
     pub topic: String,
     pub group: String,
@@ -92,7 +106,7 @@ impl TestKafka {
             .create_topic(&topic, partitions, 1)
             .expect("topic created");
         Self {
-            cluster,
+            _cluster: cluster,
             brokers,
             group: format!("group-{}", &suffix[..12]),
             topic,
@@ -152,6 +166,27 @@ pub fn fast_group_options() -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect()
+}
+
+/// Produces valid messages in rounds of 500 on a blocking thread until `stop` is
+/// cancelled; yields how many it produced. Keeps a stream flowing while a test changes
+/// the group.
+pub fn produce_until(
+    kafka: &TestKafka,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u64> {
+    let (brokers, topic, partitions) =
+        (kafka.brokers.clone(), kafka.topic.clone(), kafka.partitions);
+    tokio::task::spawn_blocking(move || {
+        let mut produced = 0;
+        while !stop.is_cancelled() {
+            produced +=
+                sample::produce(&brokers, &topic, partitions, valid_messages(produced, 500))
+                    .expect("produce");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        produced
+    })
 }
 
 /// `count` valid website-metrics messages whose `comment` is their id, starting at `first`.

@@ -2,4 +2,5 @@
 //! (librdkafka's mock cluster). Each test has its own database, topic and group.
 
 mod core;
+mod faults;
 mod helpers;

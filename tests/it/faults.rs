@@ -1,0 +1,319 @@
+//! Database faults and group changes: the worker retries, keeps its partitions, and the
+//! result is still exactly once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kafka_pg_ingest::config::Config;
+use kafka_pg_ingest::pipeline::{Pipeline, Stats};
+use sqlx::PgPool;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// A TCP proxy to Postgres the test can take down: when down it cuts every open
+/// connection and refuses new ones.
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    generation: watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicBool::new(true));
+        let (generation, _) = watch::channel(0u64);
+        let (accept_up, accept_generation) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accept_up.load(Ordering::SeqCst) {
+                    continue; // dropping the socket refuses the connection
+                }
+                let mut cut = accept_generation.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            up,
+            generation,
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    fn url(&self, db: &TestDb) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db.name)
+    }
+}
+
+/// Steps a pipeline on its own task until the stored offsets reach `total` or `stop`
+/// is cancelled; hands back the stats.
+fn drive(
+    mut pipeline: Pipeline,
+    pool: PgPool,
+    group: String,
+    topic: String,
+    total: i64,
+    stop: CancellationToken,
+) -> JoinHandle<Stats> {
+    tokio::spawn(async move {
+        let token = CancellationToken::new();
+        while !stop.is_cancelled() && stored_total(&pool, &group, &topic).await < total {
+            pipeline.step(&token).await.expect("step succeeds");
+        }
+        let stats = pipeline.stats().clone();
+        pipeline.close();
+        stats
+    })
+}
+
+async fn epochs(pool: &PgPool, kafka: &TestKafka) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT epoch FROM ingest.offsets WHERE consumer_group = $1 ORDER BY partition",
+    )
+    .bind(&kafka.group)
+    .fetch_all(pool)
+    .await
+    .expect("epochs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(4);
+    kafka.produce(valid_messages(0, 20_000));
+    let mut config = kafka.config(&db);
+    config.batch.max_records = 500;
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    let worker = drive(
+        pipeline,
+        db.pool.clone(),
+        kafka.group.clone(),
+        kafka.topic.clone(),
+        20_000,
+        CancellationToken::new(),
+    );
+
+    let mut terminated = 0i64;
+    while !worker.is_finished() {
+        terminated += sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = $2) t",
+        )
+        .bind(&db.name)
+        .bind(kafka_pg_ingest::store::APPLICATION_NAME)
+        .fetch_one(&db.pool)
+        .await
+        .expect("terminate");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let stats = worker.await.expect("worker task");
+
+    Landed::read(&db.pool, &kafka.topic)
+        .await
+        .assert_exactly_once(20_000, 0);
+    assert_offsets_at_end(&db.pool, &kafka, 20_000).await;
+    assert!(
+        terminated >= 5,
+        "the fault was injected ({terminated} backends terminated)"
+    );
+    assert_eq!(
+        epochs(&db.pool, &kafka).await,
+        vec![1; 4],
+        "no partition was re-claimed"
+    );
+    eprintln!("terminated {terminated} backends; {stats:?}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_once() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let kafka = TestKafka::new(4);
+    kafka.produce(valid_messages(0, 10_000));
+    let mut config = kafka.config_for_url(&proxy.url(&db));
+    config.batch.max_records = 200;
+    config.postgres.acquire_timeout_ms = 300;
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    let worker = drive(
+        pipeline,
+        db.pool.clone(),
+        kafka.group.clone(),
+        kafka.topic.clone(),
+        10_000,
+        CancellationToken::new(),
+    );
+
+    wait_for("first commits", Duration::from_secs(60), || async {
+        stored_total(&db.pool, &kafka.group, &kafka.topic).await >= 1_000
+    })
+    .await;
+    proxy.set_up(false);
+    let during = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // the outage itself
+    assert_eq!(
+        stored_total(&db.pool, &kafka.group, &kafka.topic).await,
+        during,
+        "nothing commits while down"
+    );
+    assert!(during < 10_000, "the outage hit mid-stream");
+    proxy.set_up(true);
+    let stats = tokio::time::timeout(Duration::from_secs(120), worker)
+        .await
+        .expect("catches up")
+        .expect("worker task");
+
+    Landed::read(&db.pool, &kafka.topic)
+        .await
+        .assert_exactly_once(10_000, 0);
+    assert_offsets_at_end(&db.pool, &kafka, 10_000).await;
+    assert!(
+        stats.retries >= 3,
+        "retried with backoff through the outage: {stats:?}"
+    );
+    assert_eq!(
+        epochs(&db.pool, &kafka).await,
+        vec![1; 4],
+        "partitions kept through the outage"
+    );
+    db.drop().await;
+}
+
+async fn owners(pool: &PgPool, kafka: &TestKafka) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT owner FROM ingest.offsets WHERE consumer_group = $1 ORDER BY 1",
+    )
+    .bind(&kafka.group)
+    .fetch_all(pool)
+    .await
+    .expect("owners")
+}
+
+async fn second_joins_first_leaves(assignment_strategy: &str) {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(4);
+    let stop_producing = CancellationToken::new();
+    let producer = produce_until(&kafka, stop_producing.clone());
+    let mut config: Config = kafka.config(&db);
+    config.batch.max_records = 250;
+    config.kafka.options.insert(
+        "partition.assignment.strategy".into(),
+        assignment_strategy.into(),
+    );
+    let progress = || stored_total(&db.pool, &kafka.group, &kafka.topic);
+
+    let first = Pipeline::connect(config.clone())
+        .await
+        .expect("first starts");
+    let first_owner = first.owner().to_owned();
+    let stop_first = CancellationToken::new();
+    let first_worker = drive(
+        first,
+        db.pool.clone(),
+        kafka.group.clone(),
+        kafka.topic.clone(),
+        i64::MAX,
+        stop_first.clone(),
+    );
+    wait_for(
+        "first worker's progress",
+        Duration::from_secs(60),
+        || async { progress().await >= 2_000 },
+    )
+    .await;
+
+    let second = Pipeline::connect(config).await.expect("second starts");
+    let second_owner = second.owner().to_owned();
+    let stop_second = CancellationToken::new();
+    let second_worker = drive(
+        second,
+        db.pool.clone(),
+        kafka.group.clone(),
+        kafka.topic.clone(),
+        i64::MAX,
+        stop_second.clone(),
+    );
+    wait_for(
+        "both workers owning partitions",
+        Duration::from_secs(60),
+        || async { owners(&db.pool, &kafka).await.len() == 2 },
+    )
+    .await;
+    let shared_at = progress().await;
+    wait_for(
+        "both workers' progress",
+        Duration::from_secs(60),
+        || async { progress().await >= shared_at + 2_000 },
+    )
+    .await;
+
+    stop_first.cancel();
+    first_worker.await.expect("first worker task");
+    let left_at = progress().await;
+    wait_for(
+        "the second worker alone making progress",
+        Duration::from_secs(60),
+        || async { progress().await >= left_at + 2_000 },
+    )
+    .await;
+    stop_producing.cancel();
+    let produced = producer.await.expect("producer") as i64;
+    wait_for(
+        "the second worker catching up",
+        Duration::from_secs(120),
+        || async { progress().await >= produced },
+    )
+    .await;
+    stop_second.cancel();
+    second_worker.await.expect("second worker task");
+
+    Landed::read(&db.pool, &kafka.topic)
+        .await
+        .assert_exactly_once(produced, 0);
+    assert_offsets_at_end(&db.pool, &kafka, produced).await;
+    assert_eq!(
+        owners(&db.pool, &kafka).await,
+        vec![second_owner],
+        "the second worker took over every partition"
+    );
+    let first_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ingest.offsets WHERE owner = $1")
+            .bind(&first_owner)
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+    assert_eq!(first_rows, 0);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_worker_joining_and_first_leaving_is_exactly_once_with_eager_rebalancing() {
+    second_joins_first_leaves("range").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_worker_joining_and_first_leaving_is_exactly_once_with_cooperative_rebalancing() {
+    second_joins_first_leaves("cooperative-sticky").await;
+}
