@@ -21,6 +21,9 @@ use crate::record::Record;
 use crate::retry::{self, ErrorClass};
 use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
 
+/// How often committed offsets are mirrored to Kafka at most.
+const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Why the loop stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -74,6 +77,11 @@ pub struct Pipeline {
     /// Records that arrived while partitions were paused, tagged with the epoch they
     /// arrived under; consumed before polling again.
     pending: VecDeque<(i64, Record)>,
+    /// Offsets committed to Postgres but not yet mirrored to Kafka, and when the last
+    /// mirror was sent: mirroring once per second keeps commit requests from piling up
+    /// behind a rebalance.
+    unmirrored: HashMap<TopicPartition, i64>,
+    last_mirror: Instant,
     stats: Stats,
 }
 
@@ -104,6 +112,8 @@ impl Pipeline {
             owner,
             assignments,
             pending: VecDeque::new(),
+            unmirrored: HashMap::new(),
+            last_mirror: Instant::now(),
             stats: Stats::default(),
         })
     }
@@ -157,7 +167,8 @@ impl Pipeline {
         let mut delays = retry::backoff(&self.config.retry);
         loop {
             if batch.ranges.is_empty() {
-                return Ok(StepOutcome::Fenced { partitions: 0 });
+                // Every record was a stale delivery of a partition no longer (or newly) claimed.
+                return Ok(StepOutcome::Idle);
             }
             let result = match self.store.commit(&batch).await {
                 Err(StoreError::AmbiguousCommit(e)) => {
@@ -310,17 +321,14 @@ impl Pipeline {
         self.stats.batches += 1;
         self.stats.rows += rows;
         self.stats.dead_letters += dead_letters;
-        let mut mirror = TopicPartitionList::new();
         {
             let mut assignments = self.assignments.lock();
             for r in &batch.ranges {
-                if let Some(state) = assignments
-                    .get_mut(&(r.topic.clone(), r.partition))
-                    .filter(|s| s.epoch == r.epoch)
-                {
+                let tp = (r.topic.clone(), r.partition);
+                if let Some(state) = assignments.get_mut(&tp).filter(|s| s.epoch == r.epoch) {
                     state.next_offset = Some(r.end);
                 }
-                let _ = mirror.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.end));
+                self.unmirrored.insert(tp, r.end);
             }
         }
         tracing::debug!(
@@ -330,11 +338,24 @@ impl Pipeline {
             partitions = batch.ranges.len(),
             "batch committed"
         );
-        if self.config.kafka.mirror_offsets {
-            // Advisory only, for lag tools: positions are never read back from Kafka.
-            if let Err(e) = self.consumer().commit(&mirror, CommitMode::Async) {
-                tracing::debug!(error = %e, "mirroring offsets to Kafka failed");
-            }
+        if self.last_mirror.elapsed() >= MIRROR_INTERVAL {
+            self.mirror_offsets();
+        }
+    }
+
+    /// Sends the offsets committed since the last mirror to Kafka. Advisory only, for
+    /// lag tools: positions are never read back from Kafka.
+    fn mirror_offsets(&mut self) {
+        self.last_mirror = Instant::now();
+        if !self.config.kafka.mirror_offsets || self.unmirrored.is_empty() {
+            return;
+        }
+        let mut mirror = TopicPartitionList::new();
+        for ((topic, partition), end) in self.unmirrored.drain() {
+            let _ = mirror.add_partition_offset(&topic, partition, Offset::Offset(end));
+        }
+        if let Err(e) = self.consumer().commit(&mirror, CommitMode::Async) {
+            tracing::debug!(error = %e, "mirroring offsets to Kafka failed");
         }
     }
 
@@ -468,8 +489,9 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Leaves the group cleanly.
+    /// Mirrors the last offsets, then leaves the group cleanly.
     pub fn close(mut self) {
+        self.mirror_offsets();
         if let Some(consumer) = self.consumer.take() {
             tokio::task::block_in_place(move || {
                 consumer.unsubscribe();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 pub use commit::{Batch, CommitOutcome, PartitionRange, RowRef};
 pub use offsets::{Claim, StoredOffset};
@@ -182,12 +182,19 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
     let limit = Duration::from_secs(config.postgres.connect_retry_secs);
     let started = Instant::now();
     let mut delays = retry::backoff(&config.retry);
+    let pool_options = PgPoolOptions::new()
+        .max_connections(config.postgres.max_connections)
+        .acquire_timeout(Duration::from_millis(config.postgres.acquire_timeout_ms));
     loop {
-        let attempt = PgPoolOptions::new()
-            .max_connections(config.postgres.max_connections)
-            .acquire_timeout(Duration::from_millis(config.postgres.acquire_timeout_ms))
-            .connect_with(options.clone())
-            .await;
+        // One plain connection probes reachability: the pool's own connect would keep
+        // retrying for its whole acquire timeout, hiding the attempts from the log.
+        let attempt = match PgConnection::connect_with(&options).await {
+            Ok(probe) => {
+                let _ = probe.close().await;
+                pool_options.clone().connect_with(options.clone()).await
+            }
+            Err(e) => Err(e),
+        };
         match attempt {
             Ok(pool) => return Ok(pool),
             Err(e) if retry::classify(&e) == ErrorClass::Transient => {

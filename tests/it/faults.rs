@@ -3,12 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kafka_pg_ingest::config::Config;
 use kafka_pg_ingest::pipeline::{Pipeline, Stats};
 use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -17,32 +18,40 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 
 /// A TCP proxy to Postgres the test can take down: when down it cuts every open
-/// connection and refuses new ones.
+/// connection and refuses new ones. It can also cut a connection right after relaying a
+/// `COMMIT`, before the server's answer gets back: an ambiguous commit.
 struct Proxy {
     port: u16,
     up: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
+    commits_to_cut: Arc<AtomicUsize>,
 }
+
+/// A simple-protocol `Query` message holding `COMMIT`, as sqlx sends it.
+const COMMIT_MESSAGE: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
 
 impl Proxy {
     async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let up = Arc::new(AtomicBool::new(true));
+        let commits_to_cut = Arc::new(AtomicUsize::new(0));
         let (generation, _) = watch::channel(0u64);
-        let (accept_up, accept_generation) = (up.clone(), generation.clone());
+        let (accept_up, accept_generation, accept_cuts) =
+            (up.clone(), generation.clone(), commits_to_cut.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if !accept_up.load(Ordering::SeqCst) {
                     continue; // dropping the socket refuses the connection
                 }
                 let mut cut = accept_generation.subscribe();
+                let cuts = accept_cuts.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
+                    let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = relay(client, server, cuts) => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -52,6 +61,7 @@ impl Proxy {
             port,
             up,
             generation,
+            commits_to_cut,
         }
     }
 
@@ -65,6 +75,42 @@ impl Proxy {
     fn url(&self, db: &TestDb) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db.name)
     }
+}
+
+/// Relays both ways until either side closes, or until a `COMMIT` is to be cut.
+async fn relay(client: TcpStream, server: TcpStream, commits_to_cut: Arc<AtomicUsize>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let answers =
+        tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match client_read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let is_commit = buf[..n]
+            .windows(COMMIT_MESSAGE.len())
+            .any(|w| w == COMMIT_MESSAGE);
+        let cut = is_commit
+            && commits_to_cut
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                .is_ok();
+        if cut {
+            // Stop relaying answers first: every earlier answer has arrived (the client
+            // waited for it), and the COMMIT's own answer must be lost.
+            answers.abort();
+        }
+        if server_write.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        if cut {
+            // Let the server apply the COMMIT before the connection goes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            break;
+        }
+    }
+    answers.abort();
 }
 
 /// Steps a pipeline on its own task until the stored offsets reach `total` or `stop`
@@ -198,6 +244,47 @@ async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_
         vec![1; 4],
         "partitions kept through the outage"
     );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends_exactly_once() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    proxy.commits_to_cut.store(3, Ordering::SeqCst);
+    let kafka = TestKafka::new(4);
+    kafka.produce(valid_messages(0, 5_000));
+    let mut config = kafka.config_for_url(&proxy.url(&db));
+    config.batch.max_records = 250;
+    // Already migrated: every COMMIT through the proxy is then a batch's.
+    config.postgres.migrate_on_start = false;
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    let worker = drive(
+        pipeline,
+        db.pool.clone(),
+        kafka.group.clone(),
+        kafka.topic.clone(),
+        5_000,
+        CancellationToken::new(),
+    );
+    let stats = tokio::time::timeout(Duration::from_secs(120), worker)
+        .await
+        .expect("catches up")
+        .expect("worker task");
+
+    assert_eq!(
+        proxy.commits_to_cut.load(Ordering::SeqCst),
+        0,
+        "three COMMITs lost their answer"
+    );
+    assert_eq!(
+        stats.ambiguous_commits, 3,
+        "each was read back from the offset rows: {stats:?}"
+    );
+    Landed::read(&db.pool, &kafka.topic)
+        .await
+        .assert_exactly_once(5_000, 0);
+    assert_offsets_at_end(&db.pool, &kafka, 5_000).await;
     db.drop().await;
 }
 

@@ -116,9 +116,7 @@ impl TestKafka {
 
     /// Produces payloads round-robin over the partitions (blocking the calling thread).
     pub fn produce(&self, payloads: Vec<Option<Vec<u8>>>) -> u64 {
-        let sent = sample::produce(&self.brokers, &self.topic, self.partitions, payloads)
-            .expect("produce");
-        sent
+        sample::produce(&self.brokers, &self.topic, self.partitions, payloads).expect("produce")
     }
 
     /// A worker configuration for this topic and the given database, tuned for tests:
