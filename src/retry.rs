@@ -5,7 +5,7 @@
 //! batch), data errors are the record's fault (isolate it into a dead letter), and the
 //! rest (permissions, missing objects, bad configuration) stop the worker.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
@@ -81,6 +81,18 @@ pub fn backoff(config: &RetryConfig) -> impl Iterator<Item = Duration> + use<> {
         .build()
 }
 
+/// The next wait of a retry loop bounded by `limit` since `started`: `None` once the
+/// limit has passed, else the next backoff delay clipped to what remains, so the last
+/// attempt falls at the limit rather than a whole delay before it.
+pub fn next_delay(
+    delays: &mut impl Iterator<Item = Duration>,
+    started: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    let remaining = limit.checked_sub(started.elapsed())?;
+    Some(delays.next().unwrap_or(remaining).min(remaining))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +128,15 @@ mod tests {
             delays.iter().all(|d| *d <= Duration::from_millis(2000)),
             "{delays:?}"
         );
+    }
+
+    #[test]
+    fn retries_stop_at_the_limit_with_the_last_wait_clipped() {
+        let mut delays = [Duration::from_secs(10)].into_iter();
+        let limit = Duration::from_secs(3);
+        let wait = next_delay(&mut delays, Instant::now(), limit).expect("within the limit");
+        assert!(wait <= limit && wait > Duration::from_secs(2), "{wait:?}");
+        let long_ago = Instant::now() - Duration::from_secs(4);
+        assert_eq!(next_delay(&mut delays, long_ago, limit), None);
     }
 }

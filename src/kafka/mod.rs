@@ -85,10 +85,10 @@ impl IngestContext {
             {
                 Ok(claims) => return Ok(claims),
                 Err(e) if e.class() == ErrorClass::Transient => {
-                    let delay = delays.next().unwrap_or(self.claim_limit);
-                    if started.elapsed() + delay > self.claim_limit {
+                    let Some(delay) = retry::next_delay(&mut delays, started, self.claim_limit)
+                    else {
                         return Err(e);
-                    }
+                    };
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "claim failed, retrying");
                     std::thread::sleep(delay);
                 }

@@ -198,15 +198,14 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
         match attempt {
             Ok(pool) => return Ok(pool),
             Err(e) if retry::classify(&e) == ErrorClass::Transient => {
-                let delay = delays.next().unwrap_or(limit);
-                if started.elapsed() + delay > limit {
+                let Some(delay) = retry::next_delay(&mut delays, started, limit) else {
                     return Err(StoreError::Fatal(format!(
                         "cannot reach Postgres at {} after {:.0?} (postgres.connect_retry_secs = {}): {e}",
                         config.database_url_masked(),
                         started.elapsed(),
                         config.postgres.connect_retry_secs
                     )));
-                }
+                };
                 tracing::warn!(
                     error = %e,
                     retry_in_ms = delay.as_millis() as u64,

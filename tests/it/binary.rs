@@ -100,10 +100,7 @@ async fn real_binary_killed_with_sigkill_at_random_moments_while_ingesting_50000
         "kills landed mid-stream: {mid_stream_kills}; log in {}",
         log.display()
     );
-    Landed::read(&db.pool, &kafka.topic)
-        .await
-        .assert_exactly_once(produced as i64, 0);
-    assert_offsets_at_end(&db.pool, &kafka, produced as i64).await;
+    assert_landed_once(&db, &kafka, produced as i64, 0).await;
     let _ = std::fs::remove_file(&log);
     db.drop().await;
 }
@@ -173,7 +170,7 @@ fn unreachable_database_at_startup_is_retried_with_backoff_then_exits_non_zero()
         "the password never appears: {stderr}"
     );
     assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "gave up only near the limit"
+        started.elapsed() >= Duration::from_secs(3),
+        "gave up only at the limit"
     );
 }

@@ -16,23 +16,10 @@ async fn ten_thousand_messages_over_four_partitions_land_exactly_once() {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(4);
     kafka.produce(valid_messages(0, 10_000));
-    let mut pipeline = Pipeline::connect(kafka.config(&db))
+    let pipeline = Pipeline::connect(kafka.config(&db))
         .await
         .expect("pipeline starts");
-    drive_until_caught_up(
-        &mut pipeline,
-        &db.pool,
-        &kafka,
-        10_000,
-        Duration::from_secs(120),
-    )
-    .await;
-    pipeline.close();
-
-    Landed::read(&db.pool, &kafka.topic)
-        .await
-        .assert_exactly_once(10_000, 0);
-    assert_offsets_at_end(&db.pool, &kafka, 10_000).await;
+    ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, 10_000, 0).await;
     db.drop().await;
 }
 
@@ -90,21 +77,8 @@ async fn restart_resumes_from_offsets_stored_in_postgres_even_with_no_or_wrong_k
     // Third life: Kafka now holds a wrong offset (0, which would re-read everything).
     tokio::task::block_in_place(|| commit_in_kafka(&kafka, 0));
     config.kafka.mirror_offsets = true;
-    let mut third = Pipeline::connect(config).await.expect("restarts");
-    drive_until_caught_up(
-        &mut third,
-        &db.pool,
-        &kafka,
-        6_000,
-        Duration::from_secs(120),
-    )
-    .await;
-    third.close();
-
-    Landed::read(&db.pool, &kafka.topic)
-        .await
-        .assert_exactly_once(6_000, 0);
-    assert_offsets_at_end(&db.pool, &kafka, 6_000).await;
+    let third = Pipeline::connect(config).await.expect("restarts");
+    ingest_all_and_assert_exactly_once(third, &db, &kafka, 6_000, 0).await;
     db.drop().await;
 }
 

@@ -134,6 +134,45 @@ fn drive(
     })
 }
 
+/// A pipeline stepping on its own task until the stored offsets reach `until` or it is
+/// stopped.
+struct Worker {
+    owner: String,
+    stop: CancellationToken,
+    task: JoinHandle<Stats>,
+}
+
+impl Worker {
+    async fn start(config: Config, db: &TestDb, kafka: &TestKafka, until: i64) -> Self {
+        let pipeline = Pipeline::connect(config).await.expect("worker starts");
+        let owner = pipeline.owner().to_owned();
+        let stop = CancellationToken::new();
+        let task = drive(
+            pipeline,
+            db.pool.clone(),
+            kafka.group.clone(),
+            kafka.topic.clone(),
+            until,
+            stop.clone(),
+        );
+        Self { owner, stop, task }
+    }
+
+    /// Waits for the worker to reach `until` by itself.
+    async fn finish(self) -> Stats {
+        tokio::time::timeout(Duration::from_secs(120), self.task)
+            .await
+            .expect("catches up")
+            .expect("worker task")
+    }
+
+    /// Stops the worker now; it leaves the group.
+    async fn stop(self) -> Stats {
+        self.stop.cancel();
+        self.task.await.expect("worker task")
+    }
+}
+
 async fn epochs(pool: &PgPool, kafka: &TestKafka) -> Vec<i64> {
     sqlx::query_scalar(
         "SELECT epoch FROM ingest.offsets WHERE consumer_group = $1 ORDER BY partition",
@@ -151,18 +190,10 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
     kafka.produce(valid_messages(0, 20_000));
     let mut config = kafka.config(&db);
     config.batch.max_records = 500;
-    let pipeline = Pipeline::connect(config).await.expect("starts");
-    let worker = drive(
-        pipeline,
-        db.pool.clone(),
-        kafka.group.clone(),
-        kafka.topic.clone(),
-        20_000,
-        CancellationToken::new(),
-    );
+    let worker = Worker::start(config, &db, &kafka, 20_000).await;
 
     let mut terminated = 0i64;
-    while !worker.is_finished() {
+    while !worker.task.is_finished() {
         terminated += sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = $1 AND application_name = $2) t",
@@ -174,12 +205,9 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
         .expect("terminate");
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    let stats = worker.await.expect("worker task");
+    let stats = worker.finish().await;
 
-    Landed::read(&db.pool, &kafka.topic)
-        .await
-        .assert_exactly_once(20_000, 0);
-    assert_offsets_at_end(&db.pool, &kafka, 20_000).await;
+    assert_landed_once(&db, &kafka, 20_000, 0).await;
     assert!(
         terminated >= 5,
         "the fault was injected ({terminated} backends terminated)"
@@ -202,15 +230,7 @@ async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_
     let mut config = kafka.config_for_url(&proxy.url(&db));
     config.batch.max_records = 200;
     config.postgres.acquire_timeout_ms = 300;
-    let pipeline = Pipeline::connect(config).await.expect("starts");
-    let worker = drive(
-        pipeline,
-        db.pool.clone(),
-        kafka.group.clone(),
-        kafka.topic.clone(),
-        10_000,
-        CancellationToken::new(),
-    );
+    let worker = Worker::start(config, &db, &kafka, 10_000).await;
 
     wait_for("first commits", Duration::from_secs(60), || async {
         stored_total(&db.pool, &kafka.group, &kafka.topic).await >= 1_000
@@ -226,15 +246,9 @@ async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_
     );
     assert!(during < 10_000, "the outage hit mid-stream");
     proxy.set_up(true);
-    let stats = tokio::time::timeout(Duration::from_secs(120), worker)
-        .await
-        .expect("catches up")
-        .expect("worker task");
+    let stats = worker.finish().await;
 
-    Landed::read(&db.pool, &kafka.topic)
-        .await
-        .assert_exactly_once(10_000, 0);
-    assert_offsets_at_end(&db.pool, &kafka, 10_000).await;
+    assert_landed_once(&db, &kafka, 10_000, 0).await;
     assert!(
         stats.retries >= 3,
         "retried with backoff through the outage: {stats:?}"
@@ -258,19 +272,8 @@ async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends
     config.batch.max_records = 250;
     // Already migrated: every COMMIT through the proxy is then a batch's.
     config.postgres.migrate_on_start = false;
-    let pipeline = Pipeline::connect(config).await.expect("starts");
-    let worker = drive(
-        pipeline,
-        db.pool.clone(),
-        kafka.group.clone(),
-        kafka.topic.clone(),
-        5_000,
-        CancellationToken::new(),
-    );
-    let stats = tokio::time::timeout(Duration::from_secs(120), worker)
-        .await
-        .expect("catches up")
-        .expect("worker task");
+    let worker = Worker::start(config, &db, &kafka, 5_000).await;
+    let stats = worker.finish().await;
 
     assert_eq!(
         proxy.commits_to_cut.load(Ordering::SeqCst),
@@ -281,10 +284,7 @@ async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends
         stats.ambiguous_commits, 3,
         "each was read back from the offset rows: {stats:?}"
     );
-    Landed::read(&db.pool, &kafka.topic)
-        .await
-        .assert_exactly_once(5_000, 0);
-    assert_offsets_at_end(&db.pool, &kafka, 5_000).await;
+    assert_landed_once(&db, &kafka, 5_000, 0).await;
     db.drop().await;
 }
 
@@ -311,19 +311,8 @@ async fn second_joins_first_leaves(assignment_strategy: &str) {
     );
     let progress = || stored_total(&db.pool, &kafka.group, &kafka.topic);
 
-    let first = Pipeline::connect(config.clone())
-        .await
-        .expect("first starts");
-    let first_owner = first.owner().to_owned();
-    let stop_first = CancellationToken::new();
-    let first_worker = drive(
-        first,
-        db.pool.clone(),
-        kafka.group.clone(),
-        kafka.topic.clone(),
-        i64::MAX,
-        stop_first.clone(),
-    );
+    let first = Worker::start(config.clone(), &db, &kafka, i64::MAX).await;
+    let first_owner = first.owner.clone();
     wait_for(
         "first worker's progress",
         Duration::from_secs(60),
@@ -331,17 +320,8 @@ async fn second_joins_first_leaves(assignment_strategy: &str) {
     )
     .await;
 
-    let second = Pipeline::connect(config).await.expect("second starts");
-    let second_owner = second.owner().to_owned();
-    let stop_second = CancellationToken::new();
-    let second_worker = drive(
-        second,
-        db.pool.clone(),
-        kafka.group.clone(),
-        kafka.topic.clone(),
-        i64::MAX,
-        stop_second.clone(),
-    );
+    let second = Worker::start(config, &db, &kafka, i64::MAX).await;
+    let second_owner = second.owner.clone();
     wait_for(
         "both workers owning partitions",
         Duration::from_secs(60),
@@ -356,8 +336,7 @@ async fn second_joins_first_leaves(assignment_strategy: &str) {
     )
     .await;
 
-    stop_first.cancel();
-    first_worker.await.expect("first worker task");
+    first.stop().await;
     let left_at = progress().await;
     wait_for(
         "the second worker alone making progress",
@@ -373,13 +352,9 @@ async fn second_joins_first_leaves(assignment_strategy: &str) {
         || async { progress().await >= produced },
     )
     .await;
-    stop_second.cancel();
-    second_worker.await.expect("second worker task");
+    second.stop().await;
 
-    Landed::read(&db.pool, &kafka.topic)
-        .await
-        .assert_exactly_once(produced, 0);
-    assert_offsets_at_end(&db.pool, &kafka, produced).await;
+    assert_landed_once(&db, &kafka, produced, 0).await;
     assert_eq!(
         owners(&db.pool, &kafka).await,
         vec![second_owner],

@@ -290,6 +290,36 @@ impl Landed {
     }
 }
 
+/// Steps the pipeline until it has ingested all `total` records, closes it, and asserts
+/// the stream landed exactly once with every offset at its partition's end.
+pub async fn ingest_all_and_assert_exactly_once(
+    mut pipeline: Pipeline,
+    db: &TestDb,
+    kafka: &TestKafka,
+    valid: i64,
+    dead: i64,
+) {
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        kafka,
+        valid + dead,
+        Duration::from_secs(120),
+    )
+    .await;
+    pipeline.close();
+    assert_landed_once(db, kafka, valid, dead).await;
+}
+
+/// Asserts `valid` rows and `dead` dead letters, each once, and every stored offset at its
+/// partition's end.
+pub async fn assert_landed_once(db: &TestDb, kafka: &TestKafka, valid: i64, dead: i64) {
+    Landed::read(&db.pool, &kafka.topic)
+        .await
+        .assert_exactly_once(valid, dead);
+    assert_offsets_at_end(&db.pool, kafka, valid + dead).await;
+}
+
 /// Asserts the stored next offset of every partition equals its end offset.
 pub async fn assert_offsets_at_end(pool: &PgPool, kafka: &TestKafka, total: i64) {
     let rows: Vec<(i32, Option<i64>)> = sqlx::query_as(
