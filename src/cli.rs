@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
 use crate::telemetry::{self, LogFormat};
-use crate::{demo, pipeline, store};
+use crate::{bench, demo, pipeline, store};
 
 /// Moves Kafka records into PostgreSQL exactly once.
 #[derive(Debug, Parser)]
@@ -34,6 +34,8 @@ pub enum Command {
     Migrate(CommonArgs),
     /// Start an in-process broker, produce sample messages, ingest them, print what landed.
     Demo(DemoArgs),
+    /// Measure end-to-end throughput against raw COPY and a naive per-row consumer.
+    Bench(BenchArgs),
 }
 
 /// Flags every command that reads configuration takes.
@@ -97,6 +99,40 @@ pub struct DemoArgs {
     pub log_format: LogFormat,
 }
 
+/// Flags of `bench`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Postgres URL to measure (bench tables are created and dropped in it).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// Kafka bootstrap servers; an in-process broker when absent.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// Messages for the worker and raw COPY measurements.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub messages: u64,
+    /// Messages for the naive (one INSERT per record) measurement.
+    #[arg(long, default_value_t = 50_000)]
+    pub naive_messages: u64,
+    /// Partitions of the bench topics.
+    #[arg(long, default_value_t = 8)]
+    pub partitions: i32,
+    /// Runs; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Records per batch (batch.max_records), the same for raw COPY.
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
@@ -122,6 +158,7 @@ impl Cli {
             Some(Command::Run(a)) => a.common.log_format,
             Some(Command::Migrate(a)) => a.log_format,
             Some(Command::Demo(a)) => a.log_format,
+            Some(Command::Bench(_)) => LogFormat::Text,
             None => self.run.common.log_format,
         }
     }
@@ -138,6 +175,24 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let pool = store::connect_pool(&config).await?;
             store::migrate(&pool).await?;
             println!("migrations applied to {}", config.database_url_masked());
+            Ok(())
+        }
+        Some(Command::Bench(args)) => {
+            let report = bench::run(&bench::BenchOptions {
+                messages: args.messages,
+                naive_messages: args.naive_messages,
+                partitions: args.partitions,
+                runs: args.runs,
+                batch_size: args.batch_size,
+                brokers: args.brokers,
+                database_url: args.database_url,
+            })
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
             Ok(())
         }
         Some(Command::Demo(args)) => {

@@ -137,10 +137,23 @@ pub struct SinkConfig {
     pub max_record_bytes: usize,
     /// Deeper JSON becomes a `too_deep` dead letter.
     pub max_json_depth: usize,
+    /// How rows are written: `copy` (bulk, the default) or `row_inserts` (one INSERT per
+    /// record, as naive consumers do; only for comparison in benchmarks).
+    pub write_method: WriteMethod,
     /// Columns that receive the record's coordinates.
     pub source_columns: SourceColumns,
     /// One entry per mapped column.
     pub columns: Vec<ColumnMapping>,
+}
+
+/// How rows reach the target table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMethod {
+    /// One COPY per batch.
+    Copy,
+    /// One INSERT per record.
+    RowInserts,
 }
 
 /// Names of the columns holding the Kafka coordinates of each row.
@@ -185,6 +198,24 @@ pub enum ColumnType {
     Interval,
     Inet,
     Jsonb,
+}
+
+impl ColumnType {
+    /// The Postgres type name.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Int2 => "int2",
+            Self::Int4 => "int4",
+            Self::Int8 => "int8",
+            Self::Float8 => "float8",
+            Self::Bool => "bool",
+            Self::Timestamptz => "timestamptz",
+            Self::Interval => "interval",
+            Self::Inet => "inet",
+            Self::Jsonb => "jsonb",
+        }
+    }
 }
 
 /// Pacing of the loop.

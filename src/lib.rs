@@ -5,6 +5,7 @@
 //! assignment, so a worker that lost its partition cannot commit. See `pipeline` for the
 //! loop, `store` for the transaction, `kafka` for the claim.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod decode;

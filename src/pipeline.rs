@@ -64,6 +64,32 @@ pub struct Stats {
     pub fenced: u64,
     /// Commits whose outcome had to be read back from the offset rows.
     pub ambiguous_commits: u64,
+    /// Durations of recent successful commits.
+    pub commit_latency: Latencies,
+}
+
+/// The most recent commit durations, for percentiles; bounded so a long-running worker
+/// does not grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latencies(VecDeque<Duration>);
+
+impl Latencies {
+    const CAPACITY: usize = 4096;
+
+    fn record(&mut self, d: Duration) {
+        if self.0.len() == Self::CAPACITY {
+            self.0.pop_front();
+        }
+        self.0.push_back(d);
+    }
+
+    /// The `p`-th percentile (0..=100) of the recorded durations.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let mut sorted: Vec<Duration> = self.0.iter().copied().collect();
+        sorted.sort_unstable();
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+    }
 }
 
 /// One worker's loop state.
@@ -170,6 +196,7 @@ impl Pipeline {
                 // Every record was a stale delivery of a partition no longer (or newly) claimed.
                 return Ok(StepOutcome::Idle);
             }
+            let started = Instant::now();
             let result = match self.store.commit(&batch).await {
                 Err(StoreError::AmbiguousCommit(e)) => {
                     self.stats.ambiguous_commits += 1;
@@ -185,6 +212,7 @@ impl Pipeline {
             };
             match result {
                 Ok(CommitOutcome::Committed { rows, dead_letters }) => {
+                    self.stats.commit_latency.record(started.elapsed());
                     self.committed(&batch, rows, dead_letters);
                     return Ok(StepOutcome::Committed {
                         records: batch.records.len(),
@@ -529,6 +557,39 @@ pub async fn run(
     };
     let stats = pipeline.stats().clone();
     pipeline.close();
-    tracing::info!(?stats, "worker stopped");
+    let ms = |p| {
+        stats
+            .commit_latency
+            .percentile(p)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    tracing::info!(
+        batches = stats.batches,
+        rows = stats.rows,
+        dead_letters = stats.dead_letters,
+        retries = stats.retries,
+        fenced = stats.fenced,
+        ambiguous_commits = stats.ambiguous_commits,
+        commit_p50_ms = ms(50.0),
+        commit_p99_ms = ms(99.0),
+        "worker stopped"
+    );
     result.map(|()| stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_percentiles_pick_the_ranked_sample() {
+        let mut l = Latencies::default();
+        assert_eq!(l.percentile(50.0), None);
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        assert_eq!(l.percentile(50.0), Some(Duration::from_millis(50)));
+        assert_eq!(l.percentile(99.0), Some(Duration::from_millis(99)));
+        assert_eq!(l.percentile(100.0), Some(Duration::from_millis(100)));
+    }
 }

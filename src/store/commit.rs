@@ -8,7 +8,7 @@
 //! transaction, the first having rolled back) and become `db_rejected` dead letters in
 //! the same transaction as the rest of the batch.
 
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::{Store, StoreError, db, execute_trusted, offsets};
 use crate::decode::{Decoder, ReasonCode, Rejection};
@@ -125,7 +125,11 @@ impl Store {
         } else if batch.rows.is_empty() {
             0
         } else {
-            match copy(&mut tx, &self.copy_sql, &batch.copy_data).await {
+            let written = match &self.insert_sql {
+                Some(sql) => insert_one_by_one(&mut tx, sql, batch).await,
+                None => copy(&mut tx, &self.copy_sql, &batch.copy_data).await,
+            };
+            match written {
                 Ok(n) => n,
                 Err(e) if self.is_rejection(&e)? => {
                     tx.rollback()
@@ -295,4 +299,47 @@ async fn copy(conn: &mut PgConnection, sql: &str, data: &[u8]) -> Result<u64, sq
         return Err(copy.finish().await.err().unwrap_or(e));
     }
     copy.finish().await
+}
+
+/// Inserts each row with its own statement (the naive way, for comparison): the COPY
+/// text line is split back into fields, each bound as text and cast by the statement.
+async fn insert_one_by_one(
+    conn: &mut PgConnection,
+    sql: &str,
+    batch: &Batch,
+) -> Result<u64, sqlx::Error> {
+    let mut start = 0;
+    for row in &batch.rows {
+        let line = &batch.copy_data[start..row.end - 1];
+        start = row.end;
+        let mut query = sqlx::query(AssertSqlSafe(sql.to_owned()));
+        for field in line.split(|b| *b == b'\t') {
+            query = query.bind(copy_field_text(field));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(batch.rows.len() as u64)
+}
+
+/// One field of a COPY text line: `\N` is NULL, backslash escapes are undone.
+fn copy_field_text(field: &[u8]) -> Option<String> {
+    if field == b"\\N" {
+        return None;
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let mut bytes = field.iter();
+    while let Some(&b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b't') => out.push(b'\t'),
+            Some(&other) => out.push(other),
+            None => {}
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
 }

@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 pub use commit::{Batch, CommitOutcome, PartitionRange, RowRef};
 pub use offsets::{Claim, StoredOffset};
 
-use crate::config::Config;
+use crate::config::{Config, WriteMethod};
 use crate::retry::{self, ErrorClass};
 
 /// `application_name` of the worker's connections, so operators (and tests) can find them.
@@ -76,6 +76,8 @@ pub struct Store {
     pool: PgPool,
     group: String,
     copy_sql: String,
+    /// `INSERT` of one row from text parameters, for `sink.write_method: row_inserts`.
+    insert_sql: Option<String>,
     /// Name of the unique index on the source coordinates: a violation of it means the
     /// protocol broke, so it stops the worker instead of becoming a dead letter.
     source_index: String,
@@ -145,10 +147,24 @@ impl Store {
             .map(|c| quote_ident(c))
             .collect::<Vec<_>>()
             .join(", ");
+        let insert_sql = (sink.write_method == WriteMethod::RowInserts).then(|| {
+            let types = sink
+                .columns
+                .iter()
+                .map(|c| c.kind.sql_name())
+                .chain(["text", "int4", "int8"]);
+            let values = types
+                .enumerate()
+                .map(|(i, t)| format!("${}::{t}", i + 1))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("INSERT INTO {table} ({column_list}) VALUES ({values})")
+        });
         Ok(Self {
             pool,
             group: config.kafka.group.clone(),
             copy_sql: format!("COPY {table} ({column_list}) FROM STDIN"),
+            insert_sql,
             source_index,
         })
     }

@@ -203,7 +203,7 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
         .fetch_one(&db.pool)
         .await
         .expect("terminate");
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let stats = worker.finish().await;
 

@@ -1,0 +1,522 @@
+//! `kafka-pg-ingest bench`: end-to-end throughput of the real worker against the speed
+//! of Postgres' own COPY, and against a naive one-INSERT-per-record consumer.
+//!
+//! Each run measures, on fresh tables with the target's indexes and fresh topics fed
+//! while they are consumed (the in-process broker keeps only ~5 MB per partition):
+//! - the worker: the real binary as a child process, from its claim of the partitions
+//!   until the offsets stored in Postgres reach the end of the topic (joining the group
+//!   is not ingest time), with its peak RSS and CPU seconds;
+//! - raw COPY: the same rows, decoded beforehand, COPY'd in the same batch size with one
+//!   transaction per batch;
+//! - naive: the worker with `sink.write_method: row_inserts`, on a smaller topic.
+//!
+//! Every worker run is checked for exactly once (rows = messages, distinct coordinates).
+
+mod process;
+
+use std::fmt;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use rand::SeedableRng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::mocking::MockCluster;
+use serde::Serialize;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::config::{Config, Overrides};
+use crate::decode::Decoder;
+use crate::record::Record;
+use crate::sample;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub messages: u64,
+    pub naive_messages: u64,
+    pub partitions: i32,
+    pub runs: usize,
+    pub batch_size: usize,
+    /// External brokers; the in-process mock cluster when `None`.
+    pub brokers: Option<String>,
+    pub database_url: String,
+}
+
+/// One run's measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub worker_rows_per_s: f64,
+    pub raw_copy_rows_per_s: f64,
+    pub naive_rows_per_s: f64,
+    pub commit_p50_ms: f64,
+    pub commit_p99_ms: f64,
+    pub worker_peak_rss_mb: f64,
+    pub worker_cpu_s: f64,
+}
+
+/// Median, min and max of one measure over the runs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.collect();
+        v.sort_by(f64::total_cmp);
+        let median = match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        Self {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// The bench's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub messages: u64,
+    pub naive_messages: u64,
+    pub partitions: i32,
+    pub batch_size: usize,
+    pub runs: Vec<Run>,
+    pub worker_rows_per_s: Spread,
+    pub raw_copy_rows_per_s: Spread,
+    pub naive_rows_per_s: Spread,
+    pub commit_p50_ms: Spread,
+    pub commit_p99_ms: Spread,
+    pub worker_peak_rss_mb: Spread,
+    pub worker_cpu_s: Spread,
+    /// Median of the per-run ratios worker / raw COPY.
+    pub worker_over_raw_copy: f64,
+    /// Median of the per-run ratios naive / raw COPY.
+    pub naive_over_raw_copy: f64,
+}
+
+impl BenchReport {
+    fn new(options: &BenchOptions, runs: Vec<Run>) -> Self {
+        let spread = |f: fn(&Run) -> f64| Spread::of(runs.iter().map(f));
+        Self {
+            messages: options.messages,
+            naive_messages: options.naive_messages,
+            partitions: options.partitions,
+            batch_size: options.batch_size,
+            worker_rows_per_s: spread(|r| r.worker_rows_per_s),
+            raw_copy_rows_per_s: spread(|r| r.raw_copy_rows_per_s),
+            naive_rows_per_s: spread(|r| r.naive_rows_per_s),
+            commit_p50_ms: spread(|r| r.commit_p50_ms),
+            commit_p99_ms: spread(|r| r.commit_p99_ms),
+            worker_peak_rss_mb: spread(|r| r.worker_peak_rss_mb),
+            worker_cpu_s: spread(|r| r.worker_cpu_s),
+            worker_over_raw_copy: spread(|r| r.worker_rows_per_s / r.raw_copy_rows_per_s).median,
+            naive_over_raw_copy: spread(|r| r.naive_rows_per_s / r.raw_copy_rows_per_s).median,
+            runs,
+        }
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} messages over {} partitions, batch size {}, {} runs (naive: {} messages)",
+            self.messages,
+            self.partitions,
+            self.batch_size,
+            self.runs.len(),
+            self.naive_messages
+        )?;
+        writeln!(f, "| measure | median | min | max |")?;
+        writeln!(f, "|---|---:|---:|---:|")?;
+        let rows: [(&str, Spread, usize); 7] = [
+            ("worker rows/s", self.worker_rows_per_s, 0),
+            ("raw COPY rows/s", self.raw_copy_rows_per_s, 0),
+            ("naive rows/s", self.naive_rows_per_s, 0),
+            ("commit p50 ms", self.commit_p50_ms, 1),
+            ("commit p99 ms", self.commit_p99_ms, 1),
+            ("worker peak RSS MB", self.worker_peak_rss_mb, 1),
+            ("worker CPU s", self.worker_cpu_s, 1),
+        ];
+        for (name, s, digits) in rows {
+            writeln!(
+                f,
+                "| {name} | {:.digits$} | {:.digits$} | {:.digits$} |",
+                s.median, s.min, s.max
+            )?;
+        }
+        writeln!(f, "worker / raw COPY: {:.2}", self.worker_over_raw_copy)?;
+        writeln!(f, "naive / raw COPY: {:.2}", self.naive_over_raw_copy)
+    }
+}
+
+/// Runs the bench.
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    ensure!(
+        options.runs > 0 && options.messages > 0 && options.partitions > 0,
+        "runs, messages and partitions must be above 0"
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&options.database_url)
+        .await
+        .context("failed to connect to Postgres")?;
+    crate::store::migrate(&pool).await?;
+    let cluster = match options.brokers {
+        Some(_) => None,
+        None => Some(MockCluster::new(1).context("failed to start the in-process broker")?),
+    };
+    let brokers = match (&options.brokers, &cluster) {
+        (Some(b), _) => b.clone(),
+        (None, Some(c)) => c.bootstrap_servers(),
+        (None, None) => bail!("no broker"),
+    };
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let source = Source {
+        cluster: cluster.as_ref(),
+        brokers,
+        partitions: options.partitions,
+    };
+
+    let mut runs = Vec::with_capacity(options.runs);
+    let mut schemas = Vec::new();
+    for run in 1..=options.runs {
+        let schema = format!("bench_{id}_{run}");
+        create_tables(&pool, &schema).await?;
+        schemas.push(schema.clone());
+        eprintln!("run {run}: worker");
+        let topic = source.topic(&format!("bench-{id}-{run}")).await?;
+        let worker = measure_worker(
+            options,
+            &pool,
+            &source,
+            &topic,
+            options.messages,
+            &format!("{schema}.worker"),
+            "copy",
+        )
+        .await?;
+        eprintln!("run {run}: raw COPY");
+        let raw = raw_copy(options, &pool, &format!("{schema}.raw_copy")).await?;
+        eprintln!("run {run}: naive");
+        let topic = source.topic(&format!("bench-{id}-{run}-naive")).await?;
+        let naive = measure_worker(
+            options,
+            &pool,
+            &source,
+            &topic,
+            options.naive_messages,
+            &format!("{schema}.naive"),
+            "row_inserts",
+        )
+        .await?;
+        runs.push(Run {
+            worker_rows_per_s: worker.rows_per_s,
+            raw_copy_rows_per_s: raw,
+            naive_rows_per_s: naive.rows_per_s,
+            commit_p50_ms: worker.commit_p50_ms,
+            commit_p99_ms: worker.commit_p99_ms,
+            worker_peak_rss_mb: worker.peak_rss as f64 / 1e6,
+            worker_cpu_s: worker.cpu_s,
+        });
+    }
+    for schema in schemas {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await?;
+    }
+    sqlx::query("DELETE FROM ingest.offsets WHERE consumer_group LIKE $1")
+        .bind(format!("bench-{id}-%"))
+        .execute(&pool)
+        .await?;
+    drop(cluster);
+    Ok(BenchReport::new(options, runs))
+}
+
+/// Messages are produced in chunks of this many (a multiple of any sensible partition
+/// count, so message `i` always lands at partition `i % partitions`, offset
+/// `i / partitions`).
+const CHUNK: u64 = 10_000;
+
+/// The librdkafka mock cluster keeps about 5 MB per partition and deletes older records,
+/// so the bench produces while the worker consumes, keeping at most this many records
+/// per partition unconsumed (about 2.8 MB).
+const MAX_BACKLOG_PER_PARTITION: i64 = 10_000;
+
+/// Messages `first..first + count` of the bench stream, the same for every measurement.
+fn chunk(first: u64, count: u64) -> Vec<Option<Vec<u8>>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(first);
+    (first..first + count)
+        .map(|id| Some(sample::website_metric(id, &mut rng)))
+        .collect()
+}
+
+/// Where bench messages go: the in-process broker or external brokers.
+struct Source<'a> {
+    cluster: Option<&'a MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+    brokers: String,
+    partitions: i32,
+}
+
+impl Source<'_> {
+    /// Creates a fresh topic.
+    async fn topic(&self, name: &str) -> anyhow::Result<String> {
+        match self.cluster {
+            Some(c) => c.create_topic(name, self.partitions, 1)?,
+            None => create_topic(&self.brokers, name, self.partitions).await?,
+        }
+        Ok(name.to_owned())
+    }
+
+    /// Produces `messages` to `topic` on a blocking thread, never more than
+    /// [`MAX_BACKLOG_PER_PARTITION`] per partition ahead of `consumed`.
+    fn feed(
+        &self,
+        topic: &str,
+        messages: u64,
+        consumed: Arc<AtomicI64>,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let (brokers, topic, partitions) =
+            (self.brokers.clone(), topic.to_owned(), self.partitions);
+        let max_backlog = MAX_BACKLOG_PER_PARTITION * i64::from(partitions);
+        tokio::task::spawn_blocking(move || {
+            let mut produced = 0u64;
+            while produced < messages {
+                while produced as i64 - consumed.load(Ordering::Relaxed) > max_backlog {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let n = CHUNK.min(messages - produced);
+                sample::produce(&brokers, &topic, partitions, chunk(produced, n))?;
+                produced += n;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?;
+    for result in results {
+        result.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Three tables shaped like the default target, indexes included.
+async fn create_tables(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
+    let sql = format!(
+        "CREATE SCHEMA {schema}; \
+         CREATE TABLE {schema}.worker (LIKE web_metrics.metrics INCLUDING ALL); \
+         CREATE TABLE {schema}.raw_copy (LIKE web_metrics.metrics INCLUDING ALL); \
+         CREATE TABLE {schema}.naive (LIKE web_metrics.metrics INCLUDING ALL);"
+    );
+    sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await?;
+    Ok(())
+}
+
+struct WorkerRun {
+    rows_per_s: f64,
+    commit_p50_ms: f64,
+    commit_p99_ms: f64,
+    peak_rss: u64,
+    cpu_s: f64,
+}
+
+/// Runs the real binary on `topic` into `table` until it has stored offsets for all
+/// `messages`, then stops it with SIGTERM and checks the table holds each once.
+async fn measure_worker(
+    options: &BenchOptions,
+    pool: &PgPool,
+    source: &Source<'_>,
+    topic: &str,
+    messages: u64,
+    table: &str,
+    write_method: &str,
+) -> anyhow::Result<WorkerRun> {
+    let consumed = Arc::new(AtomicI64::new(0));
+    let feeder = source.feed(topic, messages, consumed.clone());
+    let group = format!("{topic}-{}", table.replace('.', "-"));
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "run",
+            "--brokers",
+            &source.brokers,
+            "--database-url",
+            &options.database_url,
+            "--group",
+            &group,
+            "--topic",
+            topic,
+            "--log-format",
+            "json",
+        ])
+        .env("KAFKA_PG_INGEST__SINK__TABLE", table)
+        .env("KAFKA_PG_INGEST__SINK__WRITE_METHOD", write_method)
+        .env(
+            "KAFKA_PG_INGEST__BATCH__MAX_RECORDS",
+            options.batch_size.to_string(),
+        )
+        .env("RUST_LOG", "info,librdkafka=error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("failed to start the worker")?;
+    let pid = child.id();
+    let stderr = child.stderr.take().context("worker stderr")?;
+    let log = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+
+    let total = messages as i64;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut claimed: Option<(Instant, i64)> = None;
+    let mut peak_rss = 0;
+    loop {
+        let (partitions, stored): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(next_offset), 0)::int8 FROM ingest.offsets WHERE consumer_group = $1",
+        )
+        .bind(&group)
+        .fetch_one(pool)
+        .await?;
+        consumed.store(stored, Ordering::Relaxed);
+        if let Some((rss, _)) = process::memory(pid) {
+            peak_rss = peak_rss.max(rss);
+        }
+        // Ingest time starts when the group has handed out the partitions (the claim
+        // writes their rows); joining the group is not ingesting.
+        if partitions > 0 && claimed.is_none() {
+            claimed = Some((Instant::now(), stored));
+        }
+        if stored >= total {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "worker exited early with {status}: {}",
+                log.join().unwrap_or_default().join("\n")
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "worker did not catch up within an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = Instant::now();
+    feeder.await??;
+    let cpu_s = process::cpu_seconds(pid).unwrap_or(f64::NAN);
+    if let Some((_, hwm)) = process::memory(pid) {
+        peak_rss = peak_rss.max(hwm);
+    }
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    let lines = log
+        .join()
+        .map_err(|_| anyhow::anyhow!("log reader panicked"))?;
+    ensure!(status.success(), "worker exited with {status}");
+    let stopped = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "worker stopped")
+        .context("worker logged no final stats")?;
+    let field = |k: &str| stopped["fields"][k].as_f64().unwrap_or(f64::NAN);
+
+    let (rows, distinct): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM {table}"
+    )))
+    .fetch_one(pool)
+    .await?;
+    if std::env::var_os("KPI_BENCH_DEBUG").is_some() {
+        for line in &lines {
+            eprintln!("{line}");
+        }
+    }
+    ensure!(
+        rows == total && distinct == total,
+        "exactly once broken in {table}: {rows} rows, {distinct} distinct, {total} messages"
+    );
+
+    let (started, at_start) = claimed.context("no claim observed")?;
+    let elapsed = done.duration_since(started).as_secs_f64().max(1e-3);
+    Ok(WorkerRun {
+        rows_per_s: (total - at_start) as f64 / elapsed,
+        commit_p50_ms: field("commit_p50_ms"),
+        commit_p99_ms: field("commit_p99_ms"),
+        peak_rss,
+        cpu_s,
+    })
+}
+
+/// COPYs the bench's rows, decoded beforehand, in batches of the bench's size, one
+/// transaction each; rows per second.
+async fn raw_copy(options: &BenchOptions, pool: &PgPool, table: &str) -> anyhow::Result<f64> {
+    let config = Config::load(None, Vec::new(), &Overrides::default())?;
+    let decoder = Decoder::new(&config.sink);
+    let partitions = options.partitions as u64;
+    let mut batches: Vec<Vec<u8>> = Vec::new();
+    let mut current = Vec::new();
+    let payloads = (0..options.messages)
+        .step_by(CHUNK as usize)
+        .flat_map(|first| chunk(first, CHUNK.min(options.messages - first)));
+    for (i, payload) in payloads.enumerate() {
+        let i = i as u64;
+        let record = Record {
+            topic: "bench".into(),
+            partition: (i % partitions) as i32,
+            offset: (i / partitions) as i64,
+            key: None,
+            value: payload,
+            headers: Vec::new(),
+            timestamp_ms: None,
+        };
+        decoder
+            .decode_into(&record, &mut current)
+            .map_err(|r| anyhow::anyhow!("bench message does not decode: {}", r.reason))?;
+        if (i + 1).is_multiple_of(options.batch_size as u64) {
+            batches.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    let columns: Vec<&str> = decoder
+        .column_names()
+        .chain(["kafka_topic", "kafka_partition", "kafka_offset"])
+        .collect();
+    let sql = format!("COPY {table} ({}) FROM STDIN", columns.join(", "));
+    let mut conn = pool.acquire().await?;
+    let started = Instant::now();
+    for batch in &batches {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut copy = tx.copy_in_raw(&sql).await?;
+        copy.send(batch.as_slice()).await?;
+        copy.finish().await?;
+        tx.commit().await?;
+    }
+    Ok(options.messages as f64 / started.elapsed().as_secs_f64())
+}
