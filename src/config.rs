@@ -72,7 +72,9 @@ pub struct KafkaConfig {
     pub auto_offset_reset: OffsetReset,
     /// Mirror committed offsets to Kafka (advisory, for lag tools).
     pub mirror_offsets: bool,
-    /// Extra librdkafka properties, passed through unchanged.
+    /// Extra librdkafka properties, passed through unchanged; numbers and booleans are
+    /// taken as their text (`session.timeout.ms: 6000`).
+    #[serde(deserialize_with = "scalar_strings")]
     pub options: BTreeMap<String, String>,
 }
 
@@ -427,6 +429,28 @@ pub fn mask_url(url: &str) -> String {
     }
 }
 
+/// A map whose values may be any YAML scalar, each kept as its text.
+fn scalar_strings<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, Value>::deserialize(deserializer)?;
+    raw.into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "kafka.options.{key} must be a string, number or boolean, not {other:?}"
+                    )));
+                }
+            };
+            Ok((key, text))
+        })
+        .collect()
+}
+
 fn parse_yaml(text: &str, origin: &str) -> Result<Value, ConfigError> {
     let value: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
         origin: origin.to_owned(),
@@ -538,6 +562,19 @@ mod tests {
             "batch:\n  max_wait_ms: 9000\nkafka:\n  options:\n    max.poll.interval.ms: '10000'\n";
         let err = load_yaml(yaml, vec![]).unwrap_err();
         assert!(err.to_string().contains("batch.max_wait_ms"), "{err}");
+    }
+
+    #[test]
+    fn librdkafka_options_take_numbers_and_booleans_as_text() {
+        let yaml = "kafka:\n  options:\n    session.timeout.ms: 6000\n    check.crcs: true\n";
+        let c = load_yaml(
+            yaml,
+            vec![("KAFKA_PG_INGEST__KAFKA__OPTIONS__FETCH.WAIT.MAX.MS", "50")],
+        )
+        .expect("loads");
+        assert_eq!(c.kafka.options["session.timeout.ms"], "6000");
+        assert_eq!(c.kafka.options["check.crcs"], "true");
+        assert_eq!(c.kafka.options["fetch.wait.max.ms"], "50");
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub async fn run(database_url: &str, messages: u64, partitions: i32) -> anyhow::
     .bind(&topic)
     .fetch_all(&pool)
     .await?;
-    pipeline.close();
+    pipeline.close().await;
     drop(cluster);
     Ok(DemoReport {
         topic,

@@ -12,6 +12,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -92,6 +93,13 @@ impl Latencies {
     }
 }
 
+/// A batch committing on its own task while the next one is polled and decoded.
+struct InFlight {
+    /// The batch's offset advances, which the next batch continues from.
+    ranges: Vec<PartitionRange>,
+    task: JoinHandle<(Batch, Result<CommitOutcome, StoreError>, Duration)>,
+}
+
 /// One worker's loop state.
 pub struct Pipeline {
     config: Config,
@@ -103,6 +111,8 @@ pub struct Pipeline {
     /// Records that arrived while partitions were paused, tagged with the epoch they
     /// arrived under; consumed before polling again.
     pending: VecDeque<(i64, Record)>,
+    /// At most one batch committing.
+    in_flight: Option<InFlight>,
     /// Offsets committed to Postgres but not yet mirrored to Kafka, and when the last
     /// mirror was sent: mirroring once per second keeps commit requests from piling up
     /// behind a rebalance.
@@ -138,6 +148,7 @@ impl Pipeline {
             owner,
             assignments,
             pending: VecDeque::new(),
+            in_flight: None,
             unmirrored: HashMap::new(),
             last_mirror: Instant::now(),
             stats: Stats::default(),
@@ -173,7 +184,12 @@ impl Pipeline {
             .expect("consumer is present until close")
     }
 
-    /// One cycle: poll a batch, decode it, commit it (retrying transient failures).
+    /// One cycle: poll and decode a batch while the previous batch commits, then settle
+    /// that commit (retrying transient failures) and start committing the new batch.
+    ///
+    /// Commits stay strictly sequential (a batch continues from the offsets its
+    /// predecessor commits); only polling and decoding overlap a commit. The outcome
+    /// returned is that of the batch settled in this step.
     #[tracing::instrument(name = "batch", skip_all, err)]
     pub async fn step(
         &mut self,
@@ -182,59 +198,97 @@ impl Pipeline {
         if let Some(fatal) = self.consumer().context().take_fatal() {
             return Err(PipelineError::Claim(fatal));
         }
+        let polling = Instant::now();
         let collected = tokio::task::block_in_place(|| self.collect());
         if let Some(fatal) = self.consumer().context().take_fatal() {
             return Err(PipelineError::Claim(fatal));
         }
-        if collected.is_empty() {
-            return Ok(StepOutcome::Idle);
-        }
-        let mut batch = self.build(collected);
-        let mut delays = retry::backoff(&self.config.retry);
-        loop {
-            if batch.ranges.is_empty() {
-                // Every record was a stale delivery of a partition no longer (or newly) claimed.
-                return Ok(StepOutcome::Idle);
-            }
-            let started = Instant::now();
-            let result = match self.store.commit(&batch).await {
-                Err(StoreError::AmbiguousCommit(e)) => {
-                    self.stats.ambiguous_commits += 1;
-                    tracing::warn!(error = %e, "commit outcome unknown; reading it back from the offset rows");
-                    match self.resolve_ambiguous(&batch).await {
-                        // Not applied: retried like any transient failure.
-                        Ok(None) => Err(StoreError::AmbiguousCommit(e)),
-                        Ok(Some(outcome)) => Ok(outcome),
-                        Err(read_error) => Err(read_error),
-                    }
+        let mut next = (!collected.is_empty()).then(|| self.build(collected));
+        let (poll_decode, waiting) = (polling.elapsed(), Instant::now());
+        let outcome = match self.in_flight.take() {
+            Some(in_flight) => {
+                let (batch, result, elapsed) = in_flight
+                    .task
+                    .await
+                    .map_err(|e| StoreError::Fatal(format!("the commit task failed: {e}")))?;
+                let (outcome, fenced) = self.settle(batch, result, elapsed, shutdown).await?;
+                if !fenced.is_empty() {
+                    // The next batch continued from offsets that did not commit.
+                    next = next.map(|b| self.without(b, &fenced));
                 }
-                other => other,
-            };
+                outcome
+            }
+            None => StepOutcome::Idle,
+        };
+        tracing::debug!(
+            poll_decode_ms = poll_decode.as_secs_f64() * 1e3,
+            commit_wait_ms = waiting.elapsed().as_secs_f64() * 1e3,
+            "step timing"
+        );
+        if let Some(batch) = next.filter(|b| !b.ranges.is_empty()) {
+            let store = self.store.clone();
+            let ranges = batch.ranges.clone();
+            let task = tokio::spawn(async move {
+                let started = Instant::now();
+                let result = store.commit(&batch).await;
+                (batch, result, started.elapsed())
+            });
+            self.in_flight = Some(InFlight { ranges, task });
+        }
+        Ok(outcome)
+    }
+
+    /// Takes a commit's first result to its end: retries transient failures with
+    /// backoff, reads ambiguous commits back, drops fenced partitions. Returns what
+    /// happened and every range found fenced on the way.
+    async fn settle(
+        &mut self,
+        mut batch: Batch,
+        mut result: Result<CommitOutcome, StoreError>,
+        mut elapsed: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<(StepOutcome, Vec<PartitionRange>), PipelineError> {
+        let mut delays = retry::backoff(&self.config.retry);
+        let mut all_fenced = Vec::new();
+        loop {
+            if let Err(StoreError::AmbiguousCommit(e)) = &result {
+                self.stats.ambiguous_commits += 1;
+                tracing::warn!(error = %e, "commit outcome unknown; reading it back from the offset rows");
+                match self.resolve_ambiguous(&batch).await {
+                    // Not applied: retried like any transient failure.
+                    Ok(None) => {}
+                    Ok(Some(outcome)) => result = Ok(outcome),
+                    Err(read_error) => result = Err(read_error),
+                }
+            }
             match result {
                 Ok(CommitOutcome::Committed { rows, dead_letters }) => {
-                    self.stats.commit_latency.record(started.elapsed());
+                    self.stats.commit_latency.record(elapsed);
                     self.committed(&batch, rows, dead_letters);
-                    return Ok(StepOutcome::Committed {
+                    let outcome = StepOutcome::Committed {
                         records: batch.records.len(),
                         rows,
                         dead_letters,
-                    });
+                    };
+                    return Ok((outcome, all_fenced));
                 }
                 Ok(CommitOutcome::Fenced(fenced)) => {
                     self.stats.fenced += fenced.len() as u64;
-                    let all = fenced.len() == batch.ranges.len();
                     if let Err(e) = self.reposition(&fenced).await {
                         self.wait_or_fail(e, &mut delays, shutdown).await?;
                     }
-                    if all {
-                        return Ok(StepOutcome::Fenced {
-                            partitions: fenced.len(),
-                        });
-                    }
                     batch = self.without(batch, &fenced);
+                    all_fenced.extend(fenced);
+                    if batch.ranges.is_empty() {
+                        let partitions = all_fenced.len();
+                        return Ok((StepOutcome::Fenced { partitions }, all_fenced));
+                    }
                 }
                 Err(e) => self.wait_or_fail(e, &mut delays, shutdown).await?,
             }
+            let started = Instant::now();
+            result = self.store.commit(&batch).await;
+            elapsed = started.elapsed();
         }
     }
 
@@ -282,8 +336,9 @@ impl Pipeline {
         }
     }
 
-    /// Keeps, per partition, records of the current claim that continue its stored
-    /// position (stale deliveries after a re-claim or a seek are dropped), and decodes.
+    /// Keeps, per partition, records of the current claim that continue its position
+    /// (stale deliveries after a re-claim or a seek are dropped), and decodes. A
+    /// partition's position is where the batch in flight ends, else its stored offset.
     fn build(&self, collected: Vec<(i64, Record)>) -> Batch {
         let assignments = self.assignments.lock();
         let mut ranges: Vec<PartitionRange> = Vec::new();
@@ -294,6 +349,12 @@ impl Pipeline {
             let Some(state) = assignments.get(&tp).filter(|s| s.epoch == epoch) else {
                 continue;
             };
+            let position = self
+                .in_flight
+                .iter()
+                .flat_map(|f| &f.ranges)
+                .find(|r| r.topic == tp.0 && r.partition == tp.1 && r.epoch == state.epoch)
+                .map_or(state.next_offset, |r| Some(r.end));
             match index.get(&tp) {
                 Some(&i) => {
                     if record.offset < ranges[i].end {
@@ -302,10 +363,10 @@ impl Pipeline {
                     ranges[i].end = record.offset + 1;
                 }
                 None => {
-                    if state.next_offset.is_some_and(|n| record.offset < n) {
+                    if position.is_some_and(|n| record.offset < n) {
                         continue;
                     }
-                    if let Some(n) = state.next_offset.filter(|n| record.offset > *n) {
+                    if let Some(n) = position.filter(|n| record.offset > *n) {
                         tracing::warn!(topic = %tp.0, partition = tp.1, from = n, to = record.offset,
                             "offsets skipped by the broker (retention or compaction)");
                     }
@@ -314,7 +375,7 @@ impl Pipeline {
                         topic: tp.0,
                         partition: tp.1,
                         epoch: state.epoch,
-                        start: state.next_offset,
+                        start: position,
                         end: record.offset + 1,
                     });
                 }
@@ -517,8 +578,22 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Mirrors the last offsets, then leaves the group cleanly.
-    pub fn close(mut self) {
+    /// Lets the batch in flight finish its commit attempt (without retrying: whatever
+    /// did not commit is read again by the partition's next owner), mirrors the last
+    /// offsets, then leaves the group. Returns the final counters.
+    pub async fn close(mut self) -> Stats {
+        if let Some(in_flight) = self.in_flight.take() {
+            match in_flight.task.await {
+                Ok((batch, Ok(CommitOutcome::Committed { rows, dead_letters }), elapsed)) => {
+                    self.stats.commit_latency.record(elapsed);
+                    self.committed(&batch, rows, dead_letters);
+                }
+                Ok((_, other, _)) => {
+                    tracing::warn!(result = ?other, "batch in flight at shutdown did not commit; it will be read again");
+                }
+                Err(e) => tracing::error!(error = %e, "the commit task failed"),
+            }
+        }
         self.mirror_offsets();
         if let Some(consumer) = self.consumer.take() {
             tokio::task::block_in_place(move || {
@@ -526,6 +601,7 @@ impl Pipeline {
                 drop(consumer);
             });
         }
+        std::mem::take(&mut self.stats)
     }
 }
 
@@ -555,8 +631,7 @@ pub async fn run(
             Err(e) => break Err(e),
         }
     };
-    let stats = pipeline.stats().clone();
-    pipeline.close();
+    let stats = pipeline.close().await;
     let ms = |p| {
         stats
             .commit_latency

@@ -53,50 +53,76 @@ pub fn message(
     }
 }
 
+/// A producer of sample messages spreading them round-robin over a topic's
+/// partitions: message `i` of its life goes to partition `i % partitions`.
+pub struct SampleProducer {
+    producer: rdkafka::producer::BaseProducer,
+    topic: String,
+    partitions: i32,
+    sent: u64,
+}
+
+impl SampleProducer {
+    pub fn new(brokers: &str, topic: &str, partitions: i32) -> rdkafka::error::KafkaResult<Self> {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("message.max.bytes", "10000000")
+            .set("linger.ms", "5")
+            .create()?;
+        Ok(Self {
+            producer,
+            topic: topic.to_owned(),
+            partitions: partitions.max(1),
+            sent: 0,
+        })
+    }
+
+    /// Sends `payloads` (`None` = tombstone) and waits until all are acknowledged.
+    /// Blocking.
+    pub fn send<P: AsRef<[u8]>>(
+        &mut self,
+        payloads: impl IntoIterator<Item = Option<P>>,
+    ) -> rdkafka::error::KafkaResult<u64> {
+        use rdkafka::error::KafkaError;
+        use rdkafka::producer::{BaseRecord, Producer};
+        use rdkafka::types::RDKafkaErrorCode;
+        use std::time::Duration;
+
+        let mut count = 0;
+        for payload in payloads {
+            let partition = (self.sent % self.partitions as u64) as i32;
+            let key = self.sent.to_string();
+            loop {
+                let mut record = BaseRecord::<String, [u8]>::to(&self.topic)
+                    .key(&key)
+                    .partition(partition);
+                if let Some(p) = &payload {
+                    record = record.payload(p.as_ref());
+                }
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        self.producer.poll(Duration::from_millis(50));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+            self.sent += 1;
+            count += 1;
+            self.producer.poll(Duration::ZERO);
+        }
+        self.producer.flush(Duration::from_secs(60))?;
+        Ok(count)
+    }
+}
+
 /// Produces `payloads` (`None` = tombstone) round-robin over `partitions` and waits until
 /// all are acknowledged. Blocking.
-pub fn produce(
+pub fn produce<P: AsRef<[u8]>>(
     brokers: &str,
     topic: &str,
     partitions: i32,
-    payloads: impl IntoIterator<Item = Option<Vec<u8>>>,
+    payloads: impl IntoIterator<Item = Option<P>>,
 ) -> rdkafka::error::KafkaResult<u64> {
-    use rdkafka::ClientConfig;
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    use std::time::Duration;
-
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("message.max.bytes", "10000000")
-        .set("linger.ms", "5")
-        .create()?;
-    let mut sent = 0u64;
-    for (i, payload) in payloads.into_iter().enumerate() {
-        let partition = (i as i64 % i64::from(partitions.max(1))) as i32;
-        let key = i.to_string();
-        loop {
-            let mut record = BaseRecord::<String, [u8]>::to(topic)
-                .key(&key)
-                .partition(partition);
-            if let Some(p) = payload.as_deref() {
-                record = record.payload(p);
-            }
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => {
-                    producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
-        sent += 1;
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(60))?;
-    Ok(sent)
+    SampleProducer::new(brokers, topic, partitions)?.send(payloads)
 }

@@ -190,6 +190,12 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         partitions: options.partitions,
     };
 
+    eprintln!(
+        "generating {} messages",
+        options.messages.max(options.naive_messages)
+    );
+    let messages = generate(options.messages);
+    let naive_messages = generate(options.naive_messages);
     let mut runs = Vec::with_capacity(options.runs);
     let mut schemas = Vec::new();
     for run in 1..=options.runs {
@@ -203,13 +209,13 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             &pool,
             &source,
             &topic,
-            options.messages,
+            messages.clone(),
             &format!("{schema}.worker"),
             "copy",
         )
         .await?;
         eprintln!("run {run}: raw COPY");
-        let raw = raw_copy(options, &pool, &format!("{schema}.raw_copy")).await?;
+        let raw = raw_copy(options, &messages, &pool, &format!("{schema}.raw_copy")).await?;
         eprintln!("run {run}: naive");
         let topic = source.topic(&format!("bench-{id}-{run}-naive")).await?;
         let naive = measure_worker(
@@ -217,7 +223,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             &pool,
             &source,
             &topic,
-            options.naive_messages,
+            naive_messages.clone(),
             &format!("{schema}.naive"),
             "row_inserts",
         )
@@ -248,19 +254,22 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
 /// Messages are produced in chunks of this many (a multiple of any sensible partition
 /// count, so message `i` always lands at partition `i % partitions`, offset
 /// `i / partitions`).
-const CHUNK: u64 = 10_000;
+const CHUNK: usize = 10_000;
 
 /// The librdkafka mock cluster keeps about 5 MB per partition and deletes older records,
 /// so the bench produces while the worker consumes, keeping at most this many records
 /// per partition unconsumed (about 2.8 MB).
 const MAX_BACKLOG_PER_PARTITION: i64 = 10_000;
 
-/// Messages `first..first + count` of the bench stream, the same for every measurement.
-fn chunk(first: u64, count: u64) -> Vec<Option<Vec<u8>>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(first);
-    (first..first + count)
-        .map(|id| Some(sample::website_metric(id, &mut rng)))
-        .collect()
+/// The bench stream, generated once before any measurement so that making messages
+/// never limits (or competes with) what is measured.
+fn generate(count: u64) -> Arc<Vec<Vec<u8>>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    Arc::new(
+        (0..count)
+            .map(|id| sample::website_metric(id, &mut rng))
+            .collect(),
+    )
 }
 
 /// Where bench messages go: the in-process broker or external brokers.
@@ -285,21 +294,23 @@ impl Source<'_> {
     fn feed(
         &self,
         topic: &str,
-        messages: u64,
+        messages: Arc<Vec<Vec<u8>>>,
         consumed: Arc<AtomicI64>,
+        produced: Arc<AtomicI64>,
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let (brokers, topic, partitions) =
             (self.brokers.clone(), topic.to_owned(), self.partitions);
         let max_backlog = MAX_BACKLOG_PER_PARTITION * i64::from(partitions);
         tokio::task::spawn_blocking(move || {
-            let mut produced = 0u64;
-            while produced < messages {
-                while produced as i64 - consumed.load(Ordering::Relaxed) > max_backlog {
+            let mut producer = sample::SampleProducer::new(&brokers, &topic, partitions)?;
+            for chunk in messages.chunks(CHUNK) {
+                while produced.load(Ordering::Relaxed) - consumed.load(Ordering::Relaxed)
+                    > max_backlog
+                {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                let n = CHUNK.min(messages - produced);
-                sample::produce(&brokers, &topic, partitions, chunk(produced, n))?;
-                produced += n;
+                let sent = producer.send(chunk.iter().map(Some))?;
+                produced.fetch_add(sent as i64, Ordering::Relaxed);
             }
             Ok(())
         })
@@ -349,12 +360,19 @@ async fn measure_worker(
     pool: &PgPool,
     source: &Source<'_>,
     topic: &str,
-    messages: u64,
+    messages: Arc<Vec<Vec<u8>>>,
     table: &str,
     write_method: &str,
 ) -> anyhow::Result<WorkerRun> {
+    let total = messages.len() as i64;
     let consumed = Arc::new(AtomicI64::new(0));
-    let feeder = source.feed(topic, messages, consumed.clone());
+    let produced = Arc::new(AtomicI64::new(0));
+    let feeder = source.feed(topic, messages, consumed.clone(), produced.clone());
+    // The worker starts on a full backlog, as after any outage or deploy.
+    let backlog = total.min(MAX_BACKLOG_PER_PARTITION * i64::from(source.partitions));
+    while produced.load(Ordering::Relaxed) < backlog && !feeder.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let group = format!("{topic}-{}", table.replace('.', "-"));
     let mut child = Command::new(std::env::current_exe()?)
         .args([
@@ -376,7 +394,11 @@ async fn measure_worker(
             "KAFKA_PG_INGEST__BATCH__MAX_RECORDS",
             options.batch_size.to_string(),
         )
-        .env("RUST_LOG", "info,librdkafka=error")
+        .env(
+            "RUST_LOG",
+            std::env::var("KPI_BENCH_WORKER_LOG")
+                .unwrap_or_else(|_| "info,librdkafka=error".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -390,7 +412,6 @@ async fn measure_worker(
             .collect::<Vec<_>>()
     });
 
-    let total = messages as i64;
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut claimed: Option<(Instant, i64)> = None;
     let mut peak_rss = 0;
@@ -474,23 +495,25 @@ async fn measure_worker(
 
 /// COPYs the bench's rows, decoded beforehand, in batches of the bench's size, one
 /// transaction each; rows per second.
-async fn raw_copy(options: &BenchOptions, pool: &PgPool, table: &str) -> anyhow::Result<f64> {
+async fn raw_copy(
+    options: &BenchOptions,
+    messages: &[Vec<u8>],
+    pool: &PgPool,
+    table: &str,
+) -> anyhow::Result<f64> {
     let config = Config::load(None, Vec::new(), &Overrides::default())?;
     let decoder = Decoder::new(&config.sink);
     let partitions = options.partitions as u64;
     let mut batches: Vec<Vec<u8>> = Vec::new();
     let mut current = Vec::new();
-    let payloads = (0..options.messages)
-        .step_by(CHUNK as usize)
-        .flat_map(|first| chunk(first, CHUNK.min(options.messages - first)));
-    for (i, payload) in payloads.enumerate() {
+    for (i, payload) in messages.iter().enumerate() {
         let i = i as u64;
         let record = Record {
             topic: "bench".into(),
             partition: (i % partitions) as i32,
             offset: (i / partitions) as i64,
             key: None,
-            value: payload,
+            value: Some(payload.clone()),
             headers: Vec::new(),
             timestamp_ms: None,
         };
@@ -518,5 +541,5 @@ async fn raw_copy(options: &BenchOptions, pool: &PgPool, table: &str) -> anyhow:
         copy.finish().await?;
         tx.commit().await?;
     }
-    Ok(options.messages as f64 / started.elapsed().as_secs_f64())
+    Ok(messages.len() as f64 / started.elapsed().as_secs_f64())
 }

@@ -7,6 +7,7 @@
 mod value;
 
 use std::fmt;
+use std::io::Write;
 
 use serde_json::Value;
 
@@ -154,10 +155,8 @@ impl Decoder {
         }
         push_escaped(out, &record.topic);
         out.push(b'\t');
-        out.extend_from_slice(record.partition.to_string().as_bytes());
-        out.push(b'\t');
-        out.extend_from_slice(record.offset.to_string().as_bytes());
-        out.push(b'\n');
+        // Writing into a Vec cannot fail.
+        let _ = writeln!(out, "{}\t{}", record.partition, record.offset);
         Ok(())
     }
 

@@ -171,4 +171,25 @@ fn timestamps_without_offset_are_utc() {
     let b = value::parse_timestamp("2021-06-01 14:30:00.5+02:00").expect("parses");
     assert_eq!(a, b);
     assert!(value::parse_timestamp("0000-01-01 00:00:00").is_none());
+    let utc = value::parse_timestamp("2021-06-01T12:30:00Z").expect("parses");
+    for same in [
+        "2021-06-01 12:30:00",
+        "2021-06-01t12:30:00.000000000",
+        "2021-06-01T14:30:00+02:00",
+        "2021-06-01T14:30:00+0200",
+        "2021-06-01T14:30:00+02",
+        "2021-06-01T07:00:00-05:30",
+        "2021-06-01T12:30",
+    ] {
+        assert_eq!(value::parse_timestamp(same), Some(utc), "{same}");
+    }
+    for bad in [
+        "2021-02-30 00:00:00",
+        "2021-06-01T25:00:00",
+        "2021-06-01T12:30:00.",
+        "2021-06-01T12:30:00+2",
+        "2021-06-01T12:30:00.1234567890",
+    ] {
+        assert_eq!(value::parse_timestamp(bad), None, "{bad}");
+    }
 }

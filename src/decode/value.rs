@@ -5,7 +5,9 @@
 
 use std::net::IpAddr;
 
-use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
+use std::io::Write;
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Timelike, Utc};
 use serde_json::Value;
 
 use super::{ReasonCode, Rejection, push_escaped};
@@ -27,15 +29,12 @@ pub(super) fn encode(
         )
     };
     match mapping.kind {
-        ColumnType::Text => {
-            let text = match v {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                _ => return Err(bad("expected a string")),
-            };
-            push_text(mapping, &text, out)?;
-        }
+        ColumnType::Text => match v {
+            Value::String(s) => push_text(mapping, s, out)?,
+            Value::Number(n) => write_display(out, n),
+            Value::Bool(b) => write_display(out, b),
+            _ => return Err(bad("expected a string")),
+        },
         ColumnType::Int2 | ColumnType::Int4 | ColumnType::Int8 => {
             let (lo, hi) = match mapping.kind {
                 ColumnType::Int2 => (i16::MIN as i64, i16::MAX as i64),
@@ -46,11 +45,11 @@ pub(super) fn encode(
                 .as_i64()
                 .filter(|n| (lo..=hi).contains(n))
                 .ok_or_else(|| bad(&format!("expected an integer in {lo}..={hi}, got {v}")))?;
-            out.extend_from_slice(n.to_string().as_bytes());
+            write_display(out, n);
         }
         ColumnType::Float8 => {
             let n = v.as_f64().ok_or_else(|| bad("expected a number"))?;
-            out.extend_from_slice(n.to_string().as_bytes());
+            write_display(out, n);
         }
         ColumnType::Bool => {
             let b = v.as_bool().ok_or_else(|| bad("expected true or false"))?;
@@ -62,7 +61,17 @@ pub(super) fn encode(
                 .ok_or_else(|| bad("expected an ISO 8601 string"))?;
             let ts = parse_timestamp(text)
                 .ok_or_else(|| bad(&format!("`{text}` is not an ISO 8601 timestamp")))?;
-            out.extend_from_slice(ts.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string().as_bytes());
+            let _ = write!(
+                out,
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+                ts.year(),
+                ts.month(),
+                ts.day(),
+                ts.hour(),
+                ts.minute(),
+                ts.second(),
+                ts.timestamp_subsec_micros().min(999_999)
+            );
         }
         ColumnType::Interval => {
             let micros = match v {
@@ -76,21 +85,24 @@ pub(super) fn encode(
                 ))
             })?;
             let (secs, frac) = (micros / 1_000_000, micros % 1_000_000);
-            let text = format!(
+            let _ = write!(
+                out,
                 "{}:{:02}:{:02}.{frac:06}",
                 secs / 3600,
                 secs / 60 % 60,
                 secs % 60
             );
-            out.extend_from_slice(text.as_bytes());
         }
         ColumnType::Inet => {
             let text = v
                 .as_str()
                 .ok_or_else(|| bad("expected an IP address string"))?;
-            let ip =
+            let (ip, prefix) =
                 parse_inet(text).ok_or_else(|| bad(&format!("`{text}` is not an IP address")))?;
-            out.extend_from_slice(ip.as_bytes());
+            match prefix {
+                Some(len) => write_display(out, format_args!("{ip}/{len}")),
+                None => write_display(out, ip),
+            }
         }
         ColumnType::Jsonb => {
             let text = v.to_string();
@@ -125,27 +137,75 @@ fn push_text(mapping: &ColumnMapping, text: &str, out: &mut Vec<u8>) -> Result<(
 /// ISO 8601 with or without an offset (none means UTC); `T` or a space between date and time.
 pub(crate) fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let text = text.trim();
-    let parsed = DateTime::parse_from_rfc3339(text)
-        .ok()
+    let parsed = parse_common_timestamp(text)
+        .or_else(|| {
+            DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|dt| dt.to_utc())
+        })
         .or_else(|| {
             ["%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z"]
                 .iter()
                 .find_map(|f| DateTime::parse_from_str(text, f).ok())
+                .map(|dt| dt.to_utc())
         })
-        .map(|dt| dt.to_utc())
         .or_else(|| {
-            [
-                "%Y-%m-%dT%H:%M:%S%.f",
-                "%Y-%m-%d %H:%M:%S%.f",
-                "%Y-%m-%dT%H:%M",
-                "%Y-%m-%d %H:%M",
-            ]
-            .iter()
-            .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
-            .map(|naive| naive.and_utc())
+            ["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"]
+                .iter()
+                .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+                .map(|naive| naive.and_utc())
         })?;
     // Years outside 1..=9999 parse here but are not what a probe timestamp can mean.
     (1..=9999).contains(&parsed.year()).then_some(parsed)
+}
+
+/// The common shape, `YYYY-MM-DD[T ]HH:MM:SS[.fraction][Z|+HH:MM|+HHMM|+HH]`, parsed by
+/// hand: chrono's format-driven parsers cost several times more, and every probe
+/// message carries a timestamp.
+fn parse_common_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    let num = |from: usize, to: usize| -> Option<u32> {
+        let digits = b.get(from..to)?;
+        digits.iter().try_fold(0u32, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let separators = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if b.len() < 19
+        || separators.iter().any(|(i, c)| b[*i] != *c)
+        || !matches!(b[10], b'T' | b't' | b' ')
+    {
+        return None;
+    }
+    let date = NaiveDate::from_ymd_opt(num(0, 4)? as i32, num(5, 7)?, num(8, 10)?)?;
+    let mut i = 19;
+    let mut nanos = 0;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start + b[start..].iter().take_while(|d| d.is_ascii_digit()).count();
+        let digits = i - start;
+        if digits == 0 || digits > 9 {
+            return None;
+        }
+        nanos = num(start, i)? * 10u32.pow(9 - digits as u32);
+    }
+    let time = NaiveTime::from_hms_nano_opt(num(11, 13)?, num(14, 16)?, num(17, 19)?, nanos)?;
+    let offset_minutes = match &b[i..] {
+        [] | [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), rest @ ..] => {
+            let (h, m) = match rest {
+                [_, _] => (num(i + 1, i + 3)?, 0),
+                [_, _, b':', _, _] => (num(i + 1, i + 3)?, num(i + 4, i + 6)?),
+                [_, _, _, _] => (num(i + 1, i + 3)?, num(i + 3, i + 5)?),
+                _ => return None,
+            };
+            let minutes = i64::from(h * 60 + m);
+            if *sign == b'-' { -minutes } else { minutes }
+        }
+        _ => return None,
+    };
+    let utc = NaiveDateTime::new(date, time) - chrono::TimeDelta::try_minutes(offset_minutes)?;
+    Some(utc.and_utc())
 }
 
 /// `H:MM:SS[.ffffff]` (Python's `str(timedelta)` for durations under a day) -> microseconds.
@@ -177,7 +237,7 @@ fn seconds_to_micros(secs: f64) -> Option<i64> {
 }
 
 /// An IP address, optionally with a prefix length, as Postgres `inet` accepts it.
-fn parse_inet(text: &str) -> Option<String> {
+fn parse_inet(text: &str) -> Option<(IpAddr, Option<u8>)> {
     let (addr, prefix) = match text.split_once('/') {
         Some((a, p)) => (a, Some(p)),
         None => (text, None),
@@ -185,10 +245,16 @@ fn parse_inet(text: &str) -> Option<String> {
     let ip: IpAddr = addr.parse().ok()?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     match prefix {
-        None => Some(ip.to_string()),
+        None => Some((ip, None)),
         Some(p) => {
             let len: u8 = p.parse().ok().filter(|l| *l <= max)?;
-            Some(format!("{ip}/{len}"))
+            Some((ip, Some(len)))
         }
     }
+}
+
+/// Appends `value`'s text without an intermediate `String`.
+fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{value}");
 }

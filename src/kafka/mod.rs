@@ -217,6 +217,15 @@ pub fn subscribe(
         .set("group.id", &config.kafka.group)
         .set("client.id", owner)
         .set("enable.partition.eof", "false")
+        // Prefetch a few batches per partition, not librdkafka's 100,000 records: memory
+        // stays bounded and the loop never waits long for data. When the local queue is
+        // full, look again soon (librdkafka waits a whole second by default, stalling
+        // the loop once the queue drains).
+        .set(
+            "queued.min.messages",
+            (config.batch.max_records * 4).to_string(),
+        )
+        .set("fetch.queue.backoff.ms", "20")
         .set(
             "auto.offset.reset",
             match config.kafka.auto_offset_reset {

@@ -28,7 +28,8 @@ fn worker(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Child {
             "--topic",
             &kafka.topic,
         ])
-        .env("KAFKA_PG_INGEST__BATCH__MAX_RECORDS", "500")
+        // Small batches: many commits per wave, so a kill can land between any two.
+        .env("KAFKA_PG_INGEST__BATCH__MAX_RECORDS", "200")
         .env("RUST_LOG", "info,librdkafka=warn")
         .stdout(Stdio::null())
         .stderr(log);
@@ -56,7 +57,12 @@ async fn real_binary_killed_with_sigkill_at_random_moments_while_ingesting_50000
     let mut produced = 0u64;
     let mut mid_stream_kills = 0;
     let mut child = worker(&kafka, &db, &log);
-    for _ in 0..5 {
+    // Waves of 10,000 until five kills have landed mid-stream (a kill after a wave was
+    // fully ingested does not count), at most ten waves.
+    for _ in 0..10 {
+        if mid_stream_kills == 5 {
+            break;
+        }
         let wave = valid_messages(produced, 10_000);
         let (k, p) = (&kafka, wave);
         tokio::task::block_in_place(|| k.produce(p));
@@ -68,7 +74,7 @@ async fn real_binary_killed_with_sigkill_at_random_moments_while_ingesting_50000
             || async { progress().await > before },
         )
         .await;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..150))).await;
         let at_kill = progress().await;
         child.kill().expect("SIGKILL");
         child.wait().expect("reaped");
@@ -96,7 +102,7 @@ async fn real_binary_killed_with_sigkill_at_random_moments_while_ingesting_50000
     );
 
     assert!(
-        mid_stream_kills >= 5,
+        produced >= 50_000 && mid_stream_kills >= 5,
         "kills landed mid-stream: {mid_stream_kills}; log in {}",
         log.display()
     );

@@ -63,14 +63,14 @@ async fn restart_resumes_from_offsets_stored_in_postgres_even_with_no_or_wrong_k
 
     let mut first = Pipeline::connect(config.clone()).await.expect("starts");
     wait_for_progress(&mut first, &db, &kafka, 1_000, &token).await;
-    first.close();
+    first.close().await;
     let after_first = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
     assert!(after_first < 6_000, "stopped mid-stream");
 
     // Second life: starts from Postgres, not from Kafka's (absent) offsets.
     let mut second = Pipeline::connect(config.clone()).await.expect("restarts");
     wait_for_progress(&mut second, &db, &kafka, after_first + 1_000, &token).await;
-    second.close();
+    second.close().await;
     let after_second = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
     assert!(after_second < 6_000, "stopped mid-stream again");
 
@@ -160,7 +160,7 @@ async fn batch_mixing_valid_and_every_kind_of_bad_record_commits_all_in_one_tran
         Duration::from_secs(60),
     )
     .await;
-    pipeline.close();
+    pipeline.close().await;
 
     let reasons: Vec<String> =
         sqlx::query_scalar("SELECT reason_code FROM ingest.dead_letters ORDER BY \"offset\"")
@@ -251,7 +251,7 @@ async fn record_postgres_rejects_becomes_db_rejected_dead_letter_with_sqlstate()
         Duration::from_secs(60),
     )
     .await;
-    pipeline.close();
+    pipeline.close().await;
 
     Landed::read(&db.pool, &kafka.topic)
         .await

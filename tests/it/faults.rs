@@ -128,9 +128,7 @@ fn drive(
         while !stop.is_cancelled() && stored_total(&pool, &group, &topic).await < total {
             pipeline.step(&token).await.expect("step succeeds");
         }
-        let stats = pipeline.stats().clone();
-        pipeline.close();
-        stats
+        pipeline.close().await
     })
 }
 

@@ -307,7 +307,7 @@ pub async fn ingest_all_and_assert_exactly_once(
         Duration::from_secs(120),
     )
     .await;
-    pipeline.close();
+    pipeline.close().await;
     assert_landed_once(db, kafka, valid, dead).await;
 }
 
