@@ -77,10 +77,10 @@ pub struct RunArgs {
     pub kafka_options: Vec<(String, String)>,
 }
 
-/// Flags of `demo`.
+/// The database of `demo` and `bench`: the local server unless told otherwise.
 #[derive(Debug, Args, Clone)]
-pub struct DemoArgs {
-    /// Postgres URL the demo ingests into.
+pub struct LocalDatabase {
+    /// Postgres URL.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -88,6 +88,13 @@ pub struct DemoArgs {
         hide_env_values = true
     )]
     pub database_url: String,
+}
+
+/// Flags of `demo`.
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub database: LocalDatabase,
     /// How many messages to produce.
     #[arg(long, default_value_t = 3000)]
     pub messages: u64,
@@ -102,14 +109,9 @@ pub struct DemoArgs {
 /// Flags of `bench`.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Postgres URL to measure (bench tables are created and dropped in it).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    pub database_url: String,
+    /// Bench tables are created and dropped in this database.
+    #[command(flatten)]
+    pub database: LocalDatabase,
     /// Kafka bootstrap servers; an in-process broker when absent.
     #[arg(long, env = "KAFKA_BROKERS")]
     pub brokers: Option<String>,
@@ -185,7 +187,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 runs: args.runs,
                 batch_size: args.batch_size,
                 brokers: args.brokers,
-                database_url: args.database_url,
+                database_url: args.database.database_url,
             })
             .await?;
             if args.json {
@@ -196,7 +198,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Demo(args)) => {
-            let report = demo::run(&args.database_url, args.messages, args.partitions).await?;
+            let report =
+                demo::run(&args.database.database_url, args.messages, args.partitions).await?;
             print!("{report}");
             Ok(())
         }

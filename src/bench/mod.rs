@@ -257,9 +257,13 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
 const CHUNK: usize = 10_000;
 
 /// The librdkafka mock cluster keeps about 5 MB per partition and deletes older records,
-/// so the bench produces while the worker consumes, keeping at most this many records
-/// per partition unconsumed (about 2.8 MB).
-const MAX_BACKLOG_PER_PARTITION: i64 = 10_000;
+/// so against it the bench produces while the worker consumes, keeping at most this many
+/// records per partition uncommitted (about 4.5 MB). Such feeding limits what is measured
+/// once the worker catches up with the feeder: the mock answers a fetch that finds no data
+/// only after the consumer's whole `fetch.wait.max.ms`, even if data arrives meanwhile.
+/// With enough partitions to hold the whole stream (about 80 for 1,000,000 messages) the
+/// topic is full before the worker starts. External brokers are always filled first.
+const MOCK_BACKLOG_PER_PARTITION: i64 = 14_000;
 
 /// The bench stream, generated once before any measurement so that making messages
 /// never limits (or competes with) what is measured.
@@ -280,6 +284,14 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// How far production may run ahead of the committed offsets.
+    fn max_backlog(&self) -> i64 {
+        match self.cluster {
+            Some(_) => MOCK_BACKLOG_PER_PARTITION * i64::from(self.partitions),
+            None => i64::MAX,
+        }
+    }
+
     /// Creates a fresh topic.
     async fn topic(&self, name: &str) -> anyhow::Result<String> {
         match self.cluster {
@@ -290,7 +302,7 @@ impl Source<'_> {
     }
 
     /// Produces `messages` to `topic` on a blocking thread, never more than
-    /// [`MAX_BACKLOG_PER_PARTITION`] per partition ahead of `consumed`.
+    /// [`Source::max_backlog`] ahead of `consumed`.
     fn feed(
         &self,
         topic: &str,
@@ -300,7 +312,7 @@ impl Source<'_> {
     ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let (brokers, topic, partitions) =
             (self.brokers.clone(), topic.to_owned(), self.partitions);
-        let max_backlog = MAX_BACKLOG_PER_PARTITION * i64::from(partitions);
+        let max_backlog = self.max_backlog();
         tokio::task::spawn_blocking(move || {
             let mut producer = sample::SampleProducer::new(&brokers, &topic, partitions)?;
             for chunk in messages.chunks(CHUNK) {
@@ -369,7 +381,7 @@ async fn measure_worker(
     let produced = Arc::new(AtomicI64::new(0));
     let feeder = source.feed(topic, messages, consumed.clone(), produced.clone());
     // The worker starts on a full backlog, as after any outage or deploy.
-    let backlog = total.min(MAX_BACKLOG_PER_PARTITION * i64::from(source.partitions));
+    let backlog = total.min(source.max_backlog());
     while produced.load(Ordering::Relaxed) < backlog && !feeder.is_finished() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
