@@ -180,3 +180,47 @@ fn unreachable_database_at_startup_is_retried_with_backoff_then_exits_non_zero()
         "gave up only at the limit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cycles_flag_runs_that_many_polls_then_exits_zero_with_its_batches_committed() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(2);
+    kafka.produce(valid_messages(0, 100));
+    let mut args = vec![
+        "run".to_owned(),
+        "--brokers".into(),
+        kafka.brokers.clone(),
+        "--database-url".into(),
+        db.url.clone(),
+        "--group".into(),
+        kafka.group.clone(),
+        "--topic".into(),
+        kafka.topic.clone(),
+        "--cycles".into(),
+        "100".into(),
+        "--sleep".into(),
+        "0".into(),
+    ];
+    for (key, value) in fast_group_options() {
+        args.extend(["--kafka-option".to_owned(), format!("{key}={value}")]);
+    }
+    let mut env: Vec<(String, String)> = test_env();
+    // 100 polls of at most 100 ms: enough to join the group and ingest, bounded in time.
+    env.push(("KAFKA_PG_INGEST__BATCH__MAX_WAIT_MS".into(), "100".into()));
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(BINARY)
+            .args(&args)
+            .envs(env)
+            .output()
+            .expect("binary runs")
+    })
+    .await
+    .expect("joined");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_landed_once(&db, &kafka, 100, 0).await;
+    db.drop().await;
+}
