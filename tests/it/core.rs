@@ -352,3 +352,28 @@ async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() 
         .assert_exactly_once(3, 0);
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn row_inserts_write_method_lands_the_same_rows_exactly_once() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(2);
+    let mut payloads = valid_messages(0, 300);
+    // Text that needs COPY escaping must survive the split back into fields.
+    payloads.push(Some(
+        br#"{"request_timestamp": "2021-01-01 00:00:00", "url": "a\tb\\c\nd", "comment": "300"}"#
+            .to_vec(),
+    ));
+    payloads.push(Some(b"not json".to_vec()));
+    kafka.produce(payloads);
+    let mut config = kafka.config(&db);
+    config.sink.write_method = kafka_pg_ingest::config::WriteMethod::RowInserts;
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, 301, 1).await;
+    let url: String =
+        sqlx::query_scalar("SELECT url FROM web_metrics.metrics WHERE comment = '300'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("escaped row");
+    assert_eq!(url, "a\tb\\c\nd");
+    db.drop().await;
+}
