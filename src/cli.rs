@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
 use crate::telemetry::{self, LogFormat};
-use crate::{bench, demo, pipeline, store};
+use crate::{bench, demo, dev, pipeline, store};
 
 /// Moves Kafka records into PostgreSQL exactly once.
 #[derive(Debug, Parser)]
@@ -36,6 +36,25 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure end-to-end throughput against raw COPY and a naive per-row consumer.
     Bench(BenchArgs),
+    /// Development helpers: a local broker and a load generator.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Run an in-process Kafka-protocol broker (librdkafka's mock cluster) until SIGINT or
+    /// SIGTERM; its bootstrap address is the first line of stdout.
+    Broker {
+        /// Topic to create; repeatable.
+        #[arg(long = "topic", default_value = "website-metrics")]
+        topics: Vec<String>,
+        /// Partitions of each topic.
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+    },
+    /// Produce sample website-metrics messages, some malformed.
+    Produce(dev::ProduceOptions),
 }
 
 /// Flags every command that reads configuration takes.
@@ -160,7 +179,7 @@ impl Cli {
             Some(Command::Run(a)) => a.common.log_format,
             Some(Command::Migrate(a)) => a.log_format,
             Some(Command::Demo(a)) => a.log_format,
-            Some(Command::Bench(_)) => LogFormat::Text,
+            Some(Command::Bench(_) | Command::Dev(_)) => LogFormat::Text,
             None => self.run.common.log_format,
         }
     }
@@ -194,6 +213,23 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{report}");
+            }
+            Ok(())
+        }
+        Some(Command::Dev(DevCommand::Broker { topics, partitions })) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            dev::broker(&topics, partitions, shutdown).await
+        }
+        Some(Command::Dev(DevCommand::Produce(options))) => {
+            let produced = tokio::task::spawn_blocking(move || dev::produce(&options)).await??;
+            let malformed: u64 = produced.malformed.values().sum();
+            println!(
+                "produced {} valid and {malformed} malformed messages",
+                produced.valid
+            );
+            for (reason, n) in &produced.malformed {
+                println!("  {reason:<16} {n}");
             }
             Ok(())
         }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod demo;
+pub mod dev;
 pub mod kafka;
 pub mod pipeline;
 pub mod record;

@@ -111,6 +111,42 @@ async fn real_binary_killed_with_sigkill_at_random_moments_while_ingesting_50000
     db.drop().await;
 }
 
+/// Runs `run --cycles 100` (polls of at most 100 ms: enough to join the group and ingest
+/// a small topic, bounded in time) and returns its output.
+async fn run_cycles(brokers: &str, database_url: &str, group: &str, topic: &str) -> Output {
+    let mut args: Vec<String> = [
+        "run",
+        "--brokers",
+        brokers,
+        "--database-url",
+        database_url,
+        "--group",
+        group,
+        "--topic",
+        topic,
+        "--cycles",
+        "100",
+        "--sleep",
+        "0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for (key, value) in fast_group_options() {
+        args.extend(["--kafka-option".to_owned(), format!("{key}={value}")]);
+    }
+    let mut env = test_env();
+    env.push(("KAFKA_PG_INGEST__BATCH__MAX_WAIT_MS".into(), "100".into()));
+    tokio::task::spawn_blocking(move || {
+        Command::new(BINARY)
+            .args(&args)
+            .envs(env)
+            .output()
+            .expect("binary runs")
+    })
+    .await
+    .expect("joined")
+}
+
 fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(BINARY)
         .args(args)
@@ -186,41 +222,94 @@ async fn cycles_flag_runs_that_many_polls_then_exits_zero_with_its_batches_commi
     let db = TestDb::new().await;
     let kafka = TestKafka::new(2);
     kafka.produce(valid_messages(0, 100));
-    let mut args = vec![
-        "run".to_owned(),
-        "--brokers".into(),
-        kafka.brokers.clone(),
-        "--database-url".into(),
-        db.url.clone(),
-        "--group".into(),
-        kafka.group.clone(),
-        "--topic".into(),
-        kafka.topic.clone(),
-        "--cycles".into(),
-        "100".into(),
-        "--sleep".into(),
-        "0".into(),
-    ];
-    for (key, value) in fast_group_options() {
-        args.extend(["--kafka-option".to_owned(), format!("{key}={value}")]);
-    }
-    let mut env: Vec<(String, String)> = test_env();
-    // 100 polls of at most 100 ms: enough to join the group and ingest, bounded in time.
-    env.push(("KAFKA_PG_INGEST__BATCH__MAX_WAIT_MS".into(), "100".into()));
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(BINARY)
-            .args(&args)
-            .envs(env)
-            .output()
-            .expect("binary runs")
-    })
-    .await
-    .expect("joined");
+    let output = run_cycles(&kafka.brokers, &db.url, &kafka.group, &kafka.topic).await;
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert_landed_once(&db, &kafka, 100, 0).await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_broker_and_dev_produce_feed_a_worker_that_lands_every_message_once() {
+    use std::io::BufRead;
+
+    let db = TestDb::new().await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (topic, group) = (
+        format!("dev-{}", &suffix[..8]),
+        format!("dev-group-{}", &suffix[..8]),
+    );
+    let mut broker = Command::new(BINARY)
+        .args(["dev", "broker", "--topic", &topic, "--partitions", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("broker starts");
+    let mut first_line = String::new();
+    std::io::BufReader::new(broker.stdout.take().expect("stdout"))
+        .read_line(&mut first_line)
+        .expect("bootstrap address");
+    let brokers = first_line.trim().to_owned();
+    assert!(
+        brokers.starts_with("127.0.0.1:") || brokers.starts_with("localhost:"),
+        "{brokers}"
+    );
+
+    let produced = run_binary(
+        &[
+            "dev",
+            "produce",
+            "--brokers",
+            &brokers,
+            "--topic",
+            &topic,
+            "--count",
+            "2000",
+            "--malformed-ratio",
+            "0.05",
+            "--seed",
+            "9",
+        ],
+        &[],
+    );
+    let summary = String::from_utf8_lossy(&produced.stdout).into_owned();
+    assert!(
+        produced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&produced.stderr)
+    );
+    let numbers: Vec<i64> = summary
+        .lines()
+        .next()
+        .expect("summary line")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (valid, malformed) = (numbers[0], numbers[1]);
+    assert_eq!(valid + malformed, 2000, "{summary}");
+    assert!(malformed > 0, "{summary}");
+
+    let worker = run_cycles(&brokers, &db.url, &group, &topic).await;
+    assert!(
+        worker.status.success(),
+        "{}",
+        String::from_utf8_lossy(&worker.stderr)
+    );
+
+    Landed::read(&db.pool, &topic)
+        .await
+        .assert_exactly_once(valid, malformed);
+    assert_eq!(stored_total(&db.pool, &group, &topic).await, 2000);
+    Command::new("kill")
+        .args(["-TERM", &broker.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(
+        broker.wait().expect("reaped").success(),
+        "the broker stops cleanly on SIGTERM"
+    );
     db.drop().await;
 }
