@@ -215,6 +215,10 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
         vec![1; 4],
         "no partition was re-claimed"
     );
+    assert!(
+        stats.retries >= 1,
+        "transactions cut by the terminations were retried: {stats:?}"
+    );
     eprintln!("terminated {terminated} backends; {stats:?}");
     db.drop().await;
 }
