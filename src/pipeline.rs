@@ -170,13 +170,6 @@ impl Pipeline {
         &self.store
     }
 
-    /// Partitions this worker owns now.
-    pub fn owned_partitions(&self) -> Vec<TopicPartition> {
-        let mut owned: Vec<_> = self.assignments.lock().keys().cloned().collect();
-        owned.sort();
-        owned
-    }
-
     fn consumer(&self) -> &IngestConsumer {
         // `consumer` is only taken by `close`, which consumes `self`.
         self.consumer

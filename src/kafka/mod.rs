@@ -8,7 +8,6 @@
 mod record;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -57,18 +56,12 @@ pub struct IngestContext {
     claim_limit: Duration,
     assignments: Assignments,
     fatal: Mutex<Option<String>>,
-    rebalances: AtomicU64,
 }
 
 impl IngestContext {
     /// The error that made the callback give up, if any; the loop stops on it.
     pub fn take_fatal(&self) -> Option<String> {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
-    /// Rebalances seen so far.
-    pub fn rebalances(&self) -> u64 {
-        self.rebalances.load(Ordering::Relaxed)
     }
 
     /// Retries a claim with backoff. The callback runs inside `poll`, so blocking here
@@ -175,7 +168,6 @@ impl ConsumerContext for IngestContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        self.rebalances.fetch_add(1, Ordering::Relaxed);
         let partitions: Vec<TopicPartition> = tpl
             .elements()
             .iter()
@@ -249,7 +241,6 @@ pub fn subscribe(
         claim_limit: config.claim_limit(),
         assignments,
         fatal: Mutex::new(None),
-        rebalances: AtomicU64::new(0),
     };
     let consumer: IngestConsumer = client.create_with_context(context)?;
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
