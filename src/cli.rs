@@ -94,6 +94,9 @@ pub struct RunArgs {
     /// Any librdkafka property, e.g. session.timeout.ms=6000; repeatable.
     #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub kafka_options: Vec<(String, String)>,
+    /// Serve /metrics, /healthz and /readyz on HOST:PORT.
+    #[arg(long, env = "METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 /// The database of `demo` and `bench`: the local server unless told otherwise.
@@ -249,6 +252,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         topics: args.topics,
         sleep_secs: args.sleep,
         kafka_options: args.kafka_options,
+        metrics_addr: args.metrics_addr,
         database_url: None,
     })?;
     let shutdown = CancellationToken::new();

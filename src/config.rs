@@ -226,6 +226,8 @@ impl ColumnType {
 pub struct RunConfig {
     /// Seconds to pause after a poll that returned nothing.
     pub sleep_secs: f64,
+    /// `HOST:PORT` serving `/metrics`, `/healthz` and `/readyz`; off when unset.
+    pub metrics_addr: Option<String>,
 }
 
 /// Values given on the command line; `None` leaves the lower layers in force.
@@ -237,6 +239,7 @@ pub struct Overrides {
     pub topics: Vec<String>,
     pub sleep_secs: Option<f64>,
     pub kafka_options: Vec<(String, String)>,
+    pub metrics_addr: Option<String>,
 }
 
 impl Config {
@@ -286,6 +289,9 @@ impl Config {
         }
         if let Some(s) = o.sleep_secs {
             self.run.sleep_secs = s;
+        }
+        if let Some(addr) = &o.metrics_addr {
+            self.run.metrics_addr = Some(addr.clone());
         }
         for (k, v) in &o.kafka_options {
             self.kafka.options.insert(k.clone(), v.clone());

@@ -16,11 +16,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::decode::Decoder;
-use crate::kafka::{self, Assignments, IngestConsumer, TopicPartition};
+use crate::decode::{Decoder, ReasonCode};
+use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
 use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
+use crate::telemetry::http::{self, Endpoints};
+use crate::telemetry::metrics::{ClassLabel, PartitionLabel, ReasonLabel};
 
 /// How often committed offsets are mirrored to Kafka at most.
 const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,6 +38,11 @@ pub enum PipelineError {
     Claim(String),
     #[error("shutdown requested while a batch was being retried; nothing of it was committed")]
     ShutDown,
+    #[error("cannot serve /metrics on {addr} (run.metrics_addr, --metrics-addr): {source}")]
+    Serve {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// What one step did.
@@ -113,6 +120,9 @@ pub struct Pipeline {
     pending: VecDeque<(i64, Record)>,
     /// At most one batch committing.
     in_flight: Option<InFlight>,
+    observers: Observers,
+    /// Partitions whose gauges are exported, to retract them when the partition goes.
+    exported: Vec<PartitionLabel>,
     /// Offsets committed to Postgres but not yet mirrored to Kafka, and when the last
     /// mirror was sent: mirroring once per second keeps commit requests from piling up
     /// behind a rebalance.
@@ -132,7 +142,14 @@ impl Pipeline {
     pub fn with_store(config: Config, store: Store) -> Result<Self, PipelineError> {
         let assignments = Assignments::default();
         let owner = kafka::worker_id();
-        let consumer = kafka::subscribe(&config, store.clone(), &owner, assignments.clone())?;
+        let observers = Observers::default();
+        let consumer = kafka::subscribe(
+            &config,
+            store.clone(),
+            &owner,
+            assignments.clone(),
+            observers.clone(),
+        )?;
         tracing::info!(
             owner = %owner,
             group = %config.kafka.group,
@@ -149,6 +166,8 @@ impl Pipeline {
             assignments,
             pending: VecDeque::new(),
             in_flight: None,
+            observers,
+            exported: Vec::new(),
             unmirrored: HashMap::new(),
             last_mirror: Instant::now(),
             stats: Stats::default(),
@@ -163,6 +182,11 @@ impl Pipeline {
     /// This worker's id, as written to `ingest.offsets.owner`.
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// The metrics and health this pipeline reports.
+    pub fn observers(&self) -> &Observers {
+        &self.observers
     }
 
     /// The store this pipeline commits to.
@@ -228,7 +252,37 @@ impl Pipeline {
             });
             self.in_flight = Some(InFlight { ranges, task });
         }
+        self.observers.health.stepped();
+        self.export_partition_gauges();
         Ok(outcome)
+    }
+
+    /// Sets `next_offset` and `lag` of every owned partition; retracts the others.
+    fn export_partition_gauges(&mut self) {
+        let metrics = &self.observers.metrics;
+        let marks = self
+            .observers
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut exported = Vec::new();
+        for ((topic, partition), state) in self.assignments.lock().iter() {
+            let label = PartitionLabel {
+                topic: topic.clone(),
+                partition: i64::from(*partition),
+            };
+            let next = state.next_offset.unwrap_or(0);
+            metrics.next_offset.get_or_create(&label).set(next);
+            if let Some(high) = marks.get(&(topic.clone(), *partition)) {
+                metrics.lag.get_or_create(&label).set((high - next).max(0));
+            }
+            exported.push(label);
+        }
+        for gone in self.exported.iter().filter(|l| !exported.contains(l)) {
+            metrics.next_offset.remove(gone);
+            metrics.lag.remove(gone);
+        }
+        self.exported = exported;
     }
 
     /// Takes a commit's first result to its end: retries transient failures with
@@ -257,6 +311,10 @@ impl Pipeline {
             match result {
                 Ok(CommitOutcome::Committed { rows, dead_letters }) => {
                     self.stats.commit_latency.record(elapsed);
+                    self.observers
+                        .metrics
+                        .commit_duration
+                        .observe(elapsed.as_secs_f64());
                     self.committed(&batch, rows, dead_letters);
                     let outcome = StepOutcome::Committed {
                         records: batch.records.len(),
@@ -267,6 +325,10 @@ impl Pipeline {
                 }
                 Ok(CommitOutcome::Fenced(fenced)) => {
                     self.stats.fenced += fenced.len() as u64;
+                    self.observers
+                        .metrics
+                        .fencing_conflicts
+                        .inc_by(fenced.len() as u64);
                     if let Err(e) = self.reposition(&fenced).await {
                         self.wait_or_fail(e, &mut delays, shutdown).await?;
                     }
@@ -403,6 +465,26 @@ impl Pipeline {
         self.stats.batches += 1;
         self.stats.rows += rows;
         self.stats.dead_letters += dead_letters;
+        let metrics = &self.observers.metrics;
+        metrics.records_consumed.inc_by(batch.records.len() as u64);
+        metrics.rows_written.inc_by(rows);
+        for (_, rejection) in &batch.rejects {
+            let reason = ReasonLabel {
+                reason_code: rejection.code.as_str().to_owned(),
+            };
+            metrics.dead_letters.get_or_create(&reason).inc();
+        }
+        // Whatever else was dead-lettered, Postgres rejected inside the commit.
+        let rejected_by_db = dead_letters.saturating_sub(batch.rejects.len() as u64);
+        if rejected_by_db > 0 {
+            let reason = ReasonLabel {
+                reason_code: ReasonCode::DbRejected.as_str().to_owned(),
+            };
+            metrics
+                .dead_letters
+                .get_or_create(&reason)
+                .inc_by(rejected_by_db);
+        }
         {
             let mut assignments = self.assignments.lock();
             for r in &batch.ranges {
@@ -544,6 +626,10 @@ impl Pipeline {
             .next()
             .unwrap_or(Duration::from_millis(self.config.retry.max_delay_ms));
         self.stats.retries += 1;
+        let class = ClassLabel {
+            class: err.class().as_str().to_owned(),
+        };
+        self.observers.metrics.retries.get_or_create(&class).inc();
         tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, class = err.class().as_str(), "transient failure, retrying batch");
         let until = Instant::now() + delay;
         tokio::task::block_in_place(|| {
@@ -605,7 +691,25 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Stats, PipelineError> {
     let sleep = Duration::from_secs_f64(config.run.sleep_secs);
+    let metrics_addr = config.run.metrics_addr.clone();
+    let stuck_after = config.max_poll_interval() * 2;
     let mut pipeline = Pipeline::connect(config).await?;
+    let stop_http = CancellationToken::new();
+    let server = match metrics_addr {
+        Some(addr) => {
+            let endpoints = Endpoints {
+                metrics: pipeline.observers.metrics.clone(),
+                health: pipeline.observers.health.clone(),
+                pool: pipeline.store.pool().clone(),
+                stuck_after,
+            };
+            let (_, server) = http::serve(&addr, endpoints, stop_http.clone())
+                .await
+                .map_err(|source| PipelineError::Serve { addr, source })?;
+            Some(server)
+        }
+        None => None,
+    };
     let mut done = 0u64;
     let result = loop {
         if shutdown.is_cancelled() || cycles.is_some_and(|c| done >= c) {
@@ -625,6 +729,10 @@ pub async fn run(
         }
     };
     let stats = pipeline.close().await;
+    stop_http.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     let ms = |p| {
         stats
             .commit_latency

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
@@ -21,6 +22,7 @@ pub use record::to_record;
 use crate::config::{Config, OffsetReset, RetryConfig};
 use crate::retry::{self, ErrorClass};
 use crate::store::{Claim, Store, StoreError};
+use crate::telemetry::metrics::{Health, Metrics};
 
 /// A partition: topic and number.
 pub type TopicPartition = (String, i32);
@@ -56,6 +58,16 @@ pub struct IngestContext {
     claim_limit: Duration,
     assignments: Assignments,
     fatal: Mutex<Option<String>>,
+    observers: Observers,
+}
+
+/// What the consumer reports to telemetry.
+#[derive(Debug, Clone, Default)]
+pub struct Observers {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// High watermarks from librdkafka's statistics, for lag.
+    pub high_watermarks: Arc<Mutex<HashMap<TopicPartition, i64>>>,
 }
 
 impl IngestContext {
@@ -159,7 +171,29 @@ impl IngestContext {
     }
 }
 
-impl ClientContext for IngestContext {}
+impl ClientContext for IngestContext {
+    /// librdkafka's periodic statistics (`statistics.interval.ms`): group state for
+    /// `/readyz`, high watermarks for lag.
+    fn stats(&self, statistics: Statistics) {
+        let up = statistics
+            .cgrp
+            .as_ref()
+            .is_some_and(|g| g.state == "up" && g.join_state == "steady");
+        self.observers.health.set_in_group(up);
+        let mut marks = self
+            .observers
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.hi_offset >= 0 {
+                    marks.insert((topic.clone(), *partition), p.hi_offset);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for IngestContext {
     fn rebalance(
@@ -168,6 +202,7 @@ impl ConsumerContext for IngestContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        self.observers.metrics.rebalances.inc();
         let partitions: Vec<TopicPartition> = tpl
             .elements()
             .iter()
@@ -202,6 +237,7 @@ pub fn subscribe(
     store: Store,
     owner: &str,
     assignments: Assignments,
+    observers: Observers,
 ) -> Result<IngestConsumer, KafkaError> {
     let mut client = ClientConfig::new();
     client
@@ -225,6 +261,10 @@ pub fn subscribe(
                 OffsetReset::Latest => "latest",
             },
         );
+    if config.run.metrics_addr.is_some() {
+        // Statistics feed /readyz (group state) and the lag gauges (high watermarks).
+        client.set("statistics.interval.ms", "1000");
+    }
     for (key, value) in &config.kafka.options {
         client.set(key, value);
     }
@@ -241,6 +281,7 @@ pub fn subscribe(
         claim_limit: config.claim_limit(),
         assignments,
         fatal: Mutex::new(None),
+        observers,
     };
     let consumer: IngestConsumer = client.create_with_context(context)?;
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();

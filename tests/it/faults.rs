@@ -381,3 +381,51 @@ async fn second_worker_joining_and_first_leaving_is_exactly_once_with_eager_reba
 async fn second_worker_joining_and_first_leaving_is_exactly_once_with_cooperative_rebalancing() {
     second_joins_first_leaves("cooperative-sticky").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_answers_503_while_the_database_is_down_and_200_after() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let kafka = TestKafka::new(2);
+    kafka.produce(valid_messages(0, 100));
+    let mut config = kafka.config_for_url(&proxy.url(&db));
+    config.run.metrics_addr = Some("127.0.0.1:0".into());
+    config.postgres.acquire_timeout_ms = 300;
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    let stop_http = CancellationToken::new();
+    let addr = serve_endpoints(&pipeline, stop_http.clone()).await;
+    // Keep the loop polling so the consumer joins and reports its group state.
+    let stop = CancellationToken::new();
+    let task = drive(
+        pipeline,
+        db.pool.clone(),
+        kafka.group.clone(),
+        kafka.topic.clone(),
+        i64::MAX,
+        stop.clone(),
+    );
+    let ready = || async { http_get(addr, "/readyz").await.0 };
+
+    wait_for(
+        "ready with the database up",
+        Duration::from_secs(60),
+        || async { ready().await == 200 },
+    )
+    .await;
+    proxy.set_up(false);
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database down"), "{body}");
+    proxy.set_up(true);
+    wait_for(
+        "ready again with the database back",
+        Duration::from_secs(60),
+        || async { ready().await == 200 },
+    )
+    .await;
+
+    stop.cancel();
+    task.await.expect("worker task");
+    stop_http.cancel();
+    db.drop().await;
+}

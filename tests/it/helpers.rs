@@ -344,3 +344,49 @@ pub async fn assert_offsets_at_end(pool: &PgPool, kafka: &TestKafka, total: i64)
         "stored offsets equal each partition's end offset"
     );
 }
+
+/// `GET path` over plain HTTP/1.1; the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// Serves the pipeline's endpoints on an ephemeral port; the address.
+pub async fn serve_endpoints(
+    pipeline: &Pipeline,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::net::SocketAddr {
+    use kafka_pg_ingest::telemetry::http::{Endpoints, serve};
+    let endpoints = Endpoints {
+        metrics: pipeline.observers().metrics.clone(),
+        health: pipeline.observers().health.clone(),
+        pool: pipeline.store().pool().clone(),
+        stuck_after: Duration::from_secs(20),
+    };
+    serve("127.0.0.1:0", endpoints, stop)
+        .await
+        .expect("endpoints bind")
+        .0
+}

@@ -5,3 +5,4 @@ mod binary;
 mod core;
 mod faults;
 mod helpers;
+mod telemetry;

@@ -24,3 +24,6 @@ pub fn init(format: LogFormat) {
         eprintln!("logging already initialised: {e}");
     }
 }
+
+pub mod http;
+pub mod metrics;

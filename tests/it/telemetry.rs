@@ -1,0 +1,104 @@
+//! `/metrics` against what Postgres holds.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kafka_pg_ingest::pipeline::Pipeline;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// Samples of a scrape: `name{labels}` -> value.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_equal_what_postgres_holds_and_lag_falls_to_zero() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(2);
+    let mut payloads = valid_messages(0, 1_000);
+    for i in 0..6 {
+        let bad: &[u8] = if i % 2 == 0 {
+            b"<html>"
+        } else {
+            br#"{"url": "u"}"#
+        };
+        payloads.insert(i * 100, Some(bad.to_vec()));
+    }
+    kafka.produce(payloads);
+    let mut config = kafka.config(&db);
+    config.batch.max_records = 200;
+    config.run.metrics_addr = Some("127.0.0.1:0".into());
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    let stop = CancellationToken::new();
+    let addr = serve_endpoints(&pipeline, stop.clone()).await;
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        1_006,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    // librdkafka reports high watermarks once a second; keep stepping until lag is 0.
+    let lag_keys: Vec<String> = (0..2)
+        .map(|p| {
+            format!(
+                "kafka_pg_ingest_partition_lag{{topic=\"{}\",partition=\"{p}\"}}",
+                kafka.topic
+            )
+        })
+        .collect();
+    let token = CancellationToken::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let scraped = loop {
+        pipeline.step(&token).await.expect("step");
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let s = samples(&body);
+        if lag_keys.iter().all(|k| s.get(k) == Some(&0.0)) {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag never reached 0:\n{body}"
+        );
+    };
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM web_metrics.metrics")
+        .fetch_one(&db.pool)
+        .await
+        .expect("rows");
+    assert_eq!(scraped["kafka_pg_ingest_rows_written_total"], rows as f64);
+    assert_eq!(scraped["kafka_pg_ingest_records_consumed_total"], 1_006.0);
+    let dead: Vec<(String, i64)> =
+        sqlx::query_as("SELECT reason_code, count(*) FROM ingest.dead_letters GROUP BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .expect("dead letters");
+    assert_eq!(dead.len(), 2);
+    for (reason, count) in dead {
+        let key = format!("kafka_pg_ingest_dead_letters_total{{reason_code=\"{reason}\"}}");
+        assert_eq!(scraped.get(&key), Some(&(count as f64)), "{key}");
+    }
+    for p in 0..2 {
+        let key = format!(
+            "kafka_pg_ingest_partition_next_offset{{topic=\"{}\",partition=\"{p}\"}}",
+            kafka.topic
+        );
+        assert_eq!(scraped.get(&key), Some(&503.0), "{key}");
+    }
+    assert!(scraped["kafka_pg_ingest_batch_commit_duration_seconds_count"] >= 6.0);
+    assert!(scraped["kafka_pg_ingest_rebalances_total"] >= 1.0);
+    let (status, _) = http_get(addr, "/healthz").await;
+    assert_eq!(status, 200);
+    stop.cancel();
+    pipeline.close().await;
+    db.drop().await;
+}
