@@ -171,14 +171,22 @@ impl Worker {
     }
 }
 
-async fn epochs(pool: &PgPool, kafka: &TestKafka) -> Vec<i64> {
-    sqlx::query_scalar(
-        "SELECT epoch FROM ingest.offsets WHERE consumer_group = $1 ORDER BY partition",
-    )
+/// One column of the group's offset rows (a trusted expression), in partition order.
+async fn offset_rows<T>(pool: &PgPool, kafka: &TestKafka, column: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {column} FROM ingest.offsets WHERE consumer_group = $1 ORDER BY partition"
+    )))
     .bind(&kafka.group)
     .fetch_all(pool)
     .await
-    .expect("epochs")
+    .expect("offset rows")
+}
+
+async fn epochs(pool: &PgPool, kafka: &TestKafka) -> Vec<i64> {
+    offset_rows(pool, kafka, "epoch").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -193,15 +201,18 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
     let mut terminated = 0i64;
     while !worker.task.is_finished() {
         terminated += sqlx::query_scalar::<_, i64>(
+            // Only backends inside a transaction: killing an idle pooled connection is
+            // healed by the pool before anyone notices, so it would prove nothing.
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = $2) t",
+             WHERE datname = $1 AND application_name = $2 \
+               AND state IN ('active', 'idle in transaction')) t",
         )
         .bind(&db.name)
         .bind(kafka_pg_ingest::store::APPLICATION_NAME)
         .fetch_one(&db.pool)
         .await
         .expect("terminate");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stats = worker.finish().await;
 
@@ -216,8 +227,8 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
         "no partition was re-claimed"
     );
     assert!(
-        stats.retries >= 1,
-        "transactions cut by the terminations were retried: {stats:?}"
+        stats.retries + stats.ambiguous_commits >= 1,
+        "transactions cut by the terminations were retried or read back: {stats:?}"
     );
     eprintln!("terminated {terminated} backends; {stats:?}");
     db.drop().await;
@@ -291,13 +302,10 @@ async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends
 }
 
 async fn owners(pool: &PgPool, kafka: &TestKafka) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT DISTINCT owner FROM ingest.offsets WHERE consumer_group = $1 ORDER BY 1",
-    )
-    .bind(&kafka.group)
-    .fetch_all(pool)
-    .await
-    .expect("owners")
+    let mut owners: Vec<String> = offset_rows(pool, kafka, "owner").await;
+    owners.sort();
+    owners.dedup();
+    owners
 }
 
 async fn second_joins_first_leaves(assignment_strategy: &str) {
