@@ -48,6 +48,24 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
+    /// Every code.
+    pub const ALL: [ReasonCode; 14] = [
+        Self::Tombstone,
+        Self::Empty,
+        Self::TooLarge,
+        Self::NotUtf8,
+        Self::NotJson,
+        Self::TooDeep,
+        Self::NotObject,
+        Self::MissingField,
+        Self::BadTimestamp,
+        Self::BadIp,
+        Self::BadInterval,
+        Self::BadValue,
+        Self::NulInText,
+        Self::DbRejected,
+    ];
+
     /// The code as stored in `ingest.dead_letters.reason_code`.
     pub fn as_str(self) -> &'static str {
         match self {

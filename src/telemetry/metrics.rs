@@ -10,6 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::decode::ReasonCode;
+use crate::retry::ErrorClass;
+
 /// `reason_code` of a dead letter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -106,6 +109,15 @@ impl Default for Metrics {
             "Next offset stored in Postgres",
             metrics.next_offset.clone(),
         );
+        // Series exist from the start, at 0, so rates and dashboards never see gaps.
+        metrics.retries.get_or_create(&ClassLabel {
+            class: ErrorClass::Transient.as_str().to_owned(),
+        });
+        for code in ReasonCode::ALL {
+            metrics.dead_letters.get_or_create(&ReasonLabel {
+                reason_code: code.as_str().to_owned(),
+            });
+        }
         Self {
             registry,
             ..metrics

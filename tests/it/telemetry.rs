@@ -57,13 +57,13 @@ async fn metrics_equal_what_postgres_holds_and_lag_falls_to_zero() {
         .collect();
     let token = CancellationToken::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let scraped = loop {
+    let (scraped, body) = loop {
         pipeline.step(&token).await.expect("step");
         let (status, body) = http_get(addr, "/metrics").await;
         assert_eq!(status, 200);
         let s = samples(&body);
         if lag_keys.iter().all(|k| s.get(k) == Some(&0.0)) {
-            break s;
+            break (s, body);
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -83,7 +83,12 @@ async fn metrics_equal_what_postgres_holds_and_lag_falls_to_zero() {
             .await
             .expect("dead letters");
     assert_eq!(dead.len(), 2);
-    for (reason, count) in dead {
+    for code in kafka_pg_ingest::decode::ReasonCode::ALL {
+        let reason = code.as_str();
+        let count = dead
+            .iter()
+            .find(|(r, _)| r == reason)
+            .map_or(0, |(_, n)| *n);
         let key = format!("kafka_pg_ingest_dead_letters_total{{reason_code=\"{reason}\"}}");
         assert_eq!(scraped.get(&key), Some(&(count as f64)), "{key}");
     }
@@ -96,9 +101,50 @@ async fn metrics_equal_what_postgres_holds_and_lag_falls_to_zero() {
     }
     assert!(scraped["kafka_pg_ingest_batch_commit_duration_seconds_count"] >= 6.0);
     assert!(scraped["kafka_pg_ingest_rebalances_total"] >= 1.0);
+    assert_dashboard_queries_exported_metrics(&body);
     let (status, _) = http_get(addr, "/healthz").await;
     assert_eq!(status, 200);
     stop.cancel();
     pipeline.close().await;
     db.drop().await;
+}
+
+/// Every metric `deploy/grafana-dashboard.json` queries is one the worker exports (a
+/// family may have no series yet, e.g. retries, so families count by their TYPE line).
+fn assert_dashboard_queries_exported_metrics(scrape: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard file"))
+            .expect("dashboard is JSON");
+    let families: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let family = |name: &str| {
+        ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name)
+            .to_owned()
+    };
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut queried = 0;
+    for target in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+    {
+        let expr = target["expr"].as_str().expect("expr");
+        for name in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("kafka_pg_ingest_"))
+        {
+            queried += 1;
+            assert!(
+                families.contains(&family(name).as_str()),
+                "the dashboard queries {name}, which /metrics does not export:\n{scrape}"
+            );
+        }
+    }
+    assert!(queried >= 9, "the dashboard queries the worker's metrics");
 }
