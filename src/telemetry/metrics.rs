@@ -110,13 +110,15 @@ impl Default for Metrics {
             metrics.next_offset.clone(),
         );
         // Series exist from the start, at 0, so rates and dashboards never see gaps.
-        metrics.retries.get_or_create(&ClassLabel {
+        let transient = ClassLabel {
             class: ErrorClass::Transient.as_str().to_owned(),
-        });
+        };
+        metrics.retries.get_or_create(&transient).inc_by(0);
         for code in ReasonCode::ALL {
-            metrics.dead_letters.get_or_create(&ReasonLabel {
+            let reason = ReasonLabel {
                 reason_code: code.as_str().to_owned(),
-            });
+            };
+            metrics.dead_letters.get_or_create(&reason).inc_by(0);
         }
         Self {
             registry,
