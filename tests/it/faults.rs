@@ -77,6 +77,17 @@ impl Proxy {
     }
 }
 
+/// A fresh database reached through a proxy, a topic holding `messages` valid messages
+/// over `partitions`, and a worker configuration connecting through the proxy.
+async fn behind_proxy(partitions: i32, messages: u64) -> (TestDb, Proxy, TestKafka, Config) {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let kafka = TestKafka::new(partitions);
+    kafka.produce(valid_messages(0, messages));
+    let config = kafka.config_for_url(&proxy.url(&db));
+    (db, proxy, kafka, config)
+}
+
 /// Relays both ways until either side closes, or until a `COMMIT` is to be cut.
 async fn relay(client: TcpStream, server: TcpStream, commits_to_cut: Arc<AtomicUsize>) {
     let (mut client_read, mut client_write) = client.into_split();
@@ -236,11 +247,7 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_once() {
-    let db = TestDb::new().await;
-    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
-    let kafka = TestKafka::new(4);
-    kafka.produce(valid_messages(0, 10_000));
-    let mut config = kafka.config_for_url(&proxy.url(&db));
+    let (db, proxy, kafka, mut config) = behind_proxy(4, 10_000).await;
     config.batch.max_records = 200;
     config.postgres.acquire_timeout_ms = 300;
     let worker = Worker::start(config, &db, &kafka, 10_000).await;
@@ -276,12 +283,8 @@ async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends_exactly_once() {
-    let db = TestDb::new().await;
-    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let (db, proxy, kafka, mut config) = behind_proxy(4, 5_000).await;
     proxy.commits_to_cut.store(3, Ordering::SeqCst);
-    let kafka = TestKafka::new(4);
-    kafka.produce(valid_messages(0, 5_000));
-    let mut config = kafka.config_for_url(&proxy.url(&db));
     config.batch.max_records = 250;
     // Already migrated: every COMMIT through the proxy is then a batch's.
     config.postgres.migrate_on_start = false;
@@ -392,11 +395,7 @@ async fn second_worker_joining_and_first_leaving_is_exactly_once_with_cooperativ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readyz_answers_503_while_the_database_is_down_and_200_after() {
-    let db = TestDb::new().await;
-    let proxy = Proxy::start("127.0.0.1:5432".parse().expect("addr")).await;
-    let kafka = TestKafka::new(2);
-    kafka.produce(valid_messages(0, 100));
-    let mut config = kafka.config_for_url(&proxy.url(&db));
+    let (db, proxy, kafka, mut config) = behind_proxy(2, 100).await;
     config.run.metrics_addr = Some("127.0.0.1:0".into());
     config.postgres.acquire_timeout_ms = 300;
     let pipeline = Pipeline::connect(config).await.expect("starts");
