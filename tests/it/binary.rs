@@ -9,7 +9,32 @@ use crate::helpers::*;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kafka-pg-ingest");
 
-fn worker(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Child {
+/// A child process that is killed when dropped, so a failing test leaves none behind.
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn worker(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Reaped {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -37,7 +62,7 @@ fn worker(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Child {
         command.args(["--kafka-option", &format!("{key}={value}")]);
     }
     command.envs(test_env());
-    command.spawn().expect("worker starts")
+    Reaped(command.spawn().expect("worker starts"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -242,12 +267,14 @@ async fn dev_broker_and_dev_produce_feed_a_worker_that_lands_every_message_once(
         format!("dev-{}", &suffix[..8]),
         format!("dev-group-{}", &suffix[..8]),
     );
-    let mut broker = Command::new(BINARY)
-        .args(["dev", "broker", "--topic", &topic, "--partitions", "4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("broker starts");
+    let mut broker = Reaped(
+        Command::new(BINARY)
+            .args(["dev", "broker", "--topic", &topic, "--partitions", "4"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("broker starts"),
+    );
     let mut first_line = String::new();
     std::io::BufReader::new(broker.stdout.take().expect("stdout"))
         .read_line(&mut first_line)
