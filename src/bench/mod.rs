@@ -196,6 +196,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     );
     let messages = generate(options.messages);
     let naive_messages = generate(options.naive_messages);
+    let decoded = DecodedRows::new(options, &messages)?;
     let mut runs = Vec::with_capacity(options.runs);
     let mut schemas = Vec::new();
     for run in 1..=options.runs {
@@ -215,7 +216,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         )
         .await?;
         eprintln!("run {run}: raw COPY");
-        let raw = raw_copy(options, &messages, &pool, &format!("{schema}.raw_copy")).await?;
+        let raw = raw_copy(&decoded, &pool, &format!("{schema}.raw_copy")).await?;
         eprintln!("run {run}: naive");
         let topic = source.topic(&format!("bench-{id}-{run}-naive")).await?;
         let naive = measure_worker(
@@ -505,53 +506,66 @@ async fn measure_worker(
     })
 }
 
-/// COPYs the bench's rows, decoded beforehand, in batches of the bench's size, one
-/// transaction each; rows per second.
-async fn raw_copy(
-    options: &BenchOptions,
-    messages: &[Vec<u8>],
-    pool: &PgPool,
-    table: &str,
-) -> anyhow::Result<f64> {
-    let config = Config::load(None, Vec::new(), &Overrides::default())?;
-    let decoder = Decoder::new(&config.sink);
-    let partitions = options.partitions as u64;
-    let mut batches: Vec<Vec<u8>> = Vec::new();
-    let mut current = Vec::new();
-    for (i, payload) in messages.iter().enumerate() {
-        let i = i as u64;
-        let record = Record {
-            topic: "bench".into(),
-            partition: (i % partitions) as i32,
-            offset: (i / partitions) as i64,
-            key: None,
-            value: Some(payload.clone()),
-            headers: Vec::new(),
-            timestamp_ms: None,
-        };
-        decoder
-            .decode_into(&record, &mut current)
-            .map_err(|r| anyhow::anyhow!("bench message does not decode: {}", r.reason))?;
-        if (i + 1).is_multiple_of(options.batch_size as u64) {
-            batches.push(std::mem::take(&mut current));
+/// The bench's rows as the worker would write them: COPY text in batches of the bench's
+/// size, and the column list they fill. Decoded once, before any measurement.
+struct DecodedRows {
+    batches: Vec<Vec<u8>>,
+    rows: usize,
+    columns: String,
+}
+
+impl DecodedRows {
+    fn new(options: &BenchOptions, messages: &[Vec<u8>]) -> anyhow::Result<Self> {
+        let config = Config::load(None, Vec::new(), &Overrides::default())?;
+        let decoder = Decoder::new(&config.sink);
+        let partitions = options.partitions as u64;
+        let mut batches: Vec<Vec<u8>> = Vec::new();
+        let mut current = Vec::new();
+        for (i, payload) in messages.iter().enumerate() {
+            let i = i as u64;
+            let record = Record {
+                topic: "bench".into(),
+                partition: (i % partitions) as i32,
+                offset: (i / partitions) as i64,
+                key: None,
+                value: Some(payload.clone()),
+                headers: Vec::new(),
+                timestamp_ms: None,
+            };
+            decoder
+                .decode_into(&record, &mut current)
+                .map_err(|r| anyhow::anyhow!("bench message does not decode: {}", r.reason))?;
+            if (i + 1).is_multiple_of(options.batch_size as u64) {
+                batches.push(std::mem::take(&mut current));
+            }
         }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        let sc = &config.sink.source_columns;
+        let columns: Vec<&str> = decoder
+            .column_names()
+            .chain([sc.topic.as_str(), sc.partition.as_str(), sc.offset.as_str()])
+            .collect();
+        Ok(Self {
+            batches,
+            rows: messages.len(),
+            columns: columns.join(", "),
+        })
     }
-    if !current.is_empty() {
-        batches.push(current);
-    }
-    let columns: Vec<&str> = decoder
-        .column_names()
-        .chain(["kafka_topic", "kafka_partition", "kafka_offset"])
-        .collect();
-    let sql = format!("COPY {table} ({}) FROM STDIN", columns.join(", "));
+}
+
+/// COPYs the decoded rows into `table`, one transaction per batch; rows per second.
+async fn raw_copy(rows: &DecodedRows, pool: &PgPool, table: &str) -> anyhow::Result<f64> {
+    let sql = format!("COPY {table} ({}) FROM STDIN", rows.columns);
     let mut conn = pool.acquire().await?;
     let started = Instant::now();
-    for batch in &batches {
+    for batch in &rows.batches {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut copy = tx.copy_in_raw(&sql).await?;
         copy.send(batch.as_slice()).await?;
         copy.finish().await?;
         tx.commit().await?;
     }
-    Ok(messages.len() as f64 / started.elapsed().as_secs_f64())
+    Ok(rows.rows as f64 / started.elapsed().as_secs_f64())
 }
