@@ -311,6 +311,18 @@ async fn owners(pool: &PgPool, kafka: &TestKafka) -> Vec<String> {
     owners
 }
 
+/// Waits until `progress` reaches `at_least`.
+async fn advance<F, Fut>(progress: &F, what: &str, at_least: i64)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    wait_for(what, Duration::from_secs(60), || async {
+        progress().await >= at_least
+    })
+    .await;
+}
+
 async fn second_joins_first_leaves(assignment_strategy: &str) {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(4);
@@ -326,12 +338,7 @@ async fn second_joins_first_leaves(assignment_strategy: &str) {
 
     let first = Worker::start(config.clone(), &db, &kafka, i64::MAX).await;
     let first_owner = first.owner.clone();
-    wait_for(
-        "first worker's progress",
-        Duration::from_secs(60),
-        || async { progress().await >= 2_000 },
-    )
-    .await;
+    advance(&progress, "first worker's progress", 2_000).await;
 
     let second = Worker::start(config, &db, &kafka, i64::MAX).await;
     let second_owner = second.owner.clone();
@@ -342,19 +349,14 @@ async fn second_joins_first_leaves(assignment_strategy: &str) {
     )
     .await;
     let shared_at = progress().await;
-    wait_for(
-        "both workers' progress",
-        Duration::from_secs(60),
-        || async { progress().await >= shared_at + 2_000 },
-    )
-    .await;
+    advance(&progress, "both workers' progress", shared_at + 2_000).await;
 
     first.stop().await;
     let left_at = progress().await;
-    wait_for(
+    advance(
+        &progress,
         "the second worker alone making progress",
-        Duration::from_secs(60),
-        || async { progress().await >= left_at + 2_000 },
+        left_at + 2_000,
     )
     .await;
     stop_producing.cancel();
