@@ -30,6 +30,13 @@ pub struct Cli {
 pub enum Command {
     /// Consume and ingest until stopped (SIGINT/SIGTERM) or --cycles polls have run.
     Run(RunArgs),
+    #[command(flatten)]
+    Tool(Tool),
+}
+
+/// The commands besides `run`: they log but export no traces.
+#[derive(Debug, Subcommand)]
+pub enum Tool {
     /// Apply database migrations and exit.
     Migrate(CommonArgs),
     /// Start an in-process broker, produce sample messages, ingest them, print what landed.
@@ -180,9 +187,9 @@ impl Cli {
     pub fn log_format(&self) -> LogFormat {
         match &self.command {
             Some(Command::Run(a)) => a.common.log_format,
-            Some(Command::Migrate(a)) => a.log_format,
-            Some(Command::Demo(a)) => a.log_format,
-            Some(Command::Bench(_) | Command::Dev(_)) => LogFormat::Text,
+            Some(Command::Tool(Tool::Migrate(a))) => a.log_format,
+            Some(Command::Tool(Tool::Demo(a))) => a.log_format,
+            Some(Command::Tool(Tool::Bench(_) | Tool::Dev(_))) => LogFormat::Text,
             None => self.run.common.log_format,
         }
     }
@@ -190,18 +197,27 @@ impl Cli {
 
 /// Runs the parsed command.
 pub async fn execute(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init(cli.log_format());
+    let format = cli.log_format();
     match cli.command {
-        Some(Command::Run(args)) => run(args).await,
-        None => run(cli.run).await,
-        Some(Command::Migrate(args)) => {
+        Some(Command::Run(args)) => run(args, format).await,
+        None => run(cli.run, format).await,
+        Some(Command::Tool(tool)) => {
+            telemetry::init(format, None)?.shutdown();
+            execute_tool(tool).await
+        }
+    }
+}
+
+async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
+    match tool {
+        Tool::Migrate(args) => {
             let config = args.load(Overrides::default())?;
             let pool = store::connect_pool(&config).await?;
             store::migrate(&pool).await?;
             println!("migrations applied to {}", config.database_url_masked());
             Ok(())
         }
-        Some(Command::Bench(args)) => {
+        Tool::Bench(args) => {
             let report = bench::run(&bench::BenchOptions {
                 messages: args.messages,
                 naive_messages: args.naive_messages,
@@ -219,12 +235,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(Command::Dev(DevCommand::Broker { topics, partitions })) => {
+        Tool::Dev(DevCommand::Broker { topics, partitions }) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             dev::broker(&topics, partitions, shutdown).await
         }
-        Some(Command::Dev(DevCommand::Produce(options))) => {
+        Tool::Dev(DevCommand::Produce(options)) => {
             let produced = tokio::task::spawn_blocking(move || dev::produce(&options)).await??;
             let malformed: u64 = produced.malformed.values().sum();
             println!(
@@ -236,7 +252,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(Command::Demo(args)) => {
+        Tool::Demo(args) => {
             let report =
                 demo::run(&args.database.database_url, args.messages, args.partitions).await?;
             print!("{report}");
@@ -245,7 +261,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
     let config = args.common.load(Overrides {
         brokers: args.brokers,
         group: args.group,
@@ -255,11 +271,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         database_url: None,
     })?;
+    let telemetry = telemetry::init(format, Some(&config))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    pipeline::run(config, args.cycles, shutdown)
-        .await
-        .context("worker stopped on an error")?;
+    let result = pipeline::run(config, args.cycles, shutdown).await;
+    // After the loop, so the spans of the last batch are in the flush.
+    telemetry.shutdown();
+    result.context("worker stopped on an error")?;
     Ok(())
 }
 

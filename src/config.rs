@@ -56,6 +56,8 @@ pub struct Config {
     pub sink: SinkConfig,
     /// Loop pacing.
     pub run: RunConfig,
+    /// OpenTelemetry trace export.
+    pub otel: OtelConfig,
 }
 
 /// Kafka consumer settings.
@@ -230,6 +232,57 @@ pub struct RunConfig {
     pub metrics_addr: Option<String>,
 }
 
+/// OpenTelemetry trace export. Each key is also read from the standard variable of the
+/// same name in upper case with an `OTEL_` prefix (`OTEL_EXPORTER_OTLP_ENDPOINT`, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtelConfig {
+    /// Collector base URL (`http://host:4318` for http/protobuf, `http://host:4317` for
+    /// grpc); tracing is off when unset.
+    pub exporter_otlp_endpoint: Option<String>,
+    /// Wire protocol of the exporter.
+    pub exporter_otlp_protocol: OtlpProtocol,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Which traces are kept.
+    pub traces_sampler: TracesSampler,
+    /// Ratio (0..=1) of the `traceidratio` samplers.
+    pub traces_sampler_arg: Option<f64>,
+    /// More resource attributes, `key=value,key=value`.
+    pub resource_attributes: Option<String>,
+}
+
+/// OTLP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// The samplers of `OTEL_TRACES_SAMPLER`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TracesSampler {
+    AlwaysOn,
+    AlwaysOff,
+    Traceidratio,
+    ParentbasedAlwaysOn,
+    ParentbasedAlwaysOff,
+    ParentbasedTraceidratio,
+}
+
+/// Keys of the `otel` section, which are also the standard `OTEL_*` variable names.
+const OTEL_KEYS: [&str; 6] = [
+    "exporter_otlp_endpoint",
+    "exporter_otlp_protocol",
+    "service_name",
+    "traces_sampler",
+    "traces_sampler_arg",
+    "resource_attributes",
+];
+
 /// Values given on the command line; `None` leaves the lower layers in force.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -258,11 +311,19 @@ impl Config {
             merge(&mut tree, parse_yaml(&text, &path.display().to_string())?);
         }
         for (name, value) in env {
-            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
-                let keys: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
-                let value = serde_yaml_ng::from_str(&value).unwrap_or(Value::String(value));
-                set_path(&mut tree, &keys, value).map_err(|problem| invalid(&name, problem))?;
-            }
+            let keys: Vec<String> = if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                rest.split("__").map(str::to_lowercase).collect()
+            } else if let Some(key) = name
+                .strip_prefix("OTEL_")
+                .map(str::to_lowercase)
+                .filter(|k| OTEL_KEYS.contains(&k.as_str()))
+            {
+                vec!["otel".to_owned(), key]
+            } else {
+                continue;
+            };
+            let value = serde_yaml_ng::from_str(&value).unwrap_or(Value::String(value));
+            set_path(&mut tree, &keys, value).map_err(|problem| invalid(&name, problem))?;
         }
         let mut config: Config =
             serde_yaml_ng::from_value(tree).map_err(|e| ConfigError::Parse {
@@ -376,6 +437,7 @@ impl Config {
                 "must be schema-qualified, e.g. web_metrics.metrics",
             ));
         }
+        self.validate_otel()?;
         let sc = &self.sink.source_columns;
         let mut names: Vec<&str> = vec![&sc.topic, &sc.partition, &sc.offset];
         names.extend(self.sink.columns.iter().map(|c| c.column.as_str()));
@@ -389,6 +451,45 @@ impl Config {
                 };
                 return Err(invalid(&key, format!("`{name}` is empty or named twice")));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_otel(&self) -> Result<(), ConfigError> {
+        let otel = &self.otel;
+        if let Some(endpoint) = &otel.exporter_otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "otel.exporter_otlp_endpoint",
+                format!("`{endpoint}` must be a URL starting with http:// or https://"),
+            ));
+        }
+        let ratio = matches!(
+            otel.traces_sampler,
+            TracesSampler::Traceidratio | TracesSampler::ParentbasedTraceidratio
+        );
+        if ratio
+            && !otel
+                .traces_sampler_arg
+                .is_some_and(|r| (0.0..=1.0).contains(&r))
+        {
+            return Err(invalid(
+                "otel.traces_sampler_arg",
+                "must be a ratio between 0 and 1 for the traceidratio samplers (OTEL_TRACES_SAMPLER_ARG)",
+            ));
+        }
+        let pairs = otel.resource_attributes.iter().flat_map(|a| a.split(','));
+        if let Some(bad) = pairs.filter(|p| !p.trim().is_empty()).find(|p| {
+            p.split_once('=')
+                .is_none_or(|(key, _)| key.trim().is_empty())
+        }) {
+            return Err(invalid(
+                "otel.resource_attributes",
+                format!(
+                    "`{bad}` is not key=value; give key=value,key=value (OTEL_RESOURCE_ATTRIBUTES)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -607,5 +708,52 @@ mod tests {
         .expect("loads");
         assert!(!format!("{c:?}").contains("s3cret"));
         assert!(!c.database_url_masked().contains("s3cret"));
+    }
+
+    #[test]
+    fn standard_otel_variables_override_the_otel_section() {
+        let yaml = "otel:\n  service_name: from-file\n  exporter_otlp_protocol: grpc\n";
+        let env = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ];
+        let c = load_yaml(yaml, env).expect("loads");
+        let otel = &c.otel;
+        assert_eq!(otel.service_name, "from-file");
+        assert_eq!(
+            otel.exporter_otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+        assert_eq!(otel.exporter_otlp_protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(otel.traces_sampler, TracesSampler::Traceidratio);
+        assert_eq!(otel.traces_sampler_arg, Some(0.25));
+    }
+
+    #[test]
+    fn bad_otel_settings_name_the_key() {
+        let cases = [
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "collector:4317",
+                "otel.exporter_otlp_endpoint",
+            ),
+            (
+                "OTEL_TRACES_SAMPLER",
+                "traceidratio",
+                "otel.traces_sampler_arg",
+            ),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "env=prod,oops",
+                "otel.resource_attributes",
+            ),
+        ];
+        for (var, value, key) in cases {
+            let err = load_yaml("{}", vec![(var, value)]).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
     }
 }

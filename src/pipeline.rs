@@ -14,6 +14,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
 
 use crate::config::Config;
 use crate::decode::{Decoder, ReasonCode};
@@ -23,6 +24,7 @@ use crate::retry::{self, ErrorClass};
 use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
 use crate::telemetry::http::{self, Endpoints};
 use crate::telemetry::metrics::{ClassLabel, PartitionLabel, ReasonLabel};
+use crate::telemetry::spans;
 
 /// How often committed offsets are mirrored to Kafka at most.
 const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
@@ -104,6 +106,8 @@ impl Latencies {
 struct InFlight {
     /// The batch's offset advances, which the next batch continues from.
     ranges: Vec<PartitionRange>,
+    /// The batch's span, ended when the commit is settled.
+    span: Span,
     task: JoinHandle<(Batch, Result<CommitOutcome, StoreError>, Duration)>,
 }
 
@@ -129,6 +133,8 @@ pub struct Pipeline {
     unmirrored: HashMap<TopicPartition, i64>,
     last_mirror: Instant,
     stats: Stats,
+    /// Spans are exported: batches get links and attributes.
+    traced: bool,
 }
 
 impl Pipeline {
@@ -158,6 +164,7 @@ impl Pipeline {
             "worker started"
         );
         Ok(Self {
+            traced: config.otel.exporter_otlp_endpoint.is_some(),
             decoder: Decoder::new(&config.sink),
             config,
             store,
@@ -207,7 +214,6 @@ impl Pipeline {
     /// Commits stay strictly sequential (a batch continues from the offsets its
     /// predecessor commits); only polling and decoding overlap a commit. The outcome
     /// returned is that of the batch settled in this step.
-    #[tracing::instrument(name = "batch", skip_all, err)]
     pub async fn step(
         &mut self,
         shutdown: &CancellationToken,
@@ -220,18 +226,34 @@ impl Pipeline {
         if let Some(fatal) = self.consumer().context().take_fatal() {
             return Err(PipelineError::Claim(fatal));
         }
-        let mut next = (!collected.is_empty()).then(|| self.build(collected));
+        let mut next = collected.map(|(span, entries)| {
+            let batch =
+                span.in_scope(|| tracing::info_span!("decode").in_scope(|| self.build(entries)));
+            if self.traced {
+                spans::describe(
+                    &span,
+                    &batch,
+                    &self.config.kafka.group,
+                    &self.config.sink.table,
+                );
+            }
+            (span, batch)
+        });
         let (poll_decode, waiting) = (polling.elapsed(), Instant::now());
         let outcome = match self.in_flight.take() {
-            Some(in_flight) => {
-                let (batch, result, elapsed) = in_flight
-                    .task
-                    .await
-                    .map_err(|e| StoreError::Fatal(format!("the commit task failed: {e}")))?;
-                let (outcome, fenced) = self.settle(batch, result, elapsed, shutdown).await?;
+            Some(InFlight { span, task, .. }) => {
+                let settled = match task.await {
+                    Ok((batch, result, elapsed)) => {
+                        self.settle(batch, result, elapsed, shutdown)
+                            .instrument(span.clone())
+                            .await
+                    }
+                    Err(e) => Err(StoreError::Fatal(format!("the commit task failed: {e}")).into()),
+                };
+                let (outcome, fenced) = settled.inspect_err(|e| spans::failed(&span, e))?;
                 if !fenced.is_empty() {
                     // The next batch continued from offsets that did not commit.
-                    next = next.map(|b| self.without(b, &fenced));
+                    next = next.map(|(span, b)| (span, self.without(b, &fenced)));
                 }
                 outcome
             }
@@ -242,15 +264,19 @@ impl Pipeline {
             commit_wait_ms = waiting.elapsed().as_secs_f64() * 1e3,
             "step timing"
         );
-        if let Some(batch) = next.filter(|b| !b.ranges.is_empty()) {
+        if let Some((span, batch)) = next.filter(|(_, b)| !b.ranges.is_empty()) {
             let store = self.store.clone();
             let ranges = batch.ranges.clone();
-            let task = tokio::spawn(async move {
-                let started = Instant::now();
-                let result = store.commit(&batch).await;
-                (batch, result, started.elapsed())
-            });
-            self.in_flight = Some(InFlight { ranges, task });
+            let commit = span.in_scope(|| spans::commit(&self.config.sink.table));
+            let task = tokio::spawn(
+                async move {
+                    let started = Instant::now();
+                    let result = store.commit(&batch).await;
+                    (batch, result, started.elapsed())
+                }
+                .instrument(commit),
+            );
+            self.in_flight = Some(InFlight { ranges, span, task });
         }
         self.observers.health.stepped();
         self.export_partition_gauges();
@@ -316,6 +342,7 @@ impl Pipeline {
                         .commit_duration
                         .observe(elapsed.as_secs_f64());
                     self.committed(&batch, rows, dead_letters);
+                    spans::committed(&Span::current(), rows, dead_letters);
                     let outcome = StepOutcome::Committed {
                         records: batch.records.len(),
                         rows,
@@ -342,33 +369,53 @@ impl Pipeline {
                 Err(e) => self.wait_or_fail(e, &mut delays, shutdown).await?,
             }
             let started = Instant::now();
-            result = self.store.commit(&batch).await;
+            let commit = spans::commit(&self.config.sink.table);
+            result = self.store.commit(&batch).instrument(commit).await;
             elapsed = started.elapsed();
         }
     }
 
-    /// Polls until the batch is full or `batch.max_wait_ms` has passed.
-    fn collect(&mut self) -> Vec<(i64, Record)> {
-        let max = &self.config.batch;
+    /// Polls until the batch is full or `batch.max_wait_ms` has passed; `None` when no
+    /// record came. The batch's span starts with its first record: the wait for one is
+    /// idle time, not the batch's.
+    fn collect(&mut self) -> Option<(Span, Vec<(i64, Record)>)> {
         let deadline = Instant::now() + self.config.batch_wait();
-        let mut collected = Vec::new();
-        let mut bytes = 0;
-        while collected.len() < max.max_records && bytes < max.max_bytes {
-            let entry = match self.pending.pop_front() {
-                Some(entry) => entry,
-                None => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    match self.poll_one(remaining) {
-                        Some(entry) => entry,
-                        None if remaining.is_zero() => break,
-                        None => continue,
-                    }
-                }
+        let first = self.next_entry(deadline)?;
+        let span = spans::batch(self.traced);
+        let poll = tracing::info_span!(parent: &span, "poll").entered();
+        let (max_records, max_bytes) = (self.config.batch.max_records, self.config.batch.max_bytes);
+        let mut bytes = first.1.size();
+        let mut collected = vec![first];
+        while collected.len() < max_records && bytes < max_bytes {
+            let Some(entry) = self.next_entry(deadline) else {
+                break;
             };
             bytes += entry.1.size();
             collected.push(entry);
         }
-        collected
+        drop(poll);
+        if self.traced {
+            for (_, record) in &collected {
+                spans::link(&span, record);
+            }
+        }
+        Some((span, collected))
+    }
+
+    /// The next record, held back or polled, unless `deadline` passes first.
+    fn next_entry(&mut self, deadline: Instant) -> Option<(i64, Record)> {
+        if let Some(entry) = self.pending.pop_front() {
+            return Some(entry);
+        }
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if let Some(entry) = self.poll_one(remaining) {
+                return Some(entry);
+            }
+            if remaining.is_zero() {
+                return None;
+            }
+        }
     }
 
     /// One poll; a record comes back tagged with the epoch of its partition's claim.
@@ -665,7 +712,9 @@ impl Pipeline {
             match in_flight.task.await {
                 Ok((batch, Ok(CommitOutcome::Committed { rows, dead_letters }), elapsed)) => {
                     self.stats.commit_latency.record(elapsed);
+                    let _inside = in_flight.span.enter();
                     self.committed(&batch, rows, dead_letters);
+                    spans::committed(&in_flight.span, rows, dead_letters);
                 }
                 Ok((_, other, _)) => {
                     tracing::warn!(result = ?other, "batch in flight at shutdown did not commit; it will be read again");

@@ -1,6 +1,10 @@
 //! A Kafka record detached from the consumer, so a batch can outlive the poll that
 //! produced it (retries, bisection, dead letters).
 
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+
 /// One Kafka record with its coordinates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -16,16 +20,19 @@ pub struct Record {
 }
 
 impl Record {
-    /// The trace id of a W3C `traceparent` header, when the record carries a valid one.
+    /// The producer's span of a valid W3C `traceparent` header (with its `tracestate`).
+    pub fn span_context(&self) -> Option<SpanContext> {
+        // From an empty context: `extract` falls back to the current one, which inside a
+        // batch span is the batch's own trace.
+        let context = TraceContextPropagator::new()
+            .extract_with_context(&opentelemetry::Context::new(), &Headers(&self.headers));
+        let span = context.span().span_context().clone();
+        span.is_valid().then_some(span)
+    }
+
+    /// The trace id of a valid W3C `traceparent` header, as 32 lower-case hex digits.
     pub fn trace_id(&self) -> Option<String> {
-        let (_, value) = self.headers.iter().find(|(k, _)| k == "traceparent")?;
-        let text = std::str::from_utf8(value.as_deref()?).ok()?;
-        let mut parts = text.trim().split('-');
-        let (_version, trace_id) = (parts.next()?, parts.next()?);
-        let valid = trace_id.len() == 32
-            && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
-            && trace_id.bytes().any(|b| b != b'0');
-        valid.then(|| trace_id.to_ascii_lowercase())
+        self.span_context().map(|c| c.trace_id().to_string())
     }
 
     /// Headers as JSON: `[{"key": .., "value": text}]`, or `"value_hex"` when not UTF-8.
@@ -50,6 +57,20 @@ impl Record {
     /// Bytes this record holds in memory (for batch limits).
     pub fn size(&self) -> usize {
         self.value.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Kafka headers as a propagation carrier; values that are not UTF-8 are absent.
+struct Headers<'a>(&'a [(String, Option<Vec<u8>>)]);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let (_, value) = self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key))?;
+        std::str::from_utf8(value.as_deref()?).ok()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
     }
 }
 

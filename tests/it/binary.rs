@@ -1,38 +1,11 @@
 //! The real binary: SIGKILL at random moments, configuration errors, startup retries.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
 use crate::helpers::*;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_kafka-pg-ingest");
-
-/// A child process that is killed when dropped, so a failing test leaves none behind.
-struct Reaped(Child);
-
-impl std::ops::Deref for Reaped {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Reaped {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 fn worker(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Reaped {
     let log = std::fs::OpenOptions::new()
@@ -40,28 +13,13 @@ fn worker(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Reaped {
         .append(true)
         .open(log)
         .expect("log file");
-    let mut command = Command::new(BINARY);
+    let mut command = worker_command(kafka, db);
     command
-        .args([
-            "run",
-            "--brokers",
-            &kafka.brokers,
-            "--database-url",
-            &db.url,
-            "--group",
-            &kafka.group,
-            "--topic",
-            &kafka.topic,
-        ])
         // Small batches: many commits per wave, so a kill can land between any two.
         .env("KAFKA_PG_INGEST__BATCH__MAX_RECORDS", "200")
         .env("RUST_LOG", "info,librdkafka=warn")
         .stdout(Stdio::null())
         .stderr(log);
-    for (key, value) in fast_group_options() {
-        command.args(["--kafka-option", &format!("{key}={value}")]);
-    }
-    command.envs(test_env());
     Reaped(command.spawn().expect("worker starts"))
 }
 
@@ -114,12 +72,7 @@ async fn real_binary_killed_with_sigkill_at_random_moments_while_ingesting_50000
         || async { progress().await >= produced as i64 },
     )
     .await;
-    let pid = child.id().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill runs");
-    let status = child.wait().expect("reaped");
+    let status = terminate(&mut child);
     assert!(
         status.success(),
         "SIGTERM exits 0, got {status}; log in {}",
@@ -330,12 +283,8 @@ async fn dev_broker_and_dev_produce_feed_a_worker_that_lands_every_message_once(
         .await
         .assert_exactly_once(valid, malformed);
     assert_eq!(stored_total(&db.pool, &group, &topic).await, 2000);
-    Command::new("kill")
-        .args(["-TERM", &broker.id().to_string()])
-        .status()
-        .expect("kill runs");
     assert!(
-        broker.wait().expect("reaped").success(),
+        terminate(&mut broker).success(),
         "the broker stops cleanly on SIGTERM"
     );
     db.drop().await;

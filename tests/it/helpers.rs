@@ -390,3 +390,61 @@ pub async fn serve_endpoints(
         .expect("endpoints bind")
         .0
 }
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_kafka-pg-ingest");
+
+/// A child process that is killed when dropped, so a failing test leaves none behind.
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `run` of the real binary against this test's broker, topic, group and database, with
+/// the test's fast group options.
+pub fn worker_command(kafka: &TestKafka, db: &TestDb) -> std::process::Command {
+    let mut command = std::process::Command::new(BINARY);
+    command.args([
+        "run",
+        "--brokers",
+        &kafka.brokers,
+        "--database-url",
+        &db.url,
+        "--group",
+        &kafka.group,
+        "--topic",
+        &kafka.topic,
+    ]);
+    for (key, value) in fast_group_options() {
+        command.args(["--kafka-option", &format!("{key}={value}")]);
+    }
+    command.envs(test_env());
+    command
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit.
+pub fn terminate(child: &mut Reaped) -> std::process::ExitStatus {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    child.wait().expect("reaped")
+}

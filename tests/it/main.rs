@@ -6,3 +6,4 @@ mod core;
 mod faults;
 mod helpers;
 mod telemetry;
+mod traces;
