@@ -1,6 +1,8 @@
 //! Command line: `run` (the default), `migrate`, `demo`.
 
 use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -8,8 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
+use crate::store::admin::DeadLetterFilter;
 use crate::telemetry::{self, LogFormat};
-use crate::{bench, demo, dev, pipeline, store};
+use crate::{bench, demo, dev, ops, pipeline, store};
 
 /// Moves Kafka records into PostgreSQL exactly once.
 #[derive(Debug, Parser)]
@@ -46,6 +49,159 @@ pub enum Tool {
     /// Development helpers: a local broker and a load generator.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Stored offsets: show them with the broker's watermarks, or rewind them to re-read.
+    #[command(subcommand)]
+    Offsets(OffsetsCommand),
+    /// Dead letters: list, show, re-drive into the table, purge.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OffsetsCommand {
+    /// Per topic/partition: stored next offset, the broker's low and high watermarks,
+    /// lag, owner, epoch, last update.
+    Show {
+        #[command(flatten)]
+        ops: OpsArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a group's stored offsets so workers read again from there. Prints the plan
+    /// and changes nothing without --yes. Safe while workers run.
+    Rewind(RewindArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Counts by reason, then the dead letters (oldest first).
+    List {
+        #[command(flatten)]
+        ops: OpsArgs,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Most dead letters listed.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter in full: value (text when UTF-8, else hex), headers, reason,
+    /// SQLSTATE, trace id, attempts.
+    Show {
+        #[command(flatten)]
+        ops: OpsArgs,
+        id: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode dead letters again with the current configuration: those that now succeed
+    /// move into the target table, the rest stay with attempts + 1 and their new reason.
+    Retry(RetryArgs),
+    /// Delete dead letters that last failed longer ago than --older-than; without --yes
+    /// only counts them.
+    Purge {
+        #[command(flatten)]
+        ops: OpsArgs,
+        /// Age, e.g. 30d, 12h, 15m, 90s.
+        #[arg(long, value_name = "DURATION", value_parser = ops::parse_duration)]
+        older_than: Duration,
+        /// Delete (otherwise only count).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Flags naming the database, the brokers and the group, of `run` and the operator
+/// commands.
+#[derive(Debug, Args, Clone)]
+pub struct OpsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "KAFKA_BROKERS", value_name = "LIST")]
+    pub brokers: Option<String>,
+    /// Consumer group id (default: kafka.group; `offsets show` and `dlq list|show|purge`
+    /// cover every group without it).
+    #[arg(long, value_name = "ID")]
+    pub group: Option<String>,
+}
+
+/// Filters of `dlq list`.
+#[derive(Debug, Args, Clone)]
+pub struct DlqFilterArgs {
+    /// Only this reason code.
+    #[arg(long, value_name = "CODE")]
+    pub reason: Option<String>,
+    /// Only this topic.
+    #[arg(long, value_name = "NAME")]
+    pub topic: Option<String>,
+    /// Only dead letters that last failed at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// Flags of `dlq retry`.
+#[derive(Debug, Args, Clone)]
+#[command(group = clap::ArgGroup::new("which").required(true).multiple(false))]
+pub struct RetryArgs {
+    #[command(flatten)]
+    pub ops: OpsArgs,
+    /// Dead letter ids; repeatable.
+    #[arg(long = "id", value_name = "ID", group = "which")]
+    pub ids: Vec<i64>,
+    /// Every dead letter with this reason code.
+    #[arg(long, value_name = "CODE", group = "which")]
+    pub reason: Option<String>,
+    /// Every dead letter of the group.
+    #[arg(long, group = "which")]
+    pub all: bool,
+}
+
+/// Flags of `offsets rewind`.
+#[derive(Debug, Args, Clone)]
+#[command(group = clap::ArgGroup::new("target").required(true).multiple(false))]
+pub struct RewindArgs {
+    #[command(flatten)]
+    pub ops: OpsArgs,
+    /// Topic whose offsets move.
+    #[arg(long, value_name = "NAME")]
+    pub topic: String,
+    /// Only these partitions (default: every stored partition of the topic); repeatable.
+    #[arg(long = "partition", value_name = "N")]
+    pub partitions: Vec<i32>,
+    /// Move to this offset (kept within the broker's watermarks).
+    #[arg(long, value_name = "N", group = "target")]
+    pub to_offset: Option<i64>,
+    /// Move to the first record at or after this time (RFC 3339), by the broker's
+    /// offsets-for-times.
+    #[arg(long, value_name = "TIME", group = "target")]
+    pub to_time: Option<DateTime<Utc>>,
+    /// Move to the oldest record the broker still has.
+    #[arg(long, group = "target")]
+    pub to_earliest: bool,
+    /// Leave rows already in the table as they are (default: re-read records replace them).
+    #[arg(long)]
+    pub keep: bool,
+    /// Apply the plan.
+    #[arg(long)]
+    pub yes: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OpsArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        self.common.load(Overrides {
+            brokers: self.brokers.clone(),
+            group: self.group.clone(),
+            ..Overrides::default()
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,13 +238,7 @@ pub struct CommonArgs {
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub common: CommonArgs,
-    /// Kafka bootstrap servers, comma-separated.
-    #[arg(long, env = "KAFKA_BROKERS", value_name = "LIST")]
-    pub brokers: Option<String>,
-    /// Consumer group id.
-    #[arg(long, value_name = "ID")]
-    pub group: Option<String>,
+    pub ops: OpsArgs,
     /// Topic to consume; repeat for several.
     #[arg(long = "topic", value_name = "NAME")]
     pub topics: Vec<String>,
@@ -186,11 +336,12 @@ impl Cli {
     /// The log format the chosen command asked for.
     pub fn log_format(&self) -> LogFormat {
         match &self.command {
-            Some(Command::Run(a)) => a.common.log_format,
+            Some(Command::Run(a)) => a.ops.common.log_format,
             Some(Command::Tool(Tool::Migrate(a))) => a.log_format,
             Some(Command::Tool(Tool::Demo(a))) => a.log_format,
+            Some(Command::Tool(Tool::Offsets(_) | Tool::Dlq(_))) => LogFormat::Text,
             Some(Command::Tool(Tool::Bench(_) | Tool::Dev(_))) => LogFormat::Text,
-            None => self.run.common.log_format,
+            None => self.run.ops.common.log_format,
         }
     }
 }
@@ -252,6 +403,8 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Tool::Offsets(command) => offsets(command).await,
+        Tool::Dlq(command) => dlq(command).await,
         Tool::Demo(args) => {
             let report =
                 demo::run(&args.database.database_url, args.messages, args.partitions).await?;
@@ -261,10 +414,114 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
     }
 }
 
+async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
+    match command {
+        OffsetsCommand::Show { ops, json } => {
+            let config = ops.load()?;
+            let statuses = ops::show(&config, ops.group.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&statuses)?);
+            } else {
+                print!("{}", ops::format_offsets(&statuses));
+            }
+        }
+        OffsetsCommand::Rewind(args) => {
+            let config = args.ops.load()?;
+            let target = match (args.to_offset, args.to_time) {
+                (Some(n), _) => ops::RewindTarget::Offset(n),
+                (None, Some(at)) => ops::RewindTarget::Time(at),
+                (None, None) => ops::RewindTarget::Earliest,
+            };
+            let plan = ops::rewind(
+                &config,
+                &args.topic,
+                &args.partitions,
+                target,
+                args.keep,
+                args.yes,
+            )
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", ops::format_plan(&plan));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List {
+            ops,
+            filter,
+            limit,
+            json,
+        } => {
+            let config = ops.load()?;
+            let filter = DeadLetterFilter {
+                group: ops.group,
+                reason: filter.reason,
+                topic: filter.topic,
+                since: filter.since,
+                ..DeadLetterFilter::default()
+            };
+            let listing = ops::list_dead_letters(&config, &filter, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", ops::format_listing(&listing));
+            }
+        }
+        DlqCommand::Show { ops, id, json } => {
+            let config = ops.load()?;
+            let letter = ops::show_dead_letter(&config, id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letter)?);
+            } else {
+                print!("{}", ops::format_dead_letter(&letter));
+            }
+        }
+        DlqCommand::Retry(RetryArgs {
+            ops, ids, reason, ..
+        }) => {
+            let config = ops.load()?;
+            // --all is the empty filter.
+            let filter = DeadLetterFilter {
+                ids,
+                reason,
+                ..DeadLetterFilter::default()
+            };
+            let done = ops::retry_dead_letters(&config, &filter).await?;
+            println!(
+                "{} moved into {}, {} still failing (attempts + 1)",
+                done.moved, config.sink.table, done.still_failing
+            );
+        }
+        DlqCommand::Purge {
+            ops,
+            older_than,
+            yes,
+        } => {
+            let config = ops.load()?;
+            let pool = store::connect_pool(&config).await?;
+            let n = store::admin::purge_dead_letters(&pool, ops.group.as_deref(), older_than, !yes)
+                .await?;
+            if yes {
+                println!("{n} dead letters deleted");
+            } else {
+                println!("{n} dead letters would be deleted: add --yes to delete them");
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
-    let config = args.common.load(Overrides {
-        brokers: args.brokers,
-        group: args.group,
+    let config = args.ops.common.load(Overrides {
+        brokers: args.ops.brokers,
+        group: args.ops.group,
         topics: args.topics,
         sleep_secs: args.sleep,
         kafka_options: args.kafka_options,

@@ -12,6 +12,7 @@ pub mod decode;
 pub mod demo;
 pub mod dev;
 pub mod kafka;
+pub mod ops;
 pub mod pipeline;
 pub mod record;
 pub mod retry;

@@ -18,7 +18,7 @@ use tracing::{Instrument, Span};
 
 use crate::config::Config;
 use crate::decode::{Decoder, ReasonCode};
-use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
+use crate::kafka::{self, Assignments, IngestConsumer, Observers, PartitionState, TopicPartition};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
 use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
@@ -28,6 +28,10 @@ use crate::telemetry::spans;
 
 /// How often committed offsets are mirrored to Kafka at most.
 const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often an idle worker looks for stored offsets moved under it (a rewind): a busy
+/// one finds out at its next commit.
+const IDLE_POSITION_CHECK: Duration = Duration::from_secs(1);
 
 /// Why the loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +136,7 @@ pub struct Pipeline {
     /// behind a rebalance.
     unmirrored: HashMap<TopicPartition, i64>,
     last_mirror: Instant,
+    last_position_check: Instant,
     stats: Stats,
     /// Spans are exported: batches get links and attributes.
     traced: bool,
@@ -177,6 +182,7 @@ impl Pipeline {
             exported: Vec::new(),
             unmirrored: HashMap::new(),
             last_mirror: Instant::now(),
+            last_position_check: Instant::now(),
             stats: Stats::default(),
         })
     }
@@ -278,9 +284,49 @@ impl Pipeline {
             );
             self.in_flight = Some(InFlight { ranges, span, task });
         }
+        if outcome == StepOutcome::Idle
+            && self.in_flight.is_none()
+            && self.last_position_check.elapsed() >= IDLE_POSITION_CHECK
+        {
+            self.last_position_check = Instant::now();
+            if let Err(e) = self.follow_moved_offsets().await {
+                tracing::warn!(error = %e, "checking stored offsets failed; checking again later");
+            }
+        }
         self.observers.health.stepped();
         self.export_partition_gauges();
         Ok(outcome)
+    }
+
+    /// Re-positions owned partitions whose stored row no longer says what this worker
+    /// holds: an operator moved the offset, or another worker took the partition.
+    async fn follow_moved_offsets(&mut self) -> Result<(), StoreError> {
+        let owned: Vec<(TopicPartition, PartitionState)> = self
+            .assignments
+            .lock()
+            .iter()
+            .map(|(tp, state)| (tp.clone(), *state))
+            .collect();
+        if owned.is_empty() {
+            return Ok(());
+        }
+        let partitions: Vec<TopicPartition> = owned.iter().map(|(tp, _)| tp.clone()).collect();
+        let stored = self.store.stored_offsets(&partitions).await?;
+        let moved: Vec<TopicPartition> = owned
+            .into_iter()
+            .filter(|((topic, partition), state)| {
+                stored.iter().any(|row| {
+                    row.topic == *topic
+                        && row.partition == *partition
+                        && (row.epoch != state.epoch || row.next_offset != state.next_offset)
+                })
+            })
+            .map(|(tp, _)| tp)
+            .collect();
+        if moved.is_empty() {
+            return Ok(());
+        }
+        self.reposition(&moved).await
     }
 
     /// Sets `next_offset` and `lag` of every owned partition; retracts the others.
@@ -356,7 +402,11 @@ impl Pipeline {
                         .metrics
                         .fencing_conflicts
                         .inc_by(fenced.len() as u64);
-                    if let Err(e) = self.reposition(&fenced).await {
+                    let partitions: Vec<TopicPartition> = fenced
+                        .iter()
+                        .map(|r| (r.topic.clone(), r.partition))
+                        .collect();
+                    if let Err(e) = self.reposition(&partitions).await {
                         self.wait_or_fail(e, &mut delays, shutdown).await?;
                     }
                     batch = self.without(batch, &fenced);
@@ -608,12 +658,8 @@ impl Pipeline {
     /// Re-reads fenced partitions' rows: where this worker still holds the claim (an
     /// operator moved the offset), continue from the stored offset; otherwise forget the
     /// partition until the group hands it back.
-    async fn reposition(&mut self, fenced: &[PartitionRange]) -> Result<(), StoreError> {
-        let partitions: Vec<TopicPartition> = fenced
-            .iter()
-            .map(|r| (r.topic.clone(), r.partition))
-            .collect();
-        let stored = self.store.stored_offsets(&partitions).await?;
+    async fn reposition(&mut self, partitions: &[TopicPartition]) -> Result<(), StoreError> {
+        let stored = self.store.stored_offsets(partitions).await?;
         let mut seeks = Vec::new();
         {
             let mut assignments = self.assignments.lock();

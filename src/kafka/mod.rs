@@ -231,6 +231,28 @@ impl ConsumerContext for IngestContext {
 /// The worker's consumer type.
 pub type IngestConsumer = BaseConsumer<IngestContext>;
 
+/// A client for broker metadata only (watermarks, offsets for times): the worker's
+/// connection settings, in no group.
+pub fn metadata_client(config: &Config) -> Result<BaseConsumer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (key, value) in &config.kafka.options {
+        client.set(key, value);
+    }
+    // librdkafka wants a group even to assign partitions; this one never joins or commits.
+    client
+        .set(
+            "group.id",
+            format!(
+                "{}-inspect-{}",
+                config.kafka.group,
+                uuid::Uuid::new_v4().simple()
+            ),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+}
+
 /// Creates the consumer and subscribes it. Must be called inside a Tokio runtime.
 pub fn subscribe(
     config: &Config,

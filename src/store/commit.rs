@@ -10,7 +10,8 @@
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::{Store, StoreError, db, execute_trusted, offsets};
+use super::offsets::{self, Replay};
+use super::{Store, StoreError, db, execute_trusted};
 use crate::decode::{Decoder, ReasonCode, Rejection};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
@@ -110,24 +111,27 @@ impl Store {
         isolate: bool,
     ) -> Result<Option<CommitOutcome>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
-        let fenced = offsets::compare_and_set(&mut tx, &self.group, &batch.ranges).await?;
-        if !fenced.is_empty() {
-            let fenced = fenced.into_iter().cloned().collect();
+        let advance = offsets::compare_and_set(&mut tx, &self.group, &batch.ranges).await?;
+        if !advance.fenced.is_empty() {
+            let fenced = advance.fenced.into_iter().cloned().collect();
             tx.rollback()
                 .await
                 .map_err(db("roll back a fenced batch"))?;
             return Ok(Some(CommitOutcome::Fenced(fenced)));
         }
+        self.prepare_replay(&mut tx, &advance.replays).await?;
+        // Replay ranges whose existing rows stay.
+        let kept = Ranges::of(advance.replays.iter().filter(|r| r.keep));
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
         let rows = if isolate {
-            self.write_rows_isolating(&mut tx, batch, &mut rejects)
+            self.write_rows_isolating(&mut tx, batch, &kept, &mut rejects)
                 .await?
         } else if batch.rows.is_empty() {
             0
         } else {
             let written = match &self.insert_sql {
-                Some(sql) => insert_one_by_one(&mut tx, sql, batch).await,
-                None => copy(&mut tx, &self.copy_sql, &batch.copy_data).await,
+                Some(sql) if kept.is_empty() => insert_one_by_one(&mut tx, sql, batch).await,
+                _ => self.write(&mut tx, &batch.copy_data, &kept).await,
             };
             match written {
                 Ok(n) => n,
@@ -166,10 +170,11 @@ impl Store {
 
     /// COPYs the rows in halves under savepoints, bisecting every failing half until each
     /// rejected row stands alone, and records those in `rejects`.
-    async fn write_rows_isolating(
+    pub(super) async fn write_rows_isolating(
         &self,
         conn: &mut PgConnection,
         batch: &Batch,
+        kept: &Ranges<'_>,
         rejects: &mut Vec<(usize, Rejection)>,
     ) -> Result<u64, StoreError> {
         let mut written = 0;
@@ -180,7 +185,7 @@ impl Store {
                 continue;
             }
             execute_trusted(conn, "SAVEPOINT rows", "set a savepoint").await?;
-            let err = match copy(conn, &self.copy_sql, batch.row_bytes(rows.clone())).await {
+            let err = match self.write(conn, batch.row_bytes(rows.clone()), kept).await {
                 Ok(n) => {
                     execute_trusted(conn, "RELEASE SAVEPOINT rows", "release a savepoint").await?;
                     written += n;
@@ -213,6 +218,76 @@ impl Store {
             }
         }
         Ok(written)
+    }
+
+    /// Writes COPY text rows: straight into the target table, or, when a replay keeps
+    /// existing rows, through a temporary table, skipping the re-read rows already there.
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        data: &[u8],
+        kept: &Ranges<'_>,
+    ) -> Result<u64, sqlx::Error> {
+        if kept.is_empty() {
+            return copy(conn, &self.copy_sql, data).await;
+        }
+        let sql = &self.replay_sql;
+        sqlx::raw_sql(AssertSqlSafe(sql.create_staging.clone()))
+            .execute(&mut *conn)
+            .await?;
+        copy(conn, &sql.copy_staging, data).await?;
+        let inserted = sqlx::query(AssertSqlSafe(sql.insert_kept.clone()))
+            .bind(&kept.topics)
+            .bind(&kept.partitions)
+            .bind(&kept.froms)
+            .bind(&kept.untils)
+            .execute(&mut *conn)
+            .await?;
+        // Emptied now: a bisection reuses the table within the same transaction.
+        sqlx::raw_sql(AssertSqlSafe(sql.clear_staging.clone()))
+            .execute(&mut *conn)
+            .await?;
+        Ok(inserted.rows_affected())
+    }
+
+    /// Clears what a replay re-reads: the dead letters of its ranges, which the re-read
+    /// records decide again, and, unless it keeps them, their rows.
+    async fn prepare_replay(
+        &self,
+        conn: &mut PgConnection,
+        replays: &[Replay],
+    ) -> Result<(), StoreError> {
+        if replays.is_empty() {
+            return Ok(());
+        }
+        let all = Ranges::of(replays.iter());
+        let replaced = Ranges::of(replays.iter().filter(|r| !r.keep));
+        sqlx::query(
+            "DELETE FROM ingest.dead_letters d \
+             USING unnest($2::text[], $3::int4[], $4::int8[], $5::int8[]) AS k(t, p, f, u) \
+             WHERE d.consumer_group = $1 AND d.topic = k.t AND d.partition = k.p \
+               AND d.\"offset\" >= k.f AND d.\"offset\" < k.u",
+        )
+        .bind(&self.group)
+        .bind(&all.topics)
+        .bind(&all.partitions)
+        .bind(&all.froms)
+        .bind(&all.untils)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("clear the dead letters of a replay"))?;
+        if !replaced.is_empty() {
+            sqlx::query(AssertSqlSafe(self.replay_sql.delete_replaced.clone()))
+                .bind(&replaced.topics)
+                .bind(&replaced.partitions)
+                .bind(&replaced.froms)
+                .bind(&replaced.untils)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("clear the rows a replay replaces"))?;
+        }
+        tracing::info!(ranges = ?replays, "replaying records below the offsets of a rewind");
+        Ok(())
     }
 
     fn is_source_duplicate(&self, err: &sqlx::Error) -> bool {
@@ -257,6 +332,32 @@ impl Store {
         .await
         .map_err(db("write dead letters"))?;
         Ok(result.rows_affected())
+    }
+}
+
+/// Offset ranges as column arrays, for UNNEST.
+#[derive(Debug, Default)]
+pub(super) struct Ranges<'a> {
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    froms: Vec<i64>,
+    untils: Vec<i64>,
+}
+
+impl<'a> Ranges<'a> {
+    fn of(replays: impl Iterator<Item = &'a Replay>) -> Self {
+        let mut ranges = Self::default();
+        for r in replays {
+            ranges.topics.push(&r.topic);
+            ranges.partitions.push(r.partition);
+            ranges.froms.push(r.from);
+            ranges.untils.push(r.until);
+        }
+        ranges
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.topics.is_empty()
     }
 }
 

@@ -1,5 +1,6 @@
 //! Postgres: connection, migrations, the target table, offsets and batch commits.
 
+pub mod admin;
 mod commit;
 mod offsets;
 
@@ -81,6 +82,51 @@ pub struct Store {
     /// Name of the unique index on the source coordinates: a violation of it means the
     /// protocol broke, so it stops the worker instead of becoming a dead letter.
     source_index: String,
+    replay_sql: ReplaySql,
+}
+
+/// Statements of replays after a rewind, built from quoted identifiers only.
+#[derive(Debug, Clone)]
+struct ReplaySql {
+    /// Deletes the target rows of ranges `($1 topics, $2 partitions, $3 from, $4 until)`.
+    delete_replaced: String,
+    /// A session-local table of the mapped columns, emptied at commit.
+    create_staging: String,
+    copy_staging: String,
+    /// Moves staged rows into the target table, except re-read rows of the ranges
+    /// `$1..$4` that are already there.
+    insert_kept: String,
+    clear_staging: String,
+}
+
+impl ReplaySql {
+    fn new(table: &str, column_list: &str, sc: &crate::config::SourceColumns) -> Self {
+        let (t, p, o) = (
+            quote_ident(&sc.topic),
+            quote_ident(&sc.partition),
+            quote_ident(&sc.offset),
+        );
+        let ranges = "unnest($1::text[], $2::int4[], $3::int8[], $4::int8[]) AS k(t, p, f, u)";
+        let staging = "pg_temp.kafka_pg_ingest_replay";
+        Self {
+            delete_replaced: format!(
+                "DELETE FROM {table} x USING {ranges} \
+                 WHERE x.{t} = k.t AND x.{p} = k.p AND x.{o} >= k.f AND x.{o} < k.u"
+            ),
+            create_staging: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
+                 SELECT {column_list} FROM {table} WITH NO DATA"
+            ),
+            copy_staging: format!("COPY {staging} ({column_list}) FROM STDIN"),
+            insert_kept: format!(
+                "INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {staging} s \
+                 WHERE NOT EXISTS (SELECT 1 FROM {ranges} JOIN {table} x \
+                   ON x.{t} = k.t AND x.{p} = k.p AND x.{o} >= k.f AND x.{o} < k.u \
+                   WHERE x.{t} = s.{t} AND x.{p} = s.{p} AND x.{o} = s.{o})"
+            ),
+            clear_staging: format!("DELETE FROM {staging}"),
+        }
+    }
 }
 
 impl Store {
@@ -166,6 +212,7 @@ impl Store {
             copy_sql: format!("COPY {table} ({column_list}) FROM STDIN"),
             insert_sql,
             source_index,
+            replay_sql: ReplaySql::new(&table, &column_list, sc),
         })
     }
 

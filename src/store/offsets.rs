@@ -84,25 +84,63 @@ impl Store {
     }
 }
 
-/// Advances every range whose row still holds the expected start and epoch; returns the
-/// ranges that did NOT advance (their partition belongs to someone else now).
+/// Part of a batch that re-reads records below where a rewind found its partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Replay {
+    pub topic: String,
+    pub partition: i32,
+    /// First re-read offset (the batch's start).
+    pub from: i64,
+    /// End (exclusive) of the re-read offsets in this batch: its end, or where the
+    /// partition stood before the rewind if that comes first.
+    pub until: i64,
+    /// Leave rows already there instead of replacing them.
+    pub keep: bool,
+}
+
+/// What the compare-and-set found.
+pub(super) struct Advance<'a> {
+    /// Ranges that did NOT advance: their partition belongs to someone else now, or an
+    /// operator moved its offset.
+    pub fenced: Vec<&'a PartitionRange>,
+    /// Advanced ranges that start below a rewind's `replay_until`.
+    pub replays: Vec<Replay>,
+}
+
+/// Advances every range whose row still holds the expected start and epoch, clearing
+/// `replay_until` once a range passes it.
 pub(super) async fn compare_and_set<'a>(
     conn: &mut PgConnection,
     group: &str,
     ranges: &'a [PartitionRange],
-) -> Result<Vec<&'a PartitionRange>, StoreError> {
+) -> Result<Advance<'a>, StoreError> {
     let topics: Vec<&str> = ranges.iter().map(|r| r.topic.as_str()).collect();
     let parts: Vec<i32> = ranges.iter().map(|r| r.partition).collect();
     let starts: Vec<Option<i64>> = ranges.iter().map(|r| r.start).collect();
     let ends: Vec<i64> = ranges.iter().map(|r| r.end).collect();
     let epochs: Vec<i64> = ranges.iter().map(|r| r.epoch).collect();
-    let advanced: Vec<(String, i32)> = sqlx::query_as(
-        "UPDATE ingest.offsets AS o SET next_offset = u.end_offset, updated_at = now() \
-         FROM unnest($2::text[], $3::int4[], $4::int8[], $5::int8[], $6::int8[]) \
-              AS u(topic, partition, start_offset, end_offset, epoch) \
+    // The join reads the replay columns as they were before this update; a concurrent
+    // rewind also moves next_offset, so the compare fails rather than mixing the two.
+    #[derive(sqlx::FromRow)]
+    struct Advanced {
+        topic: String,
+        partition: i32,
+        start_offset: Option<i64>,
+        replay_end: Option<i64>,
+        replay_keep: bool,
+    }
+    let advanced: Vec<Advanced> = sqlx::query_as(
+        "UPDATE ingest.offsets AS o SET next_offset = u.end_offset, updated_at = now(), \
+           replay_until = CASE WHEN u.end_offset < u.replay_until THEN u.replay_until END \
+         FROM (SELECT n.*, c.replay_until, c.replay_keep \
+               FROM unnest($2::text[], $3::int4[], $4::int8[], $5::int8[], $6::int8[]) \
+                    AS n(topic, partition, start_offset, end_offset, epoch) \
+               JOIN ingest.offsets c ON c.consumer_group = $1 AND c.topic = n.topic \
+                                    AND c.partition = n.partition) AS u \
          WHERE o.consumer_group = $1 AND o.topic = u.topic AND o.partition = u.partition \
            AND o.epoch = u.epoch AND o.next_offset IS NOT DISTINCT FROM u.start_offset \
-         RETURNING o.topic, o.partition",
+         RETURNING o.topic, o.partition, u.start_offset, \
+           LEAST(u.end_offset, u.replay_until) AS replay_end, u.replay_keep",
     )
     .bind(group)
     .bind(&topics)
@@ -113,12 +151,26 @@ pub(super) async fn compare_and_set<'a>(
     .fetch_all(conn)
     .await
     .map_err(db("advance offsets"))?;
-    Ok(ranges
+    let fenced = ranges
         .iter()
         .filter(|r| {
             !advanced
                 .iter()
-                .any(|(t, p)| *t == r.topic && *p == r.partition)
+                .any(|a| a.topic == r.topic && a.partition == r.partition)
         })
-        .collect())
+        .collect();
+    let replays = advanced
+        .into_iter()
+        .filter_map(|a| match (a.start_offset, a.replay_end) {
+            (Some(from), Some(until)) if from < until => Some(Replay {
+                topic: a.topic,
+                partition: a.partition,
+                from,
+                until,
+                keep: a.replay_keep,
+            }),
+            _ => None,
+        })
+        .collect();
+    Ok(Advance { fenced, replays })
 }

@@ -40,6 +40,15 @@ fn init_logs() {
 
 impl TestDb {
     pub async fn new() -> Self {
+        let db = Self::empty().await;
+        kafka_pg_ingest::store::migrate(&db.pool)
+            .await
+            .expect("migrations apply");
+        db
+    }
+
+    /// A database without the schema (to restore a dump into).
+    pub async fn empty() -> Self {
         init_logs();
         let name = format!("kpi_it_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPoolOptions::new()
@@ -62,9 +71,6 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("test database connection");
-        kafka_pg_ingest::store::migrate(&pool)
-            .await
-            .expect("migrations apply");
         Self { name, url, pool }
     }
 

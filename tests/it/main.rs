@@ -3,7 +3,9 @@
 
 mod binary;
 mod core;
+mod deploy;
 mod faults;
 mod helpers;
+mod replay;
 mod telemetry;
 mod traces;

@@ -1,0 +1,507 @@
+//! Operator commands: `offsets show|rewind` and `dlq list|show|retry|purge`.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::decode::Decoder;
+use crate::kafka;
+use crate::record::hex;
+use crate::store::admin::{self, DeadLetter, DeadLetterFilter, OffsetRow};
+use crate::store::{self, Store};
+
+/// How long one broker metadata request may take.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One partition in `offsets show`.
+#[derive(Debug, Serialize)]
+pub struct OffsetStatus {
+    #[serde(flatten)]
+    pub row: OffsetRow,
+    /// The broker's low and high watermarks; `None` when the broker did not answer.
+    pub low: Option<i64>,
+    pub high: Option<i64>,
+    /// Records on the broker not yet committed to Postgres.
+    pub lag: Option<i64>,
+}
+
+/// The stored offsets of `group` (every group when `None`) with the broker's view.
+pub async fn show(config: &Config, group: Option<&str>) -> anyhow::Result<Vec<OffsetStatus>> {
+    let pool = store::connect_pool(config).await?;
+    let rows = admin::offset_rows(&pool, group, None).await?;
+    let client = kafka::metadata_client(config)?;
+    Ok(tokio::task::block_in_place(|| {
+        rows.into_iter()
+            .map(|row| {
+                let marks = client
+                    .fetch_watermarks(&row.topic, row.partition, BROKER_TIMEOUT)
+                    .ok();
+                let lag = marks.map(|(low, high)| (high - row.next_offset.unwrap_or(low)).max(0));
+                OffsetStatus {
+                    low: marks.map(|m| m.0),
+                    high: marks.map(|m| m.1),
+                    lag,
+                    row,
+                }
+            })
+            .collect()
+    }))
+}
+
+/// The text table of `offsets show`.
+pub fn format_offsets(statuses: &[OffsetStatus]) -> String {
+    let opt = |v: Option<i64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let rows = statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.row.consumer_group.clone(),
+                s.row.topic.clone(),
+                s.row.partition.to_string(),
+                opt(s.row.next_offset),
+                opt(s.low),
+                opt(s.high),
+                opt(s.lag),
+                s.row.owner.clone(),
+                s.row.epoch.to_string(),
+                s.row.updated_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                opt(s.row.replay_until),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "GROUP",
+            "TOPIC",
+            "PARTITION",
+            "NEXT_OFFSET",
+            "LOW",
+            "HIGH",
+            "LAG",
+            "OWNER",
+            "EPOCH",
+            "UPDATED_AT",
+            "REPLAY_UNTIL",
+        ],
+        rows,
+    )
+}
+
+/// Where a rewind moves the stored offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewindTarget {
+    Offset(i64),
+    /// The first offset whose record timestamp is at or after this time (the high
+    /// watermark when there is none).
+    Time(DateTime<Utc>),
+    /// The low watermark: the oldest record the broker still has.
+    Earliest,
+}
+
+/// One partition of a rewind plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedMove {
+    pub partition: i32,
+    pub from: Option<i64>,
+    pub to: i64,
+    /// Records read again: how far `to` lies below `from`.
+    pub reread: i64,
+}
+
+/// What a rewind will do (or did, when `applied`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RewindPlan {
+    pub group: String,
+    pub topic: String,
+    /// Leave rows already in the table instead of replacing them with re-read records.
+    pub keep: bool,
+    pub moves: Vec<PlannedMove>,
+    pub applied: bool,
+}
+
+/// Plans a rewind of `topic` for `group` (the given partitions, or every stored one);
+/// with `apply`, moves the offsets in one transaction.
+pub async fn rewind(
+    config: &Config,
+    topic: &str,
+    partitions: &[i32],
+    target: RewindTarget,
+    keep: bool,
+    apply: bool,
+) -> anyhow::Result<RewindPlan> {
+    let group = &config.kafka.group;
+    let pool = store::connect_pool(config).await?;
+    let rows = admin::offset_rows(&pool, Some(group), Some(topic)).await?;
+    if let Some(p) = partitions
+        .iter()
+        .find(|p| !rows.iter().any(|r| r.partition == **p))
+    {
+        bail!(
+            "group `{group}` has no stored offset for {topic}/{p}: nothing to rewind there \
+             (a partition never claimed starts at kafka.auto_offset_reset)"
+        );
+    }
+    let rows: Vec<OffsetRow> = rows
+        .into_iter()
+        .filter(|r| partitions.is_empty() || partitions.contains(&r.partition))
+        .collect();
+    if rows.is_empty() {
+        bail!("group `{group}` has no stored offsets for topic `{topic}`");
+    }
+    let client = kafka::metadata_client(config)?;
+    let targets = tokio::task::block_in_place(|| resolve(&client, topic, &rows, target))?;
+    let mut moves: Vec<PlannedMove> = rows
+        .iter()
+        .zip(targets)
+        .map(|(row, to)| PlannedMove {
+            partition: row.partition,
+            from: row.next_offset,
+            to,
+            reread: row.next_offset.map_or(0, |from| (from - to).max(0)),
+        })
+        .collect();
+    if apply {
+        let wanted: Vec<(i32, i64)> = moves.iter().map(|m| (m.partition, m.to)).collect();
+        // What the rows held when moved, which a worker may have advanced since the plan.
+        let moved = admin::rewind(&pool, group, topic, &wanted, keep).await?;
+        moves = moved
+            .into_iter()
+            .map(|m| PlannedMove {
+                partition: m.partition,
+                from: m.from,
+                to: m.to,
+                reread: m.from.map_or(0, |from| (from - m.to).max(0)),
+            })
+            .collect();
+    }
+    Ok(RewindPlan {
+        group: group.clone(),
+        topic: topic.to_owned(),
+        keep,
+        moves,
+        applied: apply,
+    })
+}
+
+/// The target offset of each row, kept within the broker's watermarks.
+fn resolve(
+    client: &BaseConsumer,
+    topic: &str,
+    rows: &[OffsetRow],
+    target: RewindTarget,
+) -> anyhow::Result<Vec<i64>> {
+    let times = match target {
+        RewindTarget::Time(at) => {
+            let mut list = TopicPartitionList::new();
+            for row in rows {
+                list.add_partition_offset(
+                    topic,
+                    row.partition,
+                    Offset::Offset(at.timestamp_millis()),
+                )?;
+            }
+            Some(
+                client
+                    .offsets_for_times(list, BROKER_TIMEOUT)
+                    .context("asking the broker for offsets by time")?,
+            )
+        }
+        _ => None,
+    };
+    rows.iter()
+        .map(|row| {
+            let (low, high) = client
+                .fetch_watermarks(topic, row.partition, BROKER_TIMEOUT)
+                .with_context(|| format!("reading the watermarks of {topic}/{}", row.partition))?;
+            let wanted = match target {
+                RewindTarget::Offset(n) => n,
+                RewindTarget::Earliest => low,
+                RewindTarget::Time(at) => {
+                    let answer = times
+                        .as_ref()
+                        .and_then(|t| t.find_partition(topic, row.partition))
+                        .map(|e| e.offset());
+                    match answer {
+                        Some(Offset::Offset(n)) => n,
+                        // "No record at or after the time" -- or a broker without a time
+                        // index (librdkafka's mock cluster): the records themselves tell.
+                        _ => first_offset_at(client, topic, row.partition, (low, high), at)?,
+                    }
+                }
+            };
+            Ok(wanted.clamp(low, high))
+        })
+        .collect()
+}
+
+/// The first offset in `low..high` whose record timestamp is at or after `at` (`high`
+/// when none is), by binary search over the records; timestamps are taken as
+/// non-decreasing, as producer create times are.
+fn first_offset_at(
+    client: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    (low, high): (i64, i64),
+    at: DateTime<Utc>,
+) -> anyhow::Result<i64> {
+    let (mut lo, mut hi) = (low, high);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let (offset, timestamp) = record_at(client, topic, partition, mid)?;
+        if timestamp >= at.timestamp_millis() {
+            hi = mid;
+        } else {
+            // Compaction may have skipped offsets: the record read may sit past `mid`.
+            lo = offset.max(mid) + 1;
+        }
+    }
+    Ok(lo)
+}
+
+/// The offset and timestamp (ms) of the first record at or after `offset`.
+fn record_at(
+    client: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> anyhow::Result<(i64, i64)> {
+    use rdkafka::Message;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    client.assign(&list)?;
+    let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        if let Some(message) = client.poll(left) {
+            let message = message.context("reading a record to find its timestamp")?;
+            if message.partition() == partition && message.offset() >= offset {
+                let timestamp = message.timestamp().to_millis().with_context(|| {
+                    format!(
+                        "record {topic}/{partition}@{} has no timestamp",
+                        message.offset()
+                    )
+                })?;
+                return Ok((message.offset(), timestamp));
+            }
+        }
+    }
+    bail!("no record of {topic}/{partition} at offset {offset} arrived within {BROKER_TIMEOUT:?}")
+}
+
+/// The text of a rewind plan.
+pub fn format_plan(plan: &RewindPlan) -> String {
+    let mode = if plan.keep {
+        "rows already in the table stay"
+    } else {
+        "re-read records replace their rows"
+    };
+    let rows = plan
+        .moves
+        .iter()
+        .map(|m| {
+            vec![
+                m.partition.to_string(),
+                m.from.map_or_else(|| "-".into(), |n| n.to_string()),
+                m.to.to_string(),
+                m.reread.to_string(),
+            ]
+        })
+        .collect();
+    let total: i64 = plan.moves.iter().map(|m| m.reread).sum();
+    let status = if plan.applied {
+        "applied: workers continue from the new offsets"
+    } else {
+        "nothing changed: add --yes to apply"
+    };
+    format!(
+        "rewind of topic {} for group {} ({mode})\n{}{total} records will be read again\n{status}\n",
+        plan.topic,
+        plan.group,
+        table(&["PARTITION", "FROM", "TO", "RE-READ"], rows)
+    )
+}
+
+/// Counts by reason, then the dead letters themselves.
+#[derive(Debug, Serialize)]
+pub struct DeadLetterListing {
+    pub counts: Vec<(String, i64)>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+pub async fn list_dead_letters(
+    config: &Config,
+    filter: &DeadLetterFilter,
+    limit: i64,
+) -> anyhow::Result<DeadLetterListing> {
+    let pool = store::connect_pool(config).await?;
+    Ok(DeadLetterListing {
+        counts: admin::dead_letter_counts(&pool, filter).await?,
+        dead_letters: admin::dead_letters(&pool, filter, limit).await?,
+    })
+}
+
+pub fn format_listing(listing: &DeadLetterListing) -> String {
+    let counts = listing
+        .counts
+        .iter()
+        .map(|(reason, n)| vec![reason.clone(), n.to_string()])
+        .collect();
+    let rows = listing
+        .dead_letters
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                d.consumer_group.clone(),
+                format!("{}/{}@{}", d.topic, d.partition, d.offset),
+                d.reason_code.clone(),
+                d.attempts.to_string(),
+                d.last_failed_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                d.reason.chars().take(60).collect(),
+            ]
+        })
+        .collect();
+    format!(
+        "{}\n{}",
+        table(&["REASON", "COUNT"], counts),
+        table(
+            &[
+                "ID",
+                "GROUP",
+                "RECORD",
+                "REASON",
+                "ATTEMPTS",
+                "LAST_FAILED_AT",
+                "DETAIL"
+            ],
+            rows
+        )
+    )
+}
+
+/// One dead letter by id.
+pub async fn show_dead_letter(config: &Config, id: i64) -> anyhow::Result<DeadLetter> {
+    let pool = store::connect_pool(config).await?;
+    let filter = DeadLetterFilter {
+        ids: vec![id],
+        ..DeadLetterFilter::default()
+    };
+    admin::dead_letters(&pool, &filter, 1)
+        .await?
+        .pop()
+        .with_context(|| format!("no dead letter with id {id}"))
+}
+
+/// A dead letter in full: the value as text when it is UTF-8, else hex.
+pub fn format_dead_letter(d: &DeadLetter) -> String {
+    let bytes = |b: &Option<Vec<u8>>| match b.as_deref().map(std::str::from_utf8) {
+        None => "(null)".to_owned(),
+        Some(Ok(text)) => text.to_owned(),
+        Some(Err(_)) => format!("hex:{}", hex(b.as_deref().unwrap_or_default())),
+    };
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    format!(
+        "id:              {}\ngroup:           {}\nrecord:          {}/{}@{}\nkafka timestamp: {}\n\
+         reason code:     {}\nreason:          {}\nsqlstate:        {}\ntrace id:        {}\n\
+         attempts:        {}\nfirst failed at: {}\nlast failed at:  {}\nheaders:         {}\n\
+         key:             {}\nvalue:\n{}\n",
+        d.id,
+        d.consumer_group,
+        d.topic,
+        d.partition,
+        d.offset,
+        d.kafka_timestamp
+            .map_or_else(|| "-".into(), |t| t.to_rfc3339()),
+        d.reason_code,
+        d.reason,
+        opt(&d.sqlstate),
+        opt(&d.trace_id),
+        d.attempts,
+        d.first_failed_at.to_rfc3339(),
+        d.last_failed_at.to_rfc3339(),
+        d.headers,
+        bytes(&d.key),
+        bytes(&d.value),
+    )
+}
+
+/// Decodes the chosen dead letters of the configured group again with the current
+/// configuration and moves those that now succeed into the target table.
+pub async fn retry_dead_letters(
+    config: &Config,
+    filter: &DeadLetterFilter,
+) -> anyhow::Result<admin::Redrive> {
+    let store = Store::connect(config).await?;
+    Ok(store.redrive(&Decoder::new(&config.sink), filter).await?)
+}
+
+/// Parses `30d`, `12h`, `15m` or `90s`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit: give e.g. 30d, 12h, 15m or 90s"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`: use s, m, h or d"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Left-aligned columns as wide as their widest cell.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(headers.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_seconds_minutes_hours_and_days() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("7").unwrap_err().contains("no unit"));
+        assert!(parse_duration("7w").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn tables_align_columns_to_the_widest_cell() {
+        let text = table(&["A", "BB"], vec![vec!["long".into(), "x".into()]]);
+        assert_eq!(text, "A     BB\nlong  x\n");
+    }
+}

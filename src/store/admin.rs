@@ -1,0 +1,344 @@
+//! Operator actions on the stored state: offset rows (show, rewind) and dead letters
+//! (list, show, retry, purge).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::commit::Ranges;
+use super::{Batch, Store, StoreError, db};
+use crate::decode::{Decoder, Rejection};
+use crate::record::Record;
+
+/// One `ingest.offsets` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct OffsetRow {
+    pub consumer_group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: Option<i64>,
+    pub epoch: i64,
+    pub owner: String,
+    pub updated_at: DateTime<Utc>,
+    /// Set while records re-read after a rewind are below where the partition stood.
+    pub replay_until: Option<i64>,
+}
+
+/// The offset rows of `group` (every group when `None`), optionally of one topic.
+pub async fn offset_rows(
+    pool: &PgPool,
+    group: Option<&str>,
+    topic: Option<&str>,
+) -> Result<Vec<OffsetRow>, StoreError> {
+    sqlx::query_as(
+        "SELECT consumer_group, topic, partition, next_offset, epoch, owner, updated_at, replay_until \
+         FROM ingest.offsets \
+         WHERE ($1::text IS NULL OR consumer_group = $1) AND ($2::text IS NULL OR topic = $2) \
+         ORDER BY consumer_group, topic, partition",
+    )
+    .bind(group)
+    .bind(topic)
+    .fetch_all(pool)
+    .await
+    .map_err(db("read offset rows"))
+}
+
+/// A stored offset moved by a rewind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Moved {
+    pub partition: i32,
+    pub from: Option<i64>,
+    pub to: i64,
+}
+
+/// Moves the stored offsets of `group`/`topic` in one transaction. A partition moved
+/// below where it stood remembers that offset (`replay_until`), so the rows re-read
+/// there replace the existing ones (or, with `keep`, leave them). The epoch stays: the
+/// owner's next compare-and-set fails and it continues from the new offset.
+pub async fn rewind(
+    pool: &PgPool,
+    group: &str,
+    topic: &str,
+    moves: &[(i32, i64)],
+    keep: bool,
+) -> Result<Vec<Moved>, StoreError> {
+    let (partitions, targets): (Vec<i32>, Vec<i64>) = moves.iter().copied().unzip();
+    let rows: Vec<(i32, Option<i64>, i64)> = sqlx::query_as(
+        "UPDATE ingest.offsets o SET next_offset = m.target, replay_keep = $3, updated_at = now(), \
+           replay_until = CASE WHEN m.target < GREATEST(o.next_offset, o.replay_until) \
+                               THEN GREATEST(o.next_offset, o.replay_until) END \
+         FROM (SELECT u.*, c.next_offset AS previous FROM unnest($4::int4[], $5::int8[]) AS u(partition, target) \
+               JOIN ingest.offsets c ON c.consumer_group = $1 AND c.topic = $2 AND c.partition = u.partition) m \
+         WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition \
+         RETURNING o.partition, m.previous, o.next_offset",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(keep)
+    .bind(&partitions)
+    .bind(&targets)
+    .fetch_all(pool)
+    .await
+    .map_err(db("move stored offsets"))?;
+    let mut moved: Vec<Moved> = rows
+        .into_iter()
+        .map(|(partition, from, to)| Moved {
+            partition,
+            from,
+            to,
+        })
+        .collect();
+    moved.sort_by_key(|m| m.partition);
+    Ok(moved)
+}
+
+/// Which dead letters an operator means.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    pub group: Option<String>,
+    pub ids: Vec<i64>,
+    pub reason: Option<String>,
+    pub topic: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// The `WHERE` of [`DeadLetterFilter`], on parameters `$1..$5`.
+const FILTER: &str = "($1::text IS NULL OR consumer_group = $1) \
+     AND (cardinality($2::int8[]) = 0 OR id = ANY($2)) \
+     AND ($3::text IS NULL OR reason_code = $3) \
+     AND ($4::text IS NULL OR topic = $4) \
+     AND ($5::timestamptz IS NULL OR last_failed_at >= $5)";
+
+macro_rules! bind_filter {
+    ($query:expr, $f:expr) => {
+        $query
+            .bind($f.group.as_deref())
+            .bind(&$f.ids)
+            .bind($f.reason.as_deref())
+            .bind($f.topic.as_deref())
+            .bind($f.since)
+    };
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub consumer_group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    #[serde(skip)]
+    pub key: Option<Vec<u8>>,
+    #[serde(skip)]
+    pub value: Option<Vec<u8>>,
+    pub headers: serde_json::Value,
+    pub kafka_timestamp: Option<DateTime<Utc>>,
+    pub reason_code: String,
+    pub reason: String,
+    pub sqlstate: Option<String>,
+    pub trace_id: Option<String>,
+    pub attempts: i32,
+    pub first_failed_at: DateTime<Utc>,
+    pub last_failed_at: DateTime<Utc>,
+}
+
+const DEAD_LETTER_COLUMNS: &str = "id, consumer_group, topic, partition, \"offset\", key, value, \
+     headers, kafka_timestamp, reason_code, reason, sqlstate, trace_id, attempts, \
+     first_failed_at, last_failed_at";
+
+/// Dead letters per reason code, most first.
+pub async fn dead_letter_counts(
+    pool: &PgPool,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let sql = format!(
+        "SELECT reason_code, count(*) FROM ingest.dead_letters WHERE {FILTER} \
+         GROUP BY reason_code ORDER BY count(*) DESC, reason_code"
+    );
+    bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+        .fetch_all(pool)
+        .await
+        .map_err(db("count dead letters"))
+}
+
+/// The dead letters matching `filter`, oldest first, at most `limit`.
+pub async fn dead_letters(
+    pool: &PgPool,
+    filter: &DeadLetterFilter,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let sql = format!(
+        "SELECT {DEAD_LETTER_COLUMNS} FROM ingest.dead_letters WHERE {FILTER} ORDER BY id LIMIT $6"
+    );
+    bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+        .map_err(db("read dead letters"))
+}
+
+/// Deletes the dead letters of `group` (every group when `None`) last failed before
+/// `older_than` ago; with `dry_run`, only counts them.
+pub async fn purge_dead_letters(
+    pool: &PgPool,
+    group: Option<&str>,
+    older_than: std::time::Duration,
+    dry_run: bool,
+) -> Result<u64, StoreError> {
+    let filter = "($1::text IS NULL OR consumer_group = $1) \
+                  AND last_failed_at < now() - make_interval(secs => $2)";
+    let seconds = older_than.as_secs_f64();
+    if dry_run {
+        let sql = format!("SELECT count(*) FROM ingest.dead_letters WHERE {filter}");
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(group)
+            .bind(seconds)
+            .fetch_one(pool)
+            .await
+            .map_err(db("count dead letters to purge"))?;
+        return Ok(n.unsigned_abs());
+    }
+    let sql = format!("DELETE FROM ingest.dead_letters WHERE {filter}");
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(group)
+        .bind(seconds)
+        .execute(pool)
+        .await
+        .map_err(db("purge dead letters"))?;
+    Ok(done.rows_affected())
+}
+
+/// What a re-drive of dead letters did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Redrive {
+    /// Dead letters that decoded and inserted: now rows, no longer dead letters.
+    pub moved: u64,
+    /// Dead letters that failed again: kept with `attempts` + 1 and the new reason.
+    pub still_failing: u64,
+}
+
+impl Store {
+    /// Decodes the dead letters of this store's group matching `filter` again with
+    /// `decoder`; in one transaction, those that now make rows move into the target
+    /// table and out of the dead letters, the others stay with one more attempt and
+    /// their new reason.
+    pub async fn redrive(
+        &self,
+        decoder: &Decoder,
+        filter: &DeadLetterFilter,
+    ) -> Result<Redrive, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        let sql = format!(
+            "SELECT {DEAD_LETTER_COLUMNS} FROM ingest.dead_letters \
+             WHERE consumer_group = $6 AND {FILTER} ORDER BY id FOR UPDATE"
+        );
+        let letters: Vec<DeadLetter> =
+            bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+                .bind(&self.group)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db("read dead letters"))?;
+        let records = letters.iter().map(DeadLetter::record).collect();
+        let batch = Batch::decode(records, decoder, Vec::new());
+        let mut rejects: Vec<(usize, Rejection)> = Vec::new();
+        self.write_rows_isolating(&mut tx, &batch, &Ranges::default(), &mut rejects)
+            .await?;
+        rejects.extend(batch.rejects.iter().cloned());
+        let failed_ids: Vec<i64> = rejects.iter().map(|(i, _)| letters[*i].id).collect();
+        let moved_ids: Vec<i64> = letters
+            .iter()
+            .map(|l| l.id)
+            .filter(|id| !failed_ids.contains(id))
+            .collect();
+        sqlx::query("DELETE FROM ingest.dead_letters WHERE id = ANY($1)")
+            .bind(&moved_ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("delete re-driven dead letters"))?;
+        let codes: Vec<&str> = rejects.iter().map(|(_, r)| r.code.as_str()).collect();
+        let reasons: Vec<&str> = rejects.iter().map(|(_, r)| r.reason.as_str()).collect();
+        let states: Vec<Option<&str>> =
+            rejects.iter().map(|(_, r)| r.sqlstate.as_deref()).collect();
+        sqlx::query(
+            "UPDATE ingest.dead_letters d SET attempts = d.attempts + 1, last_failed_at = now(), \
+               reason_code = u.code, reason = u.reason, sqlstate = u.state \
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS u(id, code, reason, state) \
+             WHERE d.id = u.id",
+        )
+        .bind(&failed_ids)
+        .bind(&codes)
+        .bind(&reasons)
+        .bind(&states)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("update dead letters that failed again"))?;
+        tx.commit().await.map_err(db("commit the re-drive"))?;
+        Ok(Redrive {
+            moved: moved_ids.len() as u64,
+            still_failing: failed_ids.len() as u64,
+        })
+    }
+}
+
+impl DeadLetter {
+    /// The record as it was consumed, to decode again.
+    pub fn record(&self) -> Record {
+        Record {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.clone(),
+            value: self.value.clone(),
+            headers: headers_from_json(&self.headers),
+            timestamp_ms: self.kafka_timestamp.map(|t| t.timestamp_millis()),
+        }
+    }
+}
+
+/// Undoes [`Record::headers_json`].
+fn headers_from_json(json: &serde_json::Value) -> Vec<(String, Option<Vec<u8>>)> {
+    let items = json.as_array().map(Vec::as_slice).unwrap_or_default();
+    items
+        .iter()
+        .map(|item| {
+            let key = item["key"].as_str().unwrap_or_default().to_owned();
+            let value = match (item["value"].as_str(), item["value_hex"].as_str()) {
+                (Some(text), _) => Some(text.as_bytes().to_vec()),
+                (None, Some(hex)) => Some(unhex(hex)),
+                (None, None) => None,
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+fn unhex(hex: &str) -> Vec<u8> {
+    hex.as_bytes()
+        .chunks(2)
+        .filter_map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_survive_the_round_trip_through_json() {
+        let record = Record {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            value: None,
+            headers: vec![
+                ("traceparent".into(), Some(b"00-ab-cd-01".to_vec())),
+                ("bin".into(), Some(vec![0xff, 0x00, 0x10])),
+                ("none".into(), None),
+            ],
+            timestamp_ms: None,
+        };
+        assert_eq!(headers_from_json(&record.headers_json()), record.headers);
+    }
+}
