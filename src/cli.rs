@@ -218,6 +218,10 @@ pub enum DevCommand {
     },
     /// Produce sample website-metrics messages, some malformed.
     Produce(dev::ProduceOptions),
+    /// Fault campaign: worker processes of this binary under kills, rebalance storms,
+    /// database and broker outages; checks Postgres holds the stream exactly once and
+    /// prints one summary line. Exits non-zero when it does not.
+    Chaos(dev::chaos::ChaosOptions),
 }
 
 /// Flags every command that reads configuration takes.
@@ -390,6 +394,15 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             dev::broker(&topics, partitions, shutdown).await
+        }
+        Tool::Dev(DevCommand::Chaos(options)) => {
+            let summary = dev::chaos::run(options).await?;
+            println!("{summary}");
+            anyhow::ensure!(
+                summary.passed(),
+                "the campaign found the stream not exactly once"
+            );
+            Ok(())
         }
         Tool::Dev(DevCommand::Produce(options)) => {
             let produced = tokio::task::spawn_blocking(move || dev::produce(&options)).await??;

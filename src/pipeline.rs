@@ -518,9 +518,17 @@ impl Pipeline {
                     if position.is_some_and(|n| record.offset < n) {
                         continue;
                     }
-                    if let Some(n) = position.filter(|n| record.offset > *n) {
-                        tracing::warn!(topic = %tp.0, partition = tp.1, from = n, to = record.offset,
-                            "offsets skipped by the broker (retention or compaction)");
+                    match position {
+                        Some(n) if record.offset > n => {
+                            tracing::warn!(topic = %tp.0, partition = tp.1, from = n, to = record.offset,
+                                "offsets skipped by the broker (retention or compaction)");
+                        }
+                        None if record.offset > 0 => {
+                            tracing::warn!(topic = %tp.0, partition = tp.1, offset = record.offset,
+                                "no stored offset: starting at the oldest record the broker has; \
+                                 earlier offsets were deleted (retention) or never existed");
+                        }
+                        _ => {}
                     }
                     index.insert(tp.clone(), ranges.len());
                     ranges.push(PartitionRange {

@@ -2,6 +2,7 @@
 //! (librdkafka's mock cluster). Each test has its own database, topic and group.
 
 mod binary;
+mod chaos;
 mod core;
 mod deploy;
 mod faults;

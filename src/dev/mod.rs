@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::sample::{self, SampleProducer};
 
+pub mod chaos;
+pub mod proxy;
+
 /// Runs librdkafka's mock cluster with `topics` until `shutdown`; prints the bootstrap
 /// address as the first line of stdout.
 pub async fn broker(
