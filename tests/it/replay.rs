@@ -288,7 +288,8 @@ async fn a_dump_restored_into_a_fresh_database_resumes_from_its_offsets_and_ends
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dead_letters_of_a_too_strict_table_are_re_driven_after_the_constraint_is_relaxed() {
+async fn dead_letters_of_a_too_strict_table_are_re_driven_after_the_constraint_is_relaxed_and_purged()
+ {
     let db = TestDb::new().await;
     sqlx::query(
         "ALTER TABLE web_metrics.metrics ADD CONSTRAINT no_server_errors CHECK (status_code < 500)",
@@ -361,6 +362,19 @@ async fn dead_letters_of_a_too_strict_table_are_re_driven_after_the_constraint_i
     assert!(
         shown.contains("<html>") && shown.contains("attempts:        2"),
         "{shown}"
+    );
+
+    // Purging counts first, deletes only with --yes, and only what is old enough.
+    let url = ["--database-url", db.url.as_str()];
+    let dry = cli(&[&["dlq", "purge", "--older-than", "0s"], &url[..]].concat());
+    assert!(dry.starts_with("3 dead letters would be deleted"), "{dry}");
+    let young = cli(&[&["dlq", "purge", "--older-than", "1d", "--yes"], &url[..]].concat());
+    assert!(young.starts_with("0 dead letters deleted"), "{young}");
+    let purged = cli(&[&["dlq", "purge", "--older-than", "0s", "--yes"], &url[..]].concat());
+    assert!(purged.starts_with("3 dead letters deleted"), "{purged}");
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await,
+        0
     );
     db.drop().await;
 }
