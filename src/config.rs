@@ -40,6 +40,15 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The object keys a column's `field` reads, outermost first: the field itself, or the
+/// segments of a JSON pointer.
+fn mapped_keys(field: &str) -> Vec<&str> {
+    match field.strip_prefix('/') {
+        Some(pointer) => pointer.split('/').collect(),
+        None => vec![field],
+    }
+}
+
 /// The whole configuration of a worker.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +150,12 @@ pub struct SinkConfig {
     pub max_record_bytes: usize,
     /// Deeper JSON becomes a `too_deep` dead letter.
     pub max_json_depth: usize,
+    /// A longer JSON string, value or key (in bytes as written, escapes included), makes
+    /// the record a `too_long_string` dead letter.
+    pub max_string_bytes: usize,
+    /// A JSON object with more keys, or an array with more elements, at any level, makes
+    /// the record a `too_many_fields` dead letter.
+    pub max_fields: usize,
     /// How rows are written: `copy` (bulk, the default) or `row_inserts` (one INSERT per
     /// record, as naive consumers do; only for comparison in benchmarks).
     pub write_method: WriteMethod,
@@ -427,6 +442,35 @@ impl Config {
         }
         if self.sink.max_json_depth == 0 || self.sink.max_json_depth > 120 {
             return Err(invalid("sink.max_json_depth", "must be between 1 and 120"));
+        }
+        // Below these, a record carrying every mapped field could never decode.
+        let paths: Vec<Vec<&str>> = self
+            .sink
+            .columns
+            .iter()
+            .map(|c| mapped_keys(&c.field))
+            .collect();
+        let longest_key = paths.iter().flatten().map(|k| k.len()).max().unwrap_or(0);
+        let shortest_limit = longest_key.max(1);
+        if self.sink.max_string_bytes < shortest_limit {
+            return Err(invalid(
+                "sink.max_string_bytes",
+                format!(
+                    "must be at least {shortest_limit} (the longest key sink.columns reads is {longest_key} bytes)"
+                ),
+            ));
+        }
+        let top_level: std::collections::HashSet<&str> =
+            paths.iter().filter_map(|p| p.first().copied()).collect();
+        let shortest_limit = top_level.len().max(1);
+        if self.sink.max_fields < shortest_limit {
+            return Err(invalid(
+                "sink.max_fields",
+                format!(
+                    "must be at least {shortest_limit} (sink.columns reads {} top-level keys)",
+                    top_level.len()
+                ),
+            ));
         }
         if self.sink.columns.is_empty() {
             return Err(invalid("sink.columns", "must map at least one column"));
@@ -755,5 +799,30 @@ mod tests {
             let err = load_yaml("{}", vec![(var, value)]).unwrap_err();
             assert!(err.to_string().contains(key), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn string_and_field_limits_too_small_for_the_mapping_name_the_key() {
+        let c = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
+        assert_eq!((c.sink.max_string_bytes, c.sink.max_fields), (65536, 1000));
+        // The default mapping reads 8 top-level keys; the longest, request_timestamp, is 17 bytes.
+        for (yaml, key) in [
+            ("sink:\n  max_string_bytes: 0\n", "sink.max_string_bytes"),
+            ("sink:\n  max_string_bytes: 16\n", "sink.max_string_bytes"),
+            ("sink:\n  max_fields: 0\n", "sink.max_fields"),
+            ("sink:\n  max_fields: 7\n", "sink.max_fields"),
+        ] {
+            let err = load_yaml(yaml, vec![]).unwrap_err();
+            assert!(err.to_string().contains(key), "{yaml}: {err}");
+        }
+        let c =
+            load_yaml("sink:\n  max_string_bytes: 17\n  max_fields: 8\n", vec![]).expect("loads");
+        assert_eq!((c.sink.max_string_bytes, c.sink.max_fields), (17, 8));
+        let pointer = "sink:\n  max_string_bytes: 3\n  max_fields: 1\n  columns:\n    - { column: a, field: /probe/url, type: text }\n    - { column: b, field: /probe/ip, type: inet }\n";
+        let err = load_yaml(pointer, vec![]).unwrap_err();
+        assert!(err.to_string().contains("sink.max_string_bytes"), "{err}");
+        let c = load_yaml(&pointer.replace("bytes: 3", "bytes: 5"), vec![])
+            .expect("a pointer's keys are its segments");
+        assert_eq!(c.sink.max_fields, 1);
     }
 }

@@ -29,6 +29,10 @@ pub enum ReasonCode {
     NotJson,
     /// The JSON nests deeper than `sink.max_json_depth`.
     TooDeep,
+    /// A JSON string (a value or a key) is longer than `sink.max_string_bytes`.
+    TooLongString,
+    /// A JSON object or array holds more than `sink.max_fields` entries.
+    TooManyFields,
     /// The JSON is valid but not an object.
     NotObject,
     /// A required field is absent or null.
@@ -49,13 +53,15 @@ pub enum ReasonCode {
 
 impl ReasonCode {
     /// Every code.
-    pub const ALL: [ReasonCode; 14] = [
+    pub const ALL: [ReasonCode; 16] = [
         Self::Tombstone,
         Self::Empty,
         Self::TooLarge,
         Self::NotUtf8,
         Self::NotJson,
         Self::TooDeep,
+        Self::TooLongString,
+        Self::TooManyFields,
         Self::NotObject,
         Self::MissingField,
         Self::BadTimestamp,
@@ -75,6 +81,8 @@ impl ReasonCode {
             Self::NotUtf8 => "not_utf8",
             Self::NotJson => "not_json",
             Self::TooDeep => "too_deep",
+            Self::TooLongString => "too_long_string",
+            Self::TooManyFields => "too_many_fields",
             Self::NotObject => "not_object",
             Self::MissingField => "missing_field",
             Self::BadTimestamp => "bad_timestamp",
@@ -128,6 +136,8 @@ pub struct Decoder {
     columns: Vec<ColumnMapping>,
     max_record_bytes: usize,
     max_json_depth: usize,
+    max_string_bytes: usize,
+    max_fields: usize,
 }
 
 impl Decoder {
@@ -136,6 +146,8 @@ impl Decoder {
             columns: sink.columns.clone(),
             max_record_bytes: sink.max_record_bytes,
             max_json_depth: sink.max_json_depth,
+            max_string_bytes: sink.max_string_bytes,
+            max_fields: sink.max_fields,
         }
     }
 
@@ -203,17 +215,7 @@ impl Decoder {
         }
         let text = std::str::from_utf8(bytes)
             .map_err(|e| Rejection::new(ReasonCode::NotUtf8, format!("value is not UTF-8: {e}")))?;
-        // serde_json stops at 128 levels with an opaque error; a cheap scan first gives
-        // a precise reason and a limit the operator controls.
-        if exceeds_depth(text.as_bytes(), self.max_json_depth) {
-            return Err(Rejection::new(
-                ReasonCode::TooDeep,
-                format!(
-                    "JSON nests deeper than sink.max_json_depth = {}",
-                    self.max_json_depth
-                ),
-            ));
-        }
+        self.check_shape(text.as_bytes())?;
         match serde_json::from_str::<Value>(text) {
             Ok(object @ Value::Object(_)) => Ok(object),
             Ok(other) => Err(Rejection::new(
@@ -225,6 +227,81 @@ impl Decoder {
                 format!("value is not JSON: {e}"),
             )),
         }
+    }
+
+    /// Enforces `sink.max_json_depth`, `sink.max_string_bytes` and `sink.max_fields` in
+    /// one pass over the bytes, before parsing: serde_json would first build a `Value` of
+    /// any shape the record describes (and stops at 128 levels with an opaque error),
+    /// while this costs no allocation and names the limit. It does not validate JSON;
+    /// brackets and commas inside strings do not count, and string lengths are as
+    /// written, escapes included.
+    fn check_shape(&self, bytes: &[u8]) -> Result<(), Rejection> {
+        // Commas seen directly inside each open container (index = its depth). serde_json
+        // refuses more than 128 levels, so deeper containers need no count.
+        let mut commas = [0usize; 128];
+        let mut depth = 0usize;
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            match b {
+                b'"' => {
+                    let start = i + 1;
+                    i = start;
+                    while let Some(&c) = bytes.get(i) {
+                        match c {
+                            b'"' => break,
+                            b'\\' => i += 2,
+                            _ => i += 1,
+                        }
+                    }
+                    // An escape at the very end steps past it; an unclosed string runs
+                    // to the end.
+                    let len = i.min(bytes.len()) - start;
+                    if len > self.max_string_bytes {
+                        return Err(Rejection::new(
+                            ReasonCode::TooLongString,
+                            format!(
+                                "a string of {len} bytes exceeds sink.max_string_bytes ({})",
+                                self.max_string_bytes
+                            ),
+                        ));
+                    }
+                }
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > self.max_json_depth {
+                        return Err(Rejection::new(
+                            ReasonCode::TooDeep,
+                            format!(
+                                "JSON nests deeper than sink.max_json_depth = {}",
+                                self.max_json_depth
+                            ),
+                        ));
+                    }
+                    if let Some(n) = commas.get_mut(depth) {
+                        *n = 0;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b',' => {
+                    if let Some(n) = commas.get_mut(depth) {
+                        *n += 1;
+                        // n commas separate n + 1 entries.
+                        if *n >= self.max_fields {
+                            return Err(Rejection::new(
+                                ReasonCode::TooManyFields,
+                                format!(
+                                    "an object or array holds more than sink.max_fields ({}) entries",
+                                    self.max_fields
+                                ),
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Ok(())
     }
 }
 
@@ -245,34 +322,6 @@ fn json_kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// True when brackets nest deeper than `max` outside of strings.
-fn exceeds_depth(bytes: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in bytes {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
 }
 
 /// Appends `s` escaped for COPY text format.
@@ -300,5 +349,7 @@ impl ColumnType {
     }
 }
 
+#[cfg(test)]
+mod invariants;
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,13 @@ use super::*;
 use crate::config::{Config, Overrides};
 
 fn decoder() -> Decoder {
-    let config = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
+    decoder_with(|_| {})
+}
+
+/// A decoder of the default configuration with `change` applied to its sink.
+fn decoder_with(change: impl FnOnce(&mut SinkConfig)) -> Decoder {
+    let mut config = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
+    change(&mut config.sink);
     Decoder::new(&config.sink)
 }
 
@@ -81,6 +87,14 @@ fn each_kind_of_bad_record_gets_its_reason_code() {
     assert_eq!(code(b"{not json"), ReasonCode::NotJson);
     assert_eq!(code(b"[1,2]"), ReasonCode::NotObject);
     assert_eq!(code(&vec![b'['; 100_000]), ReasonCode::TooDeep);
+    assert_eq!(
+        code(format!(r#"{{"url": "{}"}}"#, "x".repeat(100_000)).as_bytes()),
+        ReasonCode::TooLongString
+    );
+    assert_eq!(
+        code(format!("[{}0]", "0,".repeat(100_000)).as_bytes()),
+        ReasonCode::TooManyFields
+    );
     assert_eq!(code(&vec![b' '; 2 * 1024 * 1024]), ReasonCode::TooLarge);
     assert_eq!(code(br#"{"url": "u"}"#), ReasonCode::MissingField);
     assert_eq!(
@@ -140,6 +154,81 @@ fn brackets_inside_strings_do_not_count_as_depth() {
     assert!(decode(&deep_string).is_ok());
 }
 
+/// A record with the two required fields and `extra` (`"key": value, ...`) after them.
+fn with_fields(extra: &str) -> String {
+    format!(r#"{{"url": "u", "request_timestamp": "2021-01-01 00:00:00"{extra}}}"#)
+}
+
+fn rejection(value: &str) -> Rejection {
+    decode(value).expect_err("rejected")
+}
+
+#[test]
+fn string_value_or_key_longer_than_max_string_bytes_is_too_long_string() {
+    let limit = 65536;
+    let comment = |len: usize| with_fields(&format!(r#", "comment": "{}""#, "x".repeat(len)));
+    decode(&comment(limit)).expect("a string at the limit decodes");
+    let err = rejection(&comment(limit + 1));
+    assert_eq!(err.code, ReasonCode::TooLongString);
+    assert_eq!(
+        err.reason,
+        "a string of 65537 bytes exceeds sink.max_string_bytes (65536)"
+    );
+
+    let key = |len: usize| with_fields(&format!(r#", "{}": 1"#, "k".repeat(len)));
+    decode(&key(limit)).expect("a key at the limit decodes");
+    assert_eq!(rejection(&key(limit + 1)).code, ReasonCode::TooLongString);
+
+    // Escapes count as written, so the limit also bounds the decoded string.
+    let escaped = with_fields(&format!(
+        r#", "comment": "{}""#,
+        "\\n".repeat(limit / 2 + 1)
+    ));
+    assert_eq!(rejection(&escaped).code, ReasonCode::TooLongString);
+}
+
+#[test]
+fn object_or_array_with_more_than_max_fields_entries_is_too_many_fields() {
+    let limit = 1000;
+    // The two required fields are entries of the top-level object too.
+    let keys = |n: usize| {
+        let extra: String = (0..n - 2).map(|i| format!(r#", "k{i}": {i}"#)).collect();
+        with_fields(&extra)
+    };
+    decode(&keys(limit)).expect("an object at the limit decodes");
+    let err = rejection(&keys(limit + 1));
+    assert_eq!(err.code, ReasonCode::TooManyFields);
+    assert_eq!(
+        err.reason,
+        "an object or array holds more than sink.max_fields (1000) entries"
+    );
+
+    let elements = |n: usize| {
+        let list = vec!["[0]"; n].join(",");
+        with_fields(&format!(r#", "extra": {{"list": [{list}]}}"#))
+    };
+    decode(&elements(limit)).expect("a nested array at the limit decodes");
+    assert_eq!(
+        rejection(&elements(limit + 1)).code,
+        ReasonCode::TooManyFields
+    );
+}
+
+#[test]
+fn entries_are_counted_per_container_and_commas_in_strings_do_not_count() {
+    let d = decoder_with(|sink| sink.max_fields = 3);
+    let decide = |value: &str| d.decode_into(&record(Some(value.as_bytes())), &mut Vec::new());
+    // Top level: url, request_timestamp and one more; the array holds 3 elements.
+    decide(&with_fields(
+        r#", "extra": [1, {"a": 1, "b": 2, "c": 3}, "x,y,z,w"]"#,
+    ))
+    .expect("every container is at the limit");
+    let err = decide(&with_fields(r#", "extra": [1, 2], "more": 1"#)).unwrap_err();
+    assert_eq!(err.code, ReasonCode::TooManyFields, "{}", err.reason);
+    let err = decide(&with_fields(r#", "extra": [1, [2], 3, 4]"#)).unwrap_err();
+    assert_eq!(err.code, ReasonCode::TooManyFields, "{}", err.reason);
+}
+
 #[test]
 fn arbitrary_bytes_never_panic_and_always_decide() {
     use rand::{Rng, SeedableRng};
@@ -192,4 +281,53 @@ fn timestamps_without_offset_are_utc() {
     ] {
         assert_eq!(value::parse_timestamp(bad), None, "{bad}");
     }
+}
+
+#[test]
+fn fuzz_corpus_and_crash_inputs_decode_or_reject_cleanly() {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let decoders = [
+        decoder(),
+        decoder_with(|sink| {
+            [sink.max_json_depth, sink.max_string_bytes, sink.max_fields] =
+                invariants::TIGHT_LIMITS;
+        }),
+    ];
+    // The mapped columns, then topic, partition and offset.
+    let fields = decoders[0].column_names().count() + 3;
+    let mut replayed = 0;
+    for (dir, required) in [("corpus/decode", true), ("artifacts/decode", false)] {
+        let entries = match std::fs::read_dir(fuzz.join(dir)) {
+            Ok(entries) => entries,
+            // Crash artifacts exist only where a fuzz run found something.
+            Err(_) if !required => continue,
+            Err(e) => panic!("fuzz/{dir}: {e}"),
+        };
+        for entry in entries {
+            let path = entry.expect("corpus directory is readable").path();
+            let bytes = std::fs::read(&path).expect("corpus file is readable");
+            // Same record as the fuzz target builds.
+            let mut r = record(Some(&bytes));
+            r.headers = vec![("traceparent".into(), Some(bytes.clone()))];
+            let checked = std::panic::catch_unwind(|| {
+                for d in &decoders {
+                    let before = b"earlier\tline\n";
+                    let mut out = before.to_vec();
+                    let result = d.decode_into(&r, &mut out);
+                    let rejected = result.as_ref().err().map(|e| e.reason.as_str());
+                    invariants::assert_decided(before, &out, fields, rejected);
+                }
+                invariants::assert_storable_dead_letter(
+                    &r.headers_json().to_string(),
+                    r.trace_id().as_deref(),
+                );
+            });
+            assert!(checked.is_ok(), "{} breaks the decoder", path.display());
+            replayed += 1;
+        }
+    }
+    assert!(
+        replayed >= 30,
+        "the seed corpus is there ({replayed} files)"
+    );
 }

@@ -7,6 +7,7 @@ mod core;
 mod deploy;
 mod faults;
 mod helpers;
+mod privileges;
 mod replay;
 mod telemetry;
 mod traces;
