@@ -326,7 +326,27 @@ impl Config {
             merge(&mut tree, parse_yaml(&text, &path.display().to_string())?);
         }
         for (name, value) in env {
-            let keys: Vec<String> = if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+            // `NAME_FILE=path` gives a variable's value from a file (container secrets);
+            // the value is taken as text, never parsed.
+            let (name, value) = match name.strip_suffix("_FILE") {
+                Some(base) if base.starts_with(ENV_PREFIX) || base == "DATABASE_URL" => {
+                    let text =
+                        std::fs::read_to_string(&value).map_err(|source| ConfigError::Read {
+                            path: format!("{value} (named by {name})"),
+                            source,
+                        })?;
+                    let text = text.trim_end_matches(['\n', '\r']).to_owned();
+                    (base.to_owned(), Value::String(text))
+                }
+                _ => {
+                    let parsed = serde_yaml_ng::from_str(&value).unwrap_or(Value::String(value));
+                    (name, parsed)
+                }
+            };
+            let keys: Vec<String> = if name == "DATABASE_URL" {
+                // Only as DATABASE_URL_FILE: DATABASE_URL itself is the --database-url flag.
+                vec!["postgres".to_owned(), "url".to_owned()]
+            } else if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
                 rest.split("__").map(str::to_lowercase).collect()
             } else if let Some(key) = name
                 .strip_prefix("OTEL_")
@@ -337,7 +357,6 @@ impl Config {
             } else {
                 continue;
             };
-            let value = serde_yaml_ng::from_str(&value).unwrap_or(Value::String(value));
             set_path(&mut tree, &keys, value).map_err(|problem| invalid(&name, problem))?;
         }
         let mut config: Config =
@@ -824,5 +843,24 @@ mod tests {
         let c = load_yaml(&pointer.replace("bytes: 3", "bytes: 5"), vec![])
             .expect("a pointer's keys are its segments");
         assert_eq!(c.sink.max_fields, 1);
+    }
+
+    #[test]
+    fn secrets_come_from_files_named_by_file_variables() {
+        let dir = std::env::temp_dir().join(format!("kpi-secret-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&dir, "postgres://app:s3cret@db:5432/ingest\n").expect("writable");
+        let path = dir.to_str().expect("UTF-8 path");
+        for var in ["DATABASE_URL_FILE", "KAFKA_PG_INGEST__POSTGRES__URL_FILE"] {
+            let c = load_yaml("{}", vec![(var, path)]).expect("loads");
+            assert_eq!(
+                c.postgres.url.expose_secret(),
+                "postgres://app:s3cret@db:5432/ingest",
+                "{var}"
+            );
+            assert!(!format!("{c:?}").contains("s3cret"));
+        }
+        let _ = std::fs::remove_file(&dir);
+        let err = load_yaml("{}", vec![("DATABASE_URL_FILE", "/nonexistent/kpi")]).unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL_FILE"), "{err}");
     }
 }

@@ -429,13 +429,18 @@ async fn measure_worker(
     let mut claimed: Option<(Instant, i64)> = None;
     let mut peak_rss = 0;
     loop {
-        let (partitions, stored): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(next_offset), 0)::int8 FROM ingest.offsets WHERE consumer_group = $1",
+        let (partitions, stored, slowest): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(next_offset), 0)::int8, coalesce(min(next_offset), 0)::int8 \
+             FROM ingest.offsets WHERE consumer_group = $1",
         )
         .bind(&group)
         .fetch_one(pool)
         .await?;
-        consumed.store(stored, Ordering::Relaxed);
+        // The feeder paces by the slowest partition: the broker's retention is per
+        // partition, and one partition left behind must not lose records to it.
+        let all_claimed = partitions == i64::from(source.partitions);
+        let slowest = if all_claimed { slowest } else { 0 };
+        consumed.store(slowest * i64::from(source.partitions), Ordering::Relaxed);
         if let Some((rss, _)) = process::memory(pid) {
             peak_rss = peak_rss.max(rss);
         }

@@ -289,3 +289,64 @@ async fn dev_broker_and_dev_produce_feed_a_worker_that_lands_every_message_once(
     );
     db.drop().await;
 }
+
+/// A password in the database URL, as a secret to look for in everything printed.
+const PASSWORD: &str = "Pw-s3cret-7f3a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_password_never_appears_in_trace_logs_or_errors() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    kafka.produce(valid_messages(0, 50));
+    // Trust authentication ignores the password, so the run succeeds with it in the URL.
+    let with_password = db
+        .url
+        .replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
+    let unreachable = format!("postgres://postgres:{PASSWORD}@127.0.0.1:1/nowhere");
+    let mut outputs = Vec::new();
+    for (url, should_succeed) in [(with_password, true), (unreachable, false)] {
+        let mut args = vec![
+            "run".to_owned(),
+            "--brokers".into(),
+            kafka.brokers.clone(),
+            "--database-url".into(),
+            url,
+            "--group".into(),
+            kafka.group.clone(),
+            "--topic".into(),
+            kafka.topic.clone(),
+            "--cycles".into(),
+            "40".into(),
+        ];
+        for (key, value) in fast_group_options() {
+            args.extend(["--kafka-option".to_owned(), format!("{key}={value}")]);
+        }
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(BINARY)
+                .args(&args)
+                .envs(test_env())
+                .env("RUST_LOG", "trace")
+                .env("KAFKA_PG_INGEST__POSTGRES__CONNECT_RETRY_SECS", "1")
+                .output()
+                .expect("binary runs")
+        })
+        .await
+        .expect("joined");
+        assert_eq!(output.status.success(), should_succeed, "{output:?}");
+        outputs.push(output);
+    }
+    assert_landed_once(&db, &kafka, 50, 0).await;
+    for output in &outputs {
+        let printed = [&output.stdout[..], &output.stderr[..]].concat();
+        let printed = String::from_utf8_lossy(&printed);
+        assert!(!printed.contains(PASSWORD), "the password leaked");
+    }
+    let run_log = String::from_utf8_lossy(&outputs[0].stderr);
+    assert!(run_log.contains(" TRACE "), "TRACE logging was on");
+    let error = String::from_utf8_lossy(&outputs[1].stderr);
+    assert!(
+        error.contains("postgres://postgres:***@127.0.0.1:1/nowhere"),
+        "the error names the masked URL: {error}"
+    );
+    db.drop().await;
+}
