@@ -237,6 +237,9 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
         seed,
     };
     let producer = tokio::task::spawn_blocking(move || produce(&produce_options));
+    // Faults start once the producer has read the topic's metadata: a broker paused
+    // before that would fail the campaign's own producer, not the workers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut faults = vec![Fault::Kill; rig.options.kills as usize];
     faults.extend([
@@ -439,9 +442,11 @@ impl Rig {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             self.restart_exited()?;
-            let ends = tokio::task::block_in_place(|| self.end_offsets(&consumer))?;
-            if self.stored_offsets().await? == ends {
-                return Ok(());
+            // The broker may still be recovering from a fault: a failed read is retried.
+            match tokio::task::block_in_place(|| self.end_offsets(&consumer)) {
+                Ok(ends) if self.stored_offsets().await? == ends => return Ok(()),
+                Ok(_) => {}
+                Err(e) => eprintln!("chaos: reading end offsets failed ({e}); retrying"),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -517,7 +522,15 @@ impl Rig {
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("{}-inspect", self.group))
             .create()?;
-        let ends = tokio::task::block_in_place(|| self.end_offsets(&consumer))?;
+        let mut ends = tokio::task::block_in_place(|| self.end_offsets(&consumer));
+        for _ in 0..5 {
+            if ends.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ends = tokio::task::block_in_place(|| self.end_offsets(&consumer));
+        }
+        let ends = ends?;
         self.summary.offsets_off = ends.iter().filter(|e| !stored.contains(e)).count();
         if self.summary.missing > 0 {
             for p in 0..self.options.partitions {
