@@ -32,6 +32,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::config::{Config, Overrides};
 use crate::decode::Decoder;
+use crate::dev::reaped::Reaped;
 use crate::record::Record;
 use crate::sample;
 
@@ -387,35 +388,37 @@ async fn measure_worker(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let group = format!("{topic}-{}", table.replace('.', "-"));
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "run",
-            "--brokers",
-            &source.brokers,
-            "--database-url",
-            &options.database_url,
-            "--group",
-            &group,
-            "--topic",
-            topic,
-            "--log-format",
-            "json",
-        ])
-        .env("KAFKA_PG_INGEST__SINK__TABLE", table)
-        .env("KAFKA_PG_INGEST__SINK__WRITE_METHOD", write_method)
-        .env(
-            "KAFKA_PG_INGEST__BATCH__MAX_RECORDS",
-            options.batch_size.to_string(),
-        )
-        .env(
-            "RUST_LOG",
-            std::env::var("KPI_BENCH_WORKER_LOG")
-                .unwrap_or_else(|_| "info,librdkafka=error".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("failed to start the worker")?;
+    let mut child = Reaped(
+        Command::new(std::env::current_exe()?)
+            .args([
+                "run",
+                "--brokers",
+                &source.brokers,
+                "--database-url",
+                &options.database_url,
+                "--group",
+                &group,
+                "--topic",
+                topic,
+                "--log-format",
+                "json",
+            ])
+            .env("KAFKA_PG_INGEST__SINK__TABLE", table)
+            .env("KAFKA_PG_INGEST__SINK__WRITE_METHOD", write_method)
+            .env(
+                "KAFKA_PG_INGEST__BATCH__MAX_RECORDS",
+                options.batch_size.to_string(),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("KPI_BENCH_WORKER_LOG")
+                    .unwrap_or_else(|_| "info,librdkafka=error".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("failed to start the worker")?,
+    );
     let pid = child.id();
     let stderr = child.stderr.take().context("worker stderr")?;
     let log = std::thread::spawn(move || {
@@ -470,9 +473,7 @@ async fn measure_worker(
     if let Some((_, hwm)) = process::memory(pid) {
         peak_rss = peak_rss.max(hwm);
     }
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
+    child.signal("TERM")?;
     let status = tokio::task::spawn_blocking(move || child.wait()).await??;
     let lines = log
         .join()

@@ -11,7 +11,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -22,6 +22,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
 use super::proxy::Proxy;
+use super::reaped::Reaped;
 use super::{ProduceOptions, produce};
 
 /// Flags of `dev chaos`.
@@ -165,40 +166,13 @@ impl fmt::Display for Summary {
     }
 }
 
-/// A child process killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Process {
-    fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.0.id().to_string()])
-            .status()
-            .context("running kill")?;
-        ensure!(status.success(), "kill -{signal} failed");
-        Ok(())
-    }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(Some(_)))
-    }
-}
-
 /// Everything a campaign runs against.
 struct Rig {
     options: ChaosOptions,
     binary: PathBuf,
     logs: PathBuf,
     brokers: String,
-    broker: Process,
+    broker: Reaped,
     topic: String,
     group: String,
     /// The campaign's database, directly and through the proxy.
@@ -206,7 +180,7 @@ struct Rig {
     admin: PgPool,
     pool: PgPool,
     proxy: Proxy,
-    workers: Vec<Process>,
+    workers: Vec<Reaped>,
     started: u32,
     summary: Summary,
 }
@@ -309,7 +283,7 @@ impl Rig {
             binary,
             logs,
             brokers,
-            broker: Process(broker),
+            broker: Reaped(broker),
             topic,
             group: format!("chaos-{id}"),
             database,
@@ -357,7 +331,7 @@ impl Rig {
             .stderr(log)
             .spawn()
             .context("starting a worker")?;
-        self.workers.push(Process(child));
+        self.workers.push(Reaped(child));
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use crate::sample::{self, SampleProducer};
 
 pub mod chaos;
 pub mod proxy;
+pub mod reaped;
 
 /// Runs librdkafka's mock cluster with `topics` until `shutdown`; prints the bootstrap
 /// address as the first line of stdout.

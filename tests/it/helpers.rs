@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use kafka_pg_ingest::config::{Config, Overrides};
+pub use kafka_pg_ingest::dev::reaped::Reaped;
 use kafka_pg_ingest::pipeline::Pipeline;
 use kafka_pg_ingest::sample;
 use rdkafka::mocking::MockCluster;
@@ -399,31 +400,6 @@ pub async fn serve_endpoints(
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_kafka-pg-ingest");
 
-/// A child process that is killed when dropped, so a failing test leaves none behind.
-pub struct Reaped(pub std::process::Child);
-
-impl std::ops::Deref for Reaped {
-    type Target = std::process::Child;
-    fn deref(&self) -> &std::process::Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Reaped {
-    fn deref_mut(&mut self) -> &mut std::process::Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// `run` of the real binary against this test's broker, topic, group and database, with
 /// the test's fast group options.
 pub fn worker_command(kafka: &TestKafka, db: &TestDb) -> std::process::Command {
@@ -448,9 +424,6 @@ pub fn worker_command(kafka: &TestKafka, db: &TestDb) -> std::process::Command {
 
 /// Sends SIGTERM to `child` and waits for it to exit.
 pub fn terminate(child: &mut Reaped) -> std::process::ExitStatus {
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
+    child.signal("TERM").expect("kill runs");
     child.wait().expect("reaped")
 }
