@@ -18,10 +18,10 @@ use tracing::{Instrument, Span};
 
 use crate::config::Config;
 use crate::decode::{Decoder, ReasonCode};
-use crate::kafka::{self, Assignments, IngestConsumer, Observers, PartitionState, TopicPartition};
+use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
-use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
+use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError, StoredOffset};
 use crate::telemetry::http::{self, Endpoints};
 use crate::telemetry::metrics::{ClassLabel, PartitionLabel, ReasonLabel};
 use crate::telemetry::spans;
@@ -301,32 +301,24 @@ impl Pipeline {
     /// Re-positions owned partitions whose stored row no longer says what this worker
     /// holds: an operator moved the offset, or another worker took the partition.
     async fn follow_moved_offsets(&mut self) -> Result<(), StoreError> {
-        let owned: Vec<(TopicPartition, PartitionState)> = self
-            .assignments
-            .lock()
-            .iter()
-            .map(|(tp, state)| (tp.clone(), *state))
-            .collect();
+        let owned: Vec<TopicPartition> = self.assignments.lock().keys().cloned().collect();
         if owned.is_empty() {
             return Ok(());
         }
-        let partitions: Vec<TopicPartition> = owned.iter().map(|(tp, _)| tp.clone()).collect();
-        let stored = self.store.stored_offsets(&partitions).await?;
-        let moved: Vec<TopicPartition> = owned
-            .into_iter()
-            .filter(|((topic, partition), state)| {
-                stored.iter().any(|row| {
-                    row.topic == *topic
-                        && row.partition == *partition
-                        && (row.epoch != state.epoch || row.next_offset != state.next_offset)
+        let stored = self.store.stored_offsets(&owned).await?;
+        let moved: Vec<StoredOffset> = {
+            let assignments = self.assignments.lock();
+            stored
+                .into_iter()
+                .filter(|row| {
+                    assignments
+                        .get(&(row.topic.clone(), row.partition))
+                        .is_some_and(|s| s.epoch != row.epoch || s.next_offset != row.next_offset)
                 })
-            })
-            .map(|(tp, _)| tp)
-            .collect();
-        if moved.is_empty() {
-            return Ok(());
-        }
-        self.reposition(&moved).await
+                .collect()
+        };
+        self.reposition(moved);
+        Ok(())
     }
 
     /// Sets `next_offset` and `lag` of every owned partition; retracts the others.
@@ -406,8 +398,9 @@ impl Pipeline {
                         .iter()
                         .map(|r| (r.topic.clone(), r.partition))
                         .collect();
-                    if let Err(e) = self.reposition(&partitions).await {
-                        self.wait_or_fail(e, &mut delays, shutdown).await?;
+                    match self.store.stored_offsets(&partitions).await {
+                        Ok(stored) => self.reposition(stored),
+                        Err(e) => self.wait_or_fail(e, &mut delays, shutdown).await?,
                     }
                     batch = self.without(batch, &fenced);
                     all_fenced.extend(fenced);
@@ -663,11 +656,14 @@ impl Pipeline {
         Ok((!fenced.is_empty()).then_some(CommitOutcome::Fenced(fenced)))
     }
 
-    /// Re-reads fenced partitions' rows: where this worker still holds the claim (an
-    /// operator moved the offset), continue from the stored offset; otherwise forget the
-    /// partition until the group hands it back.
-    async fn reposition(&mut self, partitions: &[TopicPartition]) -> Result<(), StoreError> {
-        let stored = self.store.stored_offsets(partitions).await?;
+    /// Follows the stored rows of partitions found moved: where this worker still holds
+    /// the claim (an operator moved the offset), continue from the stored offset;
+    /// otherwise forget the partition until the group hands it back.
+    fn reposition(&mut self, stored: Vec<StoredOffset>) {
+        let partitions: Vec<TopicPartition> = stored
+            .iter()
+            .map(|row| (row.topic.clone(), row.partition))
+            .collect();
         let mut seeks = Vec::new();
         {
             let mut assignments = self.assignments.lock();
@@ -709,7 +705,6 @@ impl Pipeline {
                 tracing::warn!(error = %e, topic = %topic, partition, "seek after fencing failed");
             }
         }
-        Ok(())
     }
 
     /// Fails on a non-transient error; otherwise waits one backoff delay with the
