@@ -236,11 +236,8 @@ impl Store {
             .execute(&mut *conn)
             .await?;
         copy(conn, &sql.copy_staging, data).await?;
-        let inserted = sqlx::query(AssertSqlSafe(sql.insert_kept.clone()))
-            .bind(&kept.topics)
-            .bind(&kept.partitions)
-            .bind(&kept.froms)
-            .bind(&kept.untils)
+        let inserted = kept
+            .bind(sqlx::query(AssertSqlSafe(sql.insert_kept.clone())))
             .execute(&mut *conn)
             .await?;
         // Emptied now: a bisection reuses the table within the same transaction.
@@ -262,26 +259,21 @@ impl Store {
         }
         let all = Ranges::of(replays.iter());
         let replaced = Ranges::of(replays.iter().filter(|r| !r.keep));
-        sqlx::query(
+        all.bind(sqlx::query(
             "DELETE FROM ingest.dead_letters d \
-             USING unnest($2::text[], $3::int4[], $4::int8[], $5::int8[]) AS k(t, p, f, u) \
-             WHERE d.consumer_group = $1 AND d.topic = k.t AND d.partition = k.p \
+             USING unnest($1::text[], $2::int4[], $3::int8[], $4::int8[]) AS k(t, p, f, u) \
+             WHERE d.consumer_group = $5 AND d.topic = k.t AND d.partition = k.p \
                AND d.\"offset\" >= k.f AND d.\"offset\" < k.u",
-        )
+        ))
         .bind(&self.group)
-        .bind(&all.topics)
-        .bind(&all.partitions)
-        .bind(&all.froms)
-        .bind(&all.untils)
         .execute(&mut *conn)
         .await
         .map_err(db("clear the dead letters of a replay"))?;
         if !replaced.is_empty() {
-            sqlx::query(AssertSqlSafe(self.replay_sql.delete_replaced.clone()))
-                .bind(&replaced.topics)
-                .bind(&replaced.partitions)
-                .bind(&replaced.froms)
-                .bind(&replaced.untils)
+            replaced
+                .bind(sqlx::query(AssertSqlSafe(
+                    self.replay_sql.delete_replaced.clone(),
+                )))
                 .execute(&mut *conn)
                 .await
                 .map_err(db("clear the rows a replay replaces"))?;
@@ -358,6 +350,18 @@ impl<'a> Ranges<'a> {
 
     pub(super) fn is_empty(&self) -> bool {
         self.topics.is_empty()
+    }
+
+    /// Binds the ranges as `$1..$4`: topics, partitions, first offsets, end offsets.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.topics)
+            .bind(&self.partitions)
+            .bind(&self.froms)
+            .bind(&self.untils)
     }
 }
 
