@@ -113,6 +113,17 @@ pub struct PlannedMove {
     pub reread: i64,
 }
 
+impl PlannedMove {
+    fn new(partition: i32, from: Option<i64>, to: i64) -> Self {
+        Self {
+            partition,
+            from,
+            to,
+            reread: from.map_or(0, |from| (from - to).max(0)),
+        }
+    }
+}
+
 /// What a rewind will do (or did, when `applied`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RewindPlan {
@@ -158,12 +169,7 @@ pub async fn rewind(
     let mut moves: Vec<PlannedMove> = rows
         .iter()
         .zip(targets)
-        .map(|(row, to)| PlannedMove {
-            partition: row.partition,
-            from: row.next_offset,
-            to,
-            reread: row.next_offset.map_or(0, |from| (from - to).max(0)),
-        })
+        .map(|(row, to)| PlannedMove::new(row.partition, row.next_offset, to))
         .collect();
     if apply {
         let wanted: Vec<(i32, i64)> = moves.iter().map(|m| (m.partition, m.to)).collect();
@@ -171,12 +177,7 @@ pub async fn rewind(
         let moved = admin::rewind(&pool, group, topic, &wanted, keep).await?;
         moves = moved
             .into_iter()
-            .map(|m| PlannedMove {
-                partition: m.partition,
-                from: m.from,
-                to: m.to,
-                reread: m.from.map_or(0, |from| (from - m.to).max(0)),
-            })
+            .map(|m| PlannedMove::new(m.partition, m.from, m.to))
             .collect();
     }
     Ok(RewindPlan {
