@@ -383,12 +383,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
                 database_url: args.database.database_url,
             })
             .await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{report}");
-            }
-            Ok(())
+            print_report(args.json, &report, |r| r.to_string())
         }
         Tool::Dev(DevCommand::Broker { topics, partitions }) => {
             let shutdown = CancellationToken::new();
@@ -427,16 +422,26 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
     }
 }
 
+/// Prints `value` as pretty JSON when `json`, else as the text `text` makes of it.
+fn print_report<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text(value));
+    }
+    Ok(())
+}
+
 async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
     match command {
         OffsetsCommand::Show { ops, json } => {
             let config = ops.load()?;
             let statuses = ops::show(&config, ops.group.as_deref()).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&statuses)?);
-            } else {
-                print!("{}", ops::format_offsets(&statuses));
-            }
+            print_report(json, &statuses, |s| ops::format_offsets(s))?;
         }
         OffsetsCommand::Rewind(args) => {
             let config = args.ops.load()?;
@@ -454,11 +459,7 @@ async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
                 args.yes,
             )
             .await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
-            } else {
-                print!("{}", ops::format_plan(&plan));
-            }
+            print_report(args.json, &plan, ops::format_plan)?;
         }
     }
     Ok(())
@@ -481,20 +482,12 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 ..DeadLetterFilter::default()
             };
             let listing = ops::list_dead_letters(&config, &filter, limit).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&listing)?);
-            } else {
-                print!("{}", ops::format_listing(&listing));
-            }
+            print_report(json, &listing, ops::format_listing)?;
         }
         DlqCommand::Show { ops, id, json } => {
             let config = ops.load()?;
             let letter = ops::show_dead_letter(&config, id).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&letter)?);
-            } else {
-                print!("{}", ops::format_dead_letter(&letter));
-            }
+            print_report(json, &letter, ops::format_dead_letter)?;
         }
         DlqCommand::Retry(RetryArgs {
             ops, ids, reason, ..
