@@ -24,18 +24,15 @@ use sqlx::{AssertSqlSafe, PgPool};
 use super::proxy::Proxy;
 use super::reaped::Reaped;
 use super::{ProduceOptions, produce};
+use crate::cli::LocalDatabase;
 
 /// Flags of `dev chaos`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosOptions {
-    /// Postgres server (admin connection); the campaign creates and drops a database there.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    pub database_url: String,
+    /// The Postgres server (an admin connection): the campaign creates and drops its own
+    /// database there.
+    #[command(flatten)]
+    pub database: LocalDatabase,
     /// Messages to produce.
     #[arg(long, default_value_t = 200_000)]
     pub messages: u64,
@@ -180,6 +177,8 @@ struct Rig {
     admin: PgPool,
     pool: PgPool,
     proxy: Proxy,
+    /// Reads the partitions' watermarks; in no group.
+    inspector: BaseConsumer,
     workers: Vec<Reaped>,
     started: u32,
     summary: Summary,
@@ -233,9 +232,9 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
     let produced = producer.await.context("the producer thread failed")??;
     rig.summary.valid = produced.valid;
     rig.summary.malformed = produced.malformed.values().sum();
-    rig.catch_up(Duration::from_secs(180)).await?;
+    let ends = rig.catch_up(Duration::from_secs(180)).await?;
     rig.stop_workers().await;
-    rig.check().await?;
+    rig.check(&ends).await?;
     rig.summary.seed = seed;
     rig.summary.elapsed = started.elapsed();
     let keep = rig.options.keep_database || !rig.summary.passed();
@@ -262,22 +261,27 @@ impl Rig {
         let brokers = line.trim().to_owned();
         ensure!(!brokers.is_empty(), "`dev broker` printed no address");
 
+        let group = format!("chaos-{id}");
+        let inspector = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("{group}-inspect"))
+            .create()?;
         let database = format!("kpi_chaos_{}", id.replace('-', "_"));
         let admin = PgPoolOptions::new()
             .max_connections(2)
-            .connect(&options.database_url)
+            .connect(&options.database.database_url)
             .await
             .context("connecting to --database-url")?;
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {database}")))
             .execute(&admin)
             .await?;
-        let direct = with_database(&options.database_url, &database)?;
+        let direct = with_database(&options.database.database_url, &database)?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .connect(&direct)
             .await?;
         crate::store::migrate(&pool).await?;
-        let target = postgres_address(&options.database_url)?;
+        let target = postgres_address(&options.database.database_url)?;
         let proxy = Proxy::start(target).await?;
         Ok(Self {
             binary,
@@ -285,11 +289,12 @@ impl Rig {
             brokers,
             broker: Reaped(broker),
             topic,
-            group: format!("chaos-{id}"),
+            group,
             database,
             admin,
             pool,
             proxy,
+            inspector,
             workers: Vec::new(),
             started: 0,
             summary: Summary {
@@ -306,7 +311,7 @@ impl Rig {
         self.started += 1;
         let url = format!(
             "postgres://{}@127.0.0.1:{}/{}",
-            user_of(&self.options.database_url),
+            user_of(&self.options.database.database_url),
             self.proxy.port,
             self.database
         );
@@ -408,17 +413,14 @@ impl Rig {
 
     /// Waits until every partition's stored offset is its end offset, restarting workers
     /// that exit meanwhile.
-    async fn catch_up(&mut self, limit: Duration) -> anyhow::Result<()> {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("{}-inspect", self.group))
-            .create()?;
+    /// Returns those end offsets.
+    async fn catch_up(&mut self, limit: Duration) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             self.restart_exited()?;
             // The broker may still be recovering from a fault: a failed read is retried.
-            match tokio::task::block_in_place(|| self.end_offsets(&consumer)) {
-                Ok(ends) if self.stored_offsets().await? == ends => return Ok(()),
+            match tokio::task::block_in_place(|| self.end_offsets()) {
+                Ok(ends) if self.stored_offsets().await? == ends => return Ok(ends),
                 Ok(_) => {}
                 Err(e) => eprintln!("chaos: reading end offsets failed ({e}); retrying"),
             }
@@ -433,11 +435,12 @@ impl Rig {
     /// Each partition's high watermark. (The in-process broker deletes the oldest records
     /// past ~5 MB per partition; records deleted before they were consumed show up as
     /// missing: lower --rate then.)
-    fn end_offsets(&self, consumer: &BaseConsumer) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
+    fn end_offsets(&self) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
         (0..self.options.partitions)
             .map(|p| {
                 let (_, high) =
-                    consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(10))?;
+                    self.inspector
+                        .fetch_watermarks(&self.topic, p, Duration::from_secs(10))?;
                 Ok((p, Some(high)))
             })
             .collect()
@@ -468,8 +471,9 @@ impl Rig {
         .await;
     }
 
-    /// Counts what Postgres holds against what was produced.
-    async fn check(&mut self) -> anyhow::Result<()> {
+    /// Counts what Postgres holds against what was produced and against the partitions'
+    /// end offsets (`ends`, final once the producer is done).
+    async fn check(&mut self, ends: &[(i32, Option<i64>)]) -> anyhow::Result<()> {
         let (rows, coordinates, comments): (i64, i64, i64) = sqlx::query_as(
             "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)), count(DISTINCT comment) \
              FROM web_metrics.metrics WHERE kafka_topic = $1",
@@ -492,24 +496,12 @@ impl Rig {
         s.duplicates = (rows - comments) + (rows - coordinates) + (dead - dead_offsets);
         s.missing = (s.valid as i64 - comments).max(0) + (s.malformed as i64 - dead_offsets).max(0);
         let stored = self.stored_offsets().await?;
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("{}-inspect", self.group))
-            .create()?;
-        let mut ends = tokio::task::block_in_place(|| self.end_offsets(&consumer));
-        for _ in 0..5 {
-            if ends.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            ends = tokio::task::block_in_place(|| self.end_offsets(&consumer));
-        }
-        let ends = ends?;
         self.summary.offsets_off = ends.iter().filter(|e| !stored.contains(e)).count();
         if self.summary.missing > 0 {
             for p in 0..self.options.partitions {
                 if let Ok((low, _)) = tokio::task::block_in_place(|| {
-                    consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+                    self.inspector
+                        .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
                 }) && low > 0
                 {
                     eprintln!(
