@@ -27,25 +27,6 @@ async fn behind_proxy(partitions: i32, messages: u64) -> (TestDb, Proxy, TestKaf
     (db, proxy, kafka, config)
 }
 
-/// Steps a pipeline on its own task until the stored offsets reach `total` or `stop`
-/// is cancelled; hands back the stats.
-fn drive(
-    mut pipeline: Pipeline,
-    pool: PgPool,
-    group: String,
-    topic: String,
-    total: i64,
-    stop: CancellationToken,
-) -> JoinHandle<Stats> {
-    tokio::spawn(async move {
-        let token = CancellationToken::new();
-        while !stop.is_cancelled() && stored_total(&pool, &group, &topic).await < total {
-            pipeline.step(&token).await.expect("step succeeds");
-        }
-        pipeline.close().await
-    })
-}
-
 /// A pipeline stepping on its own task until the stored offsets reach `until` or it is
 /// stopped.
 struct Worker {

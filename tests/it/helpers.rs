@@ -5,12 +5,13 @@ use std::time::{Duration, Instant};
 
 use kafka_pg_ingest::config::{Config, Overrides};
 pub use kafka_pg_ingest::dev::reaped::Reaped;
-use kafka_pg_ingest::pipeline::Pipeline;
+use kafka_pg_ingest::pipeline::{Pipeline, Stats};
 use kafka_pg_ingest::sample;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The server tests create their databases on.
@@ -426,4 +427,23 @@ pub fn worker_command(kafka: &TestKafka, db: &TestDb) -> std::process::Command {
 pub fn terminate(child: &mut Reaped) -> std::process::ExitStatus {
     child.signal("TERM").expect("kill runs");
     child.wait().expect("reaped")
+}
+
+/// Steps a pipeline on its own task until the stored offsets reach `total` or `stop`
+/// is cancelled; hands back the stats.
+pub fn drive(
+    mut pipeline: Pipeline,
+    pool: PgPool,
+    group: String,
+    topic: String,
+    total: i64,
+    stop: CancellationToken,
+) -> JoinHandle<Stats> {
+    tokio::spawn(async move {
+        let token = CancellationToken::new();
+        while !stop.is_cancelled() && stored_total(&pool, &group, &topic).await < total {
+            pipeline.step(&token).await.expect("step succeeds");
+        }
+        pipeline.close().await
+    })
 }

@@ -4,7 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use kafka_pg_ingest::ops::{self, PlannedMove, RewindTarget};
-use kafka_pg_ingest::pipeline::Pipeline;
+use kafka_pg_ingest::pipeline::{Pipeline, Stats};
 use kafka_pg_ingest::store::admin::DeadLetterFilter;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -12,24 +12,24 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::helpers::*;
 
-/// A pipeline stepping on its own task; stopped when dropped, so a failing test does not
-/// leave it running.
+/// A pipeline stepping on its own task (with [`drive`]); stopped when dropped, so a
+/// failing test does not leave it running.
 struct Background {
-    task: JoinHandle<Pipeline>,
+    task: JoinHandle<Stats>,
     _stop: DropGuard,
 }
 
 impl Background {
-    fn start(mut pipeline: Pipeline) -> Self {
+    fn start(pipeline: Pipeline, db: &TestDb, kafka: &TestKafka) -> Self {
         let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let task = tokio::spawn(async move {
-            let running = CancellationToken::new();
-            while !stopped.is_cancelled() {
-                pipeline.step(&running).await.expect("step succeeds");
-            }
-            pipeline
-        });
+        let task = drive(
+            pipeline,
+            db.pool.clone(),
+            kafka.group.clone(),
+            kafka.topic.clone(),
+            i64::MAX,
+            stop.clone(),
+        );
         Self {
             task,
             _stop: stop.drop_guard(),
@@ -40,7 +40,7 @@ impl Background {
     async fn close(self) {
         let Self { task, _stop } = self;
         drop(_stop);
-        task.await.expect("worker task").close().await;
+        task.await.expect("worker task");
     }
 }
 
@@ -77,7 +77,8 @@ async fn rewind_by_offset_on_a_live_worker_replaces_re_read_rows_and_lands_the_s
     let kafka = TestKafka::new(2);
     kafka.produce(valid_messages(0, 1_000));
     let config = kafka.config(&db);
-    let worker = Background::start(Pipeline::connect(config.clone()).await.expect("starts"));
+    let pipeline = Pipeline::connect(config.clone()).await.expect("starts");
+    let worker = Background::start(pipeline, &db, &kafka);
     wait_for("the first 1,000", Duration::from_secs(60), || async {
         stored_total(&db.pool, &kafka.group, &kafka.topic).await == 1_000
     })
@@ -174,7 +175,8 @@ async fn rewind_by_time_with_keep_restores_missing_rows_and_leaves_existing_ones
     let kafka = TestKafka::new(2);
     kafka.produce(valid_messages(0, 400));
     let config = kafka.config(&db);
-    let worker = Background::start(Pipeline::connect(config.clone()).await.expect("starts"));
+    let pipeline = Pipeline::connect(config.clone()).await.expect("starts");
+    let worker = Background::start(pipeline, &db, &kafka);
     wait_for("the first wave", Duration::from_secs(60), || async {
         stored_total(&db.pool, &kafka.group, &kafka.topic).await == 400
     })
@@ -236,7 +238,8 @@ async fn a_dump_restored_into_a_fresh_database_resumes_from_its_offsets_and_ends
     kafka.produce(valid_messages(0, 3_000));
     let mut config = kafka.config(&db);
     config.batch.max_records = 100;
-    let worker = Background::start(Pipeline::connect(config.clone()).await.expect("starts"));
+    let pipeline = Pipeline::connect(config.clone()).await.expect("starts");
+    let worker = Background::start(pipeline, &db, &kafka);
     wait_for("ingest under way", Duration::from_secs(60), || async {
         stored_total(&db.pool, &kafka.group, &kafka.topic).await >= 600
     })
