@@ -40,14 +40,7 @@ impl Worker {
         let pipeline = Pipeline::connect(config).await.expect("worker starts");
         let owner = pipeline.owner().to_owned();
         let stop = CancellationToken::new();
-        let task = drive(
-            pipeline,
-            db.pool.clone(),
-            kafka.group.clone(),
-            kafka.topic.clone(),
-            until,
-            stop.clone(),
-        );
+        let task = drive(pipeline, db, kafka, until, stop.clone());
         Self { owner, stop, task }
     }
 
@@ -289,14 +282,7 @@ async fn readyz_answers_503_while_the_database_is_down_and_200_after() {
     let addr = serve_endpoints(&pipeline, stop_http.clone()).await;
     // Keep the loop polling so the consumer joins and reports its group state.
     let stop = CancellationToken::new();
-    let task = drive(
-        pipeline,
-        db.pool.clone(),
-        kafka.group.clone(),
-        kafka.topic.clone(),
-        i64::MAX,
-        stop.clone(),
-    );
+    let task = drive(pipeline, &db, &kafka, i64::MAX, stop.clone());
     let ready = || async { http_get(addr, "/readyz").await.0 };
 
     wait_for(

@@ -433,12 +433,12 @@ pub fn terminate(child: &mut Reaped) -> std::process::ExitStatus {
 /// is cancelled; hands back the stats.
 pub fn drive(
     mut pipeline: Pipeline,
-    pool: PgPool,
-    group: String,
-    topic: String,
+    db: &TestDb,
+    kafka: &TestKafka,
     total: i64,
     stop: CancellationToken,
 ) -> JoinHandle<Stats> {
+    let (pool, group, topic) = (db.pool.clone(), kafka.group.clone(), kafka.topic.clone());
     tokio::spawn(async move {
         let token = CancellationToken::new();
         while !stop.is_cancelled() && stored_total(&pool, &group, &topic).await < total {

@@ -22,14 +22,7 @@ struct Background {
 impl Background {
     fn start(pipeline: Pipeline, db: &TestDb, kafka: &TestKafka) -> Self {
         let stop = CancellationToken::new();
-        let task = drive(
-            pipeline,
-            db.pool.clone(),
-            kafka.group.clone(),
-            kafka.topic.clone(),
-            i64::MAX,
-            stop.clone(),
-        );
+        let task = drive(pipeline, db, kafka, i64::MAX, stop.clone());
         Self {
             task,
             _stop: stop.drop_guard(),
