@@ -72,19 +72,22 @@ pub fn describe(span: &Span, batch: &Batch, group: &str, table: &str) {
         "kafka_pg_ingest.offset_ranges",
         Value::Array(Array::String(ranges)),
     );
-    span.set_attribute("db.system", "postgresql");
-    span.set_attribute("db.system.name", "postgresql");
-    span.set_attribute("db.collection.name", table.to_owned());
+    database(span, table);
 }
 
 /// A `commit` child of the current span: one transaction attempt.
 pub fn commit(table: &str) -> Span {
     let span = tracing::info_span!("commit", otel.kind = "client");
+    database(&span, table);
+    span.set_attribute("db.operation.name", "COPY");
+    span
+}
+
+/// The database attributes (both the old `db.system` and the current `db.system.name`).
+fn database(span: &Span, table: &str) {
     span.set_attribute("db.system", "postgresql");
     span.set_attribute("db.system.name", "postgresql");
-    span.set_attribute("db.operation.name", "COPY");
     span.set_attribute("db.collection.name", table.to_owned());
-    span
 }
 
 /// How the batch ended.
