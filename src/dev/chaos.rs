@@ -18,7 +18,7 @@ use anyhow::{Context, bail, ensure};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool};
 
 use super::proxy::Proxy;
@@ -267,22 +267,25 @@ impl Rig {
             .set("group.id", format!("{group}-inspect"))
             .create()?;
         let database = format!("kpi_chaos_{}", id.replace('-', "_"));
+        let server: PgConnectOptions = options
+            .database
+            .database_url
+            .parse()
+            .context("--database-url is not a Postgres URL")?;
         let admin = PgPoolOptions::new()
             .max_connections(2)
-            .connect(&options.database.database_url)
+            .connect_with(server.clone())
             .await
             .context("connecting to --database-url")?;
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {database}")))
             .execute(&admin)
             .await?;
-        let direct = with_database(&options.database.database_url, &database)?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
-            .connect(&direct)
+            .connect_with(server.clone().database(&database))
             .await?;
         crate::store::migrate(&pool).await?;
-        let target = postgres_address(&options.database.database_url)?;
-        let proxy = Proxy::start(target).await?;
+        let proxy = Proxy::start(proxy_target(&server)?).await?;
         Ok(Self {
             binary,
             logs,
@@ -536,15 +539,6 @@ impl Rig {
     }
 }
 
-/// `url` with its database replaced.
-fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
-    let (base, _) = url
-        .rsplit_once('/')
-        .filter(|(base, _)| base.contains("://") && base.len() > "postgres://".len())
-        .with_context(|| format!("--database-url {url} has no database part"))?;
-    Ok(format!("{base}/{database}"))
-}
-
 /// The user part of a Postgres URL (`postgres` when absent).
 fn user_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -554,21 +548,14 @@ fn user_of(url: &str) -> String {
     }
 }
 
-/// Host and port of a Postgres URL, for the proxy to relay to.
-fn postgres_address(url: &str) -> anyhow::Result<std::net::SocketAddr> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let host_port = host_port.split(['/', '?']).next().unwrap_or(host_port);
-    let with_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
+/// The server's TCP address, for the proxy to relay to.
+fn proxy_target(server: &PgConnectOptions) -> anyhow::Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
-    with_port
+    let (host, port) = (server.get_host(), server.get_port());
+    (host, port)
         .to_socket_addrs()?
         .next()
-        .with_context(|| format!("cannot resolve {with_port} of --database-url"))
+        .with_context(|| format!("cannot resolve {host}:{port} of --database-url"))
 }
 
 #[cfg(test)]
@@ -578,15 +565,12 @@ mod tests {
     #[test]
     fn urls_are_taken_apart_for_the_proxy() {
         let url = "postgres://app:pw@127.0.0.1:5433/postgres?sslmode=disable";
+        let server: PgConnectOptions = url.parse().expect("a Postgres URL");
         assert_eq!(
-            postgres_address(url).expect("resolves"),
+            proxy_target(&server).expect("resolves"),
             "127.0.0.1:5433".parse().expect("addr")
         );
         assert_eq!(user_of(url), "app:pw");
         assert_eq!(user_of("postgres://localhost/x"), "postgres");
-        assert_eq!(
-            with_database("postgres://u@h:1/postgres", "kpi").expect("has a database"),
-            "postgres://u@h:1/kpi"
-        );
     }
 }
