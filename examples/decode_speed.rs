@@ -6,8 +6,8 @@
 use std::time::Instant;
 
 use kafka_pg_ingest::config::{Config, Overrides};
-use kafka_pg_ingest::decode::Decoder;
 use kafka_pg_ingest::record::Record;
+use kafka_pg_ingest::route::Routes;
 use kafka_pg_ingest::sample;
 use rand::SeedableRng;
 
@@ -15,7 +15,8 @@ const RECORDS: u32 = 200_000;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::load(None, Vec::new(), &Overrides::default())?;
-    let decoder = Decoder::new(&config.sink);
+    let routes = Routes::new(&config)?;
+    let decoder = &routes.decoders()[0];
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let records: Vec<Record> = (0..RECORDS)
         .map(|i| Record {

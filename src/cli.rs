@@ -42,6 +42,11 @@ pub enum Command {
 pub enum Tool {
     /// Apply database migrations and exit.
     Migrate(CommonArgs),
+    /// Check every route against the live schema (tables, columns, types, keys) and exit
+    /// non-zero on a mismatch; changes nothing.
+    Check(CommonArgs),
+    /// Print CREATE TABLE statements that fit the configured routes.
+    Schema(CommonArgs),
     /// Start an in-process broker, produce sample messages, ingest them, print what landed.
     Demo(DemoArgs),
     /// Measure end-to-end throughput against raw COPY and a naive per-row consumer.
@@ -341,7 +346,9 @@ impl Cli {
     pub fn log_format(&self) -> LogFormat {
         match &self.command {
             Some(Command::Run(a)) => a.ops.common.log_format,
-            Some(Command::Tool(Tool::Migrate(a))) => a.log_format,
+            Some(Command::Tool(Tool::Migrate(a) | Tool::Check(a) | Tool::Schema(a))) => {
+                a.log_format
+            }
             Some(Command::Tool(Tool::Demo(a))) => a.log_format,
             Some(Command::Tool(Tool::Offsets(_) | Tool::Dlq(_))) => LogFormat::Text,
             Some(Command::Tool(Tool::Bench(_) | Tool::Dev(_))) => LogFormat::Text,
@@ -370,6 +377,27 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             let pool = store::connect_pool(&config).await?;
             store::migrate(&pool).await?;
             println!("migrations applied to {}", config.database_url_masked());
+            Ok(())
+        }
+        Tool::Check(args) => {
+            let config = args.load(Overrides::default())?;
+            let pool = store::connect_pool(&config).await?;
+            let checked = store::Store::for_pool(pool, &config).await?;
+            for route in checked.routes().iter() {
+                println!(
+                    "ok: {} ({} -> {}), mode {:?}",
+                    route.key,
+                    route.topics_label(),
+                    route.table,
+                    route.mode
+                );
+            }
+            Ok(())
+        }
+        Tool::Schema(args) => {
+            let config = args.load(Overrides::default())?;
+            let routes = crate::route::Routes::new(&config)?;
+            print!("{}", store::schema::create_statements(routes.iter()));
             Ok(())
         }
         Tool::Bench(args) => {
@@ -502,7 +530,9 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             let done = ops::retry_dead_letters(&config, &filter).await?;
             println!(
                 "{} moved into {}, {} still failing (attempts + 1)",
-                done.moved, config.sink.table, done.still_failing
+                done.moved,
+                crate::route::Routes::new(&config)?.tables(),
+                done.still_failing
             );
         }
         DlqCommand::Purge {

@@ -33,19 +33,10 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
 }
 
-fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         problem: problem.into(),
-    }
-}
-
-/// The object keys a column's `field` reads, outermost first: the field itself, or the
-/// segments of a JSON pointer.
-fn mapped_keys(field: &str) -> Vec<&str> {
-    match field.strip_prefix('/') {
-        Some(pointer) => pointer.split('/').collect(),
-        None => vec![field],
     }
 }
 
@@ -61,8 +52,12 @@ pub struct Config {
     pub batch: BatchConfig,
     /// Backoff for transient failures.
     pub retry: RetryConfig,
-    /// How a record becomes a row.
+    /// How a record becomes a row: the limits every route shares, and the mapping of
+    /// `kafka.topics` while `routes` is empty.
     pub sink: SinkConfig,
+    /// Topic -> table routes, each with its own mapping and write mode. When given, they
+    /// replace `kafka.topics` and the mapping of `sink`.
+    pub routes: Vec<RouteConfig>,
     /// Loop pacing.
     pub run: RunConfig,
     /// OpenTelemetry trace export.
@@ -187,20 +182,74 @@ pub struct SourceColumns {
     pub offset: String,
 }
 
-/// One target column filled from one JSON field.
+/// One target column filled from one part of a record.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnMapping {
-    /// Target column name.
+    /// Target column name, taken literally (quoted in SQL).
     pub column: String,
-    /// Top-level field name, or a JSON pointer starting with `/`.
+    /// A top-level field name, a JSON pointer into the value (`/a/b/0`), or record
+    /// metadata: `@value`, `@key`, `@key_json:/pointer`, `@header:name`, `@timestamp`,
+    /// `@topic`, `@partition`, `@offset`.
     pub field: String,
     /// Type the value must have.
     #[serde(rename = "type")]
     pub kind: ColumnType,
-    /// Absent or null makes the record a `missing_field` dead letter.
+    /// Absent or null (with no `default`) makes the record a `missing_field` dead letter.
     #[serde(default)]
     pub required: bool,
+    /// Value used when the field is absent or null.
+    #[serde(default)]
+    pub default: Option<serde_json::Value>,
+    /// Accept strings for numbers and booleans (`"42"` -> 42, `"true"` -> true), and
+    /// objects and arrays for text (as their JSON).
+    #[serde(default)]
+    pub coerce: bool,
+    /// For `timestamptz` and `date`: `iso8601` (the default), `epoch_s`, `epoch_ms`,
+    /// `epoch_us` (timestamptz from numbers), or a chrono strftime pattern such as
+    /// `%d/%m/%Y %H:%M:%S %z`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// One topic (or every topic matching a regex) into one table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The topic this route reads.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Or: every topic whose name matches this regex (anchored at both ends).
+    #[serde(default)]
+    pub topic_regex: Option<String>,
+    /// Schema-qualified target table, `schema.table`; both names are taken literally
+    /// (split at the first `.`).
+    pub table: String,
+    /// How rows are written.
+    #[serde(default)]
+    pub mode: WriteMode,
+    /// Columns of the table's unique key, for `mode: upsert`.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// For `mode: upsert`: a tombstone (a record without value) deletes the row of its
+    /// key; the key columns must then come from record metadata (`@key`, ...).
+    #[serde(default)]
+    pub delete_on_tombstone: bool,
+    /// One entry per mapped column.
+    pub columns: Vec<ColumnMapping>,
+}
+
+/// How a route writes its rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// Every record becomes a new row; the source coordinates (`@topic`, `@partition`,
+    /// `@offset` columns under a unique index) make duplicates impossible.
+    #[default]
+    Insert,
+    /// A record replaces the row with the same `key` (insert or update); the last record
+    /// of a key in a batch wins.
+    Upsert,
 }
 
 /// Column types the decoder validates and encodes.
@@ -211,12 +260,17 @@ pub enum ColumnType {
     Int2,
     Int4,
     Int8,
+    Float4,
     Float8,
+    Numeric,
     Bool,
     Timestamptz,
+    Date,
     Interval,
     Inet,
+    Uuid,
     Jsonb,
+    Bytea,
 }
 
 impl ColumnType {
@@ -227,12 +281,39 @@ impl ColumnType {
             Self::Int2 => "int2",
             Self::Int4 => "int4",
             Self::Int8 => "int8",
+            Self::Float4 => "float4",
             Self::Float8 => "float8",
+            Self::Numeric => "numeric",
             Self::Bool => "bool",
             Self::Timestamptz => "timestamptz",
+            Self::Date => "date",
             Self::Interval => "interval",
             Self::Inet => "inet",
+            Self::Uuid => "uuid",
             Self::Jsonb => "jsonb",
+            Self::Bytea => "bytea",
+        }
+    }
+
+    /// The Postgres column types (`pg_type.typname`, of the base type for domains) a
+    /// value of this type can be written into without loss.
+    pub fn accepted_columns(self) -> &'static [&'static str] {
+        match self {
+            Self::Text => &["text", "varchar", "bpchar", "citext", "name"],
+            Self::Int2 => &["int2", "int4", "int8", "numeric"],
+            Self::Int4 => &["int4", "int8", "numeric"],
+            Self::Int8 => &["int8", "numeric"],
+            Self::Float4 => &["float4", "float8"],
+            Self::Float8 => &["float8"],
+            Self::Numeric => &["numeric"],
+            Self::Jsonb => &["jsonb", "json"],
+            Self::Bool => &["bool"],
+            Self::Timestamptz => &["timestamptz"],
+            Self::Date => &["date"],
+            Self::Interval => &["interval"],
+            Self::Inet => &["inet"],
+            Self::Uuid => &["uuid"],
+            Self::Bytea => &["bytea"],
         }
     }
 }
@@ -462,60 +543,11 @@ impl Config {
         if self.sink.max_json_depth == 0 || self.sink.max_json_depth > 120 {
             return Err(invalid("sink.max_json_depth", "must be between 1 and 120"));
         }
-        // Below these, a record carrying every mapped field could never decode.
-        let paths: Vec<Vec<&str>> = self
-            .sink
-            .columns
-            .iter()
-            .map(|c| mapped_keys(&c.field))
-            .collect();
-        let longest_key = paths.iter().flatten().map(|k| k.len()).max().unwrap_or(0);
-        let shortest_limit = longest_key.max(1);
-        if self.sink.max_string_bytes < shortest_limit {
-            return Err(invalid(
-                "sink.max_string_bytes",
-                format!(
-                    "must be at least {shortest_limit} (the longest key sink.columns reads is {longest_key} bytes)"
-                ),
-            ));
+        if self.sink.max_record_bytes == 0 {
+            return Err(invalid("sink.max_record_bytes", "must be at least 1"));
         }
-        let top_level: std::collections::HashSet<&str> =
-            paths.iter().filter_map(|p| p.first().copied()).collect();
-        let shortest_limit = top_level.len().max(1);
-        if self.sink.max_fields < shortest_limit {
-            return Err(invalid(
-                "sink.max_fields",
-                format!(
-                    "must be at least {shortest_limit} (sink.columns reads {} top-level keys)",
-                    top_level.len()
-                ),
-            ));
-        }
-        if self.sink.columns.is_empty() {
-            return Err(invalid("sink.columns", "must map at least one column"));
-        }
-        if self.sink.table.split('.').count() != 2 {
-            return Err(invalid(
-                "sink.table",
-                "must be schema-qualified, e.g. web_metrics.metrics",
-            ));
-        }
-        self.validate_otel()?;
-        let sc = &self.sink.source_columns;
-        let mut names: Vec<&str> = vec![&sc.topic, &sc.partition, &sc.offset];
-        names.extend(self.sink.columns.iter().map(|c| c.column.as_str()));
-        let mut seen = std::collections::HashSet::new();
-        for (i, name) in names.iter().enumerate() {
-            if name.is_empty() || !seen.insert(*name) {
-                let key = if i < 3 {
-                    "sink.source_columns".to_owned()
-                } else {
-                    format!("sink.columns[{}].column", i - 3)
-                };
-                return Err(invalid(&key, format!("`{name}` is empty or named twice")));
-            }
-        }
-        Ok(())
+        crate::route::Routes::new(self)?;
+        self.validate_otel()
     }
 
     fn validate_otel(&self) -> Result<(), ConfigError> {
@@ -576,6 +608,24 @@ impl Config {
     /// How long a claim is retried.
     pub fn claim_limit(&self) -> Duration {
         Duration::from_secs(self.retry.claim_limit_secs)
+    }
+
+    /// The topics (and `^regex` patterns) the worker subscribes to.
+    pub fn subscription(&self) -> Vec<String> {
+        if self.routes.is_empty() {
+            return self.kafka.topics.clone();
+        }
+        self.routes
+            .iter()
+            .map(|r| match (&r.topic, &r.topic_regex) {
+                (Some(topic), _) => topic.clone(),
+                // librdkafka takes a subscription starting with `^` as a regex.
+                (None, Some(regex)) => {
+                    format!("^{}$", regex.trim_start_matches('^').trim_end_matches('$'))
+                }
+                (None, None) => String::new(),
+            })
+            .collect()
     }
 
     /// The database URL with any password replaced, for logs.

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod record;
 pub mod retry;
+pub mod route;
 pub mod sample;
 pub mod store;
 pub mod telemetry;

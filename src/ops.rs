@@ -9,7 +9,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::decode::Decoder;
 use crate::kafka;
 use crate::record::hex;
 use crate::store::admin::{self, DeadLetter, DeadLetterFilter, OffsetRow};
@@ -437,7 +436,7 @@ pub async fn retry_dead_letters(
     filter: &DeadLetterFilter,
 ) -> anyhow::Result<admin::Redrive> {
     let store = Store::connect(config).await?;
-    Ok(store.redrive(&Decoder::new(&config.sink), filter).await?)
+    Ok(store.redrive(filter).await?)
 }
 
 /// Parses `30d`, `12h`, `15m` or `90s`.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 
 use crate::config::Config;
-use crate::decode::{Decoder, ReasonCode};
+use crate::decode::ReasonCode;
 use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
@@ -119,7 +119,8 @@ struct InFlight {
 pub struct Pipeline {
     config: Config,
     store: Store,
-    decoder: Decoder,
+    /// The routes' tables, for spans.
+    tables: String,
     consumer: Option<IngestConsumer>,
     owner: String,
     assignments: Assignments,
@@ -164,13 +165,13 @@ impl Pipeline {
         tracing::info!(
             owner = %owner,
             group = %config.kafka.group,
-            topics = ?config.kafka.topics,
+            topics = ?config.subscription(),
             database = %config.database_url_masked(),
             "worker started"
         );
         Ok(Self {
             traced: config.otel.exporter_otlp_endpoint.is_some(),
-            decoder: Decoder::new(&config.sink),
+            tables: store.routes().tables(),
             config,
             store,
             consumer: Some(consumer),
@@ -236,12 +237,7 @@ impl Pipeline {
             let batch =
                 span.in_scope(|| tracing::info_span!("decode").in_scope(|| self.build(entries)));
             if self.traced {
-                spans::describe(
-                    &span,
-                    &batch,
-                    &self.config.kafka.group,
-                    &self.config.sink.table,
-                );
+                spans::describe(&span, &batch, &self.config.kafka.group, &self.tables);
             }
             (span, batch)
         });
@@ -273,7 +269,7 @@ impl Pipeline {
         if let Some((span, batch)) = next.filter(|(_, b)| !b.ranges.is_empty()) {
             let store = self.store.clone();
             let ranges = batch.ranges.clone();
-            let commit = span.in_scope(|| spans::commit(&self.config.sink.table));
+            let commit = span.in_scope(|| spans::commit(&self.tables));
             let task = tokio::spawn(
                 async move {
                     let started = Instant::now();
@@ -412,7 +408,7 @@ impl Pipeline {
                 Err(e) => self.wait_or_fail(e, &mut delays, shutdown).await?,
             }
             let started = Instant::now();
-            let commit = spans::commit(&self.config.sink.table);
+            let commit = spans::commit(&self.tables);
             result = self.store.commit(&batch).instrument(commit).await;
             elapsed = started.elapsed();
         }
@@ -536,7 +532,7 @@ impl Pipeline {
             records.push(record);
         }
         drop(assignments);
-        Batch::decode(records, &self.decoder, ranges)
+        Batch::decode(records, self.store.routes(), ranges)
     }
 
     /// The same batch without the given partitions.
@@ -556,7 +552,7 @@ impl Pipeline {
             .into_iter()
             .filter(|r| !gone(&r.topic, r.partition))
             .collect();
-        Batch::decode(records, &self.decoder, ranges)
+        Batch::decode(records, self.store.routes(), ranges)
     }
 
     fn committed(&mut self, batch: &Batch, rows: u64, dead_letters: u64) {
@@ -643,7 +639,7 @@ impl Pipeline {
             // Counted as decoded: rows Postgres rejected inside that commit are not known here.
             let dead = batch.rejects.len() as u64;
             return Ok(Some(CommitOutcome::Committed {
-                rows: batch.rows.len() as u64,
+                rows: batch.row_count() as u64,
                 dead_letters: dead,
             }));
         }

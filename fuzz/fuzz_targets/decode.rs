@@ -13,6 +13,7 @@ use std::sync::LazyLock;
 use kafka_pg_ingest::config::Config;
 use kafka_pg_ingest::decode::Decoder;
 use kafka_pg_ingest::record::Record;
+use kafka_pg_ingest::route::Routes;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "../../src/decode/invariants.rs"]
@@ -22,10 +23,14 @@ mod invariants;
 static DECODERS: LazyLock<[Decoder; 2]> = LazyLock::new(|| {
     let mut config = Config::load(None, Vec::new(), &Default::default())
         .expect("the built-in configuration loads");
-    let default = Decoder::new(&config.sink);
+    let decoder = |config: &Config| -> Decoder {
+        let routes = Routes::new(config).expect("the built-in route is valid");
+        routes.decoders()[0].clone()
+    };
+    let default = decoder(&config);
     let sink = &mut config.sink;
     [sink.max_json_depth, sink.max_string_bytes, sink.max_fields] = invariants::TIGHT_LIMITS;
-    [default, Decoder::new(&config.sink)]
+    [default, decoder(&config)]
 });
 
 fuzz_target!(|data: &[u8]| {
@@ -44,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         let mut out = before.to_vec();
         let result = decoder.decode_into(&record, &mut out);
         // The mapped columns, then topic, partition and offset.
-        let fields = decoder.column_names().count() + 3;
+        let fields = decoder.column_names().count();
         let rejected = result.as_ref().err().map(|r| r.reason.as_str());
         invariants::assert_decided(before, &out, fields, rejected);
     }

@@ -31,9 +31,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::config::{Config, Overrides};
-use crate::decode::Decoder;
 use crate::dev::reaped::Reaped;
 use crate::record::Record;
+use crate::route::Routes;
 use crate::sample;
 
 /// What to measure.
@@ -523,7 +523,8 @@ struct DecodedRows {
 impl DecodedRows {
     fn new(options: &BenchOptions, messages: &[Vec<u8>]) -> anyhow::Result<Self> {
         let config = Config::load(None, Vec::new(), &Overrides::default())?;
-        let decoder = Decoder::new(&config.sink);
+        let routes = Routes::new(&config)?;
+        let decoder = &routes.decoders()[0];
         let partitions = options.partitions as u64;
         let mut batches: Vec<Vec<u8>> = Vec::new();
         let mut current = Vec::new();
@@ -548,11 +549,7 @@ impl DecodedRows {
         if !current.is_empty() {
             batches.push(current);
         }
-        let sc = &config.sink.source_columns;
-        let columns: Vec<&str> = decoder
-            .column_names()
-            .chain([sc.topic.as_str(), sc.partition.as_str(), sc.offset.as_str()])
-            .collect();
+        let columns: Vec<&str> = decoder.column_names().collect();
         Ok(Self {
             batches,
             rows: messages.len(),

@@ -7,12 +7,14 @@
 mod value;
 
 use std::fmt;
-use std::io::Write;
 
 use serde_json::Value;
 
-use crate::config::{ColumnMapping, ColumnType, SinkConfig};
+pub(crate) use value::encode_value;
+
+use crate::config::{ColumnType, SinkConfig, WriteMode};
 use crate::record::Record;
+use crate::route::{Column, Route, Source};
 
 /// Stable, machine-readable reasons a record became a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,11 +51,13 @@ pub enum ReasonCode {
     NulInText,
     /// Postgres rejected the row (a constraint or a data error); see `sqlstate`.
     DbRejected,
+    /// No route reads the record's topic.
+    NoRoute,
 }
 
 impl ReasonCode {
     /// Every code.
-    pub const ALL: [ReasonCode; 16] = [
+    pub const ALL: [ReasonCode; 17] = [
         Self::Tombstone,
         Self::Empty,
         Self::TooLarge,
@@ -70,6 +74,7 @@ impl ReasonCode {
         Self::BadValue,
         Self::NulInText,
         Self::DbRejected,
+        Self::NoRoute,
     ];
 
     /// The code as stored in `ingest.dead_letters.reason_code`.
@@ -91,6 +96,7 @@ impl ReasonCode {
             Self::BadValue => "bad_value",
             Self::NulInText => "nul_in_text",
             Self::DbRejected => "db_rejected",
+            Self::NoRoute => "no_route",
         }
     }
 }
@@ -130,10 +136,14 @@ impl Rejection {
     }
 }
 
-/// Decodes records of one sink configuration.
+/// Decodes the records of one route.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    columns: Vec<ColumnMapping>,
+    route: Route,
+    /// The value must be a JSON object: a column reads one of its fields.
+    reads_object: bool,
+    /// The value must be JSON: a column reads it.
+    reads_value: bool,
     max_record_bytes: usize,
     max_json_depth: usize,
     max_string_bytes: usize,
@@ -141,9 +151,12 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(sink: &SinkConfig) -> Self {
+    pub fn new(sink: &SinkConfig, route: Route) -> Self {
+        let sources = || route.columns.iter().map(|c| &c.source);
         Self {
-            columns: sink.columns.clone(),
+            reads_object: sources().any(|s| matches!(s, Source::Field(_) | Source::Pointer(_))),
+            reads_value: sources().any(Source::reads_value),
+            route,
             max_record_bytes: sink.max_record_bytes,
             max_json_depth: sink.max_json_depth,
             max_string_bytes: sink.max_string_bytes,
@@ -151,13 +164,19 @@ impl Decoder {
         }
     }
 
-    /// Target columns in COPY order: the mapped ones; the source coordinates follow.
+    /// The route this decoder serves.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Target columns in COPY order.
     pub fn column_names(&self) -> impl Iterator<Item = &str> {
-        self.columns.iter().map(|c| c.column.as_str())
+        self.route.columns.iter().map(|c| c.name.as_str())
     }
 
     /// Appends one COPY text line for `record` to `out`, or leaves `out` as it was and
-    /// says why not.
+    /// says why not. An upsert route's line ends with one more field: whether the record
+    /// deletes its key (`t`, a tombstone) or writes it (`f`).
     pub fn decode_into(&self, record: &Record, out: &mut Vec<u8>) -> Result<(), Rejection> {
         let mark = out.len();
         let result = self.encode(record, out);
@@ -168,26 +187,107 @@ impl Decoder {
     }
 
     fn encode(&self, record: &Record, out: &mut Vec<u8>) -> Result<(), Rejection> {
-        let object = self.parse(record)?;
-        for mapping in &self.columns {
-            let field = lookup(&object, &mapping.field);
-            match field {
-                None | Some(Value::Null) if mapping.required => {
-                    return Err(Rejection::new(
-                        ReasonCode::MissingField,
-                        format!("required field `{}` is absent or null", mapping.field),
-                    ));
-                }
-                None | Some(Value::Null) => out.extend_from_slice(b"\\N"),
-                Some(v) => value::encode(mapping, v, out)?,
+        let route = &self.route;
+        let deletes = route.delete_on_tombstone && record.value.is_none();
+        let value = if self.reads_value && !deletes {
+            Some(self.parse(record)?)
+        } else {
+            None
+        };
+        let mut key_json = None;
+        for (i, column) in route.columns.iter().enumerate() {
+            if i > 0 {
+                out.push(b'\t');
             }
-            out.push(b'\t');
+            if deletes && !route.is_key(&column.name) {
+                out.extend_from_slice(b"\\N");
+                continue;
+            }
+            match self.input(column, record, value.as_ref(), &mut key_json)? {
+                Some(input) if !input.is_null() => value::encode(column, input, out)?,
+                _ => match &column.default {
+                    Some(default) => value::encode_value(column, default, out)?,
+                    None if column.required || route.is_key(&column.name) => {
+                        return Err(Rejection::new(
+                            ReasonCode::MissingField,
+                            format!(
+                                "required field `{}` for column `{}` is absent or null",
+                                column.field, column.name
+                            ),
+                        ));
+                    }
+                    None => out.extend_from_slice(b"\\N"),
+                },
+            }
         }
-        push_escaped(out, &record.topic);
-        out.push(b'\t');
-        // Writing into a Vec cannot fail.
-        let _ = writeln!(out, "{}\t{}", record.partition, record.offset);
+        if route.mode == WriteMode::Upsert {
+            out.extend_from_slice(if deletes { b"\tt" } else { b"\tf" });
+        }
+        out.push(b'\n');
         Ok(())
+    }
+
+    /// The value of `column`'s source in `record`; `None` when absent.
+    fn input<'a>(
+        &self,
+        column: &Column,
+        record: &'a Record,
+        value: Option<&'a Value>,
+        key_json: &'a mut Option<Value>,
+    ) -> Result<Option<value::Input<'a>>, Rejection> {
+        use value::Input;
+        Ok(match &column.source {
+            Source::Field(name) => value.and_then(|v| v.get(name)).map(Input::Json),
+            Source::Pointer(pointer) => value.and_then(|v| v.pointer(pointer)).map(Input::Json),
+            Source::Value => value.map(Input::Json),
+            Source::Key => record.key.as_deref().map(Input::Bytes),
+            Source::KeyJson(pointer) => {
+                let Some(key) = record.key.as_deref() else {
+                    return Ok(None);
+                };
+                if key_json.is_none() {
+                    *key_json = Some(self.parse_key(key, column)?);
+                }
+                key_json
+                    .as_ref()
+                    .and_then(|k| k.pointer(pointer))
+                    .map(Input::Json)
+            }
+            Source::Header(name) => record
+                .headers
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.as_deref())
+                .map(Input::Bytes),
+            Source::Timestamp => record.timestamp_ms.map(Input::Int),
+            Source::Topic => Some(Input::Str(&record.topic)),
+            Source::Partition => Some(Input::Int(record.partition.into())),
+            Source::Offset => Some(Input::Int(record.offset)),
+        })
+    }
+
+    /// The record key as JSON, under the same limits as values.
+    fn parse_key(&self, key: &[u8], column: &Column) -> Result<Value, Rejection> {
+        let bad = |what: String| {
+            Rejection::new(
+                ReasonCode::BadValue,
+                format!(
+                    "record key for column `{}` ({}): {what}",
+                    column.name, column.field
+                ),
+            )
+        };
+        if key.len() > self.max_record_bytes {
+            return Err(bad(format!(
+                "{} bytes, above sink.max_record_bytes = {}",
+                key.len(),
+                self.max_record_bytes
+            )));
+        }
+        let text = std::str::from_utf8(key).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+        self.check_shape(key)?;
+        serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))
     }
 
     fn parse(&self, record: &Record) -> Result<Value, Rejection> {
@@ -218,10 +318,11 @@ impl Decoder {
         self.check_shape(text.as_bytes())?;
         match serde_json::from_str::<Value>(text) {
             Ok(object @ Value::Object(_)) => Ok(object),
-            Ok(other) => Err(Rejection::new(
+            Ok(other) if self.reads_object => Err(Rejection::new(
                 ReasonCode::NotObject,
                 format!("JSON value is {}, not an object", json_kind(&other)),
             )),
+            Ok(other) => Ok(other),
             Err(e) => Err(Rejection::new(
                 ReasonCode::NotJson,
                 format!("value is not JSON: {e}"),
@@ -305,14 +406,6 @@ impl Decoder {
     }
 }
 
-fn lookup<'a>(object: &'a Value, field: &str) -> Option<&'a Value> {
-    if field.starts_with('/') {
-        object.pointer(field)
-    } else {
-        object.get(field)
-    }
-}
-
 fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -341,7 +434,7 @@ impl ColumnType {
     /// The reason code for a value of this type that does not parse.
     fn bad_value_code(self) -> ReasonCode {
         match self {
-            ColumnType::Timestamptz => ReasonCode::BadTimestamp,
+            ColumnType::Timestamptz | ColumnType::Date => ReasonCode::BadTimestamp,
             ColumnType::Interval => ReasonCode::BadInterval,
             ColumnType::Inet => ReasonCode::BadIp,
             _ => ReasonCode::BadValue,

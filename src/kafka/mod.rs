@@ -306,7 +306,8 @@ pub fn subscribe(
         observers,
     };
     let consumer: IngestConsumer = client.create_with_context(context)?;
-    let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
+    let subscription = config.subscription();
+    let topics: Vec<&str> = subscription.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
 }

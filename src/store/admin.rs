@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use super::commit::Ranges;
 use super::{Batch, Store, StoreError, db};
-use crate::decode::{Decoder, Rejection};
+use crate::decode::Rejection;
 use crate::record::Record;
 
 /// One `ingest.offsets` row.
@@ -220,14 +220,10 @@ pub struct Redrive {
 
 impl Store {
     /// Decodes the dead letters of this store's group matching `filter` again with
-    /// `decoder`; in one transaction, those that now make rows move into the target
+    /// the routes' decoders; in one transaction, those that now make rows move into the target
     /// table and out of the dead letters, the others stay with one more attempt and
     /// their new reason.
-    pub async fn redrive(
-        &self,
-        decoder: &Decoder,
-        filter: &DeadLetterFilter,
-    ) -> Result<Redrive, StoreError> {
+    pub async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Redrive, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         let sql = format!(
             "SELECT {DEAD_LETTER_COLUMNS} FROM ingest.dead_letters \
@@ -240,7 +236,7 @@ impl Store {
                 .await
                 .map_err(db("read dead letters"))?;
         let records = letters.iter().map(DeadLetter::record).collect();
-        let batch = Batch::decode(records, decoder, Vec::new());
+        let batch = Batch::decode(records, &self.routes, Vec::new());
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
         self.write_rows_isolating(&mut tx, &batch, &Ranges::default(), &mut rejects)
             .await?;

@@ -11,10 +11,12 @@
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::offsets::{self, Replay};
+use super::schema::RouteSql;
 use super::{Store, StoreError, db, execute_trusted};
-use crate::decode::{Decoder, ReasonCode, Rejection};
+use crate::decode::{ReasonCode, Rejection};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
+use crate::route::Routes;
 
 /// The offset advance of one partition within a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,13 +40,28 @@ pub struct RowRef {
     pub record: usize,
 }
 
+/// The decoded rows of one route within a batch.
+#[derive(Debug, Default)]
+pub struct Part {
+    /// COPY text lines of the decoded records, back to back.
+    pub copy_data: Vec<u8>,
+    pub rows: Vec<RowRef>,
+}
+
+impl Part {
+    fn row_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
+        let start = rows.start.checked_sub(1).map_or(0, |i| self.rows[i].end);
+        let end = self.rows[rows.end - 1].end;
+        &self.copy_data[start..end]
+    }
+}
+
 /// One transaction's worth of work.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub records: Vec<Record>,
-    /// COPY text lines of the decoded records, back to back.
-    pub copy_data: Vec<u8>,
-    pub rows: Vec<RowRef>,
+    /// The rows of each route, in the order of the routes.
+    pub parts: Vec<Part>,
     /// Records that did not decode, with why.
     pub rejects: Vec<(usize, Rejection)>,
     pub ranges: Vec<PartitionRange>,
@@ -52,29 +69,52 @@ pub struct Batch {
 
 impl Batch {
     /// Decodes `records` into rows and rejections, to be committed as `ranges`.
-    pub fn decode(records: Vec<Record>, decoder: &Decoder, ranges: Vec<PartitionRange>) -> Self {
-        let mut batch = Batch {
-            copy_data: Vec::with_capacity(records.iter().map(Record::size).sum()),
-            ranges,
-            ..Batch::default()
-        };
+    pub fn decode(records: Vec<Record>, routes: &Routes, ranges: Vec<PartitionRange>) -> Self {
+        let decoders = routes.decoders();
+        let mut parts: Vec<Part> = decoders.iter().map(|_| Part::default()).collect();
+        if let [only] = parts.as_mut_slice() {
+            only.copy_data
+                .reserve(records.iter().map(Record::size).sum());
+        }
+        let mut rejects = Vec::new();
+        // Batches mostly hold runs of one topic: its route is looked up once per run.
+        let mut last: Option<(&str, Option<usize>)> = None;
         for (index, record) in records.iter().enumerate() {
-            match decoder.decode_into(record, &mut batch.copy_data) {
-                Ok(()) => batch.rows.push(RowRef {
-                    end: batch.copy_data.len(),
+            let route = match last {
+                Some((topic, route)) if topic == record.topic => route,
+                _ => routes.route_of(&record.topic),
+            };
+            last = Some((&record.topic, route));
+            let Some(route) = route else {
+                rejects.push((
+                    index,
+                    Rejection::new(
+                        ReasonCode::NoRoute,
+                        format!("no route reads topic `{}`", record.topic),
+                    ),
+                ));
+                continue;
+            };
+            let part = &mut parts[route];
+            match decoders[route].decode_into(record, &mut part.copy_data) {
+                Ok(()) => part.rows.push(RowRef {
+                    end: part.copy_data.len(),
                     record: index,
                 }),
-                Err(rejection) => batch.rejects.push((index, rejection)),
+                Err(rejection) => rejects.push((index, rejection)),
             }
         }
-        batch.records = records;
-        batch
+        Batch {
+            records,
+            parts,
+            rejects,
+            ranges,
+        }
     }
 
-    fn row_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
-        let start = rows.start.checked_sub(1).map_or(0, |i| self.rows[i].end);
-        let end = self.rows[rows.end - 1].end;
-        &self.copy_data[start..end]
+    /// How many records decoded into rows.
+    pub fn row_count(&self) -> usize {
+        self.parts.iter().map(|p| p.rows.len()).sum()
     }
 }
 
@@ -126,23 +166,30 @@ impl Store {
         let rows = if isolate {
             self.write_rows_isolating(&mut tx, batch, &kept, &mut rejects)
                 .await?
-        } else if batch.rows.is_empty() {
-            0
         } else {
-            let written = match &self.insert_sql {
-                Some(sql) if kept.is_empty() => insert_one_by_one(&mut tx, sql, batch).await,
-                _ => self.write(&mut tx, &batch.copy_data, &kept).await,
-            };
-            match written {
-                Ok(n) => n,
-                Err(e) if self.is_rejection(&e)? => {
-                    tx.rollback()
-                        .await
-                        .map_err(db("roll back a batch with rejected rows"))?;
-                    return Ok(None);
+            let mut rows = 0;
+            for (part, sql) in batch.parts.iter().zip(&self.sql) {
+                if part.rows.is_empty() {
+                    continue;
                 }
-                Err(e) => return Err(db("copy rows")(e)),
+                let written = match &sql.insert {
+                    Some(insert) if kept.is_empty() => {
+                        insert_one_by_one(&mut tx, insert, part).await
+                    }
+                    _ => write(&mut tx, sql, &part.copy_data, &kept).await,
+                };
+                match written {
+                    Ok(n) => rows += n,
+                    Err(e) if is_rejection(sql, &e)? => {
+                        tx.rollback()
+                            .await
+                            .map_err(db("roll back a batch with rejected rows"))?;
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(db("copy rows")(e)),
+                }
             }
+            rows
         };
         let dead = batch.rejects.iter().chain(&rejects);
         let dead_letters = self
@@ -153,19 +200,6 @@ impl Store {
             _ => db("commit")(e),
         })?;
         Ok(Some(CommitOutcome::Committed { rows, dead_letters }))
-    }
-
-    /// Whether a COPY error is Postgres rejecting a row (a data error). A duplicate of the
-    /// source coordinates is not: it means the protocol broke, so it stops the worker.
-    fn is_rejection(&self, err: &sqlx::Error) -> Result<bool, StoreError> {
-        if self.is_source_duplicate(err) {
-            return Err(StoreError::Fatal(format!(
-                "protocol violation: a row with the same source coordinates already exists \
-                 ({err}); offsets in ingest.offsets disagree with the target table. \
-                 Stopping without committing anything."
-            )));
-        }
-        Ok(retry::classify(err) == ErrorClass::Data)
     }
 
     /// COPYs the rows in halves under savepoints, bisecting every failing half until each
@@ -179,72 +213,13 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let mut written = 0;
         let mut pending = Vec::with_capacity(64);
-        pending.push(0..batch.rows.len());
-        while let Some(rows) = pending.pop() {
-            if rows.is_empty() {
-                continue;
-            }
-            execute_trusted(conn, "SAVEPOINT rows", "set a savepoint").await?;
-            let err = match self.write(conn, batch.row_bytes(rows.clone()), kept).await {
-                Ok(n) => {
-                    execute_trusted(conn, "RELEASE SAVEPOINT rows", "release a savepoint").await?;
-                    written += n;
-                    continue;
-                }
-                Err(err) if self.is_rejection(&err)? => err,
-                Err(err) => return Err(db("copy rows")(err)),
-            };
-            execute_trusted(
-                conn,
-                "ROLLBACK TO SAVEPOINT rows; RELEASE SAVEPOINT rows",
-                "roll back to a savepoint",
-            )
-            .await?;
-            if rows.len() == 1 {
-                let message = match &err {
-                    sqlx::Error::Database(e) => e.message().to_owned(),
-                    other => other.to_string(),
-                };
-                let mut rejection = Rejection::new(
-                    ReasonCode::DbRejected,
-                    format!("Postgres rejected the row: {message}"),
-                );
-                rejection.sqlstate = retry::sqlstate(&err);
-                rejects.push((batch.rows[rows.start].record, rejection));
-            } else {
-                let mid = rows.start + rows.len() / 2;
-                pending.push(mid..rows.end);
-                pending.push(rows.start..mid);
+        for (part, sql) in batch.parts.iter().zip(&self.sql) {
+            pending.push(0..part.rows.len());
+            while let Some(rows) = pending.pop() {
+                written += isolate(conn, sql, part, rows, kept, rejects, &mut pending).await?;
             }
         }
         Ok(written)
-    }
-
-    /// Writes COPY text rows: straight into the target table, or, when a replay keeps
-    /// existing rows, through a temporary table, skipping the re-read rows already there.
-    async fn write(
-        &self,
-        conn: &mut PgConnection,
-        data: &[u8],
-        kept: &Ranges<'_>,
-    ) -> Result<u64, sqlx::Error> {
-        if kept.is_empty() {
-            return copy(conn, &self.copy_sql, data).await;
-        }
-        let sql = &self.replay_sql;
-        sqlx::raw_sql(AssertSqlSafe(sql.create_staging.clone()))
-            .execute(&mut *conn)
-            .await?;
-        copy(conn, &sql.copy_staging, data).await?;
-        let inserted = kept
-            .bind(sqlx::query(AssertSqlSafe(sql.insert_kept.clone())))
-            .execute(&mut *conn)
-            .await?;
-        // Emptied now: a bisection reuses the table within the same transaction.
-        sqlx::raw_sql(AssertSqlSafe(sql.clear_staging.clone()))
-            .execute(&mut *conn)
-            .await?;
-        Ok(inserted.rows_affected())
     }
 
     /// Clears what a replay re-reads: the dead letters of its ranges, which the re-read
@@ -269,22 +244,18 @@ impl Store {
         .execute(&mut *conn)
         .await
         .map_err(db("clear the dead letters of a replay"))?;
-        if !replaced.is_empty() {
+        for replay in self.sql.iter().filter_map(|s| s.replay.as_ref()) {
+            if replaced.is_empty() {
+                break;
+            }
             replaced
-                .bind(sqlx::query(AssertSqlSafe(
-                    self.replay_sql.delete_replaced.clone(),
-                )))
+                .bind(sqlx::query(AssertSqlSafe(replay.delete_replaced.clone())))
                 .execute(&mut *conn)
                 .await
                 .map_err(db("clear the rows a replay replaces"))?;
         }
         tracing::info!(ranges = ?replays, "replaying records below the offsets of a rewind");
         Ok(())
-    }
-
-    fn is_source_duplicate(&self, err: &sqlx::Error) -> bool {
-        matches!(err, sqlx::Error::Database(e)
-            if e.code().as_deref() == Some("23505") && e.constraint() == Some(&self.source_index))
     }
 
     async fn write_dead_letters<'a>(
@@ -325,6 +296,111 @@ impl Store {
         .map_err(db("write dead letters"))?;
         Ok(result.rows_affected())
     }
+}
+
+/// Writes one bisection step, `rows` of `part`, under a savepoint; a rejected step is
+/// split in halves onto `pending`, a rejected single row goes to `rejects`. Returns the
+/// rows written.
+async fn isolate(
+    conn: &mut PgConnection,
+    sql: &RouteSql,
+    part: &super::Part,
+    rows: std::ops::Range<usize>,
+    kept: &Ranges<'_>,
+    rejects: &mut Vec<(usize, Rejection)>,
+    pending: &mut Vec<std::ops::Range<usize>>,
+) -> Result<u64, StoreError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    execute_trusted(conn, "SAVEPOINT rows", "set a savepoint").await?;
+    let err = match write(conn, sql, part.row_bytes(rows.clone()), kept).await {
+        Ok(n) => {
+            execute_trusted(conn, "RELEASE SAVEPOINT rows", "release a savepoint").await?;
+            return Ok(n);
+        }
+        Err(err) if is_rejection(sql, &err)? => err,
+        Err(err) => return Err(db("copy rows")(err)),
+    };
+    execute_trusted(
+        conn,
+        "ROLLBACK TO SAVEPOINT rows; RELEASE SAVEPOINT rows",
+        "roll back to a savepoint",
+    )
+    .await?;
+    if rows.len() == 1 {
+        let message = match &err {
+            sqlx::Error::Database(e) => e.message().to_owned(),
+            other => other.to_string(),
+        };
+        let mut rejection = Rejection::new(
+            ReasonCode::DbRejected,
+            format!("Postgres rejected the row: {message}"),
+        );
+        rejection.sqlstate = retry::sqlstate(&err);
+        rejects.push((part.rows[rows.start].record, rejection));
+    } else {
+        let mid = rows.start + rows.len() / 2;
+        pending.push(mid..rows.end);
+        pending.push(rows.start..mid);
+    }
+    Ok(0)
+}
+
+/// Writes COPY text rows of one route: straight into the target table; for an upsert,
+/// through its staging table; or, when a replay keeps existing rows, through a temporary
+/// table, skipping the re-read rows already there.
+async fn write(
+    conn: &mut PgConnection,
+    sql: &RouteSql,
+    data: &[u8],
+    kept: &Ranges<'_>,
+) -> Result<u64, sqlx::Error> {
+    if let Some(upsert) = &sql.upsert {
+        // A replay re-applies its records in order, which ends in the same state.
+        sqlx::raw_sql(AssertSqlSafe(upsert.create_staging.clone()))
+            .execute(&mut *conn)
+            .await?;
+        let staged = copy(conn, &sql.copy, data).await?;
+        sqlx::raw_sql(AssertSqlSafe(upsert.apply.clone()))
+            .execute(&mut *conn)
+            .await?;
+        return Ok(staged);
+    }
+    let replay = match &sql.replay {
+        Some(replay) if !kept.is_empty() => replay,
+        _ => return copy(conn, &sql.copy, data).await,
+    };
+    sqlx::raw_sql(AssertSqlSafe(replay.create_staging.clone()))
+        .execute(&mut *conn)
+        .await?;
+    copy(conn, &replay.copy_staging, data).await?;
+    let inserted = kept
+        .bind(sqlx::query(AssertSqlSafe(replay.insert_kept.clone())))
+        .execute(&mut *conn)
+        .await?;
+    // Emptied now: a bisection reuses the table within the same transaction.
+    sqlx::raw_sql(AssertSqlSafe(replay.clear_staging.clone()))
+        .execute(&mut *conn)
+        .await?;
+    Ok(inserted.rows_affected())
+}
+
+/// Whether a write error is Postgres rejecting a row (a data error). A duplicate of the
+/// source coordinates is not: it means the protocol broke, so it stops the worker.
+fn is_rejection(sql: &RouteSql, err: &sqlx::Error) -> Result<bool, StoreError> {
+    let source_duplicate = matches!(err, sqlx::Error::Database(e)
+        if e.code().as_deref() == Some("23505")
+            && sql.source_index.is_some()
+            && e.constraint() == sql.source_index.as_deref());
+    if source_duplicate {
+        return Err(StoreError::Fatal(format!(
+            "protocol violation: a row with the same source coordinates already exists \
+             ({err}); offsets in ingest.offsets disagree with the target table. \
+             Stopping without committing anything."
+        )));
+    }
+    Ok(retry::classify(err) == ErrorClass::Data)
 }
 
 /// Offset ranges as column arrays, for UNNEST.
@@ -411,11 +487,11 @@ async fn copy(conn: &mut PgConnection, sql: &str, data: &[u8]) -> Result<u64, sq
 async fn insert_one_by_one(
     conn: &mut PgConnection,
     sql: &str,
-    batch: &Batch,
+    part: &Part,
 ) -> Result<u64, sqlx::Error> {
     let mut start = 0;
-    for row in &batch.rows {
-        let line = &batch.copy_data[start..row.end - 1];
+    for row in &part.rows {
+        let line = &part.copy_data[start..row.end - 1];
         start = row.end;
         let mut query = sqlx::query(AssertSqlSafe(sql.to_owned()));
         for field in line.split(|b| *b == b'\t') {
@@ -423,7 +499,7 @@ async fn insert_one_by_one(
         }
         query.execute(&mut *conn).await?;
     }
-    Ok(batch.rows.len() as u64)
+    Ok(part.rows.len() as u64)
 }
 
 /// One field of a COPY text line: `\N` is NULL, backslash escapes are undone.

@@ -3,6 +3,7 @@
 pub mod admin;
 mod commit;
 mod offsets;
+pub mod schema;
 
 use std::time::{Duration, Instant};
 
@@ -10,11 +11,13 @@ use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
-pub use commit::{Batch, CommitOutcome, PartitionRange, RowRef};
+pub use commit::{Batch, CommitOutcome, Part, PartitionRange, RowRef};
 pub use offsets::{Claim, StoredOffset};
 
-use crate::config::{Config, WriteMethod};
+use crate::config::Config;
 use crate::retry::{self, ErrorClass};
+use crate::route::Routes;
+use schema::RouteSql;
 
 /// `application_name` of the worker's connections, so operators (and tests) can find them.
 pub const APPLICATION_NAME: &str = "kafka-pg-ingest";
@@ -62,76 +65,19 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Quotes `schema.table`.
-fn quote_table(qualified: &str) -> String {
-    qualified
-        .split('.')
-        .map(quote_ident)
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
 /// The worker's view of Postgres.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
     group: String,
-    copy_sql: String,
-    /// `INSERT` of one row from text parameters, for `sink.write_method: row_inserts`.
-    insert_sql: Option<String>,
-    /// Name of the unique index on the source coordinates: a violation of it means the
-    /// protocol broke, so it stops the worker instead of becoming a dead letter.
-    source_index: String,
-    replay_sql: ReplaySql,
-}
-
-/// Statements of replays after a rewind, built from quoted identifiers only.
-#[derive(Debug, Clone)]
-struct ReplaySql {
-    /// Deletes the target rows of ranges `($1 topics, $2 partitions, $3 from, $4 until)`.
-    delete_replaced: String,
-    /// A session-local table of the mapped columns, emptied at commit.
-    create_staging: String,
-    copy_staging: String,
-    /// Moves staged rows into the target table, except re-read rows of the ranges
-    /// `$1..$4` that are already there.
-    insert_kept: String,
-    clear_staging: String,
-}
-
-impl ReplaySql {
-    fn new(table: &str, column_list: &str, sc: &crate::config::SourceColumns) -> Self {
-        let (t, p, o) = (
-            quote_ident(&sc.topic),
-            quote_ident(&sc.partition),
-            quote_ident(&sc.offset),
-        );
-        let ranges = "unnest($1::text[], $2::int4[], $3::int8[], $4::int8[]) AS k(t, p, f, u)";
-        let staging = "pg_temp.kafka_pg_ingest_replay";
-        Self {
-            delete_replaced: format!(
-                "DELETE FROM {table} x USING {ranges} \
-                 WHERE x.{t} = k.t AND x.{p} = k.p AND x.{o} >= k.f AND x.{o} < k.u"
-            ),
-            create_staging: format!(
-                "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
-                 SELECT {column_list} FROM {table} WITH NO DATA"
-            ),
-            copy_staging: format!("COPY {staging} ({column_list}) FROM STDIN"),
-            insert_kept: format!(
-                "INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {staging} s \
-                 WHERE NOT EXISTS (SELECT 1 FROM {ranges} JOIN {table} x \
-                   ON x.{t} = k.t AND x.{p} = k.p AND x.{o} >= k.f AND x.{o} < k.u \
-                   WHERE x.{t} = s.{t} AND x.{p} = s.{p} AND x.{o} = s.{o})"
-            ),
-            clear_staging: format!("DELETE FROM {staging}"),
-        }
-    }
+    routes: Routes,
+    /// The statements of each route, in the order of `routes`.
+    sql: Vec<RouteSql>,
 }
 
 impl Store {
     /// Connects (retrying with backoff for `postgres.connect_retry_secs`), migrates when
-    /// configured, and checks the target table.
+    /// configured, and checks every route's table.
     pub async fn connect(config: &Config) -> Result<Self, StoreError> {
         let pool = connect_pool(config).await?;
         if config.postgres.migrate_on_start {
@@ -140,80 +86,21 @@ impl Store {
         Self::for_pool(pool, config).await
     }
 
-    /// Uses an existing pool (tests, embedding services).
+    /// Uses an existing pool (tests, embedding services); checks every route's table.
     pub async fn for_pool(pool: PgPool, config: &Config) -> Result<Self, StoreError> {
-        let sink = &config.sink;
-        let table = quote_table(&sink.table);
-        let sc = &sink.source_columns;
-        let mut columns: Vec<&str> = sink.columns.iter().map(|c| c.column.as_str()).collect();
-        columns.extend([sc.topic.as_str(), sc.partition.as_str(), sc.offset.as_str()]);
-        let existing: Vec<String> = sqlx::query_scalar(
-            "SELECT attname::text FROM pg_attribute \
-             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
-        )
-        .bind(&table)
-        .fetch_all(&pool)
-        .await
-        .map_err(db("read the target table's columns"))?;
-        if existing.is_empty() {
-            return Err(StoreError::Fatal(format!(
-                "target table `{}` (sink.table) does not exist: run `kafka-pg-ingest migrate` or create it",
-                sink.table
-            )));
-        }
-        if let Some(missing) = columns.iter().find(|c| !existing.iter().any(|e| e == *c)) {
-            return Err(StoreError::Fatal(format!(
-                "target table `{}` has no column `{missing}` named in sink configuration",
-                sink.table
-            )));
-        }
-        let mut coordinates = vec![sc.topic.clone(), sc.partition.clone(), sc.offset.clone()];
-        coordinates.sort();
-        let source_index: Option<String> = sqlx::query_scalar(
-            "SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
-             WHERE x.indrelid = to_regclass($1) AND x.indisunique AND x.indpred IS NULL \
-               AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_attribute a \
-                    WHERE a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey)) = $2::text[] \
-             LIMIT 1",
-        )
-        .bind(&table)
-        .bind(&coordinates)
-        .fetch_optional(&pool)
-        .await
-        .map_err(db("look up the unique index on source coordinates"))?;
-        let source_index = source_index.ok_or_else(|| {
-            StoreError::Fatal(format!(
-                "target table `{}` needs a unique index on ({}, {}, {}) (sink.source_columns): \
-                 exactly-once audits and replays rely on it",
-                sink.table, sc.topic, sc.partition, sc.offset
-            ))
-        })?;
-        let column_list = columns
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let insert_sql = (sink.write_method == WriteMethod::RowInserts).then(|| {
-            let types = sink
-                .columns
-                .iter()
-                .map(|c| c.kind.sql_name())
-                .chain(["text", "int4", "int8"]);
-            let values = types
-                .enumerate()
-                .map(|(i, t)| format!("${}::{t}", i + 1))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!("INSERT INTO {table} ({column_list}) VALUES ({values})")
-        });
+        let routes = Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))?;
+        let sql = schema::prepare(&pool, routes.iter(), config.sink.write_method).await?;
         Ok(Self {
             pool,
             group: config.kafka.group.clone(),
-            copy_sql: format!("COPY {table} ({column_list}) FROM STDIN"),
-            insert_sql,
-            source_index,
-            replay_sql: ReplaySql::new(&table, &column_list, sc),
+            routes,
+            sql,
         })
+    }
+
+    /// The routes this store writes, with their decoders.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     /// The pool, for read-only reporting.

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use kafka_pg_ingest::decode::Decoder;
 use kafka_pg_ingest::pipeline::Pipeline;
 use kafka_pg_ingest::record::Record;
 use kafka_pg_ingest::store::{Batch, CommitOutcome, PartitionRange, Store};
@@ -298,7 +297,7 @@ async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() 
     let store = Store::for_pool(db.pool.clone(), &config)
         .await
         .expect("store");
-    let decoder = Decoder::new(&config.sink);
+    let routes = store.routes();
     let tp = vec![(kafka.topic.clone(), 0)];
 
     let old = store
@@ -325,7 +324,7 @@ async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() 
             .map(|o| record(&kafka.topic, o, o as u64))
             .collect::<Vec<_>>()
     };
-    let stale = Batch::decode(records(), &decoder, vec![range(old.epoch)]);
+    let stale = Batch::decode(records(), routes, vec![range(old.epoch)]);
     match store.commit(&stale).await.expect("commit runs") {
         CommitOutcome::Fenced(fenced) => assert_eq!(fenced, vec![range(old.epoch)]),
         other => panic!("stale worker committed: {other:?}"),
@@ -339,7 +338,7 @@ async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() 
         (None, 2, "worker-b")
     );
 
-    let current = Batch::decode(records(), &decoder, vec![range(new.epoch)]);
+    let current = Batch::decode(records(), routes, vec![range(new.epoch)]);
     assert_eq!(
         store.commit(&current).await.expect("commit runs"),
         CommitOutcome::Committed {

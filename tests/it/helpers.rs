@@ -134,8 +134,29 @@ impl TestKafka {
     }
 
     pub fn config_for_url(&self, url: &str) -> Config {
+        self.load_config(None, url).expect("test config is valid")
+    }
+
+    /// A test configuration with `yaml` layered over the defaults (for routes).
+    pub fn config_with_yaml(
+        &self,
+        db: &TestDb,
+        yaml: &str,
+    ) -> Result<Config, kafka_pg_ingest::config::ConfigError> {
+        let path = std::env::temp_dir().join(format!("kpi-it-{}.yaml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, yaml).expect("temp file is writable");
+        let config = self.load_config(Some(&path), &db.url);
+        let _ = std::fs::remove_file(&path);
+        config
+    }
+
+    fn load_config(
+        &self,
+        file: Option<&std::path::Path>,
+        url: &str,
+    ) -> Result<Config, kafka_pg_ingest::config::ConfigError> {
         let mut config = Config::load(
-            None,
+            file,
             test_env(),
             &Overrides {
                 brokers: Some(self.brokers.clone()),
@@ -145,12 +166,11 @@ impl TestKafka {
                 kafka_options: fast_group_options(),
                 ..Overrides::default()
             },
-        )
-        .expect("test config is valid");
+        )?;
         config.batch.max_wait_ms = 100;
         config.retry.initial_delay_ms = 50;
         config.retry.max_delay_ms = 1000;
-        config
+        Ok(config)
     }
 }
 
@@ -202,6 +222,17 @@ pub fn valid_messages(first: u64, count: u64) -> Vec<Option<Vec<u8>>> {
     (first..first + count)
         .map(|id| Some(sample::website_metric(id, &mut rng)))
         .collect()
+}
+
+/// Sum of the group's stored next offsets over every topic.
+pub async fn stored_group_total(pool: &PgPool, group: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(next_offset), 0)::int8 FROM ingest.offsets WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await
+    .expect("read offsets")
 }
 
 /// Sum of the group's stored next offsets for the topic.

@@ -9,5 +9,6 @@ mod faults;
 mod helpers;
 mod privileges;
 mod replay;
+mod routes;
 mod telemetry;
 mod traces;

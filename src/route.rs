@@ -1,0 +1,490 @@
+//! Routes: which table a record's topic goes to, and where each column's value comes from.
+//!
+//! A configuration has either `routes:` or, when that is empty, one implicit route: the
+//! mapping of `sink` for every topic of `kafka.topics`, its source coordinates appended
+//! as `@topic`, `@partition` and `@offset` columns.
+
+use regex::Regex;
+use serde_json::Value;
+
+use crate::config::{
+    ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig, WriteMode, invalid,
+};
+use crate::decode::Decoder;
+
+/// Where a column's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A top-level field of the JSON value.
+    Field(String),
+    /// A JSON pointer into the value.
+    Pointer(String),
+    /// The whole JSON value.
+    Value,
+    /// The record key: its bytes for `bytea`, else its UTF-8 text.
+    Key,
+    /// A JSON pointer into the record key parsed as JSON (`""`: the whole key).
+    KeyJson(String),
+    /// The value of the last header of this name.
+    Header(String),
+    /// The Kafka timestamp, in milliseconds since the epoch.
+    Timestamp,
+    Topic,
+    Partition,
+    Offset,
+}
+
+impl Source {
+    /// Parses a column's `field`.
+    pub fn parse(field: &str) -> Result<Self, String> {
+        let Some(meta) = field.strip_prefix('@') else {
+            return match field {
+                "" => Err("is empty: give a field name, a JSON pointer (/a/b) or @metadata".into()),
+                f if f.starts_with('/') => Ok(Self::Pointer(f.to_owned())),
+                f => Ok(Self::Field(f.to_owned())),
+            };
+        };
+        match meta.split_once(':') {
+            None if meta == "value" => Ok(Self::Value),
+            None if meta == "key" => Ok(Self::Key),
+            None if meta == "timestamp" => Ok(Self::Timestamp),
+            None if meta == "topic" => Ok(Self::Topic),
+            None if meta == "partition" => Ok(Self::Partition),
+            None if meta == "offset" => Ok(Self::Offset),
+            Some(("key_json", p)) if p.is_empty() || p.starts_with('/') => {
+                Ok(Self::KeyJson(p.to_owned()))
+            }
+            Some(("header", name)) if !name.is_empty() => Ok(Self::Header(name.to_owned())),
+            _ => Err(format!(
+                "`{field}` is not a source: give a field name, a JSON pointer (/a/b/0), @value, \
+                 @key, @key_json:/pointer, @header:name, @timestamp, @topic, @partition or @offset"
+            )),
+        }
+    }
+
+    /// Whether the value comes from the record's value, which a tombstone lacks.
+    pub fn reads_value(&self) -> bool {
+        matches!(self, Self::Field(_) | Self::Pointer(_) | Self::Value)
+    }
+
+    /// The object keys this source reads from the value, outermost first.
+    fn value_keys(&self) -> Vec<&str> {
+        match self {
+            Self::Field(f) => vec![f],
+            Self::Pointer(p) => p[1..].split('/').collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// How `timestamptz` and `date` values are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimeFormat {
+    /// ISO 8601 / RFC 3339 text (no offset means UTC).
+    Iso8601,
+    /// A number of seconds, milliseconds or microseconds since the epoch.
+    EpochS,
+    EpochMs,
+    EpochUs,
+    /// A chrono strftime pattern.
+    Pattern(String),
+}
+
+/// One mapped column, resolved.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    /// The `field` as configured, for messages.
+    pub field: String,
+    pub source: Source,
+    pub kind: ColumnType,
+    /// Absent or null without a default is a `missing_field` dead letter.
+    pub required: bool,
+    pub default: Option<Value>,
+    pub coerce: bool,
+    pub format: TimeFormat,
+}
+
+/// Which topics a route reads.
+#[derive(Debug, Clone)]
+enum Topics {
+    Named(Vec<String>),
+    Matching(Regex),
+}
+
+/// One topic (or set of topics) into one table.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The configuration key of the route: `routes[N]`, or `sink` for the implicit one.
+    pub key: String,
+    /// `schema.table` as configured.
+    pub table: String,
+    /// The schema and table names, taken literally.
+    pub schema_name: String,
+    pub table_name: String,
+    pub mode: WriteMode,
+    /// The unique key of an upsert.
+    pub key_columns: Vec<String>,
+    pub delete_on_tombstone: bool,
+    pub columns: Vec<Column>,
+    topics: Topics,
+}
+
+impl Route {
+    /// Whether records of `topic` go through this route.
+    pub fn matches(&self, topic: &str) -> bool {
+        match &self.topics {
+            Topics::Named(names) => names.iter().any(|t| t == topic),
+            Topics::Matching(regex) => regex.is_match(topic),
+        }
+    }
+
+    /// The columns of the source coordinates (`@topic`, `@partition`, `@offset`).
+    pub fn coordinates(&self) -> Option<[&str; 3]> {
+        let find = |source: Source| {
+            self.columns
+                .iter()
+                .find(|c| c.source == source)
+                .map(|c| c.name.as_str())
+        };
+        Some([
+            find(Source::Topic)?,
+            find(Source::Partition)?,
+            find(Source::Offset)?,
+        ])
+    }
+
+    /// Whether `column` belongs to the upsert key.
+    pub fn is_key(&self, column: &str) -> bool {
+        self.key_columns.iter().any(|k| k == column)
+    }
+
+    /// Where the route reads from, for messages.
+    pub fn topics_label(&self) -> String {
+        match &self.topics {
+            Topics::Named(names) => names.join(","),
+            Topics::Matching(regex) => format!("/{}/", regex.as_str()),
+        }
+    }
+
+    fn build(
+        key: String,
+        topics: Topics,
+        table: &str,
+        config: &RouteConfig,
+        column_keys: &[String],
+    ) -> Result<Self, ConfigError> {
+        let Some((schema_name, table_name)) = table
+            .split_once('.')
+            .filter(|(s, t)| !s.is_empty() && !t.is_empty())
+        else {
+            return Err(invalid(
+                &format!("{key}.table"),
+                format!("`{table}` must be schema-qualified, e.g. web_metrics.metrics"),
+            ));
+        };
+        if config.columns.is_empty() {
+            return Err(invalid(
+                &format!("{key}.columns"),
+                "must map at least one column",
+            ));
+        }
+        let mut columns: Vec<Column> = Vec::with_capacity(config.columns.len());
+        for (mapping, at) in config.columns.iter().zip(column_keys) {
+            if mapping.column.is_empty() || columns.iter().any(|c| c.name == mapping.column) {
+                return Err(invalid(
+                    at,
+                    format!("column `{}` is empty or named twice", mapping.column),
+                ));
+            }
+            columns.push(column(mapping, at)?);
+        }
+        let route = Self {
+            schema_name: schema_name.to_owned(),
+            table_name: table_name.to_owned(),
+            table: table.to_owned(),
+            mode: config.mode,
+            key_columns: config.key.clone(),
+            delete_on_tombstone: config.delete_on_tombstone,
+            columns,
+            topics,
+            key,
+        };
+        route.check_mode()?;
+        Ok(route)
+    }
+
+    fn check_mode(&self) -> Result<(), ConfigError> {
+        let key = &self.key;
+        match self.mode {
+            WriteMode::Insert => {
+                if !self.key_columns.is_empty() || self.delete_on_tombstone {
+                    return Err(invalid(
+                        &format!("{key}.mode"),
+                        "is insert, but `key` and `delete_on_tombstone` need mode: upsert",
+                    ));
+                }
+                if self.coordinates().is_none() {
+                    return Err(invalid(
+                        &format!("{key}.columns"),
+                        "need one column each from @topic, @partition and @offset in mode insert \
+                         (under a unique index): they make a duplicate impossible and let replays \
+                         find their rows",
+                    ));
+                }
+            }
+            WriteMode::Upsert => {
+                if self.key_columns.is_empty() {
+                    return Err(invalid(
+                        &format!("{key}.key"),
+                        "must name the columns of the table's unique key for mode: upsert",
+                    ));
+                }
+                for name in &self.key_columns {
+                    let Some(column) = self.columns.iter().find(|c| &c.name == name) else {
+                        return Err(invalid(
+                            &format!("{key}.key"),
+                            format!("names `{name}`, which is not a mapped column"),
+                        ));
+                    };
+                    if self.delete_on_tombstone && column.source.reads_value() {
+                        return Err(invalid(
+                            &format!("{key}.delete_on_tombstone"),
+                            format!(
+                                "needs every key column from record metadata, but `{name}` reads \
+                                 the value ({}), which a tombstone has not: map it from @key, \
+                                 @key_json:/pointer or @header:name",
+                                column.field
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn column(mapping: &ColumnMapping, at: &str) -> Result<Column, ConfigError> {
+    let source = Source::parse(&mapping.field).map_err(|p| invalid(&format!("{at}.field"), p))?;
+    let temporal = matches!(mapping.kind, ColumnType::Timestamptz | ColumnType::Date);
+    let format = match mapping.format.as_deref() {
+        None if source == Source::Timestamp => TimeFormat::EpochMs,
+        None | Some("iso8601") => TimeFormat::Iso8601,
+        Some(_) if !temporal => {
+            return Err(invalid(
+                &format!("{at}.format"),
+                "applies to timestamptz and date columns only",
+            ));
+        }
+        Some(epoch @ ("epoch_s" | "epoch_ms" | "epoch_us")) => {
+            if mapping.kind != ColumnType::Timestamptz {
+                return Err(invalid(
+                    &format!("{at}.format"),
+                    format!("`{epoch}` applies to timestamptz columns only"),
+                ));
+            }
+            match epoch {
+                "epoch_s" => TimeFormat::EpochS,
+                "epoch_ms" => TimeFormat::EpochMs,
+                _ => TimeFormat::EpochUs,
+            }
+        }
+        Some(pattern) => {
+            let parsed = chrono::format::StrftimeItems::new(pattern).parse();
+            if parsed.is_err() || !pattern.contains('%') {
+                return Err(invalid(
+                    &format!("{at}.format"),
+                    format!(
+                        "`{pattern}` is neither iso8601, epoch_s, epoch_ms, epoch_us nor a strftime pattern such as %d/%m/%Y"
+                    ),
+                ));
+            }
+            TimeFormat::Pattern(pattern.to_owned())
+        }
+    };
+    let column = Column {
+        name: mapping.column.clone(),
+        field: mapping.field.clone(),
+        source,
+        kind: mapping.kind,
+        required: mapping.required,
+        default: mapping.default.clone().filter(|d| !d.is_null()),
+        coerce: mapping.coerce,
+        format,
+    };
+    if let Some(default) = &column.default
+        && let Err(rejection) = crate::decode::encode_value(&column, default, &mut Vec::new())
+    {
+        return Err(invalid(
+            &format!("{at}.default"),
+            format!("does not fit the column: {}", rejection.reason),
+        ));
+    }
+    Ok(column)
+}
+
+/// Every route of a configuration, each with its decoder.
+#[derive(Debug, Clone)]
+pub struct Routes {
+    decoders: Vec<Decoder>,
+}
+
+impl Routes {
+    /// Resolves and validates the routes, naming the key to change on error.
+    pub fn new(config: &Config) -> Result<Self, ConfigError> {
+        let routes = if config.routes.is_empty() {
+            vec![implicit(config)?]
+        } else {
+            explicit(config)?
+        };
+        check_limits(&config.sink, &routes)?;
+        let decoders = routes
+            .into_iter()
+            .map(|route| Decoder::new(&config.sink, route))
+            .collect();
+        Ok(Self { decoders })
+    }
+
+    /// The index of the route for `topic`: a route naming it, else the first whose regex
+    /// matches.
+    pub fn route_of(&self, topic: &str) -> Option<usize> {
+        let named = |d: &Decoder| matches!(d.route().topics, Topics::Named(_));
+        let position = |want_named: bool| {
+            self.decoders
+                .iter()
+                .position(|d| named(d) == want_named && d.route().matches(topic))
+        };
+        position(true).or_else(|| position(false))
+    }
+
+    pub fn decoders(&self) -> &[Decoder] {
+        &self.decoders
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.decoders.iter().map(Decoder::route)
+    }
+
+    /// The target tables, comma-separated (for spans).
+    pub fn tables(&self) -> String {
+        let mut tables: Vec<&str> = self.iter().map(|r| r.table.as_str()).collect();
+        tables.dedup();
+        tables.join(",")
+    }
+}
+
+/// The mapping of `sink` for `kafka.topics`.
+fn implicit(config: &Config) -> Result<Route, ConfigError> {
+    let sink = &config.sink;
+    let sc = &sink.source_columns;
+    let mut route = RouteConfig {
+        topic: None,
+        topic_regex: None,
+        table: sink.table.clone(),
+        mode: WriteMode::Insert,
+        key: Vec::new(),
+        delete_on_tombstone: false,
+        columns: sink.columns.clone(),
+    };
+    let mut keys: Vec<String> = (0..sink.columns.len())
+        .map(|i| format!("sink.columns[{i}]"))
+        .collect();
+    for (name, field, kind) in [
+        (&sc.topic, "@topic", ColumnType::Text),
+        (&sc.partition, "@partition", ColumnType::Int4),
+        (&sc.offset, "@offset", ColumnType::Int8),
+    ] {
+        route.columns.push(ColumnMapping {
+            column: name.clone(),
+            field: field.to_owned(),
+            kind,
+            required: true,
+            default: None,
+            coerce: false,
+            format: None,
+        });
+        keys.push("sink.source_columns".to_owned());
+    }
+    let topics = Topics::Named(config.kafka.topics.clone());
+    Route::build("sink".into(), topics, &sink.table, &route, &keys)
+}
+
+fn explicit(config: &Config) -> Result<Vec<Route>, ConfigError> {
+    let mut routes: Vec<Route> = Vec::with_capacity(config.routes.len());
+    for (i, rc) in config.routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let topics = match (&rc.topic, &rc.topic_regex) {
+            (Some(topic), None) if !topic.is_empty() => {
+                let named = |r: &&Route| matches!(r.topics, Topics::Named(_)) && r.matches(topic);
+                if let Some(other) = routes.iter().find(named) {
+                    return Err(invalid(
+                        &format!("{key}.topic"),
+                        format!("`{topic}` is already routed by {}", other.key),
+                    ));
+                }
+                Topics::Named(vec![topic.clone()])
+            }
+            (None, Some(pattern)) => {
+                let anchored = format!(
+                    "^(?:{})$",
+                    pattern.trim_start_matches('^').trim_end_matches('$')
+                );
+                let regex = Regex::new(&anchored).map_err(|e| {
+                    invalid(
+                        &format!("{key}.topic_regex"),
+                        format!("is not a regex: {e}"),
+                    )
+                })?;
+                Topics::Matching(regex)
+            }
+            _ => {
+                return Err(invalid(
+                    &key,
+                    "needs exactly one of `topic` (a name) and `topic_regex`",
+                ));
+            }
+        };
+        let column_keys: Vec<String> = (0..rc.columns.len())
+            .map(|j| format!("{key}.columns[{j}]"))
+            .collect();
+        routes.push(Route::build(key, topics, &rc.table, rc, &column_keys)?);
+    }
+    Ok(routes)
+}
+
+/// Below these limits, a record carrying every mapped field could never decode.
+fn check_limits(sink: &SinkConfig, routes: &[Route]) -> Result<(), ConfigError> {
+    for route in routes {
+        let paths: Vec<Vec<&str>> = route
+            .columns
+            .iter()
+            .map(|c| c.source.value_keys())
+            .collect();
+        let longest_key = paths.iter().flatten().map(|k| k.len()).max().unwrap_or(0);
+        let shortest_limit = longest_key.max(1);
+        if sink.max_string_bytes < shortest_limit {
+            return Err(invalid(
+                "sink.max_string_bytes",
+                format!(
+                    "must be at least {shortest_limit} (the longest key {}.columns reads is {longest_key} bytes)",
+                    route.key
+                ),
+            ));
+        }
+        let top_level: std::collections::HashSet<&str> =
+            paths.iter().filter_map(|p| p.first().copied()).collect();
+        let shortest_limit = top_level.len().max(1);
+        if sink.max_fields < shortest_limit {
+            return Err(invalid(
+                "sink.max_fields",
+                format!(
+                    "must be at least {shortest_limit} ({}.columns reads {} top-level keys)",
+                    route.key,
+                    top_level.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! Each route checked against the live schema, and the statements it writes with.
+//!
+//! Every identifier in these statements comes from the configuration and is quoted, so a
+//! name with capitals, spaces or quotes is taken literally and cannot inject SQL.
+
+use sqlx::PgPool;
+
+use super::{StoreError, db, quote_ident};
+use crate::config::{WriteMethod, WriteMode};
+use crate::route::Route;
+
+/// The statements one route writes with.
+#[derive(Debug, Clone)]
+pub(super) struct RouteSql {
+    /// `COPY .. FROM STDIN` of the decoded lines: into the table (insert), or into the
+    /// staging table (upsert).
+    pub copy: String,
+    /// `INSERT` of one row from text parameters, for `sink.write_method: row_inserts`.
+    pub insert: Option<String>,
+    /// Name of the unique index on the source coordinates: a violation of it means the
+    /// protocol broke, so it stops the worker instead of becoming a dead letter.
+    pub source_index: Option<String>,
+    /// Replays of an insert route: deleting and keeping rows by coordinates.
+    pub replay: Option<ReplaySql>,
+    /// Staging and applying an upsert route's rows.
+    pub upsert: Option<UpsertSql>,
+}
+
+/// Statements of replays after a rewind.
+#[derive(Debug, Clone)]
+pub(super) struct ReplaySql {
+    /// Deletes the target rows of ranges `($1 topics, $2 partitions, $3 from, $4 until)`.
+    pub delete_replaced: String,
+    /// A session-local table of the mapped columns, emptied at commit.
+    pub create_staging: String,
+    pub copy_staging: String,
+    /// Moves staged rows into the target table, except re-read rows of the ranges
+    /// `$1..$4` that are already there.
+    pub insert_kept: String,
+    pub clear_staging: String,
+}
+
+/// Statements of an upsert: the batch's lines are COPYed into a session-local staging
+/// table, then the last line of each key deletes or writes its row.
+#[derive(Debug, Clone)]
+pub(super) struct UpsertSql {
+    pub create_staging: String,
+    /// Deletes tombstoned keys, upserts the rest, empties the staging table.
+    pub apply: String,
+}
+
+/// Staging columns after the mapped ones: the delete flag, then the line's position.
+const DELETE_FLAG: &str = "\"kafka_pg_ingest.delete\"";
+const SEQUENCE: &str = "\"kafka_pg_ingest.seq\"";
+
+/// One column of a live table.
+#[derive(Debug, sqlx::FromRow)]
+struct LiveColumn {
+    name: String,
+    /// As `format_type` shows it, e.g. `character varying(20)`.
+    shown: String,
+    /// `pg_type.typname` of the (base) type, e.g. `varchar`.
+    base: String,
+    not_null: bool,
+    /// A default, identity or generated column.
+    filled: bool,
+    generated: bool,
+}
+
+/// Checks every route against the live schema and prepares its statements; a mismatch
+/// is a fatal error listing every problem, each naming the route, column, expected and
+/// actual type.
+pub(super) async fn prepare(
+    pool: &PgPool,
+    routes: impl Iterator<Item = &Route>,
+    method: WriteMethod,
+) -> Result<Vec<RouteSql>, StoreError> {
+    let mut prepared = Vec::new();
+    let mut problems = Vec::new();
+    for (index, route) in routes.enumerate() {
+        let found = inspect(pool, route, &mut problems).await?;
+        prepared.push(statements(route, index, found, method));
+    }
+    if problems.is_empty() {
+        Ok(prepared)
+    } else {
+        Err(StoreError::Fatal(format!(
+            "the configuration does not match the database:\n  {}",
+            problems.join("\n  ")
+        )))
+    }
+}
+
+/// Indexes found for a route.
+#[derive(Debug, Default)]
+struct Found {
+    source_index: Option<String>,
+}
+
+async fn inspect(
+    pool: &PgPool,
+    route: &Route,
+    problems: &mut Vec<String>,
+) -> Result<Found, StoreError> {
+    let label = format!(
+        "{} ({} -> {})",
+        route.key,
+        route.topics_label(),
+        route.table
+    );
+    let table = quoted_table(route);
+    let live: Vec<LiveColumn> = sqlx::query_as(
+        "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS shown, \
+           COALESCE(b.typname, t.typname)::text AS base, a.attnotnull AS not_null, \
+           (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') AS filled, \
+           a.attgenerated <> '' AS generated \
+         FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+         LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype \
+         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+    )
+    .bind(&table)
+    .fetch_all(pool)
+    .await
+    .map_err(db("read the target table's columns"))?;
+    if live.is_empty() {
+        problems.push(format!(
+            "{label}: table {table} does not exist: create it (`kafka-pg-ingest schema` prints a fitting CREATE TABLE)"
+        ));
+        return Ok(Found::default());
+    }
+    for column in &route.columns {
+        let Some(found) = live.iter().find(|l| l.name == column.name) else {
+            problems.push(format!(
+                "{label}: column {} does not exist in {table} (expected type {})",
+                quote_ident(&column.name),
+                column.kind.sql_name()
+            ));
+            continue;
+        };
+        let accepted = column.kind.accepted_columns();
+        if !accepted.contains(&found.base.as_str()) {
+            problems.push(format!(
+                "{label}: column {} is {} in the table, but `type: {}` writes {}: change the type or the column",
+                quote_ident(&column.name),
+                found.shown,
+                column.kind.sql_name(),
+                accepted.join(" or ")
+            ));
+        }
+        if found.generated {
+            problems.push(format!(
+                "{label}: column {} is generated and cannot be written: remove its mapping",
+                quote_ident(&column.name)
+            ));
+        }
+    }
+    for required in live.iter().filter(|l| l.not_null && !l.filled) {
+        if !route.columns.iter().any(|c| c.name == required.name) {
+            problems.push(format!(
+                "{label}: column {} ({}) is NOT NULL without a default, and no mapping fills it: map it or give it a default",
+                quote_ident(&required.name),
+                required.shown
+            ));
+        }
+    }
+    let mut found = Found::default();
+    match route.mode {
+        WriteMode::Insert => {
+            if let Some(coordinates) = route.coordinates() {
+                found.source_index = unique_index(pool, &table, &coordinates).await?;
+                if found.source_index.is_none() {
+                    problems.push(format!(
+                        "{label}: {table} needs a unique index on ({}) (the @topic, @partition and \
+                         @offset columns): exactly-once audits and replays rely on it",
+                        quoted_list(coordinates.iter().copied())
+                    ));
+                }
+            }
+        }
+        WriteMode::Upsert => {
+            let key: Vec<&str> = route.key_columns.iter().map(String::as_str).collect();
+            if unique_index(pool, &table, &key).await?.is_none() {
+                problems.push(format!(
+                    "{label}: {table} needs a unique index or primary key on exactly ({}) for mode: upsert",
+                    quoted_list(key.iter().copied())
+                ));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The name of a unique, non-partial index of `table` on exactly `columns`.
+async fn unique_index(
+    pool: &PgPool,
+    table: &str,
+    columns: &[&str],
+) -> Result<Option<String>, StoreError> {
+    let mut sorted: Vec<&str> = columns.to_vec();
+    sorted.sort_unstable();
+    sqlx::query_scalar(
+        "SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
+         WHERE x.indrelid = to_regclass($1) AND x.indisunique AND x.indpred IS NULL \
+           AND x.indexprs IS NULL \
+           AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_attribute a \
+                WHERE a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey)) = $2::text[] \
+         LIMIT 1",
+    )
+    .bind(table)
+    .bind(&sorted)
+    .fetch_optional(pool)
+    .await
+    .map_err(db("look up unique indexes"))
+}
+
+/// `"schema"."table"`.
+pub(super) fn quoted_table(route: &Route) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(&route.schema_name),
+        quote_ident(&route.table_name)
+    )
+}
+
+fn quoted_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.map(quote_ident).collect::<Vec<_>>().join(", ")
+}
+
+fn statements(route: &Route, index: usize, found: Found, method: WriteMethod) -> RouteSql {
+    let table = quoted_table(route);
+    let columns = quoted_list(route.columns.iter().map(|c| c.name.as_str()));
+    match route.mode {
+        WriteMode::Insert => RouteSql {
+            copy: format!("COPY {table} ({columns}) FROM STDIN"),
+            insert: (method == WriteMethod::RowInserts).then(|| {
+                let values = route
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("${}::{}", i + 1, c.kind.sql_name()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("INSERT INTO {table} ({columns}) VALUES ({values})")
+            }),
+            source_index: found.source_index,
+            replay: route
+                .coordinates()
+                .map(|c| ReplaySql::new(&table, &columns, c)),
+            upsert: None,
+        },
+        WriteMode::Upsert => {
+            let staging = format!("pg_temp.kafka_pg_ingest_upsert_{index}");
+            RouteSql {
+                copy: format!("COPY {staging} ({columns}, {DELETE_FLAG}) FROM STDIN"),
+                insert: None,
+                source_index: None,
+                replay: None,
+                upsert: Some(UpsertSql::new(route, &table, &columns, &staging)),
+            }
+        }
+    }
+}
+
+impl ReplaySql {
+    fn new(table: &str, column_list: &str, [topic, partition, offset]: [&str; 3]) -> Self {
+        let (t, p, o) = (
+            quote_ident(topic),
+            quote_ident(partition),
+            quote_ident(offset),
+        );
+        let ranges = "unnest($1::text[], $2::int4[], $3::int8[], $4::int8[]) AS k(t, p, f, u)";
+        let staging = "pg_temp.kafka_pg_ingest_replay";
+        Self {
+            delete_replaced: format!(
+                "DELETE FROM {table} x USING {ranges} \
+                 WHERE x.{t} = k.t AND x.{p} = k.p AND x.{o} >= k.f AND x.{o} < k.u"
+            ),
+            create_staging: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
+                 SELECT {column_list} FROM {table} WITH NO DATA"
+            ),
+            copy_staging: format!("COPY {staging} ({column_list}) FROM STDIN"),
+            insert_kept: format!(
+                "INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {staging} s \
+                 WHERE NOT EXISTS (SELECT 1 FROM {ranges} JOIN {table} x \
+                   ON x.{t} = k.t AND x.{p} = k.p AND x.{o} >= k.f AND x.{o} < k.u \
+                   WHERE x.{t} = s.{t} AND x.{p} = s.{p} AND x.{o} = s.{o})"
+            ),
+            clear_staging: format!("DELETE FROM {staging}"),
+        }
+    }
+}
+
+impl UpsertSql {
+    fn new(route: &Route, table: &str, columns: &str, staging: &str) -> Self {
+        let key = quoted_list(route.key_columns.iter().map(String::as_str));
+        // The last line of each key decides it; the sequence numbers lines in COPY order.
+        let last = format!(
+            "(SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, {SEQUENCE} DESC) s"
+        );
+        let updates: Vec<String> = route
+            .columns
+            .iter()
+            .filter(|c| !route.is_key(&c.name))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
+            .collect();
+        let conflict = if updates.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!("DO UPDATE SET {}", updates.join(", "))
+        };
+        let mut apply = String::new();
+        if route.delete_on_tombstone {
+            let matches = route
+                .key_columns
+                .iter()
+                .map(|k| format!("t.{0} = s.{0}", quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            apply.push_str(&format!(
+                "DELETE FROM {table} t USING {last} WHERE s.{DELETE_FLAG} AND {matches}; "
+            ));
+        }
+        apply.push_str(&format!(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {last} \
+             WHERE NOT s.{DELETE_FLAG} ON CONFLICT ({key}) {conflict}; DELETE FROM {staging}"
+        ));
+        Self {
+            create_staging: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
+                 SELECT {columns}, false AS {DELETE_FLAG} FROM {table} WITH NO DATA; \
+                 ALTER TABLE {staging} ADD COLUMN IF NOT EXISTS {SEQUENCE} \
+                 int8 GENERATED ALWAYS AS IDENTITY"
+            ),
+            apply,
+        }
+    }
+}
+
+/// `CREATE TABLE` statements that fit the routes' mappings.
+pub fn create_statements<'a>(routes: impl Iterator<Item = &'a Route>) -> String {
+    let mut out = String::new();
+    for route in routes {
+        let table = quoted_table(route);
+        let mut lines: Vec<String> = route
+            .columns
+            .iter()
+            .map(|c| {
+                let not_null = if c.required || route.is_key(&c.name) {
+                    " NOT NULL"
+                } else {
+                    ""
+                };
+                format!(
+                    "    {} {}{not_null}",
+                    quote_ident(&c.name),
+                    c.kind.sql_name()
+                )
+            })
+            .collect();
+        match (route.mode, route.coordinates()) {
+            (WriteMode::Upsert, _) => lines.push(format!(
+                "    PRIMARY KEY ({})",
+                quoted_list(route.key_columns.iter().map(String::as_str))
+            )),
+            (WriteMode::Insert, Some(coordinates)) => lines.push(format!(
+                "    UNIQUE ({})",
+                quoted_list(coordinates.iter().copied())
+            )),
+            (WriteMode::Insert, None) => {}
+        }
+        out.push_str(&format!(
+            "-- {}: {} -> {}\nCREATE SCHEMA IF NOT EXISTS {};\nCREATE TABLE IF NOT EXISTS {table} (\n{}\n);\n\n",
+            route.key,
+            route.topics_label(),
+            route.table,
+            quote_ident(&route.schema_name),
+            lines.join(",\n")
+        ));
+    }
+    out
+}
