@@ -318,6 +318,10 @@ pub struct BenchArgs {
     /// Records per batch (batch.max_records), the same for raw COPY.
     #[arg(long, default_value_t = 5000)]
     pub batch_size: usize,
+    /// Write mode of the measured worker: `upsert` routes the bench topic with
+    /// `mode: upsert` keyed on the source coordinates (each record a new key).
+    #[arg(long, value_enum, default_value = "insert")]
+    pub mode: crate::config::WriteMode,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -407,6 +411,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
                 partitions: args.partitions,
                 runs: args.runs,
                 batch_size: args.batch_size,
+                mode: args.mode,
                 brokers: args.brokers,
                 database_url: args.database.database_url,
             })

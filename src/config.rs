@@ -240,7 +240,9 @@ pub struct RouteConfig {
 }
 
 /// How a route writes its rows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum WriteMode {
     /// Every record becomes a new row; the source coordinates (`@topic`, `@partition`,
@@ -619,10 +621,9 @@ impl Config {
             .iter()
             .map(|r| match (&r.topic, &r.topic_regex) {
                 (Some(topic), _) => topic.clone(),
-                // librdkafka takes a subscription starting with `^` as a regex.
-                (None, Some(regex)) => {
-                    format!("^{}$", regex.trim_start_matches('^').trim_end_matches('$'))
-                }
+                // librdkafka takes a subscription starting with `^` as a regex; the group
+                // keeps an alternation inside the anchors.
+                (None, Some(regex)) => format!("^({})$", unanchored(regex)),
                 (None, None) => String::new(),
             })
             .collect()
@@ -632,6 +633,12 @@ impl Config {
     pub fn database_url_masked(&self) -> String {
         mask_url(self.postgres.url.expose_secret())
     }
+}
+
+/// A topic regex without the anchors a user may have written: routes anchor it anyway.
+pub(crate) fn unanchored(regex: &str) -> &str {
+    let regex = regex.strip_prefix('^').unwrap_or(regex);
+    regex.strip_suffix('$').unwrap_or(regex)
 }
 
 /// Replaces the password of a URL with `***`.

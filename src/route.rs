@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::config::{
     ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig, WriteMode, invalid,
+    unanchored,
 };
 use crate::decode::Decoder;
 
@@ -426,10 +427,7 @@ fn explicit(config: &Config) -> Result<Vec<Route>, ConfigError> {
                 Topics::Named(vec![topic.clone()])
             }
             (None, Some(pattern)) => {
-                let anchored = format!(
-                    "^(?:{})$",
-                    pattern.trim_start_matches('^').trim_end_matches('$')
-                );
+                let anchored = format!("^(?:{})$", unanchored(pattern));
                 let regex = Regex::new(&anchored).map_err(|e| {
                     invalid(
                         &format!("{key}.topic_regex"),
@@ -487,4 +485,172 @@ fn check_limits(sink: &SinkConfig, routes: &[Route]) -> Result<(), ConfigError> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        let path = std::env::temp_dir().join(format!("kpi-routes-{}.yaml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, yaml).expect("temp file is writable");
+        let config = Config::load(Some(&path), Vec::new(), &Overrides::default());
+        let _ = std::fs::remove_file(&path);
+        config
+    }
+
+    const COORDINATES: &str = "      - { column: t, field: \"@topic\", type: text }\n      - { column: p, field: \"@partition\", type: int4 }\n      - { column: o, field: \"@offset\", type: int8 }\n";
+
+    fn route(head: &str, columns: &str) -> String {
+        format!("routes:\n  - {head}\n    columns:\n{columns}")
+    }
+
+    #[test]
+    fn routes_replace_the_topics_and_a_named_topic_wins_over_a_regex() {
+        let yaml = format!(
+            "routes:\n  - topic_regex: '^orders|audit.*$'\n    table: s.any\n    columns:\n{COORDINATES}  - topic: orders-eu\n    table: s.eu\n    columns:\n{COORDINATES}"
+        );
+        let config = load(&yaml).expect("loads");
+        assert_eq!(
+            config.subscription(),
+            vec!["^(orders|audit.*)$".to_owned(), "orders-eu".to_owned()]
+        );
+        let routes = Routes::new(&config).expect("valid");
+        assert_eq!(routes.route_of("orders-eu"), Some(1), "named first");
+        assert_eq!(routes.route_of("orders"), Some(0));
+        assert_eq!(routes.route_of("audit-x"), Some(0));
+        assert_eq!(routes.route_of("orders-us"), None, "the regex is anchored");
+        assert_eq!(routes.tables(), "s.any,s.eu");
+    }
+
+    #[test]
+    fn the_default_configuration_is_one_route_over_kafka_topics() {
+        let config = Config::load(None, Vec::new(), &Overrides::default()).expect("loads");
+        let routes = Routes::new(&config).expect("valid");
+        let route = routes.iter().next().expect("one route");
+        assert_eq!(route.key, "sink");
+        assert_eq!(
+            route.coordinates(),
+            Some(["kafka_topic", "kafka_partition", "kafka_offset"])
+        );
+        assert_eq!(routes.route_of("website-metrics"), Some(0));
+        assert_eq!(config.subscription(), vec!["website-metrics".to_owned()]);
+    }
+
+    #[test]
+    fn invalid_routes_name_the_key_to_change() {
+        let key_col = "      - { column: id, field: \"@key\", type: int8, coerce: true }\n";
+        let value_col = "      - { column: id, field: id, type: int8 }\n";
+        let extra = |column: &str| format!("{COORDINATES}      - {column}\n");
+        let cases = [
+            (
+                route("topic: a\n    table: nodot", COORDINATES),
+                "routes[0].table",
+            ),
+            (
+                route("topic: a\n    topic_regex: b\n    table: s.t", COORDINATES),
+                "needs exactly one of `topic`",
+            ),
+            (
+                route("topic_regex: '('\n    table: s.t", COORDINATES),
+                "routes[0].topic_regex",
+            ),
+            (
+                route(
+                    "topic: a\n    table: s.t",
+                    "      - { column: x, field: \"@nope\", type: text }\n",
+                ),
+                "routes[0].columns[0].field",
+            ),
+            (
+                route(
+                    "topic: a\n    table: s.t",
+                    "      - { column: x, field: x, type: text }\n",
+                ),
+                "@topic, @partition and @offset in mode insert",
+            ),
+            (
+                route("topic: a\n    table: s.t\n    mode: upsert", key_col),
+                "routes[0].key",
+            ),
+            (
+                route(
+                    "topic: a\n    table: s.t\n    mode: upsert\n    key: [nope]",
+                    key_col,
+                ),
+                "names `nope`, which is not a mapped column",
+            ),
+            (
+                route(
+                    "topic: a\n    table: s.t\n    mode: upsert\n    key: [id]\n    delete_on_tombstone: true",
+                    value_col,
+                ),
+                "routes[0].delete_on_tombstone",
+            ),
+            (
+                route("topic: a\n    table: s.t\n    key: [t]", COORDINATES),
+                "routes[0].mode",
+            ),
+            (
+                route(
+                    "topic: a\n    table: s.t",
+                    &extra("{ column: x, field: x, type: text, format: epoch_ms }"),
+                ),
+                "routes[0].columns[3].format",
+            ),
+            (
+                route(
+                    "topic: a\n    table: s.t",
+                    &extra("{ column: x, field: x, type: int8, default: abc }"),
+                ),
+                "routes[0].columns[3].default",
+            ),
+            (
+                route(
+                    "topic: a\n    table: s.t",
+                    &extra("{ column: t, field: x, type: text }"),
+                ),
+                "routes[0].columns[3]",
+            ),
+            (
+                format!(
+                    "{}  - topic: a\n    table: s.u\n    columns:\n{COORDINATES}",
+                    route("topic: a\n    table: s.t", COORDINATES)
+                ),
+                "`a` is already routed by routes[0]",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let err = load(&yaml).expect_err(&yaml).to_string();
+            assert!(
+                err.contains(expected),
+                "expected `{expected}` in `{err}` for\n{yaml}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_readme_examples_load() {
+        for (file, mode, topic) in [
+            (
+                "examples/routes/orders.yaml",
+                WriteMode::Upsert,
+                "shop.orders",
+            ),
+            (
+                "examples/routes/events.yaml",
+                WriteMode::Insert,
+                "events.clicks",
+            ),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let config = Config::load(Some(&path), Vec::new(), &Overrides::default())
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            let routes = Routes::new(&config).expect("valid");
+            let route = routes.iter().next().expect("one route");
+            assert_eq!(route.mode, mode, "{file}");
+            assert_eq!(routes.route_of(topic), Some(0), "{file}");
+        }
+    }
 }

@@ -10,6 +10,9 @@
 //!   transaction per batch;
 //! - naive: the worker with `sink.write_method: row_inserts`, on a smaller topic.
 //!
+//! With `--mode upsert` the worker writes through a route in upsert mode keyed on the
+//! source coordinates (staging COPY, then one INSERT .. ON CONFLICT per batch).
+//!
 //! Every worker run is checked for exactly once (rows = messages, distinct coordinates).
 
 mod process;
@@ -30,7 +33,7 @@ use serde::Serialize;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Overrides, WriteMode};
 use crate::dev::reaped::Reaped;
 use crate::record::Record;
 use crate::route::Routes;
@@ -44,6 +47,8 @@ pub struct BenchOptions {
     pub partitions: i32,
     pub runs: usize,
     pub batch_size: usize,
+    /// Write mode of the measured worker.
+    pub mode: WriteMode,
     /// External brokers; the in-process mock cluster when `None`.
     pub brokers: Option<String>,
     pub database_url: String,
@@ -93,6 +98,7 @@ pub struct BenchReport {
     pub naive_messages: u64,
     pub partitions: i32,
     pub batch_size: usize,
+    pub mode: WriteMode,
     pub runs: Vec<Run>,
     pub worker_rows_per_s: Spread,
     pub raw_copy_rows_per_s: Spread,
@@ -115,6 +121,7 @@ impl BenchReport {
             naive_messages: options.naive_messages,
             partitions: options.partitions,
             batch_size: options.batch_size,
+            mode: options.mode,
             worker_rows_per_s: spread(|r| r.worker_rows_per_s),
             raw_copy_rows_per_s: spread(|r| r.raw_copy_rows_per_s),
             naive_rows_per_s: spread(|r| r.naive_rows_per_s),
@@ -133,10 +140,11 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} messages over {} partitions, batch size {}, {} runs (naive: {} messages)",
+            "{} messages over {} partitions, batch size {}, worker mode {:?}, {} runs (naive: {} messages)",
             self.messages,
             self.partitions,
             self.batch_size,
+            self.mode,
             self.runs.len(),
             self.naive_messages
         )?;
@@ -388,8 +396,13 @@ async fn measure_worker(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let group = format!("{topic}-{}", table.replace('.', "-"));
+    let mut command = Command::new(std::env::current_exe()?);
+    // The naive run inserts row by row whatever the measured mode.
+    if options.mode == WriteMode::Upsert && write_method == "copy" {
+        command.env("KAFKA_PG_INGEST__ROUTES", upsert_route(topic, table)?);
+    }
     let mut child = Reaped(
-        Command::new(std::env::current_exe()?)
+        command
             .args([
                 "run",
                 "--brokers",
@@ -510,6 +523,28 @@ async fn measure_worker(
         peak_rss,
         cpu_s,
     })
+}
+
+/// The default mapping as one route in upsert mode, keyed on the source coordinates,
+/// as JSON for the `KAFKA_PG_INGEST__ROUTES` variable.
+fn upsert_route(topic: &str, table: &str) -> anyhow::Result<String> {
+    let config = Config::load(None, Vec::new(), &Overrides::default())?;
+    let routes = Routes::new(&config)?;
+    let route = routes.iter().next().context("the default route")?;
+    let columns: Vec<serde_json::Value> = route
+        .columns
+        .iter()
+        .map(|c| {
+            serde_json::json!({"column": c.name, "field": c.field,
+                               "type": c.kind.sql_name(), "required": c.required})
+        })
+        .collect();
+    let key = route
+        .coordinates()
+        .context("the default route's coordinates")?;
+    let routes = serde_json::json!([{"topic": topic, "table": table, "mode": "upsert",
+                                     "key": key, "columns": columns}]);
+    Ok(routes.to_string())
 }
 
 /// The bench's rows as the worker would write them: COPY text in batches of the bench's

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use super::{StoreError, db, quote_ident};
 use crate::config::{WriteMethod, WriteMode};
-use crate::route::Route;
+use crate::route::{Route, Source};
 
 /// The statements one route writes with.
 #[derive(Debug, Clone)]
@@ -347,7 +347,8 @@ pub fn create_statements<'a>(routes: impl Iterator<Item = &'a Route>) -> String 
             .columns
             .iter()
             .map(|c| {
-                let not_null = if c.required || route.is_key(&c.name) {
+                let always = matches!(c.source, Source::Topic | Source::Partition | Source::Offset);
+                let not_null = if c.required || always || route.is_key(&c.name) {
                     " NOT NULL"
                 } else {
                     ""

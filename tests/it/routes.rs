@@ -773,3 +773,27 @@ async fn a_config_that_does_not_match_the_table_stops_the_worker_before_it_consu
     assert_eq!(claims, 0, "no partition was claimed");
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_examples_create_tables_their_check_accepts() {
+    let db = TestDb::new().await;
+    for file in ["examples/routes/orders.yaml", "examples/routes/events.yaml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let config = Config::load(
+            Some(&path),
+            Vec::new(),
+            &kafka_pg_ingest::config::Overrides {
+                database_url: Some(db.url.clone()),
+                ..Default::default()
+            },
+        )
+        .expect("the example loads");
+        let routes = kafka_pg_ingest::route::Routes::new(&config).expect("valid routes");
+        let ddl = kafka_pg_ingest::store::schema::create_statements(routes.iter());
+        exec(&db.pool, &ddl).await;
+        if let Err(e) = kafka_pg_ingest::store::Store::for_pool(db.pool.clone(), &config).await {
+            panic!("{file}: the printed schema does not pass the check: {e}\n{ddl}");
+        }
+    }
+    db.drop().await;
+}
