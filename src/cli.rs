@@ -535,9 +535,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             let done = ops::retry_dead_letters(&config, &filter).await?;
             println!(
                 "{} moved into {}, {} still failing (attempts + 1)",
-                done.moved,
-                crate::route::Routes::new(&config)?.tables(),
-                done.still_failing
+                done.moved, done.tables, done.still_failing
             );
         }
         DlqCommand::Purge {

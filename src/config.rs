@@ -612,33 +612,10 @@ impl Config {
         Duration::from_secs(self.retry.claim_limit_secs)
     }
 
-    /// The topics (and `^regex` patterns) the worker subscribes to.
-    pub fn subscription(&self) -> Vec<String> {
-        if self.routes.is_empty() {
-            return self.kafka.topics.clone();
-        }
-        self.routes
-            .iter()
-            .map(|r| match (&r.topic, &r.topic_regex) {
-                (Some(topic), _) => topic.clone(),
-                // librdkafka takes a subscription starting with `^` as a regex; the group
-                // keeps an alternation inside the anchors.
-                (None, Some(regex)) => format!("^({})$", unanchored(regex)),
-                (None, None) => String::new(),
-            })
-            .collect()
-    }
-
     /// The database URL with any password replaced, for logs.
     pub fn database_url_masked(&self) -> String {
         mask_url(self.postgres.url.expose_secret())
     }
-}
-
-/// A topic regex without the anchors a user may have written: routes anchor it anyway.
-pub(crate) fn unanchored(regex: &str) -> &str {
-    let regex = regex.strip_prefix('^').unwrap_or(regex);
-    regex.strip_suffix('$').unwrap_or(regex)
 }
 
 /// Replaces the password of a URL with `***`.

@@ -165,7 +165,7 @@ impl Pipeline {
         tracing::info!(
             owner = %owner,
             group = %config.kafka.group,
-            topics = ?config.subscription(),
+            topics = ?store.routes().subscription(),
             database = %config.database_url_masked(),
             "worker started"
         );

@@ -9,7 +9,6 @@ use serde_json::Value;
 
 use crate::config::{
     ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig, WriteMode, invalid,
-    unanchored,
 };
 use crate::decode::Decoder;
 
@@ -110,7 +109,8 @@ pub struct Column {
 #[derive(Debug, Clone)]
 enum Topics {
     Named(Vec<String>),
-    Matching(Regex),
+    /// The pattern as configured without anchors, and its anchored regex.
+    Matching(String, Regex),
 }
 
 /// One topic (or set of topics) into one table.
@@ -136,7 +136,7 @@ impl Route {
     pub fn matches(&self, topic: &str) -> bool {
         match &self.topics {
             Topics::Named(names) => names.iter().any(|t| t == topic),
-            Topics::Matching(regex) => regex.is_match(topic),
+            Topics::Matching(_, regex) => regex.is_match(topic),
         }
     }
 
@@ -164,17 +164,17 @@ impl Route {
     pub fn topics_label(&self) -> String {
         match &self.topics {
             Topics::Named(names) => names.join(","),
-            Topics::Matching(regex) => format!("/{}/", regex.as_str()),
+            Topics::Matching(pattern, _) => format!("/{pattern}/"),
         }
     }
 
     fn build(
         key: String,
         topics: Topics,
-        table: &str,
         config: &RouteConfig,
         column_keys: &[String],
     ) -> Result<Self, ConfigError> {
+        let table = &config.table;
         let Some((schema_name, table_name)) = table
             .split_once('.')
             .filter(|(s, t)| !s.is_empty() && !t.is_empty())
@@ -203,7 +203,7 @@ impl Route {
         let route = Self {
             schema_name: schema_name.to_owned(),
             table_name: table_name.to_owned(),
-            table: table.to_owned(),
+            table: table.clone(),
             mode: config.mode,
             key_columns: config.key.clone(),
             delete_on_tombstone: config.delete_on_tombstone,
@@ -367,6 +367,20 @@ impl Routes {
         self.decoders.iter().map(Decoder::route)
     }
 
+    /// The topics and `^regex` patterns to subscribe to.
+    pub fn subscription(&self) -> Vec<String> {
+        let mut topics = Vec::new();
+        for route in self.iter() {
+            match &route.topics {
+                Topics::Named(names) => topics.extend(names.iter().cloned()),
+                // librdkafka takes a subscription starting with `^` as a regex; the group
+                // keeps an alternation inside the anchors.
+                Topics::Matching(pattern, _) => topics.push(format!("^({pattern})$")),
+            }
+        }
+        topics
+    }
+
     /// The target tables, comma-separated (for spans).
     pub fn tables(&self) -> String {
         let mut tables: Vec<&str> = self.iter().map(|r| r.table.as_str()).collect();
@@ -408,7 +422,7 @@ fn implicit(config: &Config) -> Result<Route, ConfigError> {
         keys.push("sink.source_columns".to_owned());
     }
     let topics = Topics::Named(config.kafka.topics.clone());
-    Route::build("sink".into(), topics, &sink.table, &route, &keys)
+    Route::build("sink".into(), topics, &route, &keys)
 }
 
 fn explicit(config: &Config) -> Result<Vec<Route>, ConfigError> {
@@ -427,14 +441,15 @@ fn explicit(config: &Config) -> Result<Vec<Route>, ConfigError> {
                 Topics::Named(vec![topic.clone()])
             }
             (None, Some(pattern)) => {
-                let anchored = format!("^(?:{})$", unanchored(pattern));
+                let pattern = unanchored(pattern);
+                let anchored = format!("^(?:{pattern})$");
                 let regex = Regex::new(&anchored).map_err(|e| {
                     invalid(
                         &format!("{key}.topic_regex"),
                         format!("is not a regex: {e}"),
                     )
                 })?;
-                Topics::Matching(regex)
+                Topics::Matching(pattern.to_owned(), regex)
             }
             _ => {
                 return Err(invalid(
@@ -446,9 +461,15 @@ fn explicit(config: &Config) -> Result<Vec<Route>, ConfigError> {
         let column_keys: Vec<String> = (0..rc.columns.len())
             .map(|j| format!("{key}.columns[{j}]"))
             .collect();
-        routes.push(Route::build(key, topics, &rc.table, rc, &column_keys)?);
+        routes.push(Route::build(key, topics, rc, &column_keys)?);
     }
     Ok(routes)
+}
+
+/// A topic regex without the anchors a user may have written: routes anchor it anyway.
+fn unanchored(regex: &str) -> &str {
+    let regex = regex.strip_prefix('^').unwrap_or(regex);
+    regex.strip_suffix('$').unwrap_or(regex)
 }
 
 /// Below these limits, a record carrying every mapped field could never decode.
@@ -512,11 +533,11 @@ mod tests {
             "routes:\n  - topic_regex: '^orders|audit.*$'\n    table: s.any\n    columns:\n{COORDINATES}  - topic: orders-eu\n    table: s.eu\n    columns:\n{COORDINATES}"
         );
         let config = load(&yaml).expect("loads");
+        let routes = Routes::new(&config).expect("valid");
         assert_eq!(
-            config.subscription(),
+            routes.subscription(),
             vec!["^(orders|audit.*)$".to_owned(), "orders-eu".to_owned()]
         );
-        let routes = Routes::new(&config).expect("valid");
         assert_eq!(routes.route_of("orders-eu"), Some(1), "named first");
         assert_eq!(routes.route_of("orders"), Some(0));
         assert_eq!(routes.route_of("audit-x"), Some(0));
@@ -535,7 +556,7 @@ mod tests {
             Some(["kafka_topic", "kafka_partition", "kafka_offset"])
         );
         assert_eq!(routes.route_of("website-metrics"), Some(0));
-        assert_eq!(config.subscription(), vec!["website-metrics".to_owned()]);
+        assert_eq!(routes.subscription(), vec!["website-metrics".to_owned()]);
     }
 
     #[test]

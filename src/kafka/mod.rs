@@ -306,7 +306,7 @@ pub fn subscribe(
         observers,
     };
     let consumer: IngestConsumer = client.create_with_context(context)?;
-    let subscription = config.subscription();
+    let subscription = consumer.context().store.routes().subscription();
     let topics: Vec<&str> = subscription.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)

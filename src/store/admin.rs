@@ -216,6 +216,8 @@ pub struct Redrive {
     pub moved: u64,
     /// Dead letters that failed again: kept with `attempts` + 1 and the new reason.
     pub still_failing: u64,
+    /// The tables the moved ones went into, comma-separated.
+    pub tables: String,
 }
 
 impl Store {
@@ -273,6 +275,7 @@ impl Store {
         Ok(Redrive {
             moved: moved_ids.len() as u64,
             still_failing: failed_ids.len() as u64,
+            tables: self.routes.tables(),
         })
     }
 }

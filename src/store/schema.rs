@@ -78,8 +78,8 @@ pub(super) async fn prepare(
     let mut prepared = Vec::new();
     let mut problems = Vec::new();
     for (index, route) in routes.enumerate() {
-        let found = inspect(pool, route, &mut problems).await?;
-        prepared.push(statements(route, index, found, method));
+        let source_index = inspect(pool, route, &mut problems).await?;
+        prepared.push(statements(route, index, source_index, method));
     }
     if problems.is_empty() {
         Ok(prepared)
@@ -91,17 +91,13 @@ pub(super) async fn prepare(
     }
 }
 
-/// Indexes found for a route.
-#[derive(Debug, Default)]
-struct Found {
-    source_index: Option<String>,
-}
-
+/// Checks one route, adding what does not fit to `problems`; returns the name of the
+/// unique index on the source coordinates of an insert route.
 async fn inspect(
     pool: &PgPool,
     route: &Route,
     problems: &mut Vec<String>,
-) -> Result<Found, StoreError> {
+) -> Result<Option<String>, StoreError> {
     let label = format!(
         "{} ({} -> {})",
         route.key,
@@ -127,7 +123,7 @@ async fn inspect(
         problems.push(format!(
             "{label}: table {table} does not exist: create it (`kafka-pg-ingest schema` prints a fitting CREATE TABLE)"
         ));
-        return Ok(Found::default());
+        return Ok(None);
     }
     for column in &route.columns {
         let Some(found) = live.iter().find(|l| l.name == column.name) else {
@@ -164,12 +160,12 @@ async fn inspect(
             ));
         }
     }
-    let mut found = Found::default();
+    let mut source_index = None;
     match route.mode {
         WriteMode::Insert => {
             if let Some(coordinates) = route.coordinates() {
-                found.source_index = unique_index(pool, &table, &coordinates).await?;
-                if found.source_index.is_none() {
+                source_index = unique_index(pool, &table, &coordinates).await?;
+                if source_index.is_none() {
                     problems.push(format!(
                         "{label}: {table} needs a unique index on ({}) (the @topic, @partition and \
                          @offset columns): exactly-once audits and replays rely on it",
@@ -188,7 +184,7 @@ async fn inspect(
             }
         }
     }
-    Ok(found)
+    Ok(source_index)
 }
 
 /// The name of a unique, non-partial index of `table` on exactly `columns`.
@@ -227,7 +223,12 @@ fn quoted_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
     names.map(quote_ident).collect::<Vec<_>>().join(", ")
 }
 
-fn statements(route: &Route, index: usize, found: Found, method: WriteMethod) -> RouteSql {
+fn statements(
+    route: &Route,
+    index: usize,
+    source_index: Option<String>,
+    method: WriteMethod,
+) -> RouteSql {
     let table = quoted_table(route);
     let columns = quoted_list(route.columns.iter().map(|c| c.name.as_str()));
     match route.mode {
@@ -243,7 +244,7 @@ fn statements(route: &Route, index: usize, found: Found, method: WriteMethod) ->
                     .join(", ");
                 format!("INSERT INTO {table} ({columns}) VALUES ({values})")
             }),
-            source_index: found.source_index,
+            source_index,
             replay: route
                 .coordinates()
                 .map(|c| ReplaySql::new(&table, &columns, c)),
