@@ -184,6 +184,10 @@ struct Rig {
     summary: Summary,
 }
 
+/// How a campaign fails when its broker (librdkafka's mock cluster, in a child process)
+/// dies under it: a failure of the test rig, not a verdict on the workers.
+pub const BROKER_DIED: &str = "the campaign's broker died";
+
 /// Runs one campaign and returns its summary (check [`Summary::passed`]).
 pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
     ensure!(options.workers >= 1, "--workers must be at least 1");
@@ -343,8 +347,18 @@ impl Rig {
         Ok(())
     }
 
-    /// Restarts workers that exited by themselves, counting them.
+    /// Restarts workers that exited by themselves, counting them. Fails at once when the
+    /// broker itself has died: its records are gone, so the run can no longer judge the
+    /// workers.
     fn restart_exited(&mut self) -> anyhow::Result<()> {
+        if self.broker.exited() {
+            let log = std::fs::read_to_string(self.logs.join("broker.log")).unwrap_or_default();
+            bail!(
+                "{BROKER_DIED}: {}; logs in {}",
+                log.lines().last().unwrap_or("no log"),
+                self.logs.display()
+            );
+        }
         let before = self.workers.len();
         self.workers.retain_mut(|w| !w.exited());
         let gone = before - self.workers.len();
