@@ -6,12 +6,14 @@
 //! Every struct denies unknown fields, so a misspelt key is an error that names it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
+
+use crate::security::{KafkaSasl, KafkaSsl, SecurityProtocol, SslMode};
 
 /// The embedded default configuration: the website-metrics pipeline.
 pub const DEFAULT_YAML: &str = include_str!("../config/service.yaml");
@@ -82,6 +84,12 @@ pub struct KafkaConfig {
     /// taken as their text (`session.timeout.ms: 6000`).
     #[serde(deserialize_with = "scalar_strings")]
     pub options: BTreeMap<String, String>,
+    /// plaintext | ssl | sasl_plaintext | sasl_ssl.
+    pub security_protocol: SecurityProtocol,
+    /// TLS files, used when `security_protocol` is ssl or sasl_ssl.
+    pub ssl: KafkaSsl,
+    /// Credentials, used when `security_protocol` is sasl_plaintext or sasl_ssl.
+    pub sasl: KafkaSasl,
 }
 
 /// Where a partition without a stored offset starts.
@@ -109,6 +117,14 @@ pub struct PostgresConfig {
     pub acquire_timeout_ms: u64,
     /// Apply migrations at startup.
     pub migrate_on_start: bool,
+    /// libpq's sslmode (disable .. verify-full); overrides the URL's when set.
+    pub sslmode: Option<SslMode>,
+    /// PEM file of the CA(s) trusted for the server's certificate, besides the system's.
+    pub sslrootcert: Option<PathBuf>,
+    /// PEM client certificate, for `clientcert=` or `cert` authentication.
+    pub sslcert: Option<PathBuf>,
+    /// PEM private key of `sslcert` (unencrypted).
+    pub sslkey: Option<PathBuf>,
 }
 
 /// Bounds of one poll batch (= one transaction).
@@ -501,6 +517,8 @@ impl Config {
                 ));
             }
         }
+        crate::security::validate_kafka(&self.kafka)?;
+        crate::security::validate_postgres(&self.postgres)?;
         if self.batch.max_records == 0 {
             return Err(invalid("batch.max_records", "must be at least 1"));
         }
@@ -896,5 +914,92 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
         let err = load_yaml("{}", vec![("DATABASE_URL_FILE", "/nonexistent/kpi")]).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL_FILE"), "{err}");
+    }
+
+    #[test]
+    fn security_keys_that_cannot_work_name_the_key_to_change() {
+        let ca = std::env::temp_dir().join(format!("kpi-ca-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&ca, "not read until a handshake").expect("writable");
+        let ca = ca.to_str().expect("UTF-8 path").to_owned();
+        let cases = [
+            (
+                format!("kafka: {{ssl: {{ca_location: {ca}}}}}"),
+                "kafka.security_protocol",
+            ),
+            (
+                format!("kafka: {{security_protocol: ssl, ssl: {{certificate_location: {ca}}}}}"),
+                "kafka.ssl.key_location",
+            ),
+            (
+                "kafka: {security_protocol: ssl, ssl: {ca_location: /nonexistent/ca.pem}}".into(),
+                "kafka.ssl.ca_location",
+            ),
+            (
+                "kafka: {security_protocol: sasl_ssl, sasl: {mechanism: PLAIN, username: u}}"
+                    .into(),
+                "kafka.sasl.password",
+            ),
+            (
+                "kafka: {sasl: {mechanism: SCRAM-SHA-512}}".into(),
+                "kafka.security_protocol",
+            ),
+            (
+                "kafka: {options: {sasl.password: x}}".into(),
+                "kafka.options.sasl.password",
+            ),
+            (format!("postgres: {{sslcert: {ca}}}"), "postgres.sslkey"),
+            (
+                "postgres: {sslrootcert: /nonexistent/root.crt}".into(),
+                "postgres.sslrootcert",
+            ),
+            (
+                format!("postgres: {{sslmode: disable, sslrootcert: {ca}}}"),
+                "postgres.sslmode",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{yaml}: {err}");
+        }
+        let _ = std::fs::remove_file(&ca);
+    }
+
+    #[test]
+    fn security_keys_become_librdkafka_and_libpq_settings_and_secrets_stay_hidden() {
+        let pem = std::env::temp_dir().join(format!("kpi-pem-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&pem, "PEM").expect("writable");
+        let path = pem.to_str().expect("UTF-8 path");
+        let yaml = format!(
+            "kafka: {{security_protocol: SASL_SSL, ssl: {{ca_location: {path}, certificate_location: {path}, key_location: {path}, key_password: k3y-pass, verify_hostname: false}}, sasl: {{mechanism: SCRAM-SHA-512, username: ingest}}}}\n\
+             postgres: {{sslmode: verify-full, sslrootcert: {path}}}"
+        );
+        let c = load_yaml(
+            &yaml,
+            vec![("KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD", "sa5l-pass")],
+        )
+        .expect("loads");
+        let mut client = rdkafka::ClientConfig::new();
+        crate::security::apply_kafka(&mut client, &c.kafka);
+        for (property, value) in [
+            ("security.protocol", "sasl_ssl"),
+            ("ssl.ca.location", path),
+            ("ssl.certificate.location", path),
+            ("ssl.key.location", path),
+            ("ssl.key.password", "k3y-pass"),
+            ("ssl.endpoint.identification.algorithm", "none"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "ingest"),
+            ("sasl.password", "sa5l-pass"),
+        ] {
+            assert_eq!(client.get(property), Some(value), "{property}");
+        }
+        let options = crate::security::apply_postgres(
+            &c.postgres,
+            "postgres://u@db/x".parse().expect("a URL"),
+        );
+        assert!(format!("{options:?}").contains("VerifyFull"), "{options:?}");
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("k3y-pass") && !printed.contains("sa5l-pass"));
+        let _ = std::fs::remove_file(&pem);
     }
 }

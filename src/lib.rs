@@ -18,5 +18,6 @@ pub mod record;
 pub mod retry;
 pub mod route;
 pub mod sample;
+pub mod security;
 pub mod store;
 pub mod telemetry;

@@ -40,8 +40,10 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("Kafka consumer: {0}")]
     Kafka(#[from] KafkaError),
+    /// The consumer's context gave up: a claim that kept failing, or brokers that
+    /// refuse this worker's certificate or credentials.
     #[error("{0}")]
-    Claim(String),
+    Consumer(String),
     #[error("shutdown requested while a batch was being retried; nothing of it was committed")]
     ShutDown,
     #[error("cannot serve /metrics on {addr} (run.metrics_addr, --metrics-addr): {source}")]
@@ -226,12 +228,12 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<StepOutcome, PipelineError> {
         if let Some(fatal) = self.consumer().context().take_fatal() {
-            return Err(PipelineError::Claim(fatal));
+            return Err(PipelineError::Consumer(fatal));
         }
         let polling = Instant::now();
         let collected = tokio::task::block_in_place(|| self.collect());
         if let Some(fatal) = self.consumer().context().take_fatal() {
-            return Err(PipelineError::Claim(fatal));
+            return Err(PipelineError::Consumer(fatal));
         }
         let mut next = collected.map(|(span, entries)| {
             let batch =

@@ -47,11 +47,13 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
 
 /// Classifies any sqlx error: I/O and pool exhaustion are transient, a database error
 /// goes by its SQLSTATE, and everything else (configuration, TLS, decoding) is fatal.
+/// A refused certificate arrives as an I/O error from the TLS handshake: it is fatal.
 pub fn classify(err: &sqlx::Error) -> ErrorClass {
     match err {
         sqlx::Error::Database(db) => db
             .code()
             .map_or(ErrorClass::Fatal, |c| classify_sqlstate(&c)),
+        sqlx::Error::Io(io) if crate::security::is_tls_rejection(io) => ErrorClass::Fatal,
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::WorkerCrashed

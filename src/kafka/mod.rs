@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 pub use record::to_record;
 
 use crate::config::{Config, OffsetReset, RetryConfig};
 use crate::retry::{self, ErrorClass};
+use crate::security;
 use crate::store::{Claim, Store, StoreError};
 use crate::telemetry::metrics::{Health, Metrics};
 
@@ -76,6 +77,14 @@ impl IngestContext {
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
+    /// Records why the loop must stop; the first reason wins.
+    fn set_fatal(&self, reason: String) {
+        self.fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+    }
+
     /// Retries a claim with backoff. The callback runs inside `poll`, so blocking here
     /// is bounded by `retry.claim_limit_secs`, which config keeps below
     /// `max.poll.interval.ms`.
@@ -107,8 +116,7 @@ impl IngestContext {
             Ok(claims) => claims,
             Err(e) => {
                 tracing::error!(error = %e, "cannot claim assigned partitions; stopping");
-                *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(format!("cannot claim assigned partitions: {e}"));
+                self.set_fatal(format!("cannot claim assigned partitions: {e}"));
                 return;
             }
         };
@@ -172,6 +180,37 @@ impl IngestContext {
 }
 
 impl ClientContext for IngestContext {
+    /// librdkafka's global errors. It retries every broker connection by itself, which
+    /// is right for a network fault but hides a refused certificate or credential
+    /// forever: those stop the worker, naming the keys to check. (A connection cut
+    /// during the TLS handshake is reported as a transport error, not as these.)
+    fn error(&self, error: KafkaError, reason: &str) {
+        const TLS: &str = "TLS to the brokers failed; check kafka.ssl.ca_location (the CA that signed the brokers' certificates), kafka.ssl.certificate_location and kafka.ssl.key_location (brokers that require mutual TLS) and kafka.ssl.verify_hostname";
+        let hint = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::SSL) => Some(TLS),
+            // A TLS alert is the broker refusing this client on purpose (no client
+            // certificate, or one it does not trust), never a network fault; librdkafka
+            // reports an alert after the handshake as a transport failure, quoting
+            // OpenSSL's "SSL alert number".
+            Some(RDKafkaErrorCode::BrokerTransportFailure)
+                if reason.contains("SSL alert number") =>
+            {
+                Some(TLS)
+            }
+            Some(RDKafkaErrorCode::Authentication) => Some(
+                "SASL authentication to the brokers failed; check kafka.sasl.mechanism (one the brokers offer), kafka.sasl.username and kafka.sasl.password",
+            ),
+            _ => None,
+        };
+        match hint {
+            Some(hint) => {
+                tracing::error!(error = %error, reason, "{hint}; stopping");
+                self.set_fatal(format!("{hint}: {reason}"));
+            }
+            None => tracing::error!(error = %error, reason, "librdkafka error"),
+        }
+    }
+
     /// librdkafka's periodic statistics (`statistics.interval.ms`): group state for
     /// `/readyz`, high watermarks for lag.
     fn stats(&self, statistics: Statistics) {
@@ -235,10 +274,7 @@ pub type IngestConsumer = BaseConsumer<IngestContext>;
 /// connection settings, in no group.
 pub fn metadata_client(config: &Config) -> Result<BaseConsumer, KafkaError> {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
-    for (key, value) in &config.kafka.options {
-        client.set(key, value);
-    }
+    connection(&mut client, config);
     // librdkafka wants a group even to assign partitions; this one never joins or commits.
     client
         .set(
@@ -253,6 +289,16 @@ pub fn metadata_client(config: &Config) -> Result<BaseConsumer, KafkaError> {
         .create()
 }
 
+/// Where the brokers are and how to reach them: bootstrap servers, `kafka.options`, and
+/// the security keys (which `kafka.options` cannot set, so they win).
+fn connection(client: &mut ClientConfig, config: &Config) {
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (key, value) in &config.kafka.options {
+        client.set(key, value);
+    }
+    security::apply_kafka(client, &config.kafka);
+}
+
 /// Creates the consumer and subscribes it. Must be called inside a Tokio runtime.
 pub fn subscribe(
     config: &Config,
@@ -263,7 +309,6 @@ pub fn subscribe(
 ) -> Result<IngestConsumer, KafkaError> {
     let mut client = ClientConfig::new();
     client
-        .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", &config.kafka.group)
         .set("client.id", owner)
         .set("enable.partition.eof", "false")
@@ -287,9 +332,7 @@ pub fn subscribe(
         // Statistics feed /readyz (group state) and the lag gauges (high watermarks).
         client.set("statistics.interval.ms", "1000");
     }
-    for (key, value) in &config.kafka.options {
-        client.set(key, value);
-    }
+    connection(&mut client, config);
     // Set last so no option can turn them back on: Kafka's offsets are advisory here.
     client
         .set("enable.auto.commit", "false")

@@ -17,6 +17,7 @@ pub use offsets::{Claim, StoredOffset};
 use crate::config::Config;
 use crate::retry::{self, ErrorClass};
 use crate::route::Routes;
+use crate::security;
 use schema::RouteSql;
 
 /// `application_name` of the worker's connections, so operators (and tests) can find them.
@@ -128,7 +129,8 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
                     config.database_url_masked()
                 ))
             })?;
-    let options = options.application_name(APPLICATION_NAME);
+    let options =
+        security::apply_postgres(&config.postgres, options.application_name(APPLICATION_NAME));
     let limit = Duration::from_secs(config.postgres.connect_retry_secs);
     let started = Instant::now();
     let mut delays = retry::backoff(&config.retry);
@@ -166,8 +168,14 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
             }
             Err(e) => {
                 return Err(StoreError::Fatal(format!(
-                    "cannot connect to Postgres at {}: {e}",
-                    config.database_url_masked()
+                    "cannot connect to Postgres at {}: {e}{}",
+                    config.database_url_masked(),
+                    // Only a refused TLS handshake makes an I/O error fatal.
+                    if matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_)) {
+                        " (TLS: check postgres.sslmode, postgres.sslrootcert and that the URL's host is a name the server's certificate holds)"
+                    } else {
+                        ""
+                    }
                 )));
             }
         }

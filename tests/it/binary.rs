@@ -350,3 +350,42 @@ async fn database_password_never_appears_in_trace_logs_or_errors() {
     );
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_sasl_password_never_appears_at_trace_and_a_failed_authentication_stops_naming_the_keys()
+ {
+    const SASL_PASSWORD: &str = "Sasl-s3cret-91b";
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    kafka.produce(valid_messages(0, 10));
+    let secret = std::env::temp_dir().join(format!("kpi-sasl-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&secret, format!("{SASL_PASSWORD}\n")).expect("secret file written");
+
+    // The mock broker offers no SASL, so authentication fails after librdkafka has the
+    // password; its own debug output of configuration and security is on too.
+    let mut command = worker_command(&kafka, &db);
+    command
+        .args(["--kafka-option", "debug=conf,security,broker"])
+        .envs([
+            (
+                "KAFKA_PG_INGEST__KAFKA__SECURITY_PROTOCOL",
+                "sasl_plaintext",
+            ),
+            ("KAFKA_PG_INGEST__KAFKA__SASL__MECHANISM", "SCRAM-SHA-256"),
+            ("KAFKA_PG_INGEST__KAFKA__SASL__USERNAME", "ingest"),
+            ("RUST_LOG", "trace"),
+        ])
+        .env("KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD_FILE", &secret);
+    let (status, stderr) = run_to_exit(command).await;
+    let _ = std::fs::remove_file(&secret);
+
+    assert!(!status.success(), "a failed authentication is fatal");
+    assert!(stderr.contains(" TRACE "), "TRACE logging was on");
+    assert!(
+        stderr.contains("kafka.sasl.mechanism") && stderr.contains("SCRAM-SHA-256"),
+        "the error names the keys and the mechanism: {stderr}"
+    );
+    assert!(!stderr.contains(SASL_PASSWORD), "the SASL password leaked");
+    assert_eq!(stored_group_total(&db.pool, &kafka.group).await, 0);
+    db.drop().await;
+}

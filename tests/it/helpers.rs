@@ -435,23 +435,55 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_kafka-pg-ingest");
 /// `run` of the real binary against this test's broker, topic, group and database, with
 /// the test's fast group options.
 pub fn worker_command(kafka: &TestKafka, db: &TestDb) -> std::process::Command {
+    worker_command_for(&kafka.brokers, &kafka.topic, &kafka.group, &db.url)
+}
+
+/// `run` of the real binary against any brokers, topic, group and database URL.
+pub fn worker_command_for(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    database_url: &str,
+) -> std::process::Command {
     let mut command = std::process::Command::new(BINARY);
     command.args([
         "run",
         "--brokers",
-        &kafka.brokers,
+        brokers,
         "--database-url",
-        &db.url,
+        database_url,
         "--group",
-        &kafka.group,
+        group,
         "--topic",
-        &kafka.topic,
+        topic,
     ]);
     for (key, value) in fast_group_options() {
         command.args(["--kafka-option", &format!("{key}={value}")]);
     }
     command.envs(test_env());
     command
+}
+
+/// Runs `command` until it exits by itself, within a minute (a run still going then
+/// fails the test with what it printed); hands back its status and stderr.
+pub async fn run_to_exit(mut command: std::process::Command) -> (std::process::ExitStatus, String) {
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Reaped(command.spawn().expect("binary starts"));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    for _ in 0..600 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return (status, reader.join().expect("stderr read"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(&mut child);
+    panic!(
+        "still running after a minute: {}",
+        reader.join().unwrap_or_default()
+    );
 }
 
 /// Sends SIGTERM to `child` and waits for it to exit.
