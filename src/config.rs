@@ -107,6 +107,7 @@ pub enum OffsetReset {
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Connection URL; a secret, since it may hold a password.
+    #[serde(deserialize_with = "secret")]
     pub url: SecretString,
     /// Pool size.
     pub max_connections: u32,
@@ -437,6 +438,10 @@ impl Config {
                     let text = text.trim_end_matches(['\n', '\r']).to_owned();
                     (base.to_owned(), Value::String(text))
                 }
+                // Secrets are taken as written, never parsed: `~` or `"x"` is a password.
+                _ if name.ends_with("PASSWORD") || name.ends_with("__URL") => {
+                    (name, Value::String(value))
+                }
                 _ => {
                     let parsed = serde_yaml_ng::from_str(&value).unwrap_or(Value::String(value));
                     (name, parsed)
@@ -658,19 +663,45 @@ fn scalar_strings<'de, D: serde::Deserializer<'de>>(
     let raw = BTreeMap::<String, Value>::deserialize(deserializer)?;
     raw.into_iter()
         .map(|(key, value)| {
-            let text = match value {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                other => {
-                    return Err(serde::de::Error::custom(format!(
-                        "kafka.options.{key} must be a string, number or boolean, not {other:?}"
-                    )));
-                }
-            };
+            let text = scalar_text(value).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "kafka.options.{key} must be a string, number or boolean"
+                ))
+            })?;
             Ok((key, text))
         })
         .collect()
+}
+
+/// A YAML scalar as its text; `None` for anything else.
+fn scalar_text(value: Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// An optional secret from any YAML scalar, as its text (a password `123456` is text,
+/// not a number to refuse); an error never shows the value.
+pub(crate) fn secret_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SecretString>, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Null => Ok(None),
+        value => scalar_text(value)
+            .map(|text| Some(SecretString::from(text)))
+            .ok_or_else(|| {
+                serde::de::Error::custom("a secret must be text (its value is not shown)")
+            }),
+    }
+}
+
+/// A required secret, as [`secret_text`].
+fn secret<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SecretString, D::Error> {
+    secret_text(deserializer)?
+        .ok_or_else(|| serde::de::Error::custom("a secret must be text (its value is not shown)"))
 }
 
 fn parse_yaml(text: &str, origin: &str) -> Result<Value, ConfigError> {
@@ -956,6 +987,14 @@ mod tests {
                 format!("postgres: {{sslmode: disable, sslrootcert: {ca}}}"),
                 "postgres.sslmode",
             ),
+            (
+                format!("postgres: {{sslrootcert: {ca}}}"),
+                "postgres.sslmode",
+            ),
+            (
+                "kafka: {options: {enable.ssl.certificate.verification: false}}".into(),
+                "kafka.options.enable.ssl.certificate.verification",
+            ),
         ];
         for (yaml, key) in cases {
             let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();
@@ -1000,6 +1039,21 @@ mod tests {
         assert!(format!("{options:?}").contains("VerifyFull"), "{options:?}");
         let printed = format!("{c:?}");
         assert!(!printed.contains("k3y-pass") && !printed.contains("sa5l-pass"));
+        // Secrets from the environment are text as written, never YAML.
+        for password in ["123456", "~", "\"quoted\"", "null"] {
+            let c = load_yaml(
+                "kafka: {security_protocol: sasl_ssl, sasl: {mechanism: PLAIN, username: u}}",
+                vec![("KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD", password)],
+            )
+            .expect("loads");
+            let got = c
+                .kafka
+                .sasl
+                .password
+                .as_ref()
+                .map(|p| p.expose_secret().to_owned());
+            assert_eq!(got.as_deref(), Some(password));
+        }
         let _ = std::fs::remove_file(&pem);
     }
 }

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use rdkafka::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
@@ -67,6 +68,7 @@ pub struct KafkaSsl {
     /// PEM private key of `certificate_location`.
     pub key_location: Option<PathBuf>,
     /// Passphrase of an encrypted `key_location`.
+    #[serde(default, deserialize_with = "crate::config::secret_text")]
     pub key_password: Option<SecretString>,
     /// Check that a broker's certificate names the host it was reached at.
     pub verify_hostname: bool,
@@ -100,6 +102,7 @@ pub struct KafkaSasl {
     pub mechanism: Option<SaslMechanism>,
     pub username: Option<String>,
     /// Read from `KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD(_FILE)` in deployments.
+    #[serde(default, deserialize_with = "crate::config::secret_text")]
     pub password: Option<SecretString>,
 }
 
@@ -120,6 +123,31 @@ const TYPED_KAFKA_OPTIONS: [(&str, &str); 10] = [
     ("sasl.password", "kafka.sasl.password"),
 ];
 
+/// librdkafka properties `kafka.options` refuses although no typed key sets them: they
+/// hold a secret that options would keep as plain text, or switch certificate checks off.
+const REFUSED_KAFKA_OPTIONS: [(&str, &str); 5] = [
+    (
+        "ssl.key.pem",
+        "holds a private key, which kafka.options keeps as plain text: give its file as kafka.ssl.key_location",
+    ),
+    (
+        "ssl.keystore.password",
+        "is a secret, which kafka.options keeps as plain text: give PEM files with kafka.ssl.*",
+    ),
+    (
+        "ssl.keystore.location",
+        "needs ssl.keystore.password, a secret kafka.options cannot hold: give PEM files with kafka.ssl.*",
+    ),
+    (
+        "sasl.oauthbearer.client.secret",
+        "is a secret, which kafka.options keeps as plain text (OAUTHBEARER is not supported)",
+    ),
+    (
+        "enable.ssl.certificate.verification",
+        "would switch off the brokers' certificate checks: give their CA as kafka.ssl.ca_location",
+    ),
+];
+
 /// Checks the Kafka security keys against each other and the files they name.
 pub fn validate_kafka(kafka: &KafkaConfig) -> Result<(), ConfigError> {
     let (protocol, ssl, sasl) = (kafka.security_protocol, &kafka.ssl, &kafka.sasl);
@@ -133,6 +161,11 @@ pub fn validate_kafka(kafka: &KafkaConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    for (option, problem) in REFUSED_KAFKA_OPTIONS {
+        if kafka.options.contains_key(option) {
+            return Err(invalid(&format!("kafka.options.{option}"), problem));
+        }
+    }
     let files = [
         ("kafka.ssl.ca_location", &ssl.ca_location),
         ("kafka.ssl.certificate_location", &ssl.certificate_location),
@@ -143,22 +176,12 @@ pub fn validate_kafka(kafka: &KafkaConfig) -> Result<(), ConfigError> {
         return Err(invalid(
             "kafka.security_protocol",
             format!(
-                "is {}, but kafka.ssl names files: use ssl or sasl_ssl, or remove the kafka.ssl keys",
+                "is {}, but kafka.ssl is set: use ssl or sasl_ssl, or remove the kafka.ssl keys",
                 protocol.librdkafka()
             ),
         ));
     }
-    for (key, file) in files {
-        if let Some(path) = file {
-            readable(key, path)?;
-        }
-    }
-    if ssl.certificate_location.is_some() != ssl.key_location.is_some() {
-        return Err(invalid(
-            "kafka.ssl.key_location",
-            "and kafka.ssl.certificate_location go together: a client certificate needs its key",
-        ));
-    }
+    check_files(files)?;
     let uses_sasl = sasl.mechanism.is_some() || sasl.username.is_some() || sasl.password.is_some();
     if uses_sasl && !protocol.sasl() {
         return Err(invalid(
@@ -211,6 +234,7 @@ pub fn apply_kafka(client: &mut ClientConfig, kafka: &KafkaConfig) {
             if ssl.verify_hostname { "https" } else { "none" },
         );
     }
+    // validate_kafka requires all three under a SASL protocol.
     if protocol.sasl()
         && let (Some(mechanism), Some(username), Some(password)) =
             (sasl.mechanism, &sasl.username, &sasl.password)
@@ -219,6 +243,51 @@ pub fn apply_kafka(client: &mut ClientConfig, kafka: &KafkaConfig) {
             .set("sasl.mechanism", mechanism.librdkafka())
             .set("sasl.username", username)
             .set("sasl.password", password.expose_secret());
+    }
+}
+
+/// TLS alerts by which a peer refuses this client's certificate or handshake on purpose
+/// (RFC 8446 numbers): bad/unsupported/revoked/expired/unknown certificate, unknown CA,
+/// access denied, handshake failure, protocol version, certificate required.
+const REFUSAL_ALERTS: [u32; 10] = [40, 42, 43, 44, 45, 46, 48, 49, 70, 116];
+
+/// The keys to check when librdkafka reports that the brokers refused this client:
+/// a configuration to change, which its own reconnecting would hide forever. `None` for
+/// everything a retry can outlast, a connection cut at any point included.
+pub fn refusal_hint(code: RDKafkaErrorCode, reason: &str) -> Option<&'static str> {
+    // librdkafka words a socket failure during TLS as "SSL transport error" (under
+    // __SSL) and a hang-up or timeout as its transport error text (under either code).
+    const NETWORK: [&str; 4] = [
+        "SSL transport error",
+        "Disconnected",
+        "Local: Broker transport failure",
+        "Local: Timed out",
+    ];
+    if NETWORK.iter().any(|n| reason.contains(n)) {
+        return None;
+    }
+    // OpenSSL quotes an alert the broker sent as "SSL alert number N"; librdkafka
+    // reports one after the handshake as a transport failure.
+    let alert = reason
+        .split("SSL alert number ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u32>().ok());
+    match (code, alert) {
+        (_, Some(n)) if REFUSAL_ALERTS.contains(&n) => Some(
+            "a broker refused this client's TLS handshake; check kafka.ssl.certificate_location and kafka.ssl.key_location (brokers that require mutual TLS need a client certificate their CA signed)",
+        ),
+        (_, Some(_)) => None,
+        (RDKafkaErrorCode::SSL, None) if reason.contains("certificate verify failed") => Some(
+            "the brokers' TLS certificate did not verify; check kafka.ssl.ca_location (the CA that signed the brokers' certificates) and kafka.ssl.verify_hostname",
+        ),
+        (RDKafkaErrorCode::SSL, None) => {
+            Some("TLS to the brokers failed; check kafka.security_protocol and the kafka.ssl keys")
+        }
+        (RDKafkaErrorCode::Authentication, None) => Some(
+            "SASL authentication to the brokers failed; check kafka.sasl.mechanism (one the brokers offer), kafka.sasl.username and kafka.sasl.password",
+        ),
+        _ => None,
     }
 }
 
@@ -248,44 +317,49 @@ impl From<SslMode> for PgSslMode {
 }
 
 /// Checks the Postgres TLS keys and the files they name.
-pub fn validate_postgres(tls: &PostgresConfig) -> Result<(), ConfigError> {
-    let files = [
-        ("postgres.sslrootcert", &tls.sslrootcert),
-        ("postgres.sslcert", &tls.sslcert),
-        ("postgres.sslkey", &tls.sslkey),
-    ];
-    for (key, file) in files {
-        if let Some(path) = file {
-            readable(key, path)?;
-        }
-    }
-    if tls.sslcert.is_some() != tls.sslkey.is_some() {
-        return Err(invalid(
-            "postgres.sslkey",
-            "and postgres.sslcert go together: a client certificate needs its key",
-        ));
-    }
-    if tls.sslmode == Some(SslMode::Disable) && files.iter().any(|(_, f)| f.is_some()) {
+pub fn validate_postgres(pg: &PostgresConfig) -> Result<(), ConfigError> {
+    check_files([
+        ("postgres.sslrootcert", &pg.sslrootcert),
+        ("postgres.sslcert", &pg.sslcert),
+        ("postgres.sslkey", &pg.sslkey),
+    ])?;
+    // The mode that will apply: the typed key's, else the URL's (or PGSSLMODE's, which
+    // sqlx reads while parsing). A URL that does not parse is reported when connecting.
+    let mode = pg.sslmode.map(PgSslMode::from).or_else(|| {
+        pg.url
+            .expose_secret()
+            .parse::<PgConnectOptions>()
+            .ok()
+            .map(|o| o.get_ssl_mode())
+    });
+    let verifies = matches!(mode, Some(PgSslMode::VerifyCa | PgSslMode::VerifyFull));
+    if pg.sslrootcert.is_some() && !verifies {
         return Err(invalid(
             "postgres.sslmode",
-            "is disable, but TLS files are set: use verify-full, or remove postgres.sslrootcert/sslcert/sslkey",
+            "must be verify-full (or verify-ca) when postgres.sslrootcert is set: below them the server's certificate is not checked at all",
+        ));
+    }
+    if matches!(mode, Some(PgSslMode::Disable)) && pg.sslcert.is_some() {
+        return Err(invalid(
+            "postgres.sslmode",
+            "is disable, but postgres.sslcert is set: use verify-full, or remove postgres.sslcert and postgres.sslkey",
         ));
     }
     Ok(())
 }
 
 /// Applies the Postgres TLS keys over what the URL said.
-pub fn apply_postgres(tls: &PostgresConfig, mut options: PgConnectOptions) -> PgConnectOptions {
-    if let Some(mode) = tls.sslmode {
+pub fn apply_postgres(pg: &PostgresConfig, mut options: PgConnectOptions) -> PgConnectOptions {
+    if let Some(mode) = pg.sslmode {
         options = options.ssl_mode(mode.into());
     }
-    if let Some(path) = &tls.sslrootcert {
+    if let Some(path) = &pg.sslrootcert {
         options = options.ssl_root_cert(path);
     }
-    if let Some(path) = &tls.sslcert {
+    if let Some(path) = &pg.sslcert {
         options = options.ssl_client_cert(path);
     }
-    if let Some(path) = &tls.sslkey {
+    if let Some(path) = &pg.sslkey {
         options = options.ssl_client_key(path);
     }
     options
@@ -293,7 +367,9 @@ pub fn apply_postgres(tls: &PostgresConfig, mut options: PgConnectOptions) -> Pg
 
 /// Whether an I/O error is a TLS peer's certificate or protocol being refused: a setting
 /// to change, never a network fault that a retry could outlast. A connection cut during
-/// the handshake is a plain I/O error and stays transient.
+/// the handshake is a plain I/O error and stays transient. The `rustls` this downcasts
+/// to must be the one sqlx uses (Cargo.lock holds one); were they to differ, a refused
+/// certificate would be retried, which the verify-full host-name test catches.
 pub fn is_tls_rejection(err: &std::io::Error) -> bool {
     use rustls::{AlertDescription as Alert, Error as Tls};
     let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<Tls>()) else {
@@ -321,6 +397,24 @@ pub fn is_tls_rejection(err: &std::io::Error) -> bool {
     }
 }
 
+/// Checks that each file (CA, client certificate, client key) can be read, and that the
+/// certificate and its key are given together.
+fn check_files(files: [(&str, &Option<PathBuf>); 3]) -> Result<(), ConfigError> {
+    for (key, file) in files {
+        if let Some(path) = file {
+            readable(key, path)?;
+        }
+    }
+    let [_, (cert_key, cert), (key_key, key)] = files;
+    if cert.is_some() != key.is_some() {
+        return Err(invalid(
+            key_key,
+            format!("and {cert_key} go together: a client certificate needs its key"),
+        ));
+    }
+    Ok(())
+}
+
 fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(path).map(drop).map_err(|e| {
         invalid(
@@ -328,4 +422,61 @@ fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
             format!("names {}, which cannot be read: {e}", path.display()),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reasons as librdkafka 2.12 words them (from its logs and sources).
+    #[test]
+    fn only_refusals_by_the_brokers_stop_the_worker() {
+        let refused = [
+            (
+                RDKafkaErrorCode::SSL,
+                "ssl://127.0.0.1:45115/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 2ms in state SSL_HANDSHAKE)",
+                "kafka.ssl.ca_location",
+            ),
+            (
+                RDKafkaErrorCode::BrokerTransportFailure,
+                "ssl://127.0.0.1:33287/bootstrap: Receive failed: error:0A00045C:SSL routines::tlsv13 alert certificate required: SSL alert number 116 (after 0ms in state APIVERSION_QUERY)",
+                "kafka.ssl.certificate_location",
+            ),
+            (
+                RDKafkaErrorCode::Authentication,
+                "sasl_ssl://b:9093/1: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-256 (after 5ms in state AUTH_REQ)",
+                "kafka.sasl.password",
+            ),
+        ];
+        for (code, reason, key) in refused {
+            let hint = refusal_hint(code, reason).unwrap_or_else(|| panic!("fatal: {reason}"));
+            assert!(hint.contains(key), "{hint}");
+        }
+        let retried = [
+            (
+                RDKafkaErrorCode::SSL,
+                "ssl://b:9093/1: SSL handshake failed: SSL transport error: Connection timed out (after 30000ms in state SSL_HANDSHAKE)",
+            ),
+            (
+                RDKafkaErrorCode::BrokerTransportFailure,
+                "ssl://b:9093/1: SSL handshake failed: Disconnected: connection reset by peer: connecting to a PLAINTEXT broker listener? (after 1ms in state SSL_HANDSHAKE)",
+            ),
+            (
+                RDKafkaErrorCode::BrokerTransportFailure,
+                "ssl://b:9093/1: Receive failed: error:0A000438:SSL routines::tlsv1 alert internal error: SSL alert number 80",
+            ),
+            (
+                RDKafkaErrorCode::Authentication,
+                "sasl_ssl://b:9093/1: SASL SCRAM-SHA-256 mechanism handshake failed: Local: Broker transport failure: broker's supported mechanisms: ",
+            ),
+            (
+                RDKafkaErrorCode::Authentication,
+                "sasl_ssl://b:9093/1: SASL PLAIN mechanism handshake failed: Local: Timed out: broker's supported mechanisms: ",
+            ),
+            (RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down"),
+        ];
+        for (code, reason) in retried {
+            assert_eq!(refusal_hint(code, reason), None, "{reason}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
-use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 pub use record::to_record;
@@ -182,27 +182,12 @@ impl IngestContext {
 impl ClientContext for IngestContext {
     /// librdkafka's global errors. It retries every broker connection by itself, which
     /// is right for a network fault but hides a refused certificate or credential
-    /// forever: those stop the worker, naming the keys to check. (A connection cut
-    /// during the TLS handshake is reported as a transport error, not as these.)
+    /// forever: those stop the worker, naming the keys to check.
     fn error(&self, error: KafkaError, reason: &str) {
-        const TLS: &str = "TLS to the brokers failed; check kafka.ssl.ca_location (the CA that signed the brokers' certificates), kafka.ssl.certificate_location and kafka.ssl.key_location (brokers that require mutual TLS) and kafka.ssl.verify_hostname";
-        let hint = match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::SSL) => Some(TLS),
-            // A TLS alert is the broker refusing this client on purpose (no client
-            // certificate, or one it does not trust), never a network fault; librdkafka
-            // reports an alert after the handshake as a transport failure, quoting
-            // OpenSSL's "SSL alert number".
-            Some(RDKafkaErrorCode::BrokerTransportFailure)
-                if reason.contains("SSL alert number") =>
-            {
-                Some(TLS)
-            }
-            Some(RDKafkaErrorCode::Authentication) => Some(
-                "SASL authentication to the brokers failed; check kafka.sasl.mechanism (one the brokers offer), kafka.sasl.username and kafka.sasl.password",
-            ),
-            _ => None,
-        };
-        match hint {
+        match error
+            .rdkafka_error_code()
+            .and_then(|code| security::refusal_hint(code, reason))
+        {
             Some(hint) => {
                 tracing::error!(error = %error, reason, "{hint}; stopping");
                 self.set_fatal(format!("{hint}: {reason}"));

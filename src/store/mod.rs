@@ -170,8 +170,12 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
                 return Err(StoreError::Fatal(format!(
                     "cannot connect to Postgres at {}: {e}{}",
                     config.database_url_masked(),
-                    // Only a refused TLS handshake makes an I/O error fatal.
-                    if matches!(e, sqlx::Error::Io(_) | sqlx::Error::Tls(_)) {
+                    // Fatal I/O errors are refused TLS handshakes (see `retry::classify`);
+                    // configuration errors here are unreadable keys or certificates.
+                    if matches!(
+                        e,
+                        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Configuration(_)
+                    ) {
                         " (TLS: check postgres.sslmode, postgres.sslrootcert and that the URL's host is a name the server's certificate holds)"
                     } else {
                         ""

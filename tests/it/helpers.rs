@@ -486,6 +486,15 @@ pub async fn run_to_exit(mut command: std::process::Command) -> (std::process::E
     );
 }
 
+/// The error line a failed run of the binary ends with (`error: ...`), or "" without one.
+pub fn final_error(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or("")
+}
+
 /// Sends SIGTERM to `child` and waits for it to exit.
 pub fn terminate(child: &mut Reaped) -> std::process::ExitStatus {
     child.signal("TERM").expect("kill runs");

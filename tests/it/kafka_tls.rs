@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::helpers::{
-    Landed, Reaped, TestDb, run_to_exit, stored_group_total, stored_total, terminate,
+    Landed, Reaped, TestDb, final_error, run_to_exit, stored_group_total, stored_total, terminate,
     valid_messages, wait_for, worker_command_for,
 };
 use crate::pki::{Ca, PemDir, certs};
@@ -211,8 +211,9 @@ async fn assert_refused(
         !status.success(),
         "a refused TLS connection is fatal: {stderr}"
     );
+    let error = final_error(&stderr);
     assert!(
-        stderr.contains(key) && stderr.contains(cause),
+        error.contains(key) && error.contains(cause),
         "the error names {key} and says {cause:?}: {stderr}"
     );
     assert_eq!(stored_group_total(&db.pool, &broker.group).await, 0);
