@@ -15,10 +15,9 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use crate::config::{ConfigError, KafkaConfig, PostgresConfig, invalid};
 
 /// How the worker talks to the brokers (librdkafka's `security.protocol`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum SecurityProtocol {
     /// No TLS, no authentication.
-    #[default]
     #[serde(alias = "PLAINTEXT")]
     #[serde(rename = "plaintext")]
     Plaintext,
@@ -72,6 +71,29 @@ pub struct KafkaSsl {
     pub key_password: Option<SecretString>,
     /// Check that a broker's certificate names the host it was reached at.
     pub verify_hostname: bool,
+}
+
+impl KafkaSsl {
+    /// The files, each with its key and the librdkafka property it becomes.
+    fn files(&self) -> [(&'static str, &'static str, &Option<PathBuf>); 3] {
+        [
+            (
+                "kafka.ssl.ca_location",
+                "ssl.ca.location",
+                &self.ca_location,
+            ),
+            (
+                "kafka.ssl.certificate_location",
+                "ssl.certificate.location",
+                &self.certificate_location,
+            ),
+            (
+                "kafka.ssl.key_location",
+                "ssl.key.location",
+                &self.key_location,
+            ),
+        ]
+    }
 }
 
 /// A SASL mechanism librdkafka implements itself (no Cyrus SASL library needed).
@@ -151,26 +173,24 @@ const REFUSED_KAFKA_OPTIONS: [(&str, &str); 5] = [
 /// Checks the Kafka security keys against each other and the files they name.
 pub fn validate_kafka(kafka: &KafkaConfig) -> Result<(), ConfigError> {
     let (protocol, ssl, sasl) = (kafka.security_protocol, &kafka.ssl, &kafka.sasl);
-    for (option, key) in TYPED_KAFKA_OPTIONS {
-        if kafka.options.contains_key(option) {
-            return Err(invalid(
-                &format!("kafka.options.{option}"),
-                format!(
-                    "is set by `{key}`: move it there (secrets and files are checked and masked only there)"
-                ),
-            ));
-        }
+    let typed = TYPED_KAFKA_OPTIONS.iter().map(|&(option, key)| {
+        (
+            option,
+            format!(
+                "is set by `{key}`: move it there (secrets and files are checked and masked only there)"
+            ),
+        )
+    });
+    let refused = REFUSED_KAFKA_OPTIONS
+        .iter()
+        .map(|&(option, problem)| (option, problem.to_owned()));
+    if let Some((option, problem)) = typed
+        .chain(refused)
+        .find(|(option, _)| kafka.options.contains_key(*option))
+    {
+        return Err(invalid(&format!("kafka.options.{option}"), problem));
     }
-    for (option, problem) in REFUSED_KAFKA_OPTIONS {
-        if kafka.options.contains_key(option) {
-            return Err(invalid(&format!("kafka.options.{option}"), problem));
-        }
-    }
-    let files = [
-        ("kafka.ssl.ca_location", &ssl.ca_location),
-        ("kafka.ssl.certificate_location", &ssl.certificate_location),
-        ("kafka.ssl.key_location", &ssl.key_location),
-    ];
+    let files = ssl.files().map(|(key, _, path)| (key, path));
     let uses_tls = files.iter().any(|(_, f)| f.is_some()) || ssl.key_password.is_some();
     if uses_tls && !protocol.tls() {
         return Err(invalid(
@@ -216,12 +236,7 @@ pub fn apply_kafka(client: &mut ClientConfig, kafka: &KafkaConfig) {
     let (protocol, ssl, sasl) = (kafka.security_protocol, &kafka.ssl, &kafka.sasl);
     client.set("security.protocol", protocol.librdkafka());
     if protocol.tls() {
-        let paths = [
-            ("ssl.ca.location", &ssl.ca_location),
-            ("ssl.certificate.location", &ssl.certificate_location),
-            ("ssl.key.location", &ssl.key_location),
-        ];
-        for (property, path) in paths {
+        for (_, property, path) in ssl.files() {
             if let Some(path) = path {
                 client.set(property, path.to_string_lossy());
             }

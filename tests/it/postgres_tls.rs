@@ -65,11 +65,11 @@ fn server_account() -> Option<(u32, u32)> {
     Some((id("-u"), id("-g")))
 }
 
-/// A server program, run as the `postgres` account when this process is root.
-fn server_command(name: &str) -> Command {
+/// A server program, run as `account` (see [`server_account`]) when there is one.
+fn server_command(name: &str, account: Option<(u32, u32)>) -> Command {
     use std::os::unix::process::CommandExt;
     let mut command = Command::new(server_binary(name));
-    if let Some((uid, gid)) = server_account() {
+    if let Some((uid, gid)) = account {
         command.uid(uid).gid(gid);
     }
     command
@@ -85,7 +85,8 @@ impl TlsCluster {
         let key = dir.write("server.key", &server.key);
         let client_ca = dir.write("client-ca.pem", &ca.pem);
         let data = dir.path.join("data");
-        if let Some((uid, gid)) = server_account() {
+        let account = server_account();
+        if let Some((uid, gid)) = account {
             let status = Command::new("chown")
                 .args(["-R", &format!("{uid}:{gid}")])
                 .arg(&dir.path)
@@ -96,7 +97,7 @@ impl TlsCluster {
                 "the cluster directory is handed to postgres"
             );
         }
-        let initdb = server_command("initdb")
+        let initdb = server_command("initdb", account)
             .args(["--auth=trust", "--username=postgres", "--no-sync", "-D"])
             .arg(&data)
             .output()
@@ -122,7 +123,7 @@ impl TlsCluster {
             format!("ssl_ca_file={}", client_ca.display()),
             "fsync=off".to_owned(),
         ];
-        let mut command = server_command("postgres");
+        let mut command = server_command("postgres", account);
         command.arg("-D").arg(&data);
         for setting in settings {
             command.args(["-c", &setting]);
