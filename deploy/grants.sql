@@ -19,6 +19,10 @@ GRANT SELECT, INSERT, UPDATE ON ingest.offsets TO :"worker";
 GRANT SELECT, INSERT, UPDATE, DELETE ON ingest.dead_letters TO :"worker";
 GRANT USAGE ON SEQUENCE ingest.dead_letters_id_seq TO :"worker";
 
+-- Offsets skipped under kafka.on_data_loss: skip, recorded with the partition's next batch.
+GRANT SELECT, INSERT ON ingest.offset_gaps TO :"worker";
+GRANT USAGE ON SEQUENCE ingest.offset_gaps_id_seq TO :"worker";
+
 -- Rows arrive by COPY; a replay deletes the rows it replaces, or inserts only the re-read
 -- rows that are missing.
 GRANT SELECT, INSERT, DELETE ON web_metrics.metrics TO :"worker";

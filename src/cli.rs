@@ -44,9 +44,9 @@ pub enum Tool {
     Migrate(CommonArgs),
     /// Check every route against the live schema (tables, columns, types, keys) and exit
     /// non-zero on a mismatch; changes nothing.
-    Check(CommonArgs),
+    Check(RoutedArgs),
     /// Print CREATE TABLE statements that fit the configured routes.
-    Schema(CommonArgs),
+    Schema(RoutedArgs),
     /// Start an in-process broker, produce sample messages, ingest them, print what landed.
     Demo(DemoArgs),
     /// Measure end-to-end throughput against raw COPY and a naive per-row consumer.
@@ -149,12 +149,35 @@ pub struct DlqFilterArgs {
     pub since: Option<DateTime<Utc>>,
 }
 
+/// Flags of the commands that resolve routes from the configuration.
+#[derive(Debug, Args, Clone)]
+pub struct RoutedArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Topic of the implicit website-metrics route, as given to `run`; repeatable.
+    #[arg(long = "topic", value_name = "NAME")]
+    pub topics: Vec<String>,
+}
+
+impl RoutedArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        self.common.load(Overrides {
+            topics: self.topics.clone(),
+            ..Overrides::default()
+        })
+    }
+}
+
 /// Flags of `dlq retry`.
 #[derive(Debug, Args, Clone)]
 #[command(group = clap::ArgGroup::new("which").required(true).multiple(false))]
 pub struct RetryArgs {
     #[command(flatten)]
     pub ops: OpsArgs,
+    /// Topic of the implicit website-metrics route, as given to `run` (the dead letters'
+    /// topics need a route to be decoded again); repeatable.
+    #[arg(long = "topic", value_name = "NAME")]
+    pub topics: Vec<String>,
     /// Dead letter ids; repeatable.
     #[arg(long = "id", value_name = "ID", group = "which")]
     pub ids: Vec<i64>,
@@ -201,9 +224,15 @@ pub struct RewindArgs {
 
 impl OpsArgs {
     fn load(&self) -> anyhow::Result<Config> {
+        self.load_with_topics(Vec::new())
+    }
+
+    /// The configuration with `topics` as `--topic` of `run` gives them.
+    fn load_with_topics(&self, topics: Vec<String>) -> anyhow::Result<Config> {
         self.common.load(Overrides {
             brokers: self.brokers.clone(),
             group: self.group.clone(),
+            topics,
             ..Overrides::default()
         })
     }
@@ -350,9 +379,8 @@ impl Cli {
     pub fn log_format(&self) -> LogFormat {
         match &self.command {
             Some(Command::Run(a)) => a.ops.common.log_format,
-            Some(Command::Tool(Tool::Migrate(a) | Tool::Check(a) | Tool::Schema(a))) => {
-                a.log_format
-            }
+            Some(Command::Tool(Tool::Migrate(a))) => a.log_format,
+            Some(Command::Tool(Tool::Check(a) | Tool::Schema(a))) => a.common.log_format,
             Some(Command::Tool(Tool::Demo(a))) => a.log_format,
             Some(Command::Tool(Tool::Offsets(_) | Tool::Dlq(_))) => LogFormat::Text,
             Some(Command::Tool(Tool::Bench(_) | Tool::Dev(_))) => LogFormat::Text,
@@ -384,7 +412,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             Ok(())
         }
         Tool::Check(args) => {
-            let config = args.load(Overrides::default())?;
+            let config = args.load()?;
             let pool = store::connect_pool(&config).await?;
             let checked = store::Store::for_pool(pool, &config).await?;
             for route in checked.routes().iter() {
@@ -399,7 +427,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             Ok(())
         }
         Tool::Schema(args) => {
-            let config = args.load(Overrides::default())?;
+            let config = args.load()?;
             let routes = crate::route::Routes::new(&config)?;
             print!("{}", store::schema::create_statements(routes.iter()));
             Ok(())
@@ -477,7 +505,8 @@ async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
             print_report(json, &statuses, |s| ops::format_offsets(s))?;
         }
         OffsetsCommand::Rewind(args) => {
-            let config = args.ops.load()?;
+            // The rewound topic is also the topic of the implicit route, as for `run`.
+            let config = args.ops.load_with_topics(vec![args.topic.clone()])?;
             let target = match (args.to_offset, args.to_time) {
                 (Some(n), _) => ops::RewindTarget::Offset(n),
                 (None, Some(at)) => ops::RewindTarget::Time(at),
@@ -523,9 +552,13 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             print_report(json, &letter, ops::format_dead_letter)?;
         }
         DlqCommand::Retry(RetryArgs {
-            ops, ids, reason, ..
+            ops,
+            topics,
+            ids,
+            reason,
+            ..
         }) => {
-            let config = ops.load()?;
+            let config = ops.load_with_topics(topics)?;
             // --all is the empty filter.
             let filter = DeadLetterFilter {
                 ids,

@@ -78,6 +78,9 @@ pub struct KafkaConfig {
     pub topics: Vec<String>,
     /// Start of a partition that has no stored offset.
     pub auto_offset_reset: OffsetReset,
+    /// What to do when a stored offset lies outside what the broker holds (retention
+    /// deleted records before they were ingested, or the topic was re-created).
+    pub on_data_loss: OnDataLoss,
     /// Mirror committed offsets to Kafka (advisory, for lag tools).
     pub mirror_offsets: bool,
     /// Extra librdkafka properties, passed through unchanged; numbers and booleans are
@@ -102,6 +105,18 @@ pub enum OffsetReset {
     Latest,
 }
 
+/// What a worker does when a partition's stored offset is outside the broker's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDataLoss {
+    /// Stop with a message naming the partition, the offsets and the command that
+    /// resolves it.
+    Stop,
+    /// Move on, recording the skipped range in `ingest.offset_gaps` in the same
+    /// transaction as the partition's next batch.
+    Skip,
+}
+
 /// Postgres connection settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +133,15 @@ pub struct PostgresConfig {
     pub acquire_timeout_ms: u64,
     /// Apply migrations at startup.
     pub migrate_on_start: bool,
+    /// Postgres cancels any statement of the worker running longer than this
+    /// (`statement_timeout`); the worker itself stops waiting for a transaction after
+    /// twice as long and drops its connection.
+    pub statement_timeout_ms: u64,
+    /// Longest wait for a lock (`lock_timeout`); a timed-out wait is retried.
+    pub lock_timeout_ms: u64,
+    /// Postgres ends a transaction of the worker left idle this long
+    /// (`idle_in_transaction_session_timeout`): a frozen worker cannot hold its locks.
+    pub idle_in_transaction_timeout_ms: u64,
     /// libpq's sslmode (disable .. verify-full); overrides the URL's when set.
     pub sslmode: Option<SslMode>,
     /// PEM file of the CA(s) trusted for the server's certificate, besides the system's.
@@ -398,6 +422,33 @@ const OTEL_KEYS: [&str; 6] = [
     "resource_attributes",
 ];
 
+/// librdkafka properties the exactly-once protocol sets itself, with what to use instead.
+const PROTOCOL_OPTIONS: [(&str, &str); 7] = [
+    ("group.id", "use kafka.group or --group"),
+    ("bootstrap.servers", "use kafka.brokers or --brokers"),
+    (
+        "auto.offset.reset",
+        "use kafka.auto_offset_reset for partitions without a stored offset, and \
+         kafka.on_data_loss for stored offsets the broker no longer has",
+    ),
+    (
+        "isolation.level",
+        "records of aborted transactions are never read: the worker always uses read_committed",
+    ),
+    (
+        "enable.auto.commit",
+        "offsets live in Postgres, never committed by librdkafka",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets live in Postgres, never stored by librdkafka",
+    ),
+    (
+        "enable.partition.eof",
+        "the worker does not use end-of-partition events",
+    ),
+];
+
 /// Values given on the command line; `None` leaves the lower layers in force.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -514,16 +565,35 @@ impl Config {
                 "must name at least one non-empty topic",
             ));
         }
-        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
-            if self.kafka.options.get(key).is_some_and(|v| v != "false") {
-                return Err(invalid(
-                    &format!("kafka.options.{key}"),
-                    "must stay false: offsets live in Postgres; remove the option",
-                ));
-            }
+        if let Some((key, instead)) = PROTOCOL_OPTIONS
+            .iter()
+            .find(|(key, _)| self.kafka.options.contains_key(*key))
+        {
+            return Err(invalid(
+                &format!("kafka.options.{key}"),
+                format!("is set by the worker itself: remove it ({instead})"),
+            ));
         }
         crate::security::validate_kafka(&self.kafka)?;
         crate::security::validate_postgres(&self.postgres)?;
+        for (key, ms) in [
+            (
+                "postgres.statement_timeout_ms",
+                self.postgres.statement_timeout_ms,
+            ),
+            ("postgres.lock_timeout_ms", self.postgres.lock_timeout_ms),
+            (
+                "postgres.idle_in_transaction_timeout_ms",
+                self.postgres.idle_in_transaction_timeout_ms,
+            ),
+        ] {
+            if ms == 0 {
+                return Err(invalid(
+                    key,
+                    "must be above 0: every call to Postgres has a deadline",
+                ));
+            }
+        }
         if self.batch.max_records == 0 {
             return Err(invalid("batch.max_records", "must be at least 1"));
         }
@@ -622,6 +692,18 @@ impl Config {
             .get("max.poll.interval.ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(300_000);
+        Duration::from_millis(ms)
+    }
+
+    /// `session.timeout.ms` as librdkafka will use it (its default is 45 s): by then the
+    /// group has taken a partition from a member that lost it.
+    pub fn session_timeout(&self) -> Duration {
+        let ms = self
+            .kafka
+            .options
+            .get("session.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(45_000);
         Duration::from_millis(ms)
     }
 
@@ -831,10 +913,39 @@ mod tests {
     }
 
     #[test]
-    fn auto_commit_cannot_be_enabled() {
-        let yaml = "kafka:\n  options:\n    enable.auto.commit: 'true'\n";
-        let err = load_yaml(yaml, vec![]).unwrap_err();
-        assert!(err.to_string().contains("enable.auto.commit"), "{err}");
+    fn options_the_protocol_owns_are_refused_naming_the_typed_key() {
+        for (option, value, names) in [
+            ("enable.auto.commit", "'false'", "offsets live in Postgres"),
+            (
+                "enable.auto.offset.store",
+                "'true'",
+                "offsets live in Postgres",
+            ),
+            ("group.id", "other", "kafka.group"),
+            ("bootstrap.servers", "h:1", "kafka.brokers"),
+            ("auto.offset.reset", "error", "kafka.on_data_loss"),
+            ("isolation.level", "read_uncommitted", "read_committed"),
+        ] {
+            let yaml = format!("kafka:\n  options:\n    {option}: {value}\n");
+            let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`kafka.options.{option}`")), "{err}");
+            assert!(err.contains(names), "{err}");
+        }
+    }
+
+    #[test]
+    fn postgres_deadlines_cannot_be_switched_off() {
+        for key in [
+            "statement_timeout_ms",
+            "lock_timeout_ms",
+            "idle_in_transaction_timeout_ms",
+        ] {
+            let err = load_yaml(&format!("postgres:\n  {key}: 0\n"), vec![]).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("`postgres.{key}`")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -8,9 +8,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, WriteMode};
 use crate::kafka;
 use crate::record::hex;
+use crate::route::Routes;
 use crate::store::admin::{self, DeadLetter, DeadLetterFilter, OffsetRow};
 use crate::store::{self, Store};
 
@@ -145,6 +146,20 @@ pub async fn rewind(
     apply: bool,
 ) -> anyhow::Result<RewindPlan> {
     let group = &config.kafka.group;
+    let routes = Routes::new(config)?;
+    if let Some(route) = routes.route_of(topic).map(|i| routes.decoders()[i].route())
+        && route.mode == WriteMode::Upsert
+        && route.source_version().is_none()
+    {
+        bail!(
+            "route {} ({} -> {}) upserts without recording where a row came from, so a replay \
+             would write older records of a key over newer ones: map columns from @partition \
+             and @offset in the route (re-read records older than a row then leave it as it is)",
+            route.key,
+            route.topics_label(),
+            route.table
+        );
+    }
     let pool = store::connect_pool(config).await?;
     let rows = admin::offset_rows(&pool, Some(group), Some(topic)).await?;
     if let Some(p) = partitions

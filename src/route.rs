@@ -155,6 +155,23 @@ impl Route {
         ])
     }
 
+    /// The columns recording where a row's record sat in Kafka (`@partition`, `@offset`,
+    /// and `@topic` when mapped): an upsert compares them to never put an older record
+    /// of a partition over a newer one.
+    pub fn source_version(&self) -> Option<SourceVersion<'_>> {
+        let find = |source: Source| {
+            self.columns
+                .iter()
+                .find(|c| c.source == source)
+                .map(|c| c.name.as_str())
+        };
+        Some(SourceVersion {
+            topic: find(Source::Topic),
+            partition: find(Source::Partition)?,
+            offset: find(Source::Offset)?,
+        })
+    }
+
     /// Whether `column` belongs to the upsert key.
     pub fn is_key(&self, column: &str) -> bool {
         self.key_columns.iter().any(|k| k == column)
@@ -323,6 +340,14 @@ fn column(mapping: &ColumnMapping, at: &str) -> Result<Column, ConfigError> {
         ));
     }
     Ok(column)
+}
+
+/// The columns of a route that record a row's source position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceVersion<'a> {
+    pub topic: Option<&'a str>,
+    pub partition: &'a str,
+    pub offset: &'a str,
 }
 
 /// Every route of a configuration, each with its decoder.

@@ -53,11 +53,14 @@ pub enum ReasonCode {
     DbRejected,
     /// No route reads the record's topic.
     NoRoute,
+    /// A re-driven record of an upsert route whose key's row was written from a later
+    /// record of the same partition: writing it would put an older version over a newer.
+    Superseded,
 }
 
 impl ReasonCode {
     /// Every code.
-    pub const ALL: [ReasonCode; 17] = [
+    pub const ALL: [ReasonCode; 18] = [
         Self::Tombstone,
         Self::Empty,
         Self::TooLarge,
@@ -75,6 +78,7 @@ impl ReasonCode {
         Self::NulInText,
         Self::DbRejected,
         Self::NoRoute,
+        Self::Superseded,
     ];
 
     /// The code as stored in `ingest.dead_letters.reason_code`.
@@ -97,6 +101,7 @@ impl ReasonCode {
             Self::NulInText => "nul_in_text",
             Self::DbRejected => "db_rejected",
             Self::NoRoute => "no_route",
+            Self::Superseded => "superseded",
         }
     }
 }
@@ -199,7 +204,13 @@ impl Decoder {
             if i > 0 {
                 out.push(b'\t');
             }
-            if deletes && !route.is_key(&column.name) {
+            // A delete needs its key, and its coordinates to be ordered against the
+            // row's (see `Route::source_version`); the rest stays NULL.
+            let position = matches!(
+                column.source,
+                Source::Topic | Source::Partition | Source::Offset
+            );
+            if deletes && !route.is_key(&column.name) && !position {
                 out.extend_from_slice(b"\\N");
                 continue;
             }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::sample::{self, SampleProducer};
 
 pub mod chaos;
+pub mod freeze;
 pub mod proxy;
 pub mod reaped;
 

@@ -4,8 +4,13 @@
 //! (bumping their epoch, which fences the previous owner) and assigns them AT the stored
 //! offsets. It never assigns first and seeks afterwards: a fetch started by the assign
 //! could deliver records from Kafka's committed offset before the seek lands.
+//!
+//! Every partition Kafka assigns is consumed or being claimed: one this worker could not
+//! claim, or lost to another claim while Kafka still assigns it here, is an orphan that
+//! the loop claims again (see [`Orphan`]).
 
 mod record;
+pub mod start;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,22 +24,56 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 pub use record::to_record;
 
-use crate::config::{Config, OffsetReset, RetryConfig};
+use crate::config::{Config, OffsetReset, OnDataLoss, RetryConfig};
 use crate::retry::{self, ErrorClass};
 use crate::security;
-use crate::store::{Claim, Store, StoreError};
+use crate::store::{Claim, Gap, Store, StoreError};
 use crate::telemetry::metrics::{Health, Metrics};
+use start::Start;
 
 /// A partition: topic and number.
 pub type TopicPartition = (String, i32);
+
+/// How long the watermark reads of one claim may take in all.
+const CLAIM_WATERMARKS_LIMIT: Duration = Duration::from_secs(10);
 
 /// What this worker holds of a partition it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionState {
     /// Epoch of this worker's claim; commits carry it.
     pub epoch: i64,
-    /// The stored next offset (`None`: nothing committed yet).
-    pub next_offset: Option<i64>,
+    /// The stored next offset.
+    pub next_offset: i64,
+    /// Offsets skipped under `kafka.on_data_loss: skip`, recorded with the partition's
+    /// next batch.
+    pub gap: Option<Gap>,
+    /// A commit found the partition's row moved: no record of it is taken into a batch
+    /// until it is re-positioned from the stored row.
+    pub stale: bool,
+}
+
+/// A partition Kafka assigns to this worker that it does not hold: its claim found no
+/// start yet, another worker claimed it since, or its offset row vanished. Claimed
+/// again once `due`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Orphan {
+    pub due: Instant,
+    /// The least epoch the next claim may take.
+    pub least_epoch: i64,
+    /// Where this worker stood when the partition's row vanished: the claim stores it
+    /// when the row comes back without an offset (rows up to there are in the table).
+    pub resume_at: Option<i64>,
+}
+
+/// One partition to claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub partition: TopicPartition,
+    /// The least epoch the claim may take (0 for any).
+    pub least_epoch: i64,
+    /// Where to start when the row has no stored offset (instead of
+    /// `kafka.auto_offset_reset`).
+    pub resume_at: Option<i64>,
 }
 
 /// Partitions this worker owns, shared by the rebalance callback and the loop.
@@ -55,9 +94,13 @@ pub struct IngestContext {
     runtime: tokio::runtime::Handle,
     owner: String,
     reset: OffsetReset,
+    on_data_loss: OnDataLoss,
     retry: RetryConfig,
     claim_limit: Duration,
     assignments: Assignments,
+    orphans: Mutex<HashMap<TopicPartition, Orphan>>,
+    /// Reads watermarks, in no group.
+    inspector: BaseConsumer,
     fatal: Mutex<Option<String>>,
     observers: Observers,
 }
@@ -85,17 +128,36 @@ impl IngestContext {
             .get_or_insert(reason);
     }
 
+    /// The metadata client of this consumer's brokers.
+    pub fn inspector(&self) -> &BaseConsumer {
+        &self.inspector
+    }
+
+    /// What to do with a stored offset outside the broker's log.
+    pub fn on_data_loss(&self) -> OnDataLoss {
+        self.on_data_loss
+    }
+
+    /// The orphans (assigned here, not held), for the loop to claim again.
+    pub fn orphans(&self) -> MutexGuard<'_, HashMap<TopicPartition, Orphan>> {
+        self.orphans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Retries a claim with backoff. The callback runs inside `poll`, so blocking here
     /// is bounded by `retry.claim_limit_secs`, which config keeps below
     /// `max.poll.interval.ms`.
-    fn claim_with_retry(&self, partitions: &[TopicPartition]) -> Result<Vec<Claim>, StoreError> {
+    fn claim_with_retry(&self, requests: &[ClaimRequest]) -> Result<Vec<Claim>, StoreError> {
+        let partitions: Vec<(TopicPartition, i64)> = requests
+            .iter()
+            .map(|r| (r.partition.clone(), r.least_epoch))
+            .collect();
         let started = Instant::now();
         let mut delays = retry::backoff(&self.retry);
         loop {
             // The loop calls `poll` under `block_in_place`, so entering the runtime is allowed.
             match self
                 .runtime
-                .block_on(self.store.claim(&self.owner, partitions))
+                .block_on(self.store.claim(&self.owner, &partitions))
             {
                 Ok(claims) => return Ok(claims),
                 Err(e) if e.class() == ErrorClass::Transient => {
@@ -111,49 +173,150 @@ impl IngestContext {
         }
     }
 
+    /// Claims partitions and decides where each starts: its stored offset, checked
+    /// against the broker's watermarks, or for a row without one a concrete offset
+    /// (`resume_at`, else per `kafka.auto_offset_reset`) stored before any record is
+    /// handed on. Held partitions enter the assignments; the others become orphans.
+    /// Returns every partition with the offset to fetch it from (the log end for
+    /// orphans, which fetch nothing worth keeping until claimed); an error is a reason
+    /// to stop.
+    pub fn claim(
+        &self,
+        requests: &[ClaimRequest],
+    ) -> Result<Vec<(TopicPartition, Offset)>, String> {
+        let claims = self
+            .claim_with_retry(requests)
+            .map_err(|e| format!("cannot claim assigned partitions: {e}"))?;
+        let claimed: Vec<TopicPartition> = claims
+            .iter()
+            .map(|c| (c.topic.clone(), c.partition))
+            .collect();
+        let marks = start::watermarks(&self.inspector, &claimed, CLAIM_WATERMARKS_LIMIT);
+        let group = self.store.group();
+        let mut planned = Vec::new();
+        let mut retry_soon = Vec::new();
+        let resume_at = |tp: &TopicPartition| {
+            requests
+                .iter()
+                .find(|r| r.partition == *tp)
+                .and_then(|r| r.resume_at)
+        };
+        for (claim, tp) in claims.into_iter().zip(claimed) {
+            let plan = start::plan(
+                group,
+                &tp,
+                claim.next_offset.or(resume_at(&tp)),
+                marks.get(&tp).copied(),
+                self.reset,
+                self.on_data_loss,
+            );
+            match plan {
+                Start::At {
+                    next, fetch, gap, ..
+                } => {
+                    // A row without an offset gets the start stored before any record
+                    // of it is handed on.
+                    let store = claim.next_offset.is_none();
+                    planned.push((tp, claim.epoch, next, fetch, gap, store));
+                }
+                Start::Unknown => retry_soon.push((tp, claim.epoch)),
+                Start::Lost(loss) => return Err(loss.to_string()),
+            }
+        }
+        let starts: Vec<(&str, i32, i64, i64)> = planned
+            .iter()
+            .filter(|p| p.5)
+            .map(|(tp, epoch, next, ..)| (tp.0.as_str(), tp.1, *epoch, *next))
+            .collect();
+        let stored = match starts.is_empty() {
+            true => Vec::new(),
+            false => match self.runtime.block_on(self.store.store_starts(&starts)) {
+                Ok(stored) => stored,
+                Err(e) if e.class() == ErrorClass::Transient => {
+                    tracing::warn!(error = %e, "cannot store where claimed partitions start; claiming them again");
+                    Vec::new()
+                }
+                Err(e) => return Err(format!("cannot store where claimed partitions start: {e}")),
+            },
+        };
+        let mut fetch_from = Vec::new();
+        let mut assignments = self.assignments.lock();
+        let mut orphans = self.orphans();
+        for (tp, epoch, next, fetch, gap, store) in planned {
+            if store && !stored.contains(&tp) {
+                retry_soon.push((tp, epoch));
+                continue;
+            }
+            tracing::info!(topic = %tp.0, partition = tp.1, next_offset = next, fetch_from = fetch, epoch,
+                first_claim = store, "claimed partition");
+            if let Some(gap) = &gap {
+                tracing::warn!(topic = %tp.0, partition = tp.1, from = gap.from, to = gap.to,
+                    reason = gap.kind.as_str(), "offsets the broker no longer has are skipped (kafka.on_data_loss: skip)");
+            }
+            orphans.remove(&tp);
+            assignments.insert(
+                tp.clone(),
+                PartitionState {
+                    epoch,
+                    next_offset: next,
+                    gap,
+                    stale: false,
+                },
+            );
+            fetch_from.push((tp, Offset::Offset(fetch)));
+        }
+        for (tp, epoch) in retry_soon {
+            tracing::warn!(topic = %tp.0, partition = tp.1, "no start for a claimed partition yet; claiming it again shortly");
+            assignments.remove(&tp);
+            orphans.insert(
+                tp.clone(),
+                Orphan {
+                    due: Instant::now() + Duration::from_secs(1),
+                    least_epoch: epoch + 1,
+                    resume_at: resume_at(&tp),
+                },
+            );
+            fetch_from.push((tp, Offset::End));
+        }
+        Ok(fetch_from)
+    }
+
     fn on_assign(&self, consumer: &BaseConsumer<Self>, partitions: &[TopicPartition]) {
-        let claims = match self.claim_with_retry(partitions) {
-            Ok(claims) => claims,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot claim assigned partitions; stopping");
-                self.set_fatal(format!("cannot claim assigned partitions: {e}"));
+        let wanted: Vec<ClaimRequest> = partitions
+            .iter()
+            .map(|tp| ClaimRequest {
+                partition: tp.clone(),
+                least_epoch: 0,
+                resume_at: None,
+            })
+            .collect();
+        let starts = match self.claim(&wanted) {
+            Ok(starts) => starts,
+            Err(reason) => {
+                tracing::error!(reason, "cannot start the assigned partitions; stopping");
+                self.set_fatal(reason);
                 return;
             }
         };
         let mut tpl = TopicPartitionList::new();
-        let mut assignments = self.assignments.lock();
-        for claim in claims {
-            let offset = match (claim.next_offset, self.reset) {
-                (Some(n), _) => Offset::Offset(n),
-                (None, OffsetReset::Earliest) => Offset::Beginning,
-                (None, OffsetReset::Latest) => Offset::End,
-            };
-            if let Err(e) = tpl.add_partition_offset(&claim.topic, claim.partition, offset) {
-                tracing::error!(error = %e, topic = %claim.topic, partition = claim.partition, "bad claimed offset");
-                continue;
+        for ((topic, partition), fetch) in starts {
+            if let Err(e) = tpl.add_partition_offset(&topic, partition, fetch) {
+                tracing::error!(error = %e, topic = %topic, partition, "bad claimed offset");
             }
-            tracing::info!(
-                topic = %claim.topic,
-                partition = claim.partition,
-                next_offset = ?claim.next_offset,
-                epoch = claim.epoch,
-                "claimed partition"
-            );
-            assignments.insert(
-                (claim.topic, claim.partition),
-                PartitionState {
-                    epoch: claim.epoch,
-                    next_offset: claim.next_offset,
-                },
-            );
         }
-        drop(assignments);
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_assign(&tpl),
             _ => consumer.assign(&tpl),
         };
         if let Err(e) = result {
             tracing::error!(error = %e, "assign failed");
+        }
+        // librdkafka keeps a partition's pause across unassign and assign: one revoked
+        // while the loop had it paused (polling through a retry or a long commit) would
+        // come back paused and never be fetched again. The loop pauses it again if it
+        // still waits.
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::error!(error = %e, "resuming assigned partitions failed");
         }
     }
 
@@ -164,10 +327,12 @@ impl IngestContext {
         partitions: &[TopicPartition],
     ) {
         let mut assignments = self.assignments.lock();
+        let mut orphans = self.orphans();
         for tp in partitions {
             assignments.remove(tp);
+            orphans.remove(tp);
         }
-        drop(assignments);
+        drop((assignments, orphans));
         tracing::info!(partitions = ?partitions, "partitions revoked");
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
@@ -244,6 +409,7 @@ impl ConsumerContext for IngestContext {
                 // which fences any batch of ours still in flight.
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
                 self.assignments.lock().clear();
+                self.orphans().clear();
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassign failed");
                 }
@@ -305,31 +471,31 @@ pub fn subscribe(
             "queued.min.messages",
             (config.batch.max_records * 4).to_string(),
         )
-        .set("fetch.queue.backoff.ms", "20")
-        .set(
-            "auto.offset.reset",
-            match config.kafka.auto_offset_reset {
-                OffsetReset::Earliest => "earliest",
-                OffsetReset::Latest => "latest",
-            },
-        );
+        .set("fetch.queue.backoff.ms", "20");
     if config.run.metrics_addr.is_some() {
         // Statistics feed /readyz (group state) and the lag gauges (high watermarks).
         client.set("statistics.interval.ms", "1000");
     }
     connection(&mut client, config);
-    // Set last so no option can turn them back on: Kafka's offsets are advisory here.
+    // Set last (config also refuses them in kafka.options). Kafka's offsets are advisory
+    // here; a position out of the broker's range is an error for the loop to judge
+    // (kafka.on_data_loss), never a silent jump; aborted transactions are never read.
     client
         .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "error")
+        .set("isolation.level", "read_committed");
     let context = IngestContext {
         store,
         runtime: tokio::runtime::Handle::current(),
         owner: owner.to_owned(),
         reset: config.kafka.auto_offset_reset,
+        on_data_loss: config.kafka.on_data_loss,
         retry: config.retry.clone(),
         claim_limit: config.claim_limit(),
         assignments,
+        orphans: Mutex::new(HashMap::new()),
+        inspector: metadata_client(config)?,
         fatal: Mutex::new(None),
         observers,
     };

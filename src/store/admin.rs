@@ -5,9 +5,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::commit::Ranges;
+use sqlx::PgConnection;
+
+use super::commit::{Ranges, copy_fields};
 use super::{Batch, Store, StoreError, db};
-use crate::decode::Rejection;
+use crate::config::WriteMode;
+use crate::decode::{ReasonCode, Rejection};
 use crate::record::Record;
 
 /// One `ingest.offsets` row.
@@ -222,9 +225,15 @@ pub struct Redrive {
 
 impl Store {
     /// Decodes the dead letters of this store's group matching `filter` again with
-    /// the routes' decoders; in one transaction, those that now make rows move into the target
-    /// table and out of the dead letters, the others stay with one more attempt and
-    /// their new reason.
+    /// the routes' decoders; in one transaction, those that now make rows move into the
+    /// target table and out of the dead letters, the others stay with one more attempt
+    /// and their new reason. A letter of an upsert route whose key's row was written from
+    /// a later record of its partition stays, as `superseded`: it would put an older
+    /// version over a newer one.
+    ///
+    /// Refuses, changing nothing, letters this configuration cannot judge: of a topic
+    /// no route reads, or of an upsert route that does not record its rows' source
+    /// position.
     pub async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Redrive, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         let sql = format!(
@@ -237,13 +246,56 @@ impl Store {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(db("read dead letters"))?;
-        let records = letters.iter().map(DeadLetter::record).collect();
-        let batch = Batch::decode(records, &self.routes, Vec::new());
+        self.check_redrivable(&letters)?;
+        let mut records: Vec<Record> = letters.iter().map(DeadLetter::record).collect();
+        // Within a partition, in offset order: the last record of a key wins.
+        let mut order: Vec<usize> = (0..records.len()).collect();
+        order.sort_by_key(|&i| {
+            (
+                records[i].topic.clone(),
+                records[i].partition,
+                records[i].offset,
+            )
+        });
+        let letters: Vec<&DeadLetter> = order.iter().map(|&i| &letters[i]).collect();
+        records = order.iter().map(|&i| records[i].clone()).collect();
+        let decoded = Batch::decode(records.clone(), &self.routes, Vec::new());
+        let superseded = self.superseded(&mut tx, &decoded).await?;
+        let batch = Batch::decode(
+            records
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !superseded.iter().any(|(s, _)| s == i))
+                .map(|(_, r)| r.clone())
+                .collect(),
+            &self.routes,
+            Vec::new(),
+        );
+        let kept: Vec<usize> = (0..records.len())
+            .filter(|i| !superseded.iter().any(|(s, _)| s == i))
+            .collect();
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
         self.write_rows_isolating(&mut tx, &batch, &Ranges::default(), &mut rejects)
             .await?;
         rejects.extend(batch.rejects.iter().cloned());
-        let failed_ids: Vec<i64> = rejects.iter().map(|(i, _)| letters[*i].id).collect();
+        // Back to indexes of `records`, then the superseded ones.
+        let mut failed: Vec<(usize, Rejection)> =
+            rejects.into_iter().map(|(i, r)| (kept[i], r)).collect();
+        failed.extend(superseded.into_iter().map(|(i, offset)| {
+            let r = &records[i];
+            (
+                i,
+                Rejection::new(
+                    ReasonCode::Superseded,
+                    format!(
+                        "the row of this record's key was written from a later record of {}/{} (offset {offset}); \
+                         re-driving it would put an older version over a newer one",
+                        r.topic, r.partition
+                    ),
+                ),
+            )
+        }));
+        let failed_ids: Vec<i64> = failed.iter().map(|(i, _)| letters[*i].id).collect();
         let moved_ids: Vec<i64> = letters
             .iter()
             .map(|l| l.id)
@@ -254,10 +306,9 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(db("delete re-driven dead letters"))?;
-        let codes: Vec<&str> = rejects.iter().map(|(_, r)| r.code.as_str()).collect();
-        let reasons: Vec<&str> = rejects.iter().map(|(_, r)| r.reason.as_str()).collect();
-        let states: Vec<Option<&str>> =
-            rejects.iter().map(|(_, r)| r.sqlstate.as_deref()).collect();
+        let codes: Vec<&str> = failed.iter().map(|(_, r)| r.code.as_str()).collect();
+        let reasons: Vec<&str> = failed.iter().map(|(_, r)| r.reason.as_str()).collect();
+        let states: Vec<Option<&str>> = failed.iter().map(|(_, r)| r.sqlstate.as_deref()).collect();
         sqlx::query(
             "UPDATE ingest.dead_letters d SET attempts = d.attempts + 1, last_failed_at = now(), \
                reason_code = u.code, reason = u.reason, sqlstate = u.state \
@@ -277,6 +328,91 @@ impl Store {
             still_failing: failed_ids.len() as u64,
             tables: self.routes.tables(),
         })
+    }
+
+    /// Refuses letters of topics no route reads, and of upsert routes that cannot tell
+    /// an older record from a newer one.
+    fn check_redrivable(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let mut unrouted: Vec<&str> = Vec::new();
+        let mut blind: Vec<String> = Vec::new();
+        for letter in letters {
+            match self.routes.route_of(&letter.topic) {
+                None => unrouted.push(&letter.topic),
+                Some(i) => {
+                    let route = &self.routes.decoders()[i].route();
+                    if route.mode == WriteMode::Upsert && route.source_version().is_none() {
+                        blind.push(format!(
+                            "{} ({} -> {})",
+                            route.key,
+                            route.topics_label(),
+                            route.table
+                        ));
+                    }
+                }
+            }
+        }
+        unrouted.sort_unstable();
+        unrouted.dedup();
+        blind.sort_unstable();
+        blind.dedup();
+        if !unrouted.is_empty() {
+            return Err(StoreError::Fatal(format!(
+                "no route of this configuration reads topic(s) {} of the chosen dead letters; \
+                 nothing was changed. Pass the configuration the worker ran with: its --config, \
+                 or --topic {} as given to `run`",
+                unrouted.join(", "),
+                unrouted.join(" --topic ")
+            )));
+        }
+        if !blind.is_empty() {
+            return Err(StoreError::Fatal(format!(
+                "route(s) {} upsert without recording where a row came from, so a re-driven \
+                 record could overwrite a row written from a later record of its key; nothing \
+                 was changed. Map columns from @partition and @offset in the route (records \
+                 older than the row then stay as superseded dead letters)",
+                blind.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// The records of `batch` (by index) whose upsert would put an older version over a
+    /// newer one, each with the offset that wrote the row.
+    async fn superseded(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch,
+    ) -> Result<Vec<(usize, i64)>, StoreError> {
+        let mut found = Vec::new();
+        for (part, sql) in batch.parts.iter().zip(&self.sql) {
+            let Some(check) = sql.upsert.as_ref().and_then(|u| u.superseded.as_ref()) else {
+                continue;
+            };
+            if part.rows.is_empty() {
+                continue;
+            }
+            let lines: Vec<Vec<Option<String>>> = part.lines().map(copy_fields).collect();
+            let numbers: Vec<i32> = (0..lines.len() as i32).collect();
+            let mut query =
+                sqlx::query_as::<_, (i32, i64)>(sqlx::AssertSqlSafe(check.select.clone()))
+                    .bind(numbers);
+            for &field in &check.fields {
+                let texts: Vec<Option<String>> = lines
+                    .iter()
+                    .map(|l| l.get(field).cloned().flatten())
+                    .collect();
+                query = query.bind(texts);
+            }
+            let rows = query
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db("find superseded dead letters"))?;
+            found.extend(
+                rows.into_iter()
+                    .map(|(line, offset)| (part.rows[line as usize].record, offset)),
+            );
+        }
+        Ok(found)
     }
 }
 

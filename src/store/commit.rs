@@ -4,11 +4,15 @@
 //! rows commit in ONE transaction, or none of them does. The offset advance is a
 //! compare-and-set on (expected next offset, claimed epoch), done first: if another
 //! worker claimed a partition since, nothing of this batch is written. Records Postgres
-//! rejects with a data error are isolated by bisection under savepoints (in a second
-//! transaction, the first having rolled back) and become `db_rejected` dead letters in
-//! the same transaction as the rest of the batch.
+//! rejects with a data error are isolated under savepoints (in a second transaction, the
+//! first having rolled back) and become `db_rejected` dead letters in the same
+//! transaction as the rest of the batch. Offsets a partition skipped under
+//! `kafka.on_data_loss: skip` are recorded in that transaction too.
 
-use sqlx::{AssertSqlSafe, PgConnection};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::offsets::{self, Replay};
 use super::schema::RouteSql;
@@ -25,10 +29,48 @@ pub struct PartitionRange {
     pub partition: i32,
     /// The epoch of this worker's claim.
     pub epoch: i64,
-    /// The stored next offset this batch continues from (`None`: nothing stored yet).
-    pub start: Option<i64>,
+    /// The stored next offset this batch continues from.
+    pub start: i64,
     /// The next offset after this batch: last record's offset + 1.
     pub end: i64,
+    /// Offsets the broker no longer had, skipped on the way (`kafka.on_data_loss: skip`);
+    /// recorded in `ingest.offset_gaps` with this batch.
+    pub gap: Option<Gap>,
+}
+
+/// A range of offsets a partition skipped because the broker no longer had them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// First offset skipped.
+    pub from: i64,
+    /// End (exclusive) of the skipped offsets.
+    pub to: i64,
+    pub kind: GapKind,
+    /// The broker's watermarks when the gap was found.
+    pub low: i64,
+    pub high: i64,
+    /// When the worker found it.
+    pub detected_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Why offsets were missing on the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapKind {
+    /// The stored offset was below the log start: retention deleted records before they
+    /// were ingested.
+    BelowLogStart,
+    /// The stored offset was beyond the log end: the topic was deleted and re-created, or
+    /// its log truncated; the new log's records below the stored offset are skipped.
+    BeyondLogEnd,
+}
+
+impl GapKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BelowLogStart => "below_log_start",
+            Self::BeyondLogEnd => "beyond_log_end",
+        }
+    }
 }
 
 /// Where one decoded row sits in the COPY buffer.
@@ -49,7 +91,17 @@ pub struct Part {
 }
 
 impl Part {
-    fn row_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
+    /// Each row's COPY text line, without its newline.
+    pub(super) fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.rows.iter().map(move |row| {
+            let line = &self.copy_data[start..row.end - 1];
+            start = row.end;
+            line
+        })
+    }
+
+    fn row_bytes(&self, rows: Range<usize>) -> &[u8] {
         let start = rows.start.checked_sub(1).map_or(0, |i| self.rows[i].end);
         let end = self.rows[rows.end - 1].end;
         &self.copy_data[start..end]
@@ -121,8 +173,13 @@ impl Batch {
 /// What became of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// Everything committed.
-    Committed { rows: u64, dead_letters: u64 },
+    /// Everything committed. `isolation` is how long isolating rows Postgres rejected
+    /// took, when it had to.
+    Committed {
+        rows: u64,
+        dead_letters: u64,
+        isolation: Option<Duration>,
+    },
     /// Nothing committed: these partitions' offset rows no longer match this worker's
     /// claim (another owner, or an operator moved them).
     Fenced(Vec<PartitionRange>),
@@ -133,24 +190,53 @@ impl Store {
     ///
     /// The first attempt COPYs all rows at once, with no savepoint (subtransactions cost
     /// on the hot path). Only when Postgres rejects a row does a second attempt, in a new
-    /// transaction, isolate the rejected rows by bisection.
+    /// transaction, isolate the rejected rows.
+    ///
+    /// Each attempt runs under the store's deadline; one that times out may have
+    /// committed or not (the COMMIT may have been under way), so it is reported as an
+    /// ambiguous commit and resolved from the offset rows.
     pub async fn commit(&self, batch: &Batch) -> Result<CommitOutcome, StoreError> {
-        match self.commit_attempt(batch, false).await? {
-            Some(outcome) => Ok(outcome),
-            None => self
-                .commit_attempt(batch, true)
-                .await?
-                .ok_or_else(|| StoreError::Fatal("bisection ended without a result".into())),
+        let first = self.bounded("commit a batch", async |conn| {
+            self.commit_attempt(conn, batch, false).await
+        });
+        if let Some(outcome) = ambiguous_on_timeout(first.await)? {
+            return Ok(outcome);
         }
+        let started = Instant::now();
+        tracing::info!(
+            records = batch.records.len(),
+            rows = batch.row_count(),
+            "Postgres rejected rows of this batch; isolating them into db_rejected dead letters"
+        );
+        let second = self.bounded("commit a batch", async |conn| {
+            self.commit_attempt(conn, batch, true).await
+        });
+        let mut outcome = ambiguous_on_timeout(second.await)?
+            .ok_or_else(|| StoreError::Fatal("isolation ended without a result".into()))?;
+        if let CommitOutcome::Committed {
+            dead_letters,
+            isolation,
+            ..
+        } = &mut outcome
+        {
+            *isolation = Some(started.elapsed());
+            tracing::info!(
+                isolated = dead_letters.saturating_sub(batch.rejects.len() as u64),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "isolation done"
+            );
+        }
+        Ok(outcome)
     }
 
     /// One transaction; `None` when `isolate` is off and a row was rejected.
     async fn commit_attempt(
         &self,
+        conn: &mut PgConnection,
         batch: &Batch,
         isolate: bool,
     ) -> Result<Option<CommitOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        let mut tx = conn.begin().await.map_err(db("begin a transaction"))?;
         let advance = offsets::compare_and_set(&mut tx, &self.group, &batch.ranges).await?;
         if !advance.fenced.is_empty() {
             let fenced = advance.fenced.into_iter().cloned().collect();
@@ -160,6 +246,7 @@ impl Store {
             return Ok(Some(CommitOutcome::Fenced(fenced)));
         }
         self.prepare_replay(&mut tx, &advance.replays).await?;
+        self.write_gaps(&mut tx, &batch.ranges).await?;
         // Replay ranges whose existing rows stay.
         let kept = Ranges::of(advance.replays.iter().filter(|r| r.keep));
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
@@ -181,6 +268,7 @@ impl Store {
                 match written {
                     Ok(n) => rows += n,
                     Err(e) if is_rejection(sql, &e)? => {
+                        tracing::info!(error = %e, sqlstate = ?retry::sqlstate(&e), "Postgres rejected a row");
                         tx.rollback()
                             .await
                             .map_err(db("roll back a batch with rejected rows"))?;
@@ -199,11 +287,22 @@ impl Store {
             ErrorClass::Transient => StoreError::AmbiguousCommit(e),
             _ => db("commit")(e),
         })?;
-        Ok(Some(CommitOutcome::Committed { rows, dead_letters }))
+        Ok(Some(CommitOutcome::Committed {
+            rows,
+            dead_letters,
+            isolation: None,
+        }))
     }
 
-    /// COPYs the rows in halves under savepoints, bisecting every failing half until each
-    /// rejected row stands alone, and records those in `rejects`.
+    /// Writes the rows of every route under savepoints, leaving out the rows Postgres
+    /// rejects (recorded in `rejects`).
+    ///
+    /// The cost grows with the batch, not with rejects x savepoints: a failed COPY names
+    /// its line, so each rejected row costs one failed COPY of a window of rows, one COPY
+    /// of the rows before it and one of the row alone (which confirms it); windows grow
+    /// while they pass and shrink to about twice the distance between rejects. Errors
+    /// without a line (an upsert's apply, a deferred check) are bisected; ranges of a
+    /// few rows go row by row.
     pub(super) async fn write_rows_isolating(
         &self,
         conn: &mut PgConnection,
@@ -212,14 +311,83 @@ impl Store {
         rejects: &mut Vec<(usize, Rejection)>,
     ) -> Result<u64, StoreError> {
         let mut written = 0;
-        let mut pending = Vec::with_capacity(64);
         for (part, sql) in batch.parts.iter().zip(&self.sql) {
+            let mut window = part.rows.len().max(1);
+            // A stack: the range on top is written next, in row order.
+            let mut pending: Vec<Range<usize>> = Vec::new();
             pending.push(0..part.rows.len());
-            while let Some(rows) = pending.pop() {
-                written += isolate(conn, sql, part, rows, kept, rejects, &mut pending).await?;
+            while let Some(mut rows) = pending.pop() {
+                if rows.is_empty() {
+                    continue;
+                }
+                if rows.len() > window {
+                    pending.push(rows.start + window..rows.end);
+                    rows.end = rows.start + window;
+                }
+                match isolate(conn, sql, part, rows.clone(), kept).await? {
+                    Isolated::Written(n) => {
+                        written += n;
+                        window = window.saturating_mul(2);
+                    }
+                    Isolated::Rejected(Rejected { rejection, .. }) if rows.len() == 1 => {
+                        rejects.push((part.rows[rows.start].record, rejection));
+                    }
+                    Isolated::Rejected(Rejected { line, .. }) => match line {
+                        Some(line) if line <= rows.len() => {
+                            let bad = rows.start + line - 1;
+                            window = (2 * line).max(MIN_WINDOW);
+                            pending.push(bad + 1..rows.end);
+                            pending.push(bad..bad + 1);
+                            pending.push(rows.start..bad);
+                        }
+                        _ if rows.len() <= MIN_WINDOW => {
+                            pending.extend(rows.rev().map(|i| i..i + 1));
+                        }
+                        _ => {
+                            let mid = rows.start + rows.len() / 2;
+                            pending.push(mid..rows.end);
+                            pending.push(rows.start..mid);
+                        }
+                    },
+                }
             }
         }
         Ok(written)
+    }
+
+    /// Records the gaps the batch's partitions skipped, in its transaction.
+    async fn write_gaps(
+        &self,
+        conn: &mut PgConnection,
+        ranges: &[PartitionRange],
+    ) -> Result<(), StoreError> {
+        let gaps: Vec<(&PartitionRange, &Gap)> = ranges
+            .iter()
+            .filter_map(|r| r.gap.as_ref().map(|g| (r, g)))
+            .collect();
+        if gaps.is_empty() {
+            return Ok(());
+        }
+        let column = |f: fn(&Gap) -> i64| gaps.iter().map(|(_, g)| f(g)).collect::<Vec<i64>>();
+        sqlx::query(
+            "INSERT INTO ingest.offset_gaps (consumer_group, topic, partition, from_offset, \
+               to_offset, reason, low_watermark, high_watermark, detected_at) \
+             SELECT $1, t, p, f, u, r, l, h, d FROM unnest($2::text[], $3::int4[], $4::int8[], \
+               $5::int8[], $6::text[], $7::int8[], $8::int8[], $9::timestamptz[]) AS g(t, p, f, u, r, l, h, d)",
+        )
+        .bind(&self.group)
+        .bind(gaps.iter().map(|(r, _)| r.topic.as_str()).collect::<Vec<_>>())
+        .bind(gaps.iter().map(|(r, _)| r.partition).collect::<Vec<_>>())
+        .bind(column(|g| g.from))
+        .bind(column(|g| g.to))
+        .bind(gaps.iter().map(|(_, g)| g.kind.as_str()).collect::<Vec<_>>())
+        .bind(column(|g| g.low))
+        .bind(column(|g| g.high))
+        .bind(gaps.iter().map(|(_, g)| g.detected_at).collect::<Vec<_>>())
+        .execute(conn)
+        .await
+        .map_err(db("record skipped offsets"))?;
+        Ok(())
     }
 
     /// Clears what a replay re-reads: the dead letters of its ranges, which the re-read
@@ -298,26 +466,47 @@ impl Store {
     }
 }
 
-/// Writes one bisection step, `rows` of `part`, under a savepoint; a rejected step is
-/// split in halves onto `pending`, a rejected single row goes to `rejects`. Returns the
-/// rows written.
+/// A commit attempt that ran out of time may have committed (its COMMIT may have been
+/// under way): only the offset rows can tell.
+fn ambiguous_on_timeout<T>(result: Result<T, StoreError>) -> Result<T, StoreError> {
+    result.map_err(|e| match e {
+        StoreError::TimedOut(message) => StoreError::AmbiguousCommit(sqlx::Error::Io(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, message),
+        )),
+        other => other,
+    })
+}
+
+/// Rows no smaller range is bisected below: such a range goes row by row.
+const MIN_WINDOW: usize = 8;
+
+/// What writing a range under a savepoint did.
+enum Isolated {
+    Written(u64),
+    /// Postgres rejected a row of the range (which one, when the error says its line).
+    Rejected(Rejected),
+}
+
+struct Rejected {
+    rejection: Rejection,
+    /// The 1-based line of the COPY that failed.
+    line: Option<usize>,
+}
+
+/// Writes `rows` of `part` under a savepoint; a data error rolls the savepoint back and
+/// says which line failed, when Postgres told.
 async fn isolate(
     conn: &mut PgConnection,
     sql: &RouteSql,
     part: &super::Part,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     kept: &Ranges<'_>,
-    rejects: &mut Vec<(usize, Rejection)>,
-    pending: &mut Vec<std::ops::Range<usize>>,
-) -> Result<u64, StoreError> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
+) -> Result<Isolated, StoreError> {
     execute_trusted(conn, "SAVEPOINT rows", "set a savepoint").await?;
-    let err = match write(conn, sql, part.row_bytes(rows.clone()), kept).await {
+    let err = match write(conn, sql, part.row_bytes(rows), kept).await {
         Ok(n) => {
             execute_trusted(conn, "RELEASE SAVEPOINT rows", "release a savepoint").await?;
-            return Ok(n);
+            return Ok(Isolated::Written(n));
         }
         Err(err) if is_rejection(sql, &err)? => err,
         Err(err) => return Err(db("copy rows")(err)),
@@ -328,23 +517,31 @@ async fn isolate(
         "roll back to a savepoint",
     )
     .await?;
-    if rows.len() == 1 {
-        let message = match &err {
-            sqlx::Error::Database(e) => e.message().to_owned(),
-            other => other.to_string(),
-        };
-        let mut rejection = Rejection::new(
-            ReasonCode::DbRejected,
-            format!("Postgres rejected the row: {message}"),
-        );
-        rejection.sqlstate = retry::sqlstate(&err);
-        rejects.push((part.rows[rows.start].record, rejection));
-    } else {
-        let mid = rows.start + rows.len() / 2;
-        pending.push(mid..rows.end);
-        pending.push(rows.start..mid);
-    }
-    Ok(0)
+    let (message, line) = match &err {
+        sqlx::Error::Database(e) => {
+            let line = e
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.r#where())
+                .and_then(copy_line);
+            (e.message().to_owned(), line)
+        }
+        other => (other.to_string(), None),
+    };
+    let mut rejection = Rejection::new(
+        ReasonCode::DbRejected,
+        format!("Postgres rejected the row: {message}"),
+    );
+    rejection.sqlstate = retry::sqlstate(&err);
+    Ok(Isolated::Rejected(Rejected { rejection, line }))
+}
+
+/// The line number of a COPY error's context (`COPY metrics, line 3, column ...`).
+fn copy_line(context: &str) -> Option<usize> {
+    let first = context.lines().next()?;
+    let rest = first.strip_prefix("COPY ")?;
+    let after = &rest[rest.find(", line ")? + ", line ".len()..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Writes COPY text rows of one route: straight into the target table; for an upsert,
@@ -489,17 +686,19 @@ async fn insert_one_by_one(
     sql: &str,
     part: &Part,
 ) -> Result<u64, sqlx::Error> {
-    let mut start = 0;
-    for row in &part.rows {
-        let line = &part.copy_data[start..row.end - 1];
-        start = row.end;
+    for line in part.lines() {
         let mut query = sqlx::query(AssertSqlSafe(sql.to_owned()));
-        for field in line.split(|b| *b == b'\t') {
-            query = query.bind(copy_field_text(field));
+        for field in copy_fields(line) {
+            query = query.bind(field);
         }
         query.execute(&mut *conn).await?;
     }
     Ok(part.rows.len() as u64)
+}
+
+/// The fields of a COPY text line, as text (`None` for NULL).
+pub(super) fn copy_fields(line: &[u8]) -> Vec<Option<String>> {
+    line.split(|b| *b == b'\t').map(copy_field_text).collect()
 }
 
 /// One field of a COPY text line: `\N` is NULL, backslash escapes are undone.

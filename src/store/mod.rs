@@ -4,6 +4,7 @@ pub mod admin;
 mod commit;
 mod offsets;
 pub mod schema;
+mod socket;
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
-pub use commit::{Batch, CommitOutcome, Part, PartitionRange, RowRef};
+pub use commit::{Batch, CommitOutcome, Gap, GapKind, Part, PartitionRange, RowRef};
 pub use offsets::{Claim, StoredOffset};
 
 use crate::config::Config;
@@ -37,6 +38,9 @@ pub enum StoreError {
     /// have committed; only the offset rows can tell.
     #[error("commit outcome unknown, connection lost during COMMIT: {0}")]
     AmbiguousCommit(#[source] sqlx::Error),
+    /// A call got no answer within the store's deadline; its connection was dropped.
+    #[error("{0}")]
+    TimedOut(String),
     #[error("{0}")]
     Fatal(String),
 }
@@ -46,7 +50,7 @@ impl StoreError {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Db { class, .. } => *class,
-            Self::AmbiguousCommit(_) => ErrorClass::Transient,
+            Self::AmbiguousCommit(_) | Self::TimedOut(_) => ErrorClass::Transient,
             Self::Fatal(_) => ErrorClass::Fatal,
         }
     }
@@ -74,6 +78,9 @@ pub struct Store {
     routes: Routes,
     /// The statements of each route, in the order of `routes`.
     sql: Vec<RouteSql>,
+    /// How long the worker waits for one transaction (or one read) before it gives up
+    /// on the connection.
+    deadline: Duration,
 }
 
 impl Store {
@@ -96,7 +103,31 @@ impl Store {
             group: config.kafka.group.clone(),
             routes,
             sql,
+            deadline: Duration::from_millis(config.postgres.statement_timeout_ms) * 2,
         })
+    }
+
+    /// Runs `work` on a connection of its own and gives up after the deadline (twice
+    /// `postgres.statement_timeout_ms`): the server cancels a statement long before, so
+    /// only a connection that no longer answers (a half-open socket, a frozen server)
+    /// gets here. Such a connection is closed, never returned to the pool, whose release
+    /// would wait on it forever; the failure is transient.
+    async fn bounded<T>(
+        &self,
+        context: &'static str,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(db(context))?;
+        match tokio::time::timeout(self.deadline, work(&mut conn)).await {
+            Ok(result) => result,
+            Err(_) => {
+                drop(conn.detach());
+                Err(StoreError::TimedOut(format!(
+                    "failed to {context}: Postgres did not answer within {:?}",
+                    self.deadline
+                )))
+            }
+        }
     }
 
     /// The routes this store writes, with their decoders.
@@ -130,13 +161,27 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
                 ))
             })?;
     let options =
-        security::apply_postgres(&config.postgres, options.application_name(APPLICATION_NAME));
+        security::apply_postgres(&config.postgres, options.application_name(APPLICATION_NAME))
+            .options(session_settings(config));
     let limit = Duration::from_secs(config.postgres.connect_retry_secs);
     let started = Instant::now();
     let mut delays = retry::backoff(&config.retry);
+    let server: std::sync::Arc<Vec<std::net::SocketAddr>> = std::sync::Arc::new(
+        tokio::net::lookup_host((options.get_host(), options.get_port()))
+            .await
+            .map(Iterator::collect)
+            .unwrap_or_default(),
+    );
     let pool_options = PgPoolOptions::new()
         .max_connections(config.postgres.max_connections)
-        .acquire_timeout(Duration::from_millis(config.postgres.acquire_timeout_ms));
+        .acquire_timeout(Duration::from_millis(config.postgres.acquire_timeout_ms))
+        .after_connect(move |_, _| {
+            let server = server.clone();
+            Box::pin(async move {
+                socket::tune(&server);
+                Ok(())
+            })
+        });
     loop {
         // One plain connection probes reachability: the pool's own connect would keep
         // retrying for its whole acquire timeout, hiding the attempts from the log.
@@ -184,6 +229,24 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
             }
         }
     }
+}
+
+/// Server-side deadlines of every session: no statement, lock wait or idle transaction
+/// of the worker lasts unbounded, and the server probes a silent client's socket so a
+/// vanished worker's backend (and its locks) goes away.
+fn session_settings(config: &Config) -> [(&'static str, String); 6] {
+    let pg = &config.postgres;
+    [
+        ("statement_timeout", pg.statement_timeout_ms.to_string()),
+        ("lock_timeout", pg.lock_timeout_ms.to_string()),
+        (
+            "idle_in_transaction_session_timeout",
+            pg.idle_in_transaction_timeout_ms.to_string(),
+        ),
+        ("tcp_keepalives_idle", "10".to_owned()),
+        ("tcp_keepalives_interval", "5".to_owned()),
+        ("tcp_keepalives_count", "3".to_owned()),
+    ]
 }
 
 /// Applies the embedded migrations (serialised across workers by sqlx's advisory lock).

@@ -1,9 +1,17 @@
 //! Offset rows: claims on assignment, the compare-and-set that fences stale owners, and
 //! reads of the stored position.
 
+use std::time::Duration;
+
 use sqlx::PgConnection;
 
-use super::{PartitionRange, Store, StoreError, db};
+use super::{APPLICATION_NAME, PartitionRange, Store, StoreError, db};
+
+/// How long a claim waits on the locks of another worker's transaction before it ends
+/// that transaction. The claim makes this worker the partition's owner (Kafka assigned
+/// it here), so the holder is a previous owner: frozen, cut off, or finishing a batch
+/// that can no longer commit. Ending it lets the group move on; its batch is read again.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The result of claiming one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,36 +37,126 @@ pub struct StoredOffset {
 impl Store {
     /// Claims partitions for `owner` in one statement: creates missing rows, bumps the
     /// epoch of existing ones (fencing any previous owner) and returns where to start.
+    /// Each partition comes with the least epoch its claim may take (0 for any): a
+    /// worker claiming a partition again passes its last epoch + 1, so a row deleted or
+    /// restored from an older dump never hands out an epoch it held before.
+    ///
+    /// A claim blocked by another worker's transaction on the same rows for longer than
+    /// [`CLAIM_PATIENCE`] ends that transaction (see there).
     pub async fn claim(
         &self,
         owner: &str,
-        partitions: &[(String, i32)],
+        partitions: &[((String, i32), i64)],
     ) -> Result<Vec<Claim>, StoreError> {
-        let (topics, parts): (Vec<&str>, Vec<i32>) =
-            partitions.iter().map(|(t, p)| (t.as_str(), *p)).unzip();
-        let rows: Vec<(String, i32, Option<i64>, i64)> = sqlx::query_as(
-            "INSERT INTO ingest.offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner) \
-             SELECT $1, t, p, NULL, 1, $2 FROM unnest($3::text[], $4::int4[]) AS u(t, p) \
-             ON CONFLICT (consumer_group, topic, partition) DO UPDATE \
-               SET epoch = o.epoch + 1, owner = EXCLUDED.owner, updated_at = now() \
-             RETURNING topic, partition, next_offset, epoch",
-        )
-        .bind(&self.group)
-        .bind(owner)
-        .bind(&topics)
-        .bind(&parts)
-        .fetch_all(&self.pool)
+        let topics: Vec<&str> = partitions.iter().map(|((t, _), _)| t.as_str()).collect();
+        let parts: Vec<i32> = partitions.iter().map(|((_, p), _)| *p).collect();
+        let least: Vec<i64> = partitions.iter().map(|(_, e)| *e).collect();
+        self.bounded("claim partitions", async |conn| {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db("claim partitions"))?;
+            let claim = sqlx::query_as::<_, (String, i32, Option<i64>, i64)>(
+                "INSERT INTO ingest.offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner) \
+                 SELECT $1, t, p, NULL, GREATEST(e, 1), $2 \
+                 FROM unnest($3::text[], $4::int4[], $5::int8[]) AS u(t, p, e) \
+                 ON CONFLICT (consumer_group, topic, partition) DO UPDATE \
+                   SET epoch = GREATEST(o.epoch + 1, EXCLUDED.epoch), owner = EXCLUDED.owner, \
+                       updated_at = now() \
+                 RETURNING topic, partition, next_offset, epoch",
+            )
+            .bind(&self.group)
+            .bind(owner)
+            .bind(&topics)
+            .bind(&parts)
+            .bind(&least)
+            .fetch_all(&mut *conn);
+            tokio::pin!(claim);
+            let rows = loop {
+                tokio::select! {
+                    rows = &mut claim => break rows.map_err(db("claim partitions"))?,
+                    () = tokio::time::sleep(CLAIM_PATIENCE) => self.end_blockers(pid).await,
+                }
+            };
+            Ok(rows
+                .into_iter()
+                .map(|(topic, partition, next_offset, epoch)| Claim {
+                    topic,
+                    partition,
+                    next_offset,
+                    epoch,
+                })
+                .collect())
+        })
         .await
-        .map_err(db("claim partitions"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(topic, partition, next_offset, epoch)| Claim {
-                topic,
-                partition,
-                next_offset,
-                epoch,
-            })
-            .collect())
+    }
+
+    /// Ends the transactions of other workers (same application and role) that block
+    /// backend `pid`. Best effort: a failure is logged and the blocked statement keeps
+    /// waiting within its own deadlines.
+    async fn end_blockers(&self, pid: i32) {
+        // (pid, state, seconds since the transaction began) of each backend ended.
+        type Ended = Vec<(i32, Option<String>, Option<f64>)>;
+        let ended: Result<Ended, sqlx::Error> = sqlx::query_as(
+            // Materialized first, so the terminations apply to the blockers alone,
+            // whatever order the planner would evaluate conditions in.
+            "WITH blockers AS MATERIALIZED ( \
+               SELECT a.pid, a.state, extract(epoch FROM now() - a.xact_start)::float8 AS age \
+               FROM pg_stat_activity a \
+               WHERE a.pid = ANY(pg_blocking_pids($1)) AND a.application_name = $2 \
+                 AND a.usename = current_user AND a.datname = current_database()) \
+             SELECT pid, state, age FROM blockers WHERE pg_terminate_backend(pid)",
+        )
+        .bind(pid)
+        .bind(APPLICATION_NAME)
+        .fetch_all(&self.pool)
+        .await;
+        match ended {
+            Ok(ended) => {
+                for (blocker, state, age) in ended {
+                    tracing::warn!(
+                        backend = blocker,
+                        state = state.as_deref().unwrap_or("?"),
+                        transaction_secs = age.unwrap_or_default(),
+                        "ended another worker's transaction that blocked the claim of its \
+                         partitions (a previous owner, frozen or cut off); its batch is read again here"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot end the transactions blocking a claim"),
+        }
+    }
+
+    /// Stores where first claims start (partitions that had no stored offset), each only
+    /// while its row still carries the claim's epoch and no offset; returns the
+    /// partitions stored. One missing from the answer was claimed by another worker
+    /// meanwhile.
+    pub async fn store_starts(
+        &self,
+        starts: &[(&str, i32, i64, i64)],
+    ) -> Result<Vec<(String, i32)>, StoreError> {
+        let topics: Vec<&str> = starts.iter().map(|s| s.0).collect();
+        let parts: Vec<i32> = starts.iter().map(|s| s.1).collect();
+        let epochs: Vec<i64> = starts.iter().map(|s| s.2).collect();
+        let offsets: Vec<i64> = starts.iter().map(|s| s.3).collect();
+        self.bounded("store where partitions start", async |conn| {
+            sqlx::query_as(
+                "UPDATE ingest.offsets o SET next_offset = u.start, updated_at = now() \
+                 FROM unnest($2::text[], $3::int4[], $4::int8[], $5::int8[]) AS u(t, p, e, start) \
+                 WHERE o.consumer_group = $1 AND o.topic = u.t AND o.partition = u.p \
+                   AND o.epoch = u.e AND o.next_offset IS NULL \
+                 RETURNING o.topic, o.partition",
+            )
+            .bind(&self.group)
+            .bind(&topics)
+            .bind(&parts)
+            .bind(&epochs)
+            .bind(&offsets)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("store where partitions start"))
+        })
+        .await
     }
 
     /// The stored rows of the given partitions (all of the group's when empty).
@@ -68,19 +166,22 @@ impl Store {
     ) -> Result<Vec<StoredOffset>, StoreError> {
         let (topics, parts): (Vec<&str>, Vec<i32>) =
             partitions.iter().map(|(t, p)| (t.as_str(), *p)).unzip();
-        sqlx::query_as(
-            "SELECT topic, partition, next_offset, epoch, owner FROM ingest.offsets \
-             WHERE consumer_group = $1 \
-               AND (cardinality($2::text[]) = 0 OR (topic, partition) IN \
-                    (SELECT * FROM unnest($2::text[], $3::int4[]))) \
-             ORDER BY topic, partition",
-        )
-        .bind(&self.group)
-        .bind(&topics)
-        .bind(&parts)
-        .fetch_all(&self.pool)
+        self.bounded("read stored offsets", async |conn| {
+            sqlx::query_as(
+                "SELECT topic, partition, next_offset, epoch, owner FROM ingest.offsets \
+                 WHERE consumer_group = $1 \
+                   AND (cardinality($2::text[]) = 0 OR (topic, partition) IN \
+                        (SELECT * FROM unnest($2::text[], $3::int4[]))) \
+                 ORDER BY topic, partition",
+            )
+            .bind(&self.group)
+            .bind(&topics)
+            .bind(&parts)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("read stored offsets"))
+        })
         .await
-        .map_err(db("read stored offsets"))
     }
 }
 
@@ -116,16 +217,18 @@ pub(super) async fn compare_and_set<'a>(
 ) -> Result<Advance<'a>, StoreError> {
     let topics: Vec<&str> = ranges.iter().map(|r| r.topic.as_str()).collect();
     let parts: Vec<i32> = ranges.iter().map(|r| r.partition).collect();
-    let starts: Vec<Option<i64>> = ranges.iter().map(|r| r.start).collect();
+    let starts: Vec<i64> = ranges.iter().map(|r| r.start).collect();
     let ends: Vec<i64> = ranges.iter().map(|r| r.end).collect();
     let epochs: Vec<i64> = ranges.iter().map(|r| r.epoch).collect();
     // The join reads the replay columns as they were before this update; a concurrent
     // rewind also moves next_offset, so the compare fails rather than mixing the two.
+    // `LEAST` ignores NULLs, so without a rewind the replay end must stay NULL explicitly:
+    // otherwise every batch would count as a replay and delete its own range first.
     #[derive(sqlx::FromRow)]
     struct Advanced {
         topic: String,
         partition: i32,
-        start_offset: Option<i64>,
+        start_offset: i64,
         replay_end: Option<i64>,
         replay_keep: bool,
     }
@@ -138,9 +241,10 @@ pub(super) async fn compare_and_set<'a>(
                JOIN ingest.offsets c ON c.consumer_group = $1 AND c.topic = n.topic \
                                     AND c.partition = n.partition) AS u \
          WHERE o.consumer_group = $1 AND o.topic = u.topic AND o.partition = u.partition \
-           AND o.epoch = u.epoch AND o.next_offset IS NOT DISTINCT FROM u.start_offset \
+           AND o.epoch = u.epoch AND o.next_offset = u.start_offset \
          RETURNING o.topic, o.partition, u.start_offset, \
-           LEAST(u.end_offset, u.replay_until) AS replay_end, u.replay_keep",
+           CASE WHEN u.replay_until IS NOT NULL THEN LEAST(u.end_offset, u.replay_until) END \
+             AS replay_end, u.replay_keep",
     )
     .bind(group)
     .bind(&topics)
@@ -161,11 +265,11 @@ pub(super) async fn compare_and_set<'a>(
         .collect();
     let replays = advanced
         .into_iter()
-        .filter_map(|a| match (a.start_offset, a.replay_end) {
-            (Some(from), Some(until)) if from < until => Some(Replay {
+        .filter_map(|a| match a.replay_end {
+            Some(until) if a.start_offset < until => Some(Replay {
                 topic: a.topic,
                 partition: a.partition,
-                from,
+                from: a.start_offset,
                 until,
                 keep: a.replay_keep,
             }),

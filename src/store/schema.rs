@@ -26,6 +26,17 @@ pub(super) struct RouteSql {
     pub upsert: Option<UpsertSql>,
 }
 
+/// Finds the lines of an upsert route (re-driven dead letters) whose key's row was
+/// written from a later offset of the same partition.
+#[derive(Debug, Clone)]
+pub(super) struct SupersededSql {
+    /// Takes `$1` line numbers and, per entry of `fields`, the text of that field of
+    /// each line; returns the superseded line numbers with the offset that wrote the row.
+    pub select: String,
+    /// Indexes (in the route's columns) of the fields bound after `$1`.
+    pub fields: Vec<usize>,
+}
+
 /// Statements of replays after a rewind.
 #[derive(Debug, Clone)]
 pub(super) struct ReplaySql {
@@ -47,6 +58,8 @@ pub(super) struct UpsertSql {
     pub create_staging: String,
     /// Deletes tombstoned keys, upserts the rest, empties the staging table.
     pub apply: String,
+    /// Present when the route records its rows' source position.
+    pub superseded: Option<SupersededSql>,
 }
 
 /// Staging columns after the mapped ones: the delete flag, then the line's position.
@@ -293,6 +306,25 @@ impl ReplaySql {
     }
 }
 
+/// The condition under which a staged line `s` may change the existing row `t` of its
+/// key: unless the row came from a later offset of the same partition (and topic, when
+/// mapped). A replay, a re-drive or a producer out of order then never puts an older
+/// version over a newer one; across partitions Kafka gives no order, and the line wins.
+fn not_older(route: &Route, s: &str) -> Option<String> {
+    let v = route.source_version()?;
+    let same = |column: &str| {
+        let c = quote_ident(column);
+        format!("t.{c} IS NOT DISTINCT FROM {s}.{c}")
+    };
+    let mut same_source = vec![same(v.partition)];
+    same_source.extend(v.topic.map(same));
+    let offset = quote_ident(v.offset);
+    Some(format!(
+        "NOT ({} AND coalesce(t.{offset} > {s}.{offset}, false))",
+        same_source.join(" AND ")
+    ))
+}
+
 impl UpsertSql {
     fn new(route: &Route, table: &str, columns: &str, staging: &str) -> Self {
         let key = quoted_list(route.key_columns.iter().map(String::as_str));
@@ -306,10 +338,12 @@ impl UpsertSql {
             .filter(|c| !route.is_key(&c.name))
             .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
             .collect();
-        let conflict = if updates.is_empty() {
-            "DO NOTHING".to_owned()
-        } else {
-            format!("DO UPDATE SET {}", updates.join(", "))
+        let conflict = match (updates.is_empty(), not_older(route, "EXCLUDED")) {
+            (true, _) => "DO NOTHING".to_owned(),
+            (false, None) => format!("DO UPDATE SET {}", updates.join(", ")),
+            (false, Some(newer)) => {
+                format!("DO UPDATE SET {} WHERE {newer}", updates.join(", "))
+            }
         };
         let mut apply = String::new();
         if route.delete_on_tombstone {
@@ -319,12 +353,13 @@ impl UpsertSql {
                 .map(|k| format!("t.{0} = s.{0}", quote_ident(k)))
                 .collect::<Vec<_>>()
                 .join(" AND ");
+            let newer = not_older(route, "s").map_or_else(String::new, |c| format!(" AND {c}"));
             apply.push_str(&format!(
-                "DELETE FROM {table} t USING {last} WHERE s.{DELETE_FLAG} AND {matches}; "
+                "DELETE FROM {table} t USING {last} WHERE s.{DELETE_FLAG} AND {matches}{newer}; "
             ));
         }
         apply.push_str(&format!(
-            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {last} \
+            "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM {last} \
              WHERE NOT s.{DELETE_FLAG} ON CONFLICT ({key}) {conflict}; DELETE FROM {staging}"
         ));
         Self {
@@ -335,7 +370,61 @@ impl UpsertSql {
                  int8 GENERATED ALWAYS AS IDENTITY"
             ),
             apply,
+            superseded: SupersededSql::new(route, table),
         }
+    }
+}
+
+impl SupersededSql {
+    fn new(route: &Route, table: &str) -> Option<Self> {
+        let version = route.source_version()?;
+        let index = |name: &str| route.columns.iter().position(|c| c.name == name);
+        let mut names: Vec<&str> = route.key_columns.iter().map(String::as_str).collect();
+        names.push(version.partition);
+        names.push(version.offset);
+        names.extend(version.topic);
+        let fields: Vec<usize> = names.iter().filter_map(|n| index(n)).collect();
+        // Each field arrives as its COPY text and is cast to the mapped type.
+        let value = |i: usize| {
+            let column = &route.columns[fields[i]];
+            format!("u.f{i}::{}", column.kind.sql_name())
+        };
+        let arrays: Vec<String> = (0..fields.len())
+            .map(|i| format!("${}::text[]", i + 2))
+            .collect();
+        let aliases: Vec<String> = (0..fields.len()).map(|i| format!("f{i}")).collect();
+        let keys = route.key_columns.len();
+        let mut matches: Vec<String> = (0..keys)
+            .map(|i| format!("t.{} = {}", quote_ident(names[i]), value(i)))
+            .collect();
+        matches.push(format!(
+            "t.{} = {}",
+            quote_ident(version.partition),
+            value(keys)
+        ));
+        if version.topic.is_some() {
+            matches.push(format!(
+                "t.{} = {}",
+                quote_ident(names[keys + 2]),
+                value(keys + 2)
+            ));
+        }
+        matches.push(format!(
+            "t.{} > {}",
+            quote_ident(version.offset),
+            value(keys + 1)
+        ));
+        Some(Self {
+            select: format!(
+                "SELECT u.line, t.{offset}::int8 FROM unnest($1::int4[], {arrays}) AS u(line, {aliases}) \
+                 JOIN {table} t ON {matches}",
+                offset = quote_ident(version.offset),
+                arrays = arrays.join(", "),
+                aliases = aliases.join(", "),
+                matches = matches.join(" AND "),
+            ),
+            fields,
+        })
     }
 }
 

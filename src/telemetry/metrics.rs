@@ -40,6 +40,11 @@ pub struct Metrics {
     pub rows_written: Counter,
     pub dead_letters: Family<ReasonLabel, Counter>,
     pub commit_duration: Histogram,
+    /// Time spent isolating rows Postgres rejected, per batch that needed it.
+    pub isolation_duration: Histogram,
+    /// Ranges of offsets skipped because the broker no longer had them.
+    pub offset_gaps: Counter,
+    pub skipped_offsets: Counter,
     pub retries: Family<ClassLabel, Counter>,
     pub fencing_conflicts: Counter,
     pub rebalances: Counter,
@@ -56,6 +61,10 @@ impl Default for Metrics {
             dead_letters: Family::default(),
             // 1 ms .. ~16 s.
             commit_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 10 ms .. ~160 s.
+            isolation_duration: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
+            offset_gaps: Counter::default(),
+            skipped_offsets: Counter::default(),
             retries: Family::default(),
             fencing_conflicts: Counter::default(),
             rebalances: Counter::default(),
@@ -83,6 +92,22 @@ impl Default for Metrics {
             "Duration of successful batch commits",
             Unit::Seconds,
             metrics.commit_duration.clone(),
+        );
+        registry.register_with_unit(
+            "isolation_duration",
+            "Time spent isolating the rows Postgres rejected from a batch (db_rejected dead letters)",
+            Unit::Seconds,
+            metrics.isolation_duration.clone(),
+        );
+        registry.register(
+            "offset_gaps",
+            "Ranges of offsets skipped because the broker no longer had them (kafka.on_data_loss: skip), recorded in ingest.offset_gaps",
+            metrics.offset_gaps.clone(),
+        );
+        registry.register(
+            "skipped_offsets",
+            "Offsets inside those ranges",
+            metrics.skipped_offsets.clone(),
         );
         registry.register(
             "retries",

@@ -299,25 +299,36 @@ async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() 
         .expect("store");
     let routes = store.routes();
     let tp = vec![(kafka.topic.clone(), 0)];
+    let claim = vec![((kafka.topic.clone(), 0), 0)];
 
     let old = store
-        .claim("worker-a", &tp)
+        .claim("worker-a", &claim)
         .await
         .expect("a claims")
         .remove(0);
     let new = store
-        .claim("worker-b", &tp)
+        .claim("worker-b", &claim)
         .await
         .expect("b claims")
         .remove(0);
     assert_eq!((old.epoch, new.epoch), (1, 2));
+    // A first claim stores where it starts; only the current claim can.
+    let start = async |epoch| {
+        store
+            .store_starts(&[(kafka.topic.as_str(), 0, epoch, 0)])
+            .await
+            .expect("store")
+    };
+    assert_eq!(start(old.epoch).await, vec![]);
+    assert_eq!(start(new.epoch).await, vec![(kafka.topic.clone(), 0)]);
 
     let range = |epoch| PartitionRange {
         topic: kafka.topic.clone(),
         partition: 0,
         epoch,
-        start: None,
+        start: 0,
         end: 3,
+        gap: None,
     };
     let records = || {
         (0..3)
@@ -335,7 +346,7 @@ async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() 
     let stored = store.stored_offsets(&tp).await.expect("offsets").remove(0);
     assert_eq!(
         (stored.next_offset, stored.epoch, stored.owner.as_str()),
-        (None, 2, "worker-b")
+        (Some(0), 2, "worker-b")
     );
 
     let current = Batch::decode(records(), routes, vec![range(new.epoch)]);
@@ -343,7 +354,8 @@ async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() 
         store.commit(&current).await.expect("commit runs"),
         CommitOutcome::Committed {
             rows: 3,
-            dead_letters: 0
+            dead_letters: 0,
+            isolation: None,
         }
     );
     Landed::read(&db.pool, &kafka.topic)

@@ -17,12 +17,12 @@ use crate::helpers::*;
 
 /// One record to produce.
 #[derive(Debug, Clone, Default)]
-struct Msg {
-    partition: i32,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    headers: Vec<(String, Vec<u8>)>,
-    timestamp: Option<i64>,
+pub struct Msg {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp: Option<i64>,
 }
 
 impl Msg {
@@ -37,7 +37,7 @@ impl Msg {
 }
 
 /// Produces `msgs` in order (blocking) and waits for every acknowledgement.
-fn send(kafka: &TestKafka, topic: &str, msgs: &[Msg]) {
+pub fn send(kafka: &TestKafka, topic: &str, msgs: &[Msg]) {
     tokio::task::block_in_place(|| {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &kafka.brokers)

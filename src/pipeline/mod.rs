@@ -1,0 +1,404 @@
+//! The loop: poll a batch, decode it, commit it. [`Pipeline::step`] does one cycle so
+//! tests can drive it; [`run`] is that step in a loop with shutdown.
+//!
+//! Invariant: commits are strictly sequential, and a batch continues each partition
+//! from where its in-flight predecessor ends. The rooms of the loop: `assemble` (batches
+//! from the consumer), `settle` (retries, ambiguous commits, fencing, polling while a
+//! commit takes long), `positions` (following stored rows and the broker's log,
+//! orphaned partitions), `outputs` (metrics, gauges, the offset mirror).
+
+mod assemble;
+mod outputs;
+mod positions;
+mod settle;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
+
+use crate::config::Config;
+use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
+use crate::record::Record;
+use crate::store::{CommitOutcome, PartitionRange, Store, StoreError};
+use crate::telemetry::http::{self, Endpoints};
+use crate::telemetry::metrics::PartitionLabel;
+use crate::telemetry::spans;
+use settle::CommitTask;
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("Kafka consumer: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The consumer's context gave up: a claim that kept failing, brokers that refuse
+    /// this worker's certificate or credentials, or a stored offset outside the broker's
+    /// log under `kafka.on_data_loss: stop`.
+    #[error("{0}")]
+    Consumer(String),
+    #[error("shutdown requested while a batch was being retried; nothing of it was committed")]
+    ShutDown,
+    #[error("cannot serve /metrics on {addr} (run.metrics_addr, --metrics-addr): {source}")]
+    Serve {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// No records arrived within `batch.max_wait_ms`.
+    Idle,
+    /// A batch committed.
+    Committed {
+        records: usize,
+        rows: u64,
+        dead_letters: u64,
+    },
+    /// Every partition of the batch was fenced; nothing committed.
+    Fenced { partitions: usize },
+}
+
+/// Counters of a pipeline's life, for reports and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub batches: u64,
+    pub rows: u64,
+    pub dead_letters: u64,
+    /// Transient failures retried (commits and re-reads).
+    pub retries: u64,
+    /// Partitions found fenced at commit.
+    pub fenced: u64,
+    /// Commits whose outcome had to be read back from the offset rows.
+    pub ambiguous_commits: u64,
+    /// Durations of recent successful commits.
+    pub commit_latency: Latencies,
+}
+
+/// The most recent commit durations, for percentiles; bounded so a long-running worker
+/// does not grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Latencies(VecDeque<Duration>);
+
+impl Latencies {
+    const CAPACITY: usize = 4096;
+
+    fn record(&mut self, d: Duration) {
+        if self.0.len() == Self::CAPACITY {
+            self.0.pop_front();
+        }
+        self.0.push_back(d);
+    }
+
+    /// The `p`-th percentile (0..=100) of the recorded durations.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let mut sorted: Vec<Duration> = self.0.iter().copied().collect();
+        sorted.sort_unstable();
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+    }
+}
+
+/// A batch committing on its own task while the next one is polled and decoded.
+struct InFlight {
+    /// The batch's offset advances, which the next batch continues from.
+    ranges: Vec<PartitionRange>,
+    /// The batch's span, ended when the commit is settled.
+    span: Span,
+    task: CommitTask,
+}
+
+/// One worker's loop state.
+pub struct Pipeline {
+    config: Config,
+    store: Store,
+    /// The routes' tables, for spans.
+    tables: String,
+    consumer: Option<IngestConsumer>,
+    owner: String,
+    assignments: Assignments,
+    /// Records that arrived while partitions were paused, tagged with the epoch they
+    /// arrived under; consumed before polling again.
+    pending: VecDeque<(i64, Record)>,
+    /// At most one batch committing.
+    in_flight: Option<InFlight>,
+    observers: Observers,
+    /// Partitions whose gauges are exported, to retract them when the partition goes.
+    exported: Vec<PartitionLabel>,
+    /// Offsets committed to Postgres but not yet mirrored to Kafka, and when the last
+    /// mirror was sent: mirroring once per second keeps commit requests from piling up
+    /// behind a rebalance.
+    unmirrored: HashMap<TopicPartition, i64>,
+    last_mirror: Instant,
+    /// When partitions were last checked against their stored rows.
+    last_maintenance: Instant,
+    /// When to check every position against the broker's watermarks (librdkafka said
+    /// one is outside the log).
+    range_check_at: Option<Instant>,
+    stats: Stats,
+    /// Spans are exported: batches get links and attributes.
+    traced: bool,
+}
+
+impl Pipeline {
+    /// Connects to Postgres (with startup retries), then joins the consumer group.
+    pub async fn connect(config: Config) -> Result<Self, PipelineError> {
+        let store = Store::connect(&config).await?;
+        Self::with_store(config, store)
+    }
+
+    /// Joins the consumer group using an existing store.
+    pub fn with_store(config: Config, store: Store) -> Result<Self, PipelineError> {
+        let assignments = Assignments::default();
+        let owner = kafka::worker_id();
+        let observers = Observers::default();
+        let consumer = kafka::subscribe(
+            &config,
+            store.clone(),
+            &owner,
+            assignments.clone(),
+            observers.clone(),
+        )?;
+        tracing::info!(
+            owner = %owner,
+            group = %config.kafka.group,
+            topics = ?store.routes().subscription(),
+            database = %config.database_url_masked(),
+            "worker started"
+        );
+        Ok(Self {
+            traced: config.otel.exporter_otlp_endpoint.is_some(),
+            tables: store.routes().tables(),
+            config,
+            store,
+            consumer: Some(consumer),
+            owner,
+            assignments,
+            pending: VecDeque::new(),
+            in_flight: None,
+            observers,
+            exported: Vec::new(),
+            unmirrored: HashMap::new(),
+            last_mirror: Instant::now(),
+            last_maintenance: Instant::now(),
+            range_check_at: None,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// This worker's id, as written to `ingest.offsets.owner`.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The metrics and health this pipeline reports.
+    pub fn observers(&self) -> &Observers {
+        &self.observers
+    }
+
+    /// The store this pipeline commits to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn consumer(&self) -> &IngestConsumer {
+        // `consumer` is only taken by `close`, which consumes `self`.
+        self.consumer
+            .as_ref()
+            .expect("consumer is present until close")
+    }
+
+    /// One cycle: poll and decode a batch while the previous batch commits, then settle
+    /// that commit (retrying transient failures) and start committing the new batch.
+    ///
+    /// Commits stay strictly sequential (a batch continues from the offsets its
+    /// predecessor commits); only polling and decoding overlap a commit. The outcome
+    /// returned is that of the batch settled in this step.
+    pub async fn step(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<StepOutcome, PipelineError> {
+        if let Some(fatal) = self.consumer().context().take_fatal() {
+            return Err(PipelineError::Consumer(fatal));
+        }
+        let polling = Instant::now();
+        let collected = tokio::task::block_in_place(|| self.collect());
+        if let Some(fatal) = self.consumer().context().take_fatal() {
+            return Err(PipelineError::Consumer(fatal));
+        }
+        let mut next = collected.map(|(span, entries)| {
+            let batch =
+                span.in_scope(|| tracing::info_span!("decode").in_scope(|| self.build(entries)));
+            if self.traced {
+                spans::describe(&span, &batch, &self.config.kafka.group, &self.tables);
+            }
+            (span, batch)
+        });
+        let (poll_decode, waiting) = (polling.elapsed(), Instant::now());
+        let outcome = match self.in_flight.take() {
+            Some(InFlight { span, task, .. }) => {
+                let settled = match self.await_commit(task).await {
+                    Ok((batch, result, elapsed)) => {
+                        self.settle(batch, result, elapsed, shutdown)
+                            .instrument(span.clone())
+                            .await
+                    }
+                    Err(e) => Err(StoreError::Fatal(format!("the commit task failed: {e}")).into()),
+                };
+                let (outcome, fenced) = settled.inspect_err(|e| spans::failed(&span, e))?;
+                if !fenced.is_empty() {
+                    // The next batch continued from offsets that did not commit.
+                    next = next.map(|(span, b)| (span, self.without(b, &fenced)));
+                }
+                outcome
+            }
+            None => StepOutcome::Idle,
+        };
+        tracing::debug!(
+            poll_decode_ms = poll_decode.as_secs_f64() * 1e3,
+            commit_wait_ms = waiting.elapsed().as_secs_f64() * 1e3,
+            "step timing"
+        );
+        if let Some((span, batch)) = next.filter(|(_, b)| !b.ranges.is_empty()) {
+            let ranges = batch.ranges.clone();
+            let commit = span.in_scope(|| spans::commit(&self.tables));
+            let task = self.spawn_commit(batch, commit);
+            self.in_flight = Some(InFlight { ranges, span, task });
+        }
+        self.maintain().await?;
+        self.observers.health.stepped();
+        self.export_partition_gauges();
+        Ok(outcome)
+    }
+
+    /// Lets the batch in flight finish its commit attempt (without retrying: whatever
+    /// did not commit is read again by the partition's next owner), mirrors the last
+    /// offsets, then leaves the group. Returns the final counters.
+    pub async fn close(mut self) -> Stats {
+        if let Some(in_flight) = self.in_flight.take() {
+            match in_flight.task.await {
+                Ok((
+                    batch,
+                    Ok(CommitOutcome::Committed {
+                        rows, dead_letters, ..
+                    }),
+                    elapsed,
+                )) => {
+                    self.stats.commit_latency.record(elapsed);
+                    let _inside = in_flight.span.enter();
+                    self.committed(&batch, rows, dead_letters);
+                    spans::committed(&in_flight.span, rows, dead_letters);
+                }
+                Ok((_, other, _)) => {
+                    tracing::warn!(result = ?other, "batch in flight at shutdown did not commit; it will be read again");
+                }
+                Err(e) => tracing::error!(error = %e, "the commit task failed"),
+            }
+        }
+        self.mirror_offsets();
+        if let Some(consumer) = self.consumer.take() {
+            tokio::task::block_in_place(move || {
+                consumer.unsubscribe();
+                drop(consumer);
+            });
+        }
+        std::mem::take(&mut self.stats)
+    }
+}
+
+/// Runs the loop until `shutdown` is cancelled or `cycles` steps have run.
+pub async fn run(
+    config: Config,
+    cycles: Option<u64>,
+    shutdown: CancellationToken,
+) -> Result<Stats, PipelineError> {
+    let sleep = Duration::from_secs_f64(config.run.sleep_secs);
+    let metrics_addr = config.run.metrics_addr.clone();
+    let stuck_after = config.max_poll_interval() * 2;
+    let mut pipeline = Pipeline::connect(config).await?;
+    let stop_http = CancellationToken::new();
+    let server = match metrics_addr {
+        Some(addr) => {
+            let endpoints = Endpoints {
+                metrics: pipeline.observers.metrics.clone(),
+                health: pipeline.observers.health.clone(),
+                pool: pipeline.store.pool().clone(),
+                stuck_after,
+            };
+            let (_, server) = http::serve(&addr, endpoints, stop_http.clone())
+                .await
+                .map_err(|source| PipelineError::Serve { addr, source })?;
+            Some(server)
+        }
+        None => None,
+    };
+    let mut done = 0u64;
+    let result = loop {
+        if shutdown.is_cancelled() || cycles.is_some_and(|c| done >= c) {
+            break Ok(());
+        }
+        done += 1;
+        match pipeline.step(&shutdown).await {
+            Ok(StepOutcome::Idle) if !sleep.is_zero() => {
+                tokio::select! {
+                    () = tokio::time::sleep(sleep) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            Ok(_) => {}
+            Err(PipelineError::ShutDown) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let stats = pipeline.close().await;
+    stop_http.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    let ms = |p| {
+        stats
+            .commit_latency
+            .percentile(p)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    tracing::info!(
+        batches = stats.batches,
+        rows = stats.rows,
+        dead_letters = stats.dead_letters,
+        retries = stats.retries,
+        fenced = stats.fenced,
+        ambiguous_commits = stats.ambiguous_commits,
+        commit_p50_ms = ms(50.0),
+        commit_p99_ms = ms(99.0),
+        "worker stopped"
+    );
+    result.map(|()| stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_percentiles_pick_the_ranked_sample() {
+        let mut l = Latencies::default();
+        assert_eq!(l.percentile(50.0), None);
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        assert_eq!(l.percentile(50.0), Some(Duration::from_millis(50)));
+        assert_eq!(l.percentile(99.0), Some(Duration::from_millis(99)));
+        assert_eq!(l.percentile(100.0), Some(Duration::from_millis(100)));
+    }
+}

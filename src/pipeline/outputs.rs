@@ -1,0 +1,117 @@
+//! Side outputs of committed batches: counters and gauges, and the advisory mirror of
+//! offsets to Kafka.
+//!
+//! Invariant: nothing here feeds back into positions; Kafka's mirrored offsets are never
+//! read, and the gauges show what Postgres holds.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::Pipeline;
+use crate::decode::ReasonCode;
+use crate::store::Batch;
+use crate::telemetry::metrics::{PartitionLabel, ReasonLabel};
+
+/// How often committed offsets are mirrored to Kafka at most.
+const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Pipeline {
+    /// Counts a committed batch and moves its partitions' positions.
+    pub(super) fn committed(&mut self, batch: &Batch, rows: u64, dead_letters: u64) {
+        self.stats.batches += 1;
+        self.stats.rows += rows;
+        self.stats.dead_letters += dead_letters;
+        let metrics = &self.observers.metrics;
+        metrics.records_consumed.inc_by(batch.records.len() as u64);
+        metrics.rows_written.inc_by(rows);
+        for (_, rejection) in &batch.rejects {
+            let reason = ReasonLabel {
+                reason_code: rejection.code.as_str().to_owned(),
+            };
+            metrics.dead_letters.get_or_create(&reason).inc();
+        }
+        // Whatever else was dead-lettered, Postgres rejected inside the commit.
+        let rejected_by_db = dead_letters.saturating_sub(batch.rejects.len() as u64);
+        if rejected_by_db > 0 {
+            let reason = ReasonLabel {
+                reason_code: ReasonCode::DbRejected.as_str().to_owned(),
+            };
+            metrics
+                .dead_letters
+                .get_or_create(&reason)
+                .inc_by(rejected_by_db);
+        }
+        {
+            let mut assignments = self.assignments.lock();
+            for r in &batch.ranges {
+                let tp = (r.topic.clone(), r.partition);
+                if let Some(state) = assignments.get_mut(&tp).filter(|s| s.epoch == r.epoch) {
+                    state.next_offset = r.end;
+                }
+                if let Some(gap) = &r.gap {
+                    metrics.offset_gaps.inc();
+                    metrics
+                        .skipped_offsets
+                        .inc_by((gap.to - gap.from).unsigned_abs());
+                }
+                self.unmirrored.insert(tp, r.end);
+            }
+        }
+        tracing::debug!(
+            records = batch.records.len(),
+            rows,
+            dead_letters,
+            partitions = batch.ranges.len(),
+            "batch committed"
+        );
+        if self.last_mirror.elapsed() >= MIRROR_INTERVAL {
+            self.mirror_offsets();
+        }
+    }
+
+    /// Sends the offsets committed since the last mirror to Kafka. Advisory only, for
+    /// lag tools: positions are never read back from Kafka.
+    pub(super) fn mirror_offsets(&mut self) {
+        self.last_mirror = Instant::now();
+        if !self.config.kafka.mirror_offsets || self.unmirrored.is_empty() {
+            return;
+        }
+        let mut mirror = TopicPartitionList::new();
+        for ((topic, partition), end) in self.unmirrored.drain() {
+            let _ = mirror.add_partition_offset(&topic, partition, Offset::Offset(end));
+        }
+        if let Err(e) = self.consumer().commit(&mirror, CommitMode::Async) {
+            tracing::debug!(error = %e, "mirroring offsets to Kafka failed");
+        }
+    }
+
+    /// Sets `next_offset` and `lag` of every owned partition; retracts the others.
+    pub(super) fn export_partition_gauges(&mut self) {
+        let metrics = &self.observers.metrics;
+        let marks = self
+            .observers
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut exported = Vec::new();
+        for ((topic, partition), state) in self.assignments.lock().iter() {
+            let label = PartitionLabel {
+                topic: topic.clone(),
+                partition: i64::from(*partition),
+            };
+            let next = state.next_offset;
+            metrics.next_offset.get_or_create(&label).set(next);
+            if let Some(high) = marks.get(&(topic.clone(), *partition)) {
+                metrics.lag.get_or_create(&label).set((high - next).max(0));
+            }
+            exported.push(label);
+        }
+        for gone in self.exported.iter().filter(|l| !exported.contains(l)) {
+            metrics.next_offset.remove(gone);
+            metrics.lag.remove(gone);
+        }
+        self.exported = exported;
+    }
+}

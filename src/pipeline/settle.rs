@@ -1,0 +1,219 @@
+//! Settling a commit: retries of transient failures, ambiguous commits read back from
+//! the offset rows, fenced partitions dropped and re-positioned.
+//!
+//! Invariant: the consumer is polled at least every [`POLL_SLICE`] (plus one poll's
+//! own wait) while a commit is retried or takes longer than [`COMMIT_PATIENCE`], with
+//! every assigned partition paused, so the group keeps this worker however long
+//! Postgres takes; records that arrive meanwhile wait in `pending`.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use tokio::task::{JoinError, JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
+
+use super::{Pipeline, PipelineError, StepOutcome};
+use crate::kafka::TopicPartition;
+use crate::retry::{self, ErrorClass};
+use crate::store::{Batch, CommitOutcome, PartitionRange, StoreError};
+use crate::telemetry::metrics::ClassLabel;
+use crate::telemetry::spans;
+
+/// How long a commit may run before the loop starts polling with partitions paused.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(1);
+
+/// The longest wait of one poll while partitions are paused.
+const POLL_SLICE: Duration = Duration::from_millis(200);
+
+/// A commit running on its own task: it hands the batch back with its result and how
+/// long the attempt took.
+pub(super) type CommitTask = JoinHandle<(Batch, Result<CommitOutcome, StoreError>, Duration)>;
+
+impl Pipeline {
+    /// Starts committing `batch` on its own task, under `span`.
+    pub(super) fn spawn_commit(&self, batch: Batch, span: Span) -> CommitTask {
+        let store = self.store.clone();
+        tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let result = store.commit(&batch).await;
+                (batch, result, started.elapsed())
+            }
+            .instrument(span),
+        )
+    }
+
+    /// Awaits a commit task. One that takes longer than [`COMMIT_PATIENCE`] (a slow
+    /// database, rows being isolated) is awaited while polling with every assigned
+    /// partition paused, so `max.poll.interval.ms` never passes without a poll.
+    pub(super) async fn await_commit(
+        &mut self,
+        mut task: CommitTask,
+    ) -> Result<(Batch, Result<CommitOutcome, StoreError>, Duration), JoinError> {
+        if let Ok(done) = tokio::time::timeout(COMMIT_PATIENCE, &mut task).await {
+            return done;
+        }
+        tracing::debug!("a commit is taking long: polling with partitions paused meanwhile");
+        self.poll_paused(|| task.is_finished(), None);
+        task.await
+    }
+
+    /// Polls with every assigned partition paused until `done` holds or `shutdown` is
+    /// cancelled, holding back what arrives; then resumes the partitions.
+    fn poll_paused(&mut self, done: impl Fn() -> bool, shutdown: Option<&CancellationToken>) {
+        tokio::task::block_in_place(|| {
+            while !done() && !shutdown.is_some_and(CancellationToken::is_cancelled) {
+                let consumer = self.consumer();
+                if let Ok(assigned) = consumer.assignment() {
+                    // Re-paused each turn: a rebalance may have added partitions.
+                    let _ = consumer.pause(&assigned);
+                }
+                if let Some(entry) = self.poll_one(POLL_SLICE) {
+                    self.pending.push_back(entry);
+                }
+            }
+            let consumer = self.consumer();
+            if let Ok(assigned) = consumer.assignment() {
+                let _ = consumer.resume(&assigned);
+            }
+        });
+    }
+
+    /// Takes a commit's first result to its end: retries transient failures with
+    /// backoff, reads ambiguous commits back, drops fenced partitions. Returns what
+    /// happened and every range found fenced on the way.
+    pub(super) async fn settle(
+        &mut self,
+        mut batch: Batch,
+        mut result: Result<CommitOutcome, StoreError>,
+        mut elapsed: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<(StepOutcome, Vec<PartitionRange>), PipelineError> {
+        let mut delays = retry::backoff(&self.config.retry);
+        let mut all_fenced = Vec::new();
+        loop {
+            if let Err(StoreError::AmbiguousCommit(e)) = &result {
+                self.stats.ambiguous_commits += 1;
+                tracing::warn!(error = %e, "commit outcome unknown; reading it back from the offset rows");
+                match self.resolve_ambiguous(&batch).await {
+                    // Not applied: retried like any transient failure.
+                    Ok(None) => {}
+                    Ok(Some(outcome)) => result = Ok(outcome),
+                    Err(read_error) => result = Err(read_error),
+                }
+            }
+            match result {
+                Ok(CommitOutcome::Committed {
+                    rows,
+                    dead_letters,
+                    isolation,
+                }) => {
+                    self.stats.commit_latency.record(elapsed);
+                    let metrics = &self.observers.metrics;
+                    metrics.commit_duration.observe(elapsed.as_secs_f64());
+                    if let Some(isolation) = isolation {
+                        metrics.isolation_duration.observe(isolation.as_secs_f64());
+                    }
+                    self.committed(&batch, rows, dead_letters);
+                    spans::committed(&Span::current(), rows, dead_letters);
+                    let outcome = StepOutcome::Committed {
+                        records: batch.records.len(),
+                        rows,
+                        dead_letters,
+                    };
+                    return Ok((outcome, all_fenced));
+                }
+                Ok(CommitOutcome::Fenced(fenced)) => {
+                    tracing::info!(partitions = ?fenced.iter().map(|r| (&r.topic, r.partition)).collect::<Vec<_>>(),
+                        "partitions of the batch were claimed anew or moved since it was built; they did not commit");
+                    self.stats.fenced += fenced.len() as u64;
+                    self.observers
+                        .metrics
+                        .fencing_conflicts
+                        .inc_by(fenced.len() as u64);
+                    self.fence(&fenced).await?;
+                    batch = self.without(batch, &fenced);
+                    all_fenced.extend(fenced);
+                    if batch.ranges.is_empty() {
+                        let partitions = all_fenced.len();
+                        return Ok((StepOutcome::Fenced { partitions }, all_fenced));
+                    }
+                }
+                Err(e) => self.wait_or_fail(e, &mut delays, shutdown).await?,
+            }
+            let commit = spans::commit(&self.tables);
+            let task = self.spawn_commit(batch, commit);
+            (batch, result, elapsed) = self
+                .await_commit(task)
+                .await
+                .map_err(|e| StoreError::Fatal(format!("the commit task failed: {e}")))?;
+        }
+    }
+
+    /// Reads the offset rows after a COMMIT whose outcome is unknown, and says what
+    /// happened: committed, fenced, or not applied (`None`).
+    async fn resolve_ambiguous(&self, batch: &Batch) -> Result<Option<CommitOutcome>, StoreError> {
+        let partitions: Vec<TopicPartition> = batch
+            .ranges
+            .iter()
+            .map(|r| (r.topic.clone(), r.partition))
+            .collect();
+        let stored = self.store.stored_offsets(&partitions).await?;
+        let find = |r: &PartitionRange| {
+            stored
+                .iter()
+                .find(|s| s.topic == r.topic && s.partition == r.partition)
+        };
+        let committed = batch
+            .ranges
+            .iter()
+            .all(|r| find(r).is_some_and(|s| s.epoch == r.epoch && s.next_offset == Some(r.end)));
+        if committed {
+            // Counted as decoded: rows Postgres rejected inside that commit are not known here.
+            let dead = batch.rejects.len() as u64;
+            return Ok(Some(CommitOutcome::Committed {
+                rows: batch.row_count() as u64,
+                dead_letters: dead,
+                isolation: None,
+            }));
+        }
+        let fenced: Vec<PartitionRange> = batch
+            .ranges
+            .iter()
+            .filter(|r| {
+                !find(r).is_some_and(|s| s.epoch == r.epoch && s.next_offset == Some(r.start))
+            })
+            .cloned()
+            .collect();
+        Ok((!fenced.is_empty()).then_some(CommitOutcome::Fenced(fenced)))
+    }
+
+    /// Fails on a non-transient error; otherwise waits one backoff delay with the
+    /// assigned partitions paused, polling so the group keeps this worker.
+    pub(super) async fn wait_or_fail(
+        &mut self,
+        err: StoreError,
+        delays: &mut impl Iterator<Item = Duration>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PipelineError> {
+        if err.class() != ErrorClass::Transient {
+            return Err(err.into());
+        }
+        let delay = delays
+            .next()
+            .unwrap_or(Duration::from_millis(self.config.retry.max_delay_ms));
+        self.stats.retries += 1;
+        let class = ClassLabel {
+            class: err.class().as_str().to_owned(),
+        };
+        self.observers.metrics.retries.get_or_create(&class).inc();
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, class = err.class().as_str(), "transient failure, retrying batch");
+        let until = Instant::now() + delay;
+        self.poll_paused(|| Instant::now() >= until, Some(shutdown));
+        if shutdown.is_cancelled() {
+            return Err(PipelineError::ShutDown);
+        }
+        Ok(())
+    }
+}
