@@ -249,6 +249,10 @@ pub enum DevCommand {
         /// Partitions of each topic.
         #[arg(long, default_value_t = 8)]
         partitions: i32,
+        /// Tell clients the broker is at 127.0.0.1:PORT (a proxy in front of it) instead
+        /// of its own listener, which the first line of stdout still names.
+        #[arg(long, value_name = "PORT")]
+        advertised_port: Option<u16>,
     },
     /// Produce sample website-metrics messages, some malformed.
     Produce(dev::ProduceOptions),
@@ -446,10 +450,14 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             .await?;
             print_report(args.json, &report, |r| r.to_string())
         }
-        Tool::Dev(DevCommand::Broker { topics, partitions }) => {
+        Tool::Dev(DevCommand::Broker {
+            topics,
+            partitions,
+            advertised_port,
+        }) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            dev::broker(&topics, partitions, shutdown).await
+            dev::broker(&topics, partitions, advertised_port, shutdown).await
         }
         Tool::Dev(DevCommand::Chaos(options)) => {
             let summary = dev::chaos::run(options).await?;

@@ -565,10 +565,21 @@ impl Config {
                 "must name at least one non-empty topic",
             ));
         }
-        if let Some((key, instead)) = PROTOCOL_OPTIONS
-            .iter()
-            .find(|(key, _)| self.kafka.options.contains_key(*key))
-        {
+        // librdkafka also takes a topic property with a `topic.` prefix, and
+        // `metadata.broker.list` for `bootstrap.servers`.
+        fn canonical(key: &str) -> &str {
+            match key.strip_prefix("topic.").unwrap_or(key) {
+                "metadata.broker.list" => "bootstrap.servers",
+                other => other,
+            }
+        }
+        let owned = self.kafka.options.keys().find_map(|key| {
+            PROTOCOL_OPTIONS
+                .iter()
+                .find(|(option, _)| *option == canonical(key))
+                .map(|(_, instead)| (key, instead))
+        });
+        if let Some((key, instead)) = owned {
             return Err(invalid(
                 &format!("kafka.options.{key}"),
                 format!("is set by the worker itself: remove it ({instead})"),
@@ -925,6 +936,8 @@ mod tests {
             ("bootstrap.servers", "h:1", "kafka.brokers"),
             ("auto.offset.reset", "error", "kafka.on_data_loss"),
             ("isolation.level", "read_uncommitted", "read_committed"),
+            ("topic.auto.offset.reset", "earliest", "kafka.on_data_loss"),
+            ("metadata.broker.list", "h:1", "kafka.brokers"),
         ] {
             let yaml = format!("kafka:\n  options:\n    {option}: {value}\n");
             let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();

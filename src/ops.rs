@@ -153,8 +153,9 @@ pub async fn rewind(
     {
         bail!(
             "route {} ({} -> {}) upserts without recording where a row came from, so a replay \
-             would write older records of a key over newer ones: map columns from @partition \
-             and @offset in the route (re-read records older than a row then leave it as it is)",
+             would write older records of a key over newer ones: map columns from @partition and \
+             @offset (and @topic, for a route reading several topics) in the route; re-read \
+             records older than a row then leave it as it is",
             route.key,
             route.topics_label(),
             route.table
@@ -450,7 +451,7 @@ pub async fn retry_dead_letters(
     config: &Config,
     filter: &DeadLetterFilter,
 ) -> anyhow::Result<admin::Redrive> {
-    let store = Store::connect(config).await?;
+    let store = Store::connect(config, store::APPLICATION_NAME).await?;
     Ok(store.redrive(filter).await?)
 }
 

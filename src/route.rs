@@ -156,8 +156,8 @@ impl Route {
     }
 
     /// The columns recording where a row's record sat in Kafka (`@partition`, `@offset`,
-    /// and `@topic` when mapped): an upsert compares them to never put an older record
-    /// of a partition over a newer one.
+    /// and `@topic`, which a route reading more than one topic needs): an upsert compares
+    /// them to never put an older record of a partition over a newer one.
     pub fn source_version(&self) -> Option<SourceVersion<'_>> {
         let find = |source: Source| {
             self.columns
@@ -165,8 +165,14 @@ impl Route {
                 .find(|c| c.source == source)
                 .map(|c| c.name.as_str())
         };
+        let topic = find(Source::Topic);
+        // Offsets order records within one partition of one topic only.
+        let one_topic = matches!(&self.topics, Topics::Named(names) if names.len() == 1);
+        if topic.is_none() && !one_topic {
+            return None;
+        }
         Some(SourceVersion {
-            topic: find(Source::Topic),
+            topic,
             partition: find(Source::Partition)?,
             offset: find(Source::Offset)?,
         })

@@ -1,11 +1,13 @@
 //! `kafka-pg-ingest dev chaos`: a fault campaign against real worker processes.
 //!
-//! Starts a broker (`dev broker`, a child process), a database of its own reached
-//! through a TCP proxy this harness controls, and several workers of this binary in one
-//! group; produces website-metrics messages (some malformed) at a steady rate while it
-//! injects faults at random moments; waits until the group has caught up; then checks
-//! what Postgres holds: every valid message exactly once, every malformed one exactly
-//! once as a dead letter, every stored offset at its partition's end.
+//! Starts a broker (`dev broker`, a child process) and a database of its own, each
+//! reached through a TCP proxy this harness controls, and several workers of this binary
+//! in one group (with `kafka.on_data_loss: skip`); produces website-metrics messages
+//! (some malformed) at a steady rate while it injects faults at random moments; waits
+//! until the group has caught up; then checks what Postgres holds, offset by offset:
+//! every offset of every partition is exactly one row or dead letter, or lies in a gap
+//! the broker really lost (recorded in `ingest.offset_gaps`); no message is twice in the
+//! table; every stored offset is at its partition's end.
 
 use std::fmt;
 use std::fs::File;
@@ -21,9 +23,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool};
 
+use super::freeze::{client_ports, freeze_in_transaction};
 use super::proxy::Proxy;
 use super::reaped::Reaped;
-use super::{ProduceOptions, produce};
+use super::{ProduceOptions, Produced, produce_gated};
 use crate::cli::LocalDatabase;
 
 /// Flags of `dev chaos`.
@@ -97,6 +100,15 @@ enum Fault {
     DatabaseOutage,
     /// The broker process stopped (SIGSTOP) for 5 s.
     BrokerPause,
+    /// A worker frozen (SIGSTOP) inside a Postgres transaction for 10 s, past the
+    /// session timeout, then thawed.
+    Freeze,
+    /// Every worker stopped while the broker's retention deletes records they have not
+    /// ingested yet, then resumed: the gaps are skipped and recorded.
+    RetentionOvertake,
+    /// The topic deleted and re-created: a fresh broker behind the same address, its
+    /// logs empty, below every stored offset.
+    TopicRecreate,
 }
 
 /// What a campaign found.
@@ -119,19 +131,28 @@ pub struct Summary {
     pub backends_terminated: u32,
     pub database_outages: u32,
     pub broker_pauses: u32,
+    pub freezes: u32,
+    pub overtakes: u32,
+    pub recreates: u32,
+    /// Ranges recorded in `ingest.offset_gaps`, and the offsets below the log start
+    /// they hold.
+    pub gaps: i64,
+    pub gapped: i64,
     /// Workers that exited by themselves (and were restarted).
     pub exits: u32,
     pub elapsed: Duration,
 }
 
 impl Summary {
-    /// Whether Postgres holds the stream exactly once.
+    /// Whether Postgres holds the stream exactly once, and no worker stopped by itself.
     pub fn passed(&self) -> bool {
+        let lossless = self.gaps > 0
+            || (self.rows == self.valid as i64 && self.dead_letters == self.malformed as i64);
         self.duplicates == 0
             && self.missing == 0
             && self.offsets_off == 0
-            && self.rows == self.valid as i64
-            && self.dead_letters == self.malformed as i64
+            && self.exits == 0
+            && lossless
     }
 }
 
@@ -139,15 +160,18 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "chaos {}: seed={} assignment={} messages={} rows={} dead_letters={} duplicates={} \
-             missing={} offsets_off={} faults: kill={} term={} storm={} backends={} \
-             db_outage={} broker_pause={} self_exits={} elapsed={:.1}s",
+            "chaos {}: seed={} assignment={} messages={} rows={} dead_letters={} gaps={} \
+             gapped_offsets={} duplicates={} missing={} offsets_off={} faults: kill={} term={} \
+             storm={} backends={} db_outage={} broker_pause={} freeze={} retention={} \
+             recreate={} self_exits={} elapsed={:.1}s",
             if self.passed() { "PASS" } else { "FAIL" },
             self.seed,
             self.assignment,
             self.messages,
             self.rows,
             self.dead_letters,
+            self.gaps,
+            self.gapped,
             self.duplicates,
             self.missing,
             self.offsets_off,
@@ -157,6 +181,9 @@ impl fmt::Display for Summary {
             self.backends_terminated,
             self.database_outages,
             self.broker_pauses,
+            self.freezes,
+            self.overtakes,
+            self.recreates,
             self.exits,
             self.elapsed.as_secs_f64()
         )
@@ -168,8 +195,15 @@ struct Rig {
     options: ChaosOptions,
     binary: PathBuf,
     logs: PathBuf,
+    /// The brokers' address for every client: the Kafka proxy.
     brokers: String,
     broker: Reaped,
+    /// In front of the broker, so a fresh one can take its place.
+    kafka_proxy: Proxy,
+    /// Holds the campaign's producer while the broker is swapped.
+    gate: std::sync::Arc<super::Gate>,
+    /// Id of the next message produced besides the stream (`comment` ids stay unique).
+    next_id: u64,
     topic: String,
     group: String,
     /// The campaign's database, directly and through the proxy.
@@ -213,7 +247,8 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
         malformed_ratio: rig.options.malformed_ratio,
         seed,
     };
-    let producer = tokio::task::spawn_blocking(move || produce(&produce_options));
+    let gate = rig.gate.clone();
+    let producer = tokio::task::spawn_blocking(move || produce_gated(&produce_options, &gate));
     // Faults start once the producer has read the topic's metadata: a broker paused
     // before that would fail the campaign's own producer, not the workers.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -225,17 +260,25 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
         Fault::TerminateBackends,
         Fault::DatabaseOutage,
         Fault::BrokerPause,
+        Fault::Freeze,
+        Fault::RetentionOvertake,
     ]);
     faults.shuffle(&mut rng);
+    // Last: until the new log grows past the stored offsets nothing lands, so a fault
+    // after it (a freeze inside a commit, say) would find no commit to hit.
+    faults.push(Fault::TopicRecreate);
     for fault in faults {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
         rig.restart_exited()?;
-        rig.inject(fault, &mut rng).await?;
+        rig.inject(fault, &mut rng, &producer).await?;
     }
 
     let produced = producer.await.context("the producer thread failed")??;
     rig.summary.valid = produced.valid;
     rig.summary.malformed = produced.malformed.values().sum();
+    if rig.summary.recreates > 0 {
+        rig.top_up(seed).await?;
+    }
     let ends = rig.catch_up(Duration::from_secs(180)).await?;
     rig.stop_workers().await;
     rig.check(&ends).await?;
@@ -253,17 +296,18 @@ impl Rig {
         std::fs::create_dir_all(&logs)?;
         let topic = "website-metrics".to_owned();
 
-        let mut broker = Command::new(&binary)
-            .args(["dev", "broker", "--topic", &topic, "--partitions"])
-            .arg(options.partitions.to_string())
-            .stdout(Stdio::piped())
-            .stderr(File::create(logs.join("broker.log"))?)
-            .spawn()
-            .context("starting `dev broker`")?;
-        let mut line = String::new();
-        BufReader::new(broker.stdout.take().context("broker stdout")?).read_line(&mut line)?;
-        let brokers = line.trim().to_owned();
-        ensure!(!brokers.is_empty(), "`dev broker` printed no address");
+        // The proxy's port must be known before the broker starts (it advertises it), so
+        // the proxy starts pointing nowhere and is aimed at the broker once it is up.
+        let kafka_proxy = Proxy::start("127.0.0.1:9".parse()?).await?;
+        let (broker, listener) = start_broker(
+            &binary,
+            &logs.join("broker.log"),
+            &topic,
+            options.partitions,
+            kafka_proxy.port,
+        )?;
+        kafka_proxy.retarget(listener);
+        let brokers = format!("127.0.0.1:{}", kafka_proxy.port);
 
         let group = format!("chaos-{id}");
         let inspector = rdkafka::ClientConfig::new()
@@ -294,7 +338,10 @@ impl Rig {
             binary,
             logs,
             brokers,
-            broker: Reaped(broker),
+            broker,
+            kafka_proxy,
+            gate: std::sync::Arc::new(super::Gate::default()),
+            next_id: options.messages,
             topic,
             group,
             database,
@@ -338,6 +385,9 @@ impl Rig {
             // Also the rebalance timeout: how long a rebalance waits for killed members.
             .args(["--kafka-option", "max.poll.interval.ms=10000"])
             .env("KAFKA_PG_INGEST__RETRY__CLAIM_LIMIT_SECS", "8")
+            // Retention overtaking a stopped group and re-created topics are rehearsed
+            // here: such gaps are recorded and checked, not a reason to stop.
+            .env("KAFKA_PG_INGEST__KAFKA__ON_DATA_LOSS", "skip")
             .env("KAFKA_PG_INGEST__RETRY__MAX_DELAY_MS", "2000")
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .stdout(Stdio::null())
@@ -370,7 +420,12 @@ impl Rig {
         Ok(())
     }
 
-    async fn inject(&mut self, fault: Fault, rng: &mut impl Rng) -> anyhow::Result<()> {
+    async fn inject(
+        &mut self,
+        fault: Fault,
+        rng: &mut impl Rng,
+        producer: &tokio::task::JoinHandle<anyhow::Result<Produced>>,
+    ) -> anyhow::Result<()> {
         match fault {
             Fault::Kill => {
                 let i = rng.random_range(0..self.workers.len());
@@ -381,12 +436,7 @@ impl Rig {
             }
             Fault::Terminate => {
                 let i = rng.random_range(0..self.workers.len());
-                let mut worker = self.workers.swap_remove(i);
-                worker.signal("TERM")?;
-                let status = tokio::task::spawn_blocking(move || worker.0.wait()).await??;
-                if !status.success() {
-                    bail!("a worker exited with {status} after SIGTERM");
-                }
+                leave(self.workers.swap_remove(i)).await?;
                 self.summary.terminations += 1;
                 self.spawn_worker()?;
             }
@@ -395,9 +445,9 @@ impl Rig {
                     self.spawn_worker()?;
                     self.summary.storm_changes += 1;
                     tokio::time::sleep(Duration::from_millis(rng.random_range(1500..3000))).await;
+                    // A graceful leave: the worker finishes its batch and leaves the group.
                     let extra = self.workers.pop().context("the storm's worker")?;
-                    extra.signal("TERM")?;
-                    drop(extra);
+                    leave(extra).await?;
                     self.summary.storm_changes += 1;
                     tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
                 }
@@ -405,10 +455,10 @@ impl Rig {
             Fault::TerminateBackends => {
                 sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE datname = $1 AND application_name = $2",
+                     WHERE datname = $1 AND application_name LIKE $2",
                 )
                 .bind(&self.database)
-                .bind(crate::store::APPLICATION_NAME)
+                .bind(format!("{} %", crate::store::APPLICATION_NAME))
                 .execute(&self.admin)
                 .await?;
                 self.summary.backends_terminated += 1;
@@ -425,8 +475,184 @@ impl Rig {
                 self.broker.signal("CONT")?;
                 self.summary.broker_pauses += 1;
             }
+            Fault::Freeze => {
+                // Traffic of its own, so there are commits to catch even when the stream
+                // has ended.
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let traffic = self.trickle(stop.clone());
+                let frozen = self.freeze_one().await;
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                let sent = traffic.await.context("the traffic thread failed")??;
+                self.summary.valid += sent;
+                let i = frozen?.context("no worker was caught inside a transaction")?;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                self.workers[i].signal("CONT")?;
+                self.summary.freezes += 1;
+            }
+            Fault::RetentionOvertake => {
+                // Overtaking stored offsets: a partition never started yet begins at its
+                // log start, which skips nothing it ever held.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while self
+                    .stored_offsets()
+                    .await?
+                    .iter()
+                    .filter(|(_, n)| n.is_some())
+                    .count()
+                    < self.options.partitions as usize
+                {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "the group never stored every partition's offset"
+                    );
+                    self.restart_exited()?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                for worker in &self.workers {
+                    worker.signal("STOP")?;
+                }
+                let overtaken = self.overtake().await;
+                for worker in &self.workers {
+                    worker.signal("CONT")?;
+                }
+                overtaken?;
+                self.summary.overtakes += 1;
+            }
+            Fault::TopicRecreate => {
+                let gate = self.gate.clone();
+                let done = || producer.is_finished();
+                tokio::task::block_in_place(|| gate.hold(done));
+                let recreated = self.recreate_topic();
+                gate.release();
+                recreated?;
+                self.summary.recreates += 1;
+            }
         }
         Ok(())
+    }
+
+    /// Stops (SIGSTOP) whichever worker is first caught inside a commit; its index.
+    async fn freeze_one(&self) -> anyhow::Result<Option<usize>> {
+        // The workers reach Postgres through the database proxy, whose own connections
+        // are the backends' clients.
+        let proxy = &self.proxy;
+        for round in 0..100 {
+            let i = round % self.workers.len();
+            let worker = &self.workers[i];
+            let ports = || proxy.upstream_ports(&client_ports(worker.id(), proxy.port));
+            if freeze_in_transaction(worker, &self.admin, &self.database, ports, 10).await? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Produces valid messages (ids from `next_id` on, which it advances) at about 2,000
+    /// a second until `stop`; yields how many, once stopped.
+    fn trickle(
+        &mut self,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+        let (brokers, topic, partitions) = (
+            self.brokers.clone(),
+            self.topic.clone(),
+            self.options.partitions,
+        );
+        let first = self.next_id;
+        // Room for ten minutes of it; ids are only required to be unique.
+        self.next_id += 1_200_000;
+        tokio::task::spawn_blocking(move || {
+            let mut producer = crate::sample::SampleProducer::new(&brokers, &topic, partitions)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(first);
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let batch: Vec<Option<Vec<u8>>> = (first + sent..first + sent + 200)
+                    .map(|i| Some(crate::sample::website_metric(i, &mut rng)))
+                    .collect();
+                sent += producer.send(batch)?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(sent)
+        })
+    }
+
+    /// Fills every partition with large records until the broker's retention has
+    /// deleted records below each partition's stored offset (the workers are stopped).
+    async fn overtake(&mut self) -> anyhow::Result<()> {
+        let big = format!(
+            r#"{{"request_timestamp": "2021-01-01T00:00:00Z", "url": "u", "comment": "{}"}}"#,
+            "x".repeat(100_000)
+        );
+        let mut producer = crate::sample::SampleProducer::new(
+            &self.brokers,
+            &self.topic,
+            self.options.partitions,
+        )?;
+        for _ in 0..20 {
+            let stored = self.stored_offsets().await?;
+            let lows = tokio::task::block_in_place(|| self.watermarks())?;
+            // Every stored offset below its log start (a partition not claimed yet starts
+            // at its log start anyway).
+            let behind = stored.iter().all(|(p, next)| {
+                lows.get(*p as usize)
+                    .is_some_and(|(low, _)| Some(*low) > *next)
+            });
+            if behind {
+                return Ok(());
+            }
+            let batch = vec![Some(big.as_bytes()); 8 * self.options.partitions as usize];
+            tokio::task::block_in_place(|| producer.send(batch))?;
+        }
+        bail!("the broker's retention never passed the stored offsets")
+    }
+
+    /// Replaces the broker with a fresh one behind the same address: the topic is back,
+    /// empty, below every stored offset. The campaign's producer is held meanwhile.
+    fn recreate_topic(&mut self) -> anyhow::Result<()> {
+        let log = self
+            .logs
+            .join(format!("broker-{}.log", self.summary.recreates + 2));
+        let (broker, listener) = start_broker(
+            &self.binary,
+            &log,
+            &self.topic,
+            self.options.partitions,
+            self.kafka_proxy.port,
+        )?;
+        self.kafka_proxy.retarget(listener);
+        // The old broker goes with its records (dropping it kills it).
+        self.broker = broker;
+        Ok(())
+    }
+
+    /// After a topic was re-created, produces more valid messages until every
+    /// partition's log reaches its stored offset again, so the group can catch up.
+    async fn top_up(&mut self, seed: u64) -> anyhow::Result<()> {
+        let mut producer = crate::sample::SampleProducer::new(
+            &self.brokers,
+            &self.topic,
+            self.options.partitions,
+        )?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1));
+        for _ in 0..1_000 {
+            let stored = self.stored_offsets().await?;
+            let ends = tokio::task::block_in_place(|| self.watermarks())?;
+            let short = stored.iter().any(|(p, next)| {
+                ends.get(*p as usize)
+                    .is_none_or(|(_, high)| next.is_some_and(|n| n > *high))
+            });
+            if !short {
+                return Ok(());
+            }
+            let id = self.next_id;
+            let batch: Vec<Option<Vec<u8>>> = (id..id + 400)
+                .map(|i| Some(crate::sample::website_metric(i, &mut rng)))
+                .collect();
+            self.next_id += 400;
+            self.summary.valid += 400;
+            tokio::task::block_in_place(|| producer.send(batch))?;
+        }
+        bail!("the re-created topic never reached the stored offsets")
     }
 
     /// Waits until every partition's stored offset is its end offset, restarting workers
@@ -450,16 +676,23 @@ impl Rig {
         )
     }
 
-    /// Each partition's high watermark. (The in-process broker deletes the oldest records
-    /// past ~5 MB per partition; records deleted before they were consumed show up as
-    /// missing: lower --rate then.)
+    /// Each partition's high watermark.
     fn end_offsets(&self) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
+        Ok(self
+            .watermarks()?
+            .into_iter()
+            .zip(0..)
+            .map(|((_, high), p)| (p, Some(high)))
+            .collect())
+    }
+
+    /// Each partition's low and high watermarks, by partition number.
+    fn watermarks(&self) -> anyhow::Result<Vec<(i64, i64)>> {
         (0..self.options.partitions)
             .map(|p| {
-                let (_, high) =
-                    self.inspector
-                        .fetch_watermarks(&self.topic, p, Duration::from_secs(10))?;
-                Ok((p, Some(high)))
+                Ok(self
+                    .inspector
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(10))?)
             })
             .collect()
     }
@@ -507,28 +740,61 @@ impl Rig {
         .bind(&self.topic)
         .fetch_one(&self.pool)
         .await?;
+        let (gaps, gapped, false_gaps): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(to_offset - from_offset) FILTER \
+               (WHERE reason = 'below_log_start'), 0)::int8, \
+             count(*) FILTER (WHERE from_offset >= to_offset \
+               OR (reason = 'below_log_start' AND to_offset <> low_watermark) \
+               OR (reason = 'beyond_log_end' AND from_offset <> low_watermark)) \
+             FROM ingest.offset_gaps WHERE consumer_group = $1 AND topic = $2",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .fetch_one(&self.pool)
+        .await?;
+        // Offset by offset up to each partition's end: one row, one dead letter, or a
+        // record the broker deleted before it was ingested (a gap below its log start).
+        // Offsets skipped in a re-created topic's new log are below the stored offset,
+        // where the old log's records already hold them.
+        let (partitions, highs): (Vec<i32>, Vec<i64>) =
+            ends.iter().map(|(p, h)| (*p, h.unwrap_or(0))).unzip();
+        let (uncovered, twice): (i64, i64) = sqlx::query_as(
+            "WITH ends AS (SELECT * FROM unnest($1::int4[], $2::int8[]) AS e(p, high)), \
+             offsets AS (SELECT p, generate_series(0, high - 1) AS o FROM ends), \
+             held AS ( \
+               SELECT kafka_partition AS p, kafka_offset AS o FROM web_metrics.metrics \
+                 WHERE kafka_topic = $3 \
+               UNION ALL SELECT partition, \"offset\" FROM ingest.dead_letters \
+                 WHERE consumer_group = $4 AND topic = $3 \
+               UNION ALL SELECT partition, generate_series(from_offset, to_offset - 1) \
+                 FROM ingest.offset_gaps \
+                 WHERE consumer_group = $4 AND topic = $3 AND reason = 'below_log_start'), \
+             counted AS (SELECT p, o, count(*) AS n FROM held GROUP BY p, o) \
+             SELECT count(*) FILTER (WHERE c.n IS NULL), count(*) FILTER (WHERE c.n > 1) \
+             FROM offsets LEFT JOIN counted c USING (p, o)",
+        )
+        .bind(&partitions)
+        .bind(&highs)
+        .bind(&self.topic)
+        .bind(&self.group)
+        .fetch_one(&self.pool)
+        .await?;
         let s = &mut self.summary;
         s.rows = rows;
         s.dead_letters = dead;
-        // A duplicate is a second row of one message, whichever coordinates it carries.
-        s.duplicates = (rows - comments) + (rows - coordinates) + (dead - dead_offsets);
-        s.missing = (s.valid as i64 - comments).max(0) + (s.malformed as i64 - dead_offsets).max(0);
+        s.gaps = gaps;
+        s.gapped = gapped;
+        // A duplicate is a second row of one message, whichever coordinates it carries,
+        // an offset held twice, or a gap that does not say what the broker had.
+        s.duplicates =
+            (rows - comments) + (rows - coordinates) + (dead - dead_offsets) + twice + false_gaps;
+        s.missing = uncovered;
+        if gaps == 0 {
+            s.missing +=
+                (s.valid as i64 - comments).max(0) + (s.malformed as i64 - dead_offsets).max(0);
+        }
         let stored = self.stored_offsets().await?;
         self.summary.offsets_off = ends.iter().filter(|e| !stored.contains(e)).count();
-        if self.summary.missing > 0 {
-            for p in 0..self.options.partitions {
-                if let Ok((low, _)) = tokio::task::block_in_place(|| {
-                    self.inspector
-                        .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
-                }) && low > 0
-                {
-                    eprintln!(
-                        "chaos: partition {p} starts at offset {low} on the broker: records \
-                         deleted by its retention before they were consumed are missing"
-                    );
-                }
-            }
-        }
         Ok(())
     }
 
@@ -552,6 +818,49 @@ impl Rig {
         }
         self.summary
     }
+}
+
+/// Starts `dev broker` advertising 127.0.0.1:`advertised_port`; the process and the
+/// address it listens on.
+fn start_broker(
+    binary: &std::path::Path,
+    log: &std::path::Path,
+    topic: &str,
+    partitions: i32,
+    advertised_port: u16,
+) -> anyhow::Result<(Reaped, std::net::SocketAddr)> {
+    let mut broker = Reaped(
+        Command::new(binary)
+            .args(["dev", "broker", "--topic", topic, "--partitions"])
+            .arg(partitions.to_string())
+            .args(["--advertised-port", &advertised_port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(File::create(log)?)
+            .spawn()
+            .context("starting `dev broker`")?,
+    );
+    let mut line = String::new();
+    BufReader::new(broker.stdout.take().context("broker stdout")?).read_line(&mut line)?;
+    let listener = line
+        .trim()
+        .parse()
+        .with_context(|| format!("`dev broker` printed no address: {line:?}"))?;
+    Ok((broker, listener))
+}
+
+/// SIGTERM to a worker, which must finish its batch, leave the group and exit 0.
+async fn leave(worker: Reaped) -> anyhow::Result<()> {
+    worker.signal("TERM")?;
+    let status = tokio::task::spawn_blocking(move || {
+        let mut worker = worker;
+        worker.0.wait()
+    })
+    .await??;
+    ensure!(
+        status.success(),
+        "a worker exited with {status} after SIGTERM"
+    );
+    Ok(())
 }
 
 /// The user part of a Postgres URL (`postgres` when absent).

@@ -52,21 +52,26 @@ pub fn client_ports(pid: u32, server_port: u16) -> Vec<i32> {
 }
 
 /// Stops `worker` (SIGSTOP) at a moment when one of its backends in `database` is
-/// inside a transaction, trying up to `attempts` times (resuming it between tries).
-/// Returns whether it is now frozen mid-transaction; when not, it is left running.
+/// inside a transaction that has written, trying up to `attempts` times (resuming it
+/// between tries).
+/// `backend_ports` gives the `client_port`s of the worker's backends. Returns whether
+/// it is now frozen mid-transaction; when not, it is left running.
 pub async fn freeze_in_transaction(
     worker: &Reaped,
     pool: &PgPool,
     database: &str,
-    server_port: u16,
+    backend_ports: impl Fn() -> Vec<i32>,
     attempts: u32,
 ) -> anyhow::Result<bool> {
     for attempt in 0..attempts {
         worker.signal("STOP")?;
-        let ports = client_ports(worker.id(), server_port);
+        let ports = backend_ports();
+        // A transaction that has written (it holds its own transaction id): a commit
+        // past its compare-and-set, holding its offset rows' locks, or a claim.
         let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
-             AND client_port = ANY($2) AND xact_start IS NOT NULL",
+            "SELECT count(*) FROM pg_stat_activity a WHERE a.datname = $1 \
+             AND a.client_port = ANY($2) AND EXISTS (SELECT 1 FROM pg_locks l \
+               WHERE l.pid = a.pid AND l.locktype = 'transactionid' AND l.granted)",
         )
         .bind(database)
         .bind(&ports)

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use rand::SeedableRng;
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
@@ -19,30 +19,60 @@ pub mod proxy;
 pub mod reaped;
 
 /// Runs librdkafka's mock cluster with `topics` until `shutdown`; prints the bootstrap
-/// address as the first line of stdout.
+/// address as the first line of stdout. With `advertised_port`, the broker tells
+/// clients it is at 127.0.0.1:PORT (a proxy that the fault campaign can point at a
+/// fresh broker: a topic deleted and re-created).
 pub async fn broker(
     topics: &[String],
     partitions: i32,
+    advertised_port: Option<u16>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     ensure!(partitions > 0, "--partitions must be at least 1");
-    let cluster = MockCluster::new(1).context("failed to start the mock cluster")?;
+    // A client hosting the mock cluster, so its native handle is at hand for the
+    // advertised address.
+    let host: BaseProducer = rdkafka::ClientConfig::new()
+        .set("test.mock.num.brokers", "1")
+        .create()
+        .context("failed to start the mock cluster")?;
+    let cluster = host
+        .client()
+        .mock_cluster()
+        .context("failed to start the mock cluster")?;
     for topic in topics {
         cluster
             .create_topic(topic, partitions, 1)
             .with_context(|| format!("failed to create topic {topic}"))?;
     }
+    let listener = cluster.bootstrap_servers();
+    if let Some(port) = advertised_port {
+        let host_name = std::ffi::CString::new("127.0.0.1")?;
+        // SAFETY: the mock cluster belongs to `host`, alive for this whole function;
+        // librdkafka copies the host name under the cluster's lock.
+        unsafe {
+            let mock = rdkafka::bindings::rd_kafka_handle_mock_cluster(host.client().native_ptr());
+            ensure!(!mock.is_null(), "the mock cluster has no handle");
+            rdkafka::bindings::rd_kafka_mock_broker_set_host_port(
+                mock,
+                1,
+                host_name.as_ptr(),
+                i32::from(port),
+            );
+        }
+    }
     let mut stdout = std::io::stdout();
-    writeln!(stdout, "{}", cluster.bootstrap_servers())?;
+    writeln!(stdout, "{listener}")?;
     stdout.flush()?;
     tracing::info!(
-        brokers = %cluster.bootstrap_servers(),
+        brokers = %listener,
+        advertised_port,
         topics = ?topics,
         partitions,
         "broker running; it keeps about 5 MB per partition and deletes older records"
     );
     shutdown.cancelled().await;
     drop(cluster);
+    drop(host);
     Ok(())
 }
 
@@ -77,9 +107,46 @@ pub struct ProduceOptions {
     pub seed: u64,
 }
 
+/// Lets a producer be held between its slices, with nothing in flight: the fault
+/// campaign swaps the broker under a held producer, so no message straddles the swap.
+#[derive(Debug, Default)]
+pub struct Gate {
+    hold: AtomicBool,
+    holding: AtomicBool,
+}
+
+impl Gate {
+    /// Holds the producer; returns once it waits with every sent message acknowledged.
+    pub fn hold(&self, finished: impl Fn() -> bool) {
+        self.hold.store(true, Ordering::SeqCst);
+        while !self.holding.load(Ordering::SeqCst) && !finished() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Lets the producer go on.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits while held.
+    fn pass(&self) {
+        while self.hold.load(Ordering::SeqCst) {
+            self.holding.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.holding.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Produces `count` website-metrics messages round-robin over the topic's partitions,
 /// a `malformed_ratio` share of them malformed, at most `rate` per second. Blocking.
 pub fn produce(options: &ProduceOptions) -> anyhow::Result<Produced> {
+    produce_gated(options, &Gate::default())
+}
+
+/// [`produce`], waiting at `gate` before each slice of messages.
+pub fn produce_gated(options: &ProduceOptions, gate: &Gate) -> anyhow::Result<Produced> {
     ensure!(
         (0.0..=1.0).contains(&options.malformed_ratio),
         "--malformed-ratio must be between 0 and 1"
@@ -99,6 +166,7 @@ pub fn produce(options: &ProduceOptions) -> anyhow::Result<Produced> {
     let started = Instant::now();
     let mut id = 0;
     while id < options.count {
+        gate.pass();
         let n = slice.min(options.count - id);
         let mut payloads = Vec::with_capacity(n as usize);
         for i in id..id + n {

@@ -65,6 +65,15 @@ pub struct Orphan {
     pub resume_at: Option<i64>,
 }
 
+/// How long a claim retries transient failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimPatience {
+    /// Up to `retry.claim_limit_secs` (on assignment).
+    Retry,
+    /// One attempt (orphans, claimed again every second anyway).
+    Once,
+}
+
 /// One partition to claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRequest {
@@ -143,10 +152,14 @@ impl IngestContext {
         self.orphans.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Retries a claim with backoff. The callback runs inside `poll`, so blocking here
-    /// is bounded by `retry.claim_limit_secs`, which config keeps below
+    /// Retries a claim with backoff for up to `limit`. The callback runs inside `poll`,
+    /// so blocking here is bounded by `retry.claim_limit_secs`, which config keeps below
     /// `max.poll.interval.ms`.
-    fn claim_with_retry(&self, requests: &[ClaimRequest]) -> Result<Vec<Claim>, StoreError> {
+    fn claim_with_retry(
+        &self,
+        requests: &[ClaimRequest],
+        limit: Duration,
+    ) -> Result<Vec<Claim>, StoreError> {
         let partitions: Vec<(TopicPartition, i64)> = requests
             .iter()
             .map(|r| (r.partition.clone(), r.least_epoch))
@@ -161,8 +174,7 @@ impl IngestContext {
             {
                 Ok(claims) => return Ok(claims),
                 Err(e) if e.class() == ErrorClass::Transient => {
-                    let Some(delay) = retry::next_delay(&mut delays, started, self.claim_limit)
-                    else {
+                    let Some(delay) = retry::next_delay(&mut delays, started, limit) else {
                         return Err(e);
                     };
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "claim failed, retrying");
@@ -179,14 +191,43 @@ impl IngestContext {
     /// handed on. Held partitions enter the assignments; the others become orphans.
     /// Returns every partition with the offset to fetch it from (the log end for
     /// orphans, which fetch nothing worth keeping until claimed); an error is a reason
-    /// to stop.
+    /// to stop. A claim Postgres cannot take now (an outage outlasting `patience`)
+    /// leaves every partition an orphan: the worker keeps its place in the group and
+    /// claims them again once Postgres answers.
     pub fn claim(
         &self,
         requests: &[ClaimRequest],
+        patience: ClaimPatience,
     ) -> Result<Vec<(TopicPartition, Offset)>, String> {
-        let claims = self
-            .claim_with_retry(requests)
-            .map_err(|e| format!("cannot claim assigned partitions: {e}"))?;
+        let limit = match patience {
+            ClaimPatience::Retry => self.claim_limit,
+            ClaimPatience::Once => Duration::ZERO,
+        };
+        let claims = match self.claim_with_retry(requests, limit) {
+            Ok(claims) => claims,
+            Err(e) if e.class() == ErrorClass::Transient => {
+                tracing::warn!(error = %e, partitions = requests.len(),
+                    "cannot claim assigned partitions now; they wait unconsumed and are claimed again shortly");
+                let mut assignments = self.assignments.lock();
+                let mut orphans = self.orphans();
+                for request in requests {
+                    assignments.remove(&request.partition);
+                    orphans.insert(
+                        request.partition.clone(),
+                        Orphan {
+                            due: Instant::now() + Duration::from_secs(1),
+                            least_epoch: request.least_epoch,
+                            resume_at: request.resume_at,
+                        },
+                    );
+                }
+                return Ok(requests
+                    .iter()
+                    .map(|r| (r.partition.clone(), Offset::End))
+                    .collect());
+            }
+            Err(e) => return Err(format!("cannot claim assigned partitions: {e}")),
+        };
         let claimed: Vec<TopicPartition> = claims
             .iter()
             .map(|c| (c.topic.clone(), c.partition))
@@ -290,7 +331,7 @@ impl IngestContext {
                 resume_at: None,
             })
             .collect();
-        let starts = match self.claim(&wanted) {
+        let starts = match self.claim(&wanted, ClaimPatience::Retry) {
             Ok(starts) => starts,
             Err(reason) => {
                 tracing::error!(reason, "cannot start the assigned partitions; stopping");

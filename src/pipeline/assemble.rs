@@ -82,7 +82,7 @@ impl Pipeline {
                 tracing::warn!(
                     "a fetch position is outside the broker's log; checking every partition's watermarks"
                 );
-                self.range_check_at.get_or_insert_with(Instant::now);
+                self.range_check = Some((Instant::now(), None));
                 None
             }
             Err(e) => {

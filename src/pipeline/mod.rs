@@ -138,9 +138,9 @@ pub struct Pipeline {
     last_mirror: Instant,
     /// When partitions were last checked against their stored rows.
     last_maintenance: Instant,
-    /// When to check every position against the broker's watermarks (librdkafka said
-    /// one is outside the log).
-    range_check_at: Option<Instant>,
+    /// When to check positions against the broker's watermarks (librdkafka said one is
+    /// outside the log), and which (all held ones when `None`).
+    range_check: Option<(Instant, Option<Vec<TopicPartition>>)>,
     stats: Stats,
     /// Spans are exported: batches get links and attributes.
     traced: bool,
@@ -149,14 +149,19 @@ pub struct Pipeline {
 impl Pipeline {
     /// Connects to Postgres (with startup retries), then joins the consumer group.
     pub async fn connect(config: Config) -> Result<Self, PipelineError> {
-        let store = Store::connect(&config).await?;
-        Self::with_store(config, store)
+        let owner = kafka::worker_id();
+        let application_name = crate::store::worker_application_name(&owner);
+        let store = Store::connect(&config, &application_name).await?;
+        Self::with_owner(config, store, owner)
     }
 
     /// Joins the consumer group using an existing store.
     pub fn with_store(config: Config, store: Store) -> Result<Self, PipelineError> {
+        Self::with_owner(config, store, kafka::worker_id())
+    }
+
+    fn with_owner(config: Config, store: Store, owner: String) -> Result<Self, PipelineError> {
         let assignments = Assignments::default();
-        let owner = kafka::worker_id();
         let observers = Observers::default();
         let consumer = kafka::subscribe(
             &config,
@@ -187,7 +192,7 @@ impl Pipeline {
             unmirrored: HashMap::new(),
             last_mirror: Instant::now(),
             last_maintenance: Instant::now(),
-            range_check_at: None,
+            range_check: None,
             stats: Stats::default(),
         })
     }
@@ -248,7 +253,7 @@ impl Pipeline {
         let (poll_decode, waiting) = (polling.elapsed(), Instant::now());
         let outcome = match self.in_flight.take() {
             Some(InFlight { span, task, .. }) => {
-                let settled = match self.await_commit(task).await {
+                let settled = match self.await_polling(task).await {
                     Ok((batch, result, elapsed)) => {
                         self.settle(batch, result, elapsed, shutdown)
                             .instrument(span.clone())

@@ -11,14 +11,15 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, RebalanceProtocol};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Pipeline, PipelineError};
 use crate::config::OnDataLoss;
 use crate::kafka::start::{self, DataLoss};
-use crate::kafka::{ClaimRequest, Orphan, TopicPartition};
+use crate::kafka::{ClaimPatience, ClaimRequest, Orphan, PartitionState, TopicPartition};
 use crate::store::{PartitionRange, StoreError, StoredOffset};
 
 /// How often partitions are checked against their stored rows and orphans claimed.
@@ -33,22 +34,23 @@ impl Pipeline {
     /// they stay stale and the next maintenance tries again. A partition claimed anew
     /// by this worker since the range was built is already positioned by that claim.
     pub(super) async fn fence(&mut self, fenced: &[PartitionRange]) -> Result<(), PipelineError> {
-        let mut partitions: Vec<TopicPartition> = Vec::new();
+        let mut claims: Vec<(TopicPartition, i64)> = Vec::new();
         {
             let mut assignments = self.assignments.lock();
             for r in fenced {
                 let tp = (r.topic.clone(), r.partition);
                 if let Some(state) = assignments.get_mut(&tp).filter(|s| s.epoch == r.epoch) {
                     state.stale = true;
-                    partitions.push(tp);
+                    claims.push((tp, r.epoch));
                 }
             }
         }
-        if partitions.is_empty() {
+        if claims.is_empty() {
             return Ok(());
         }
-        match self.store.stored_offsets(&partitions).await {
-            Ok(rows) => self.reposition(&partitions, rows),
+        let partitions = claims.iter().map(|(tp, _)| tp.clone()).collect();
+        match self.read_rows(partitions, false).await {
+            Ok(rows) => self.reposition(&claims, rows),
             Err(e) if e.class() == crate::retry::ErrorClass::Transient => {
                 tracing::warn!(error = %e, "cannot read the rows of fenced partitions; they wait until they can be re-positioned");
             }
@@ -72,8 +74,12 @@ impl Pipeline {
             }
             self.claim_orphans()?;
         }
-        if self.range_check_at.is_some_and(|at| at <= Instant::now()) {
-            self.check_ranges()?;
+        if let Some((at, only)) = self.range_check.take() {
+            if at <= Instant::now() {
+                self.check_ranges(only)?;
+            } else {
+                self.range_check = Some((at, only));
+            }
         }
         Ok(())
     }
@@ -87,57 +93,70 @@ impl Pipeline {
             .flat_map(|f| &f.ranges)
             .map(|r| (r.topic.clone(), r.partition))
             .collect();
-        let held: Vec<TopicPartition> = self
+        let held: Vec<(TopicPartition, PartitionState)> = self
             .assignments
             .lock()
-            .keys()
-            .filter(|tp| !in_flight.contains(*tp))
-            .cloned()
+            .iter()
+            .filter(|(tp, _)| !in_flight.contains(*tp))
+            .map(|(tp, state)| (tp.clone(), *state))
             .collect();
         if held.is_empty() {
             return Ok(());
         }
-        let rows = self.store.stored_offsets(&held).await?;
-        let moved: Vec<TopicPartition> = {
-            let assignments = self.assignments.lock();
-            held.into_iter()
-                .filter(|tp| {
-                    let row = rows.iter().find(|r| r.topic == tp.0 && r.partition == tp.1);
-                    assignments.get(tp).is_some_and(|s| {
-                        s.stale
-                            || row.is_none_or(|r| {
-                                r.epoch != s.epoch || r.next_offset != Some(s.next_offset)
-                            })
-                    })
-                })
-                .collect()
-        };
+        let rows = self
+            .read_rows(held.iter().map(|(tp, _)| tp.clone()).collect(), false)
+            .await?;
+        // Compared with what this worker held when it read them (a claim while the read
+        // polled is judged by the next maintenance).
+        let moved: Vec<(TopicPartition, i64)> = held
+            .into_iter()
+            .filter(|(tp, s)| {
+                let row = rows.iter().find(|r| r.topic == tp.0 && r.partition == tp.1);
+                s.stale
+                    || row
+                        .is_none_or(|r| r.epoch != s.epoch || r.next_offset != Some(s.next_offset))
+            })
+            .map(|(tp, s)| (tp, s.epoch))
+            .collect();
         if !moved.is_empty() {
             self.reposition(&moved, rows);
         }
         Ok(())
     }
 
-    /// Follows the stored rows of `partitions` (a partition without a row in `rows` has
-    /// none): where this worker still holds the claim, continue from the stored offset;
-    /// a newer claim is left to its owner; a missing or older row is claimed again.
-    pub(super) fn reposition(&mut self, partitions: &[TopicPartition], rows: Vec<StoredOffset>) {
+    /// Follows the stored rows of `partitions`, each held under the given epoch when the
+    /// rows were read (a partition without a row in `rows` has none; one claimed anew
+    /// since is left alone): where this worker still holds the claim, continue from the
+    /// stored offset; a newer claim is left to its owner; a missing or older row is
+    /// claimed again.
+    pub(super) fn reposition(
+        &mut self,
+        partitions: &[(TopicPartition, i64)],
+        rows: Vec<StoredOffset>,
+    ) {
         let grace = self.config.session_timeout();
         let mut seeks = Vec::new();
+        let mut handled = Vec::new();
         {
             let mut assignments = self.assignments.lock();
             let context = self.consumer().context();
             let mut orphans = context.orphans();
-            for tp in partitions {
-                let Some(state) = assignments.get_mut(tp) else {
+            for (tp, epoch) in partitions {
+                let Some(state) = assignments.get_mut(tp).filter(|s| s.epoch == *epoch) else {
                     continue;
                 };
+                handled.push(tp.clone());
                 let row = rows.iter().find(|r| r.topic == tp.0 && r.partition == tp.1);
                 let (due, least_epoch, resume_at) = match row {
                     Some(row) if row.epoch == state.epoch => match row.next_offset {
                         Some(next) => {
-                            tracing::warn!(topic = %tp.0, partition = tp.1, next_offset = next,
-                                "stored offset moved under this worker; continuing from it");
+                            if next == state.next_offset {
+                                tracing::info!(topic = %tp.0, partition = tp.1, next_offset = next,
+                                    "re-positioned from the stored offset");
+                            } else {
+                                tracing::warn!(topic = %tp.0, partition = tp.1, next_offset = next,
+                                    "stored offset moved under this worker; continuing from it");
+                            }
                             state.next_offset = next;
                             state.stale = false;
                             state.gap = None;
@@ -173,7 +192,9 @@ impl Pipeline {
                 );
             }
         }
-        self.forget_pending(partitions);
+        // Only the partitions handled here: held-back records of one claimed anew since
+        // the read continue its new position, and no seek would bring them back.
+        self.forget_pending(&handled);
         self.seek(&seeks);
     }
 
@@ -219,8 +240,9 @@ impl Pipeline {
         }
         tracing::info!(partitions = ?wanted.iter().map(|r| &r.partition).collect::<Vec<_>>(),
             "claiming partitions assigned here but not held");
-        let starts = tokio::task::block_in_place(|| consumer.context().claim(&wanted))
-            .map_err(PipelineError::Consumer)?;
+        let starts =
+            tokio::task::block_in_place(|| consumer.context().claim(&wanted, ClaimPatience::Once))
+                .map_err(PipelineError::Consumer)?;
         let partitions: Vec<TopicPartition> = starts.iter().map(|(tp, _)| tp.clone()).collect();
         let seeks: Vec<(TopicPartition, i64)> = starts
             .into_iter()
@@ -234,27 +256,25 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Checks every held partition's position against the broker's watermarks, after
-    /// librdkafka reported a fetch position outside its log: outside, it stops or skips
-    /// by `kafka.on_data_loss`; inside, the partition is sought to its position again,
-    /// which restarts a fetch librdkafka stopped.
-    fn check_ranges(&mut self) -> Result<(), PipelineError> {
-        let positions: Vec<(TopicPartition, i64)> = {
+    /// Checks held partitions' positions (`only` these, else all) against the broker's
+    /// watermarks, after librdkafka reported a fetch position outside its log: outside,
+    /// it stops or skips by `kafka.on_data_loss`; inside, the partition is sought to its
+    /// position again, which restarts a fetch librdkafka stopped. Partitions the broker
+    /// did not answer for are checked again a second later, alone.
+    fn check_ranges(&mut self, only: Option<Vec<TopicPartition>>) -> Result<(), PipelineError> {
+        let stale: Vec<TopicPartition> = {
             let assignments = self.assignments.lock();
             assignments
                 .iter()
-                .filter(|(_, s)| !s.stale)
-                .map(|(tp, s)| {
-                    let position = self
-                        .in_flight
-                        .iter()
-                        .flat_map(|f| &f.ranges)
-                        .find(|r| r.topic == tp.0 && r.partition == tp.1 && r.epoch == s.epoch)
-                        .map_or(s.next_offset, |r| r.end);
-                    (tp.clone(), position)
-                })
+                .filter(|(_, s)| s.stale)
+                .map(|(tp, _)| tp.clone())
                 .collect()
         };
+        let positions: Vec<(TopicPartition, i64)> = self
+            .positions()
+            .into_iter()
+            .filter(|(tp, _)| !stale.contains(tp) && only.as_ref().is_none_or(|o| o.contains(tp)))
+            .collect();
         let partitions: Vec<TopicPartition> = positions.iter().map(|(tp, _)| tp.clone()).collect();
         let marks = tokio::task::block_in_place(|| {
             start::watermarks(
@@ -263,9 +283,14 @@ impl Pipeline {
                 RANGE_CHECK_LIMIT,
             )
         });
-        // Partitions the broker did not answer for are checked again shortly.
-        self.range_check_at =
-            (marks.len() < positions.len()).then(|| Instant::now() + Duration::from_secs(1));
+        let unanswered: Vec<TopicPartition> = partitions
+            .iter()
+            .filter(|tp| !marks.contains_key(*tp))
+            .cloned()
+            .collect();
+        if !unanswered.is_empty() {
+            self.range_check = Some((Instant::now() + Duration::from_secs(1), Some(unanswered)));
+        }
         let policy = self.consumer().context().on_data_loss();
         let mut seeks = Vec::new();
         for (tp, position) in positions {
@@ -312,8 +337,9 @@ impl Pipeline {
 
     /// Moves librdkafka's fetch positions. A partition whose seek failed would go on
     /// from a position its state does not continue: it is marked stale, so nothing of
-    /// it enters a batch until the next maintenance re-positions it.
-    fn seek(&self, seeks: &[(TopicPartition, i64)]) {
+    /// it enters a batch until the next maintenance re-positions it. One whose fetch
+    /// librdkafka stopped is assigned again instead (see [`Pipeline::restart`]).
+    fn seek(&mut self, seeks: &[(TopicPartition, i64)]) {
         if seeks.is_empty() {
             return;
         }
@@ -325,14 +351,21 @@ impl Pipeline {
         let result = tokio::task::block_in_place(|| {
             consumer.seek_partitions(positions, Timeout::After(Duration::from_secs(5)))
         });
+        let mut stopped = Vec::new();
         let failed: Vec<TopicPartition> = match result {
             Ok(done) => done
                 .elements()
                 .iter()
                 .filter_map(|e| {
                     let err = e.error().err()?;
+                    let tp = (e.topic().to_owned(), e.partition());
+                    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::State) {
+                        let offset = seeks.iter().find(|(s, _)| *s == tp).map(|(_, o)| *o)?;
+                        stopped.push((tp, offset));
+                        return None;
+                    }
                     tracing::warn!(error = %err, topic = e.topic(), partition = e.partition(), "seek failed; trying again shortly");
-                    Some((e.topic().to_owned(), e.partition()))
+                    Some(tp)
                 })
                 .collect(),
             Err(e) => {
@@ -340,11 +373,114 @@ impl Pipeline {
                 seeks.iter().map(|(tp, _)| tp.clone()).collect()
             }
         };
+        self.mark_stale(&failed);
+        self.restart(&stopped);
+    }
+
+    /// Nothing of `partitions` enters a batch until the next maintenance re-positions
+    /// them from their stored rows.
+    fn mark_stale(&self, partitions: &[TopicPartition]) {
         let mut assignments = self.assignments.lock();
-        for tp in failed {
-            if let Some(state) = assignments.get_mut(&tp) {
+        for tp in partitions {
+            if let Some(state) = assignments.get_mut(tp) {
                 state.stale = true;
             }
         }
+    }
+
+    /// Restarts fetching partitions librdkafka stopped (a position outside the broker's
+    /// log, under `auto.offset.reset=error`), which it refuses to seek: they are
+    /// assigned again at the given offsets. Under the eager protocol an assignment is
+    /// replaced whole, so every held partition restarts where this worker continues it.
+    fn restart(&mut self, partitions: &[(TopicPartition, i64)]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let consumer = self.consumer();
+        let assigned: Vec<TopicPartition> = consumer
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // A partition no longer assigned here is not taken back.
+        let wanted: Vec<&(TopicPartition, i64)> = partitions
+            .iter()
+            .filter(|(tp, _)| assigned.contains(tp))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let list = |entries: &mut dyn Iterator<Item = (&TopicPartition, Offset)>| {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, partition), offset) in entries {
+                let _ = tpl.add_partition_offset(topic, *partition, offset);
+            }
+            tpl
+        };
+        let eager = !matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let (result, restarted) = if eager {
+            let held = self.positions();
+            let mut all = assigned.iter().map(|tp| {
+                let offset = wanted
+                    .iter()
+                    .find(|(w, _)| w == tp)
+                    .map(|(_, o)| *o)
+                    .or_else(|| held.iter().find(|(h, _)| h == tp).map(|(_, o)| *o))
+                    .map_or(Offset::End, Offset::Offset);
+                (tp, offset)
+            });
+            let tpl = list(&mut all);
+            let result = tokio::task::block_in_place(|| {
+                consumer.assign(&tpl).and_then(|()| consumer.resume(&tpl))
+            });
+            (result, assigned.clone())
+        } else {
+            let tps: Vec<TopicPartition> = wanted.iter().map(|(tp, _)| tp.clone()).collect();
+            let unassign = list(&mut tps.iter().map(|tp| (tp, Offset::Invalid)));
+            let assign = list(&mut wanted.iter().map(|(tp, o)| (tp, Offset::Offset(*o))));
+            let result = tokio::task::block_in_place(|| {
+                consumer
+                    .incremental_unassign(&unassign)
+                    .and_then(|()| consumer.incremental_assign(&assign))
+                    .and_then(|()| consumer.resume(&assign))
+            });
+            (result, tps)
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(partitions = ?wanted, "fetching restarted");
+                self.forget_pending(&restarted);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "restarting the fetch failed; trying again shortly");
+                let failed: Vec<TopicPartition> = wanted.iter().map(|(tp, _)| tp.clone()).collect();
+                self.mark_stale(&failed);
+            }
+        }
+    }
+
+    /// Where each held partition continues: the end of the batch in flight, else its
+    /// stored offset.
+    fn positions(&self) -> Vec<(TopicPartition, i64)> {
+        let assignments = self.assignments.lock();
+        assignments
+            .iter()
+            .map(|(tp, s)| {
+                let position = self
+                    .in_flight
+                    .iter()
+                    .flat_map(|f| &f.ranges)
+                    .find(|r| r.topic == tp.0 && r.partition == tp.1 && r.epoch == s.epoch)
+                    .map_or(s.next_offset, |r| r.end);
+                (tp.clone(), position)
+            })
+            .collect()
     }
 }

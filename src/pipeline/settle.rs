@@ -16,7 +16,7 @@ use tracing::{Instrument, Span};
 use super::{Pipeline, PipelineError, StepOutcome};
 use crate::kafka::TopicPartition;
 use crate::retry::{self, ErrorClass};
-use crate::store::{Batch, CommitOutcome, PartitionRange, StoreError};
+use crate::store::{Batch, CommitOutcome, PartitionRange, StoreError, StoredOffset};
 use crate::telemetry::metrics::ClassLabel;
 use crate::telemetry::spans;
 
@@ -44,19 +44,40 @@ impl Pipeline {
         )
     }
 
-    /// Awaits a commit task. One that takes longer than [`COMMIT_PATIENCE`] (a slow
-    /// database, rows being isolated) is awaited while polling with every assigned
-    /// partition paused, so `max.poll.interval.ms` never passes without a poll.
-    pub(super) async fn await_commit(
+    /// Awaits a task (a commit, a read of offset rows). One that takes longer than
+    /// [`COMMIT_PATIENCE`] (a slow database, rows being isolated) is awaited while
+    /// polling with every assigned partition paused, so `max.poll.interval.ms` never
+    /// passes without a poll.
+    pub(super) async fn await_polling<T>(
         &mut self,
-        mut task: CommitTask,
-    ) -> Result<(Batch, Result<CommitOutcome, StoreError>, Duration), JoinError> {
+        mut task: JoinHandle<T>,
+    ) -> Result<T, JoinError> {
         if let Ok(done) = tokio::time::timeout(COMMIT_PATIENCE, &mut task).await {
             return done;
         }
-        tracing::debug!("a commit is taking long: polling with partitions paused meanwhile");
+        tracing::debug!("Postgres is taking long: polling with partitions paused meanwhile");
         self.poll_paused(|| task.is_finished(), None);
         task.await
+    }
+
+    /// The stored offset rows of `partitions` (`settled`: once no transaction holds
+    /// them), read while polling (see [`Pipeline::await_polling`]).
+    pub(super) async fn read_rows(
+        &mut self,
+        partitions: Vec<TopicPartition>,
+        settled: bool,
+    ) -> Result<Vec<StoredOffset>, StoreError> {
+        let store = self.store.clone();
+        let task = tokio::spawn(async move {
+            if settled {
+                store.settled_offsets(&partitions).await
+            } else {
+                store.stored_offsets(&partitions).await
+            }
+        });
+        self.await_polling(task)
+            .await
+            .map_err(|e| StoreError::Fatal(format!("reading offset rows failed: {e}")))?
     }
 
     /// Polls with every assigned partition paused until `done` holds or `shutdown` is
@@ -145,7 +166,7 @@ impl Pipeline {
             let commit = spans::commit(&self.tables);
             let task = self.spawn_commit(batch, commit);
             (batch, result, elapsed) = self
-                .await_commit(task)
+                .await_polling(task)
                 .await
                 .map_err(|e| StoreError::Fatal(format!("the commit task failed: {e}")))?;
         }
@@ -153,13 +174,16 @@ impl Pipeline {
 
     /// Reads the offset rows after a COMMIT whose outcome is unknown, and says what
     /// happened: committed, fenced, or not applied (`None`).
-    async fn resolve_ambiguous(&self, batch: &Batch) -> Result<Option<CommitOutcome>, StoreError> {
+    async fn resolve_ambiguous(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<Option<CommitOutcome>, StoreError> {
         let partitions: Vec<TopicPartition> = batch
             .ranges
             .iter()
             .map(|r| (r.topic.clone(), r.partition))
             .collect();
-        let stored = self.store.stored_offsets(&partitions).await?;
+        let stored = self.read_rows(partitions, true).await?;
         let find = |r: &PartitionRange| {
             stored
                 .iter()

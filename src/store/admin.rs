@@ -1,6 +1,8 @@
 //! Operator actions on the stored state: offset rows (show, rewind) and dead letters
 //! (list, show, retry, purge).
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -236,6 +238,11 @@ impl Store {
     /// position.
     pub async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Redrive, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
+        // Deferred constraints would only fire at COMMIT, outside every savepoint.
+        sqlx::raw_sql("SET CONSTRAINTS ALL IMMEDIATE")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("check constraints at once"))?;
         let sql = format!(
             "SELECT {DEAD_LETTER_COLUMNS} FROM ingest.dead_letters \
              WHERE consumer_group = $6 AND {FILTER} ORDER BY id FOR UPDATE"
@@ -261,19 +268,15 @@ impl Store {
         records = order.iter().map(|&i| records[i].clone()).collect();
         let decoded = Batch::decode(records.clone(), &self.routes, Vec::new());
         let superseded = self.superseded(&mut tx, &decoded).await?;
+        let skipped: HashSet<usize> = superseded.iter().map(|(i, _)| *i).collect();
+        let kept: Vec<usize> = (0..records.len())
+            .filter(|i| !skipped.contains(i))
+            .collect();
         let batch = Batch::decode(
-            records
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !superseded.iter().any(|(s, _)| s == i))
-                .map(|(_, r)| r.clone())
-                .collect(),
+            kept.iter().map(|&i| records[i].clone()).collect(),
             &self.routes,
             Vec::new(),
         );
-        let kept: Vec<usize> = (0..records.len())
-            .filter(|i| !superseded.iter().any(|(s, _)| s == i))
-            .collect();
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
         self.write_rows_isolating(&mut tx, &batch, &Ranges::default(), &mut rejects)
             .await?;
@@ -296,10 +299,11 @@ impl Store {
             )
         }));
         let failed_ids: Vec<i64> = failed.iter().map(|(i, _)| letters[*i].id).collect();
+        let failing: HashSet<i64> = failed_ids.iter().copied().collect();
         let moved_ids: Vec<i64> = letters
             .iter()
             .map(|l| l.id)
-            .filter(|id| !failed_ids.contains(id))
+            .filter(|id| !failing.contains(id))
             .collect();
         sqlx::query("DELETE FROM ingest.dead_letters WHERE id = ANY($1)")
             .bind(&moved_ids)
@@ -368,7 +372,8 @@ impl Store {
             return Err(StoreError::Fatal(format!(
                 "route(s) {} upsert without recording where a row came from, so a re-driven \
                  record could overwrite a row written from a later record of its key; nothing \
-                 was changed. Map columns from @partition and @offset in the route (records \
+                 was changed. Map columns from @partition and @offset (and @topic, for a route reading \
+                 several topics) in the route (records \
                  older than the row then stay as superseded dead letters)",
                 blind.join(", ")
             )));

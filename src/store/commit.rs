@@ -38,6 +38,17 @@ pub struct PartitionRange {
     pub gap: Option<Gap>,
 }
 
+impl PartitionRange {
+    /// The first offset this batch read of its partition: past the gap when the broker
+    /// had deleted the records from its start on.
+    pub fn first_read(&self) -> i64 {
+        match self.gap {
+            Some(gap) if gap.kind == GapKind::BelowLogStart => gap.to.max(self.start),
+            _ => self.start,
+        }
+    }
+}
+
 /// A range of offsets a partition skipped because the broker no longer had them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gap {
@@ -208,7 +219,10 @@ impl Store {
             rows = batch.row_count(),
             "Postgres rejected rows of this batch; isolating them into db_rejected dead letters"
         );
-        let second = self.bounded("commit a batch", async |conn| {
+        // Isolating takes a few statements per rejected row: the deadline grows with
+        // the batch, so a batch of many rejects is not given up on forever.
+        let deadline = self.deadline * (1 + batch.row_count() / 500) as u32;
+        let second = self.bounded_within(deadline, "commit a batch", async |conn| {
             self.commit_attempt(conn, batch, true).await
         });
         let mut outcome = ambiguous_on_timeout(second.await)?
@@ -237,6 +251,15 @@ impl Store {
         isolate: bool,
     ) -> Result<Option<CommitOutcome>, StoreError> {
         let mut tx = conn.begin().await.map_err(db("begin a transaction"))?;
+        if isolate {
+            // Deferred constraints would only fire at COMMIT, outside every savepoint.
+            execute_trusted(
+                &mut tx,
+                "SET CONSTRAINTS ALL IMMEDIATE",
+                "check constraints at once",
+            )
+            .await?;
+        }
         let advance = offsets::compare_and_set(&mut tx, &self.group, &batch.ranges).await?;
         if !advance.fenced.is_empty() {
             let fenced = advance.fenced.into_iter().cloned().collect();
@@ -283,10 +306,19 @@ impl Store {
         let dead_letters = self
             .write_dead_letters(&mut tx, &batch.records, dead)
             .await?;
-        tx.commit().await.map_err(|e| match retry::classify(&e) {
-            ErrorClass::Transient => StoreError::AmbiguousCommit(e),
-            _ => db("commit")(e),
-        })?;
+        match tx.commit().await {
+            Ok(()) => {}
+            // A deferred constraint checked at COMMIT: the isolating attempt checks
+            // constraints at each statement instead, under its savepoints.
+            Err(e) if !isolate && retry::classify(&e) == ErrorClass::Data => {
+                tracing::info!(error = %e, sqlstate = ?retry::sqlstate(&e), "Postgres rejected the batch at COMMIT");
+                return Ok(None);
+            }
+            Err(e) if retry::classify(&e) == ErrorClass::Transient => {
+                return Err(StoreError::AmbiguousCommit(e));
+            }
+            Err(e) => return Err(db("commit")(e)),
+        }
         Ok(Some(CommitOutcome::Committed {
             rows,
             dead_letters,
@@ -301,8 +333,9 @@ impl Store {
     /// its line, so each rejected row costs one failed COPY of a window of rows, one COPY
     /// of the rows before it and one of the row alone (which confirms it); windows grow
     /// while they pass and shrink to about twice the distance between rejects. Errors
-    /// without a line (an upsert's apply, a deferred check) are bisected; ranges of a
-    /// few rows go row by row.
+    /// without a line (an upsert's apply, a deferred constraint, which the isolating
+    /// transaction checks at each statement) are bisected; ranges of a few rows go row by
+    /// row.
     pub(super) async fn write_rows_isolating(
         &self,
         conn: &mut PgConnection,
@@ -522,7 +555,7 @@ async fn isolate(
             let line = e
                 .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                 .and_then(|pg| pg.r#where())
-                .and_then(copy_line);
+                .and_then(|context| copy_line(context, &sql.copy_relations));
             (e.message().to_owned(), line)
         }
         other => (other.to_string(), None),
@@ -535,13 +568,15 @@ async fn isolate(
     Ok(Isolated::Rejected(Rejected { rejection, line }))
 }
 
-/// The line number of a COPY error's context (`COPY metrics, line 3, column ...`).
-fn copy_line(context: &str) -> Option<usize> {
+/// The line number of a COPY error's context (`COPY metrics, line 3, column ...`) when
+/// it names one of `relations` (whose names may hold anything, `, line ` included).
+fn copy_line(context: &str, relations: &[String]) -> Option<usize> {
     let first = context.lines().next()?;
-    let rest = first.strip_prefix("COPY ")?;
-    let after = &rest[rest.find(", line ")? + ", line ".len()..];
-    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+    relations.iter().find_map(|relation| {
+        let after = first.strip_prefix(&format!("COPY {relation}, line "))?;
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
 }
 
 /// Writes COPY text rows of one route: straight into the target table; for an upsert,
@@ -588,8 +623,7 @@ async fn write(
 fn is_rejection(sql: &RouteSql, err: &sqlx::Error) -> Result<bool, StoreError> {
     let source_duplicate = matches!(err, sqlx::Error::Database(e)
         if e.code().as_deref() == Some("23505")
-            && sql.source_index.is_some()
-            && e.constraint() == sql.source_index.as_deref());
+            && e.constraint().is_some_and(|c| sql.source_index.iter().any(|s| s == c)));
     if source_duplicate {
         return Err(StoreError::Fatal(format!(
             "protocol violation: a row with the same source coordinates already exists \
@@ -722,4 +756,33 @@ fn copy_field_text(field: &[u8]) -> Option<String> {
         }
     }
     Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_error_lines_are_read_after_the_relation_copied_into() {
+        let relations = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let metrics = relations(&["metrics", "kafka_pg_ingest_replay_0"]);
+        assert_eq!(
+            copy_line("COPY metrics, line 7, column status_code: \"x\"", &metrics),
+            Some(7)
+        );
+        assert_eq!(
+            copy_line("COPY kafka_pg_ingest_replay_0, line 12", &metrics),
+            Some(12)
+        );
+        let odd = relations(&["metrics, line 1"]);
+        assert_eq!(
+            copy_line("COPY metrics, line 1, line 3: \"x\"", &odd),
+            Some(3)
+        );
+        assert_eq!(
+            copy_line("PL/pgSQL function f() line 3 at RAISE", &metrics),
+            None
+        );
+        assert_eq!(copy_line("COPY other, line 4", &metrics), None);
+    }
 }

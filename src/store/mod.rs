@@ -21,8 +21,17 @@ use crate::route::Routes;
 use crate::security;
 use schema::RouteSql;
 
-/// `application_name` of the worker's connections, so operators (and tests) can find them.
+/// `application_name` of the connections of the operator commands, and the start of the
+/// workers' (see [`worker_application_name`]), so operators (and tests) can find them.
 pub const APPLICATION_NAME: &str = "kafka-pg-ingest";
+
+/// `application_name` of a worker's connections: [`APPLICATION_NAME`], a space and the
+/// tail of the worker's id (as in `ingest.offsets.owner`), so each worker's sessions
+/// can be told apart, by operators and by a claim ending a previous owner's transaction.
+pub fn worker_application_name(owner: &str) -> String {
+    let tail = owner.len().saturating_sub(8);
+    format!("{APPLICATION_NAME} {}", owner.get(tail..).unwrap_or(owner))
+}
 
 /// A failure of a Postgres operation, carrying what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +90,15 @@ pub struct Store {
     /// How long the worker waits for one transaction (or one read) before it gives up
     /// on the connection.
     deadline: Duration,
+    /// `postgres.lock_timeout_ms`.
+    lock_timeout: Duration,
 }
 
 impl Store {
-    /// Connects (retrying with backoff for `postgres.connect_retry_secs`), migrates when
-    /// configured, and checks every route's table.
-    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
-        let pool = connect_pool(config).await?;
+    /// Connects (retrying with backoff for `postgres.connect_retry_secs`) under
+    /// `application_name`, migrates when configured, and checks every route's table.
+    pub async fn connect(config: &Config, application_name: &str) -> Result<Self, StoreError> {
+        let pool = connect_pool_as(config, application_name).await?;
         if config.postgres.migrate_on_start {
             migrate(&pool).await?;
         }
@@ -104,6 +115,7 @@ impl Store {
             routes,
             sql,
             deadline: Duration::from_millis(config.postgres.statement_timeout_ms) * 2,
+            lock_timeout: Duration::from_millis(config.postgres.lock_timeout_ms),
         })
     }
 
@@ -117,14 +129,23 @@ impl Store {
         context: &'static str,
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.bounded_within(self.deadline, context, work).await
+    }
+
+    /// [`Store::bounded`] with a deadline of its own, for work of many statements.
+    async fn bounded_within<T>(
+        &self,
+        deadline: Duration,
+        context: &'static str,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(db(context))?;
-        match tokio::time::timeout(self.deadline, work(&mut conn)).await {
+        match tokio::time::timeout(deadline, work(&mut conn)).await {
             Ok(result) => result,
             Err(_) => {
                 drop(conn.detach());
                 Err(StoreError::TimedOut(format!(
-                    "failed to {context}: Postgres did not answer within {:?}",
-                    self.deadline
+                    "failed to {context}: Postgres did not answer within {deadline:?}"
                 )))
             }
         }
@@ -146,8 +167,18 @@ impl Store {
     }
 }
 
-/// Opens the pool, retrying with backoff until `postgres.connect_retry_secs` runs out.
+/// Opens the pool of an operator command, retrying with backoff until
+/// `postgres.connect_retry_secs` runs out.
 pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
+    connect_pool_as(config, APPLICATION_NAME).await
+}
+
+/// Opens a pool whose sessions carry `application_name`, retrying with backoff until
+/// `postgres.connect_retry_secs` runs out.
+pub async fn connect_pool_as(
+    config: &Config,
+    application_name: &str,
+) -> Result<PgPool, StoreError> {
     let options: PgConnectOptions =
         config
             .postgres
@@ -161,23 +192,23 @@ pub async fn connect_pool(config: &Config) -> Result<PgPool, StoreError> {
                 ))
             })?;
     let options =
-        security::apply_postgres(&config.postgres, options.application_name(APPLICATION_NAME))
+        security::apply_postgres(&config.postgres, options.application_name(application_name))
             .options(session_settings(config));
     let limit = Duration::from_secs(config.postgres.connect_retry_secs);
     let started = Instant::now();
     let mut delays = retry::backoff(&config.retry);
-    let server: std::sync::Arc<Vec<std::net::SocketAddr>> = std::sync::Arc::new(
-        tokio::net::lookup_host((options.get_host(), options.get_port()))
-            .await
-            .map(Iterator::collect)
-            .unwrap_or_default(),
-    );
+    let (host, port) = (options.get_host().to_owned(), options.get_port());
     let pool_options = PgPoolOptions::new()
         .max_connections(config.postgres.max_connections)
         .acquire_timeout(Duration::from_millis(config.postgres.acquire_timeout_ms))
         .after_connect(move |_, _| {
-            let server = server.clone();
+            let host = host.clone();
             Box::pin(async move {
+                // Resolved at each connect: the name may point elsewhere after a failover.
+                let server: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+                    .await
+                    .map(Iterator::collect)
+                    .unwrap_or_default();
                 socket::tune(&server);
                 Ok(())
             })
@@ -250,11 +281,20 @@ fn session_settings(config: &Config) -> [(&'static str, String); 6] {
 }
 
 /// Applies the embedded migrations (serialised across workers by sqlx's advisory lock).
+/// Their connection has no lock or statement deadline (a worker starting while another
+/// migrates waits for it) and is closed afterwards, so those settings never reach a
+/// batch.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::migrate!("./migrations")
-        .run(pool)
+    let failed =
+        |e: &dyn std::fmt::Display| StoreError::Fatal(format!("failed to apply migrations: {e}"));
+    let mut conn = pool.acquire().await.map_err(|e| failed(&e))?.detach();
+    sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0")
+        .execute(&mut conn)
         .await
-        .map_err(|e| StoreError::Fatal(format!("failed to apply migrations: {e}")))
+        .map_err(|e| failed(&e))?;
+    let applied = sqlx::migrate!("./migrations").run(&mut conn).await;
+    let _ = conn.close().await;
+    applied.map_err(|e| failed(&e))
 }
 
 /// Runs a statement built from quoted identifiers only.

@@ -3,14 +3,16 @@
 
 use std::time::Duration;
 
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 
 use super::{APPLICATION_NAME, PartitionRange, Store, StoreError, db};
 
 /// How long a claim waits on the locks of another worker's transaction before it ends
-/// that transaction. The claim makes this worker the partition's owner (Kafka assigned
-/// it here), so the holder is a previous owner: frozen, cut off, or finishing a batch
-/// that can no longer commit. Ending it lets the group move on; its batch is read again.
+/// that transaction (at most half of `postgres.lock_timeout_ms`, so it happens before
+/// the wait times out). The claim makes this worker the partition's owner (Kafka
+/// assigned it here), so the holder is a previous owner: frozen, cut off, or finishing a
+/// batch that can no longer commit. Ending it lets the group move on; its batch is read
+/// again. This worker's own sessions are never ended: its own commit finishes soon.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The result of claiming one partition.
@@ -51,9 +53,13 @@ impl Store {
         let topics: Vec<&str> = partitions.iter().map(|((t, _), _)| t.as_str()).collect();
         let parts: Vec<i32> = partitions.iter().map(|((_, p), _)| *p).collect();
         let least: Vec<i64> = partitions.iter().map(|(_, e)| *e).collect();
+        let patience = CLAIM_PATIENCE.min(self.lock_timeout / 2);
         self.bounded("claim partitions", async |conn| {
+            // One transaction: a transaction-pooling proxy keeps both statements on the
+            // backend whose pid is read.
+            let mut tx = conn.begin().await.map_err(db("claim partitions"))?;
             let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(db("claim partitions"))?;
             let claim = sqlx::query_as::<_, (String, i32, Option<i64>, i64)>(
@@ -70,14 +76,17 @@ impl Store {
             .bind(&topics)
             .bind(&parts)
             .bind(&least)
-            .fetch_all(&mut *conn);
-            tokio::pin!(claim);
-            let rows = loop {
-                tokio::select! {
-                    rows = &mut claim => break rows.map_err(db("claim partitions"))?,
-                    () = tokio::time::sleep(CLAIM_PATIENCE) => self.end_blockers(pid).await,
+            .fetch_all(&mut *tx);
+            let rows = {
+                tokio::pin!(claim);
+                loop {
+                    tokio::select! {
+                        rows = &mut claim => break rows.map_err(db("claim partitions"))?,
+                        () = tokio::time::sleep(patience) => self.end_blockers(pid).await,
+                    }
                 }
             };
+            tx.commit().await.map_err(db("claim partitions"))?;
             Ok(rows
                 .into_iter()
                 .map(|(topic, partition, next_offset, epoch)| Claim {
@@ -91,9 +100,10 @@ impl Store {
         .await
     }
 
-    /// Ends the transactions of other workers (same application and role) that block
-    /// backend `pid`. Best effort: a failure is logged and the blocked statement keeps
-    /// waiting within its own deadlines.
+    /// Ends the transactions of other workers (their sessions' `application_name` is a
+    /// worker's, not this one's; same role and database) that block backend `pid`. Best
+    /// effort: a failure is logged and the blocked statement keeps waiting within its own
+    /// deadlines.
     async fn end_blockers(&self, pid: i32) {
         // (pid, state, seconds since the transaction began) of each backend ended.
         type Ended = Vec<(i32, Option<String>, Option<f64>)>;
@@ -103,12 +113,13 @@ impl Store {
             "WITH blockers AS MATERIALIZED ( \
                SELECT a.pid, a.state, extract(epoch FROM now() - a.xact_start)::float8 AS age \
                FROM pg_stat_activity a \
-               WHERE a.pid = ANY(pg_blocking_pids($1)) AND a.application_name = $2 \
+               WHERE a.pid = ANY(pg_blocking_pids($1)) AND a.application_name LIKE $2 \
+                 AND a.application_name <> current_setting('application_name') \
                  AND a.usename = current_user AND a.datname = current_database()) \
              SELECT pid, state, age FROM blockers WHERE pg_terminate_backend(pid)",
         )
         .bind(pid)
-        .bind(APPLICATION_NAME)
+        .bind(format!("{APPLICATION_NAME} %"))
         .fetch_all(&self.pool)
         .await;
         match ended {
@@ -164,22 +175,42 @@ impl Store {
         &self,
         partitions: &[(String, i32)],
     ) -> Result<Vec<StoredOffset>, StoreError> {
+        self.read_offsets(partitions, false).await
+    }
+
+    /// The stored rows of the given partitions once no transaction holds them: a COMMIT
+    /// whose answer was lost may still be under way on the server, and its rows' locks
+    /// make this read wait for its outcome instead of seeing the rows before it.
+    pub async fn settled_offsets(
+        &self,
+        partitions: &[(String, i32)],
+    ) -> Result<Vec<StoredOffset>, StoreError> {
+        self.read_offsets(partitions, true).await
+    }
+
+    async fn read_offsets(
+        &self,
+        partitions: &[(String, i32)],
+        settled: bool,
+    ) -> Result<Vec<StoredOffset>, StoreError> {
         let (topics, parts): (Vec<&str>, Vec<i32>) =
             partitions.iter().map(|(t, p)| (t.as_str(), *p)).unzip();
+        let lock = if settled { " FOR SHARE" } else { "" };
+        let sql = format!(
+            "SELECT topic, partition, next_offset, epoch, owner FROM ingest.offsets \
+             WHERE consumer_group = $1 \
+               AND (cardinality($2::text[]) = 0 OR (topic, partition) IN \
+                    (SELECT * FROM unnest($2::text[], $3::int4[]))) \
+             ORDER BY topic, partition{lock}"
+        );
         self.bounded("read stored offsets", async |conn| {
-            sqlx::query_as(
-                "SELECT topic, partition, next_offset, epoch, owner FROM ingest.offsets \
-                 WHERE consumer_group = $1 \
-                   AND (cardinality($2::text[]) = 0 OR (topic, partition) IN \
-                        (SELECT * FROM unnest($2::text[], $3::int4[]))) \
-                 ORDER BY topic, partition",
-            )
-            .bind(&self.group)
-            .bind(&topics)
-            .bind(&parts)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db("read stored offsets"))
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(&self.group)
+                .bind(&topics)
+                .bind(&parts)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db("read stored offsets"))
         })
         .await
     }
@@ -265,15 +296,23 @@ pub(super) async fn compare_and_set<'a>(
         .collect();
     let replays = advanced
         .into_iter()
-        .filter_map(|a| match a.replay_end {
-            Some(until) if a.start_offset < until => Some(Replay {
-                topic: a.topic,
-                partition: a.partition,
-                from: a.start_offset,
-                until,
-                keep: a.replay_keep,
-            }),
-            _ => None,
+        .filter_map(|a| {
+            let range = ranges
+                .iter()
+                .find(|r| r.topic == a.topic && r.partition == a.partition)?;
+            // Offsets the broker no longer had (a gap skipped on the way) are not read
+            // again: their rows stay.
+            let from = range.first_read().max(a.start_offset);
+            match a.replay_end {
+                Some(until) if from < until => Some(Replay {
+                    topic: a.topic,
+                    partition: a.partition,
+                    from,
+                    until,
+                    keep: a.replay_keep,
+                }),
+                _ => None,
+            }
         })
         .collect();
     Ok(Advance { fenced, replays })

@@ -15,11 +15,15 @@ pub(super) struct RouteSql {
     /// `COPY .. FROM STDIN` of the decoded lines: into the table (insert), or into the
     /// staging table (upsert).
     pub copy: String,
+    /// The relations this route COPYs into, as Postgres names them in the context of an
+    /// error (`COPY <relation>, line N`).
+    pub copy_relations: Vec<String>,
     /// `INSERT` of one row from text parameters, for `sink.write_method: row_inserts`.
     pub insert: Option<String>,
-    /// Name of the unique index on the source coordinates: a violation of it means the
+    /// Names of the unique index on the source coordinates, and of its partitions' on a
+    /// partitioned table (Postgres names the partition's): a violation of it means the
     /// protocol broke, so it stops the worker instead of becoming a dead letter.
-    pub source_index: Option<String>,
+    pub source_index: Vec<String>,
     /// Replays of an insert route: deleting and keeping rows by coordinates.
     pub replay: Option<ReplaySql>,
     /// Staging and applying an upsert route's rows.
@@ -104,13 +108,13 @@ pub(super) async fn prepare(
     }
 }
 
-/// Checks one route, adding what does not fit to `problems`; returns the name of the
-/// unique index on the source coordinates of an insert route.
+/// Checks one route, adding what does not fit to `problems`; returns the names of the
+/// unique index on the source coordinates of an insert route (with its partitions').
 async fn inspect(
     pool: &PgPool,
     route: &Route,
     problems: &mut Vec<String>,
-) -> Result<Option<String>, StoreError> {
+) -> Result<Vec<String>, StoreError> {
     let label = format!(
         "{} ({} -> {})",
         route.key,
@@ -136,7 +140,7 @@ async fn inspect(
         problems.push(format!(
             "{label}: table {table} does not exist: create it (`kafka-pg-ingest schema` prints a fitting CREATE TABLE)"
         ));
-        return Ok(None);
+        return Ok(Vec::new());
     }
     for column in &route.columns {
         let Some(found) = live.iter().find(|l| l.name == column.name) else {
@@ -173,12 +177,17 @@ async fn inspect(
             ));
         }
     }
-    let mut source_index = None;
+    let mut source_index = Vec::new();
     match route.mode {
         WriteMode::Insert => {
             if let Some(coordinates) = route.coordinates() {
-                source_index = unique_index(pool, &table, &coordinates).await?;
-                if source_index.is_none() {
+                let found = unique_index(pool, &table, &coordinates).await?;
+                if let Some(name) = &found {
+                    source_index = index_tree(pool, &route.schema_name, name).await?;
+                    // A plain index is no partition tree.
+                    source_index.push(name.clone());
+                }
+                if found.is_none() {
                     problems.push(format!(
                         "{label}: {table} needs a unique index on ({}) (the @topic, @partition and \
                          @offset columns): exactly-once audits and replays rely on it",
@@ -198,6 +207,19 @@ async fn inspect(
         }
     }
     Ok(source_index)
+}
+
+/// The names of the index partitions under index `name` (in `schema`), with its own
+/// when it is partitioned; none for a plain index.
+async fn index_tree(pool: &PgPool, schema: &str, name: &str) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_partition_tree(to_regclass($1)) t \
+         JOIN pg_class c ON c.oid = t.relid",
+    )
+    .bind(format!("{}.{}", quote_ident(schema), quote_ident(name)))
+    .fetch_all(pool)
+    .await
+    .map_err(db("look up the partitions of an index"))
 }
 
 /// The name of a unique, non-partial index of `table` on exactly `columns`.
@@ -239,7 +261,7 @@ fn quoted_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
 fn statements(
     route: &Route,
     index: usize,
-    source_index: Option<String>,
+    source_index: Vec<String>,
     method: WriteMethod,
 ) -> RouteSql {
     let table = quoted_table(route);
@@ -247,6 +269,10 @@ fn statements(
     match route.mode {
         WriteMode::Insert => RouteSql {
             copy: format!("COPY {table} ({columns}) FROM STDIN"),
+            copy_relations: vec![
+                route.table_name.clone(),
+                format!("kafka_pg_ingest_replay_{index}"),
+            ],
             insert: (method == WriteMethod::RowInserts).then(|| {
                 let values = route
                     .columns
@@ -260,15 +286,16 @@ fn statements(
             source_index,
             replay: route
                 .coordinates()
-                .map(|c| ReplaySql::new(&table, &columns, c)),
+                .map(|c| ReplaySql::new(&table, &columns, c, index)),
             upsert: None,
         },
         WriteMode::Upsert => {
             let staging = format!("pg_temp.kafka_pg_ingest_upsert_{index}");
             RouteSql {
                 copy: format!("COPY {staging} ({columns}, {DELETE_FLAG}) FROM STDIN"),
+                copy_relations: vec![format!("kafka_pg_ingest_upsert_{index}")],
                 insert: None,
-                source_index: None,
+                source_index: Vec::new(),
                 replay: None,
                 upsert: Some(UpsertSql::new(route, &table, &columns, &staging)),
             }
@@ -277,14 +304,20 @@ fn statements(
 }
 
 impl ReplaySql {
-    fn new(table: &str, column_list: &str, [topic, partition, offset]: [&str; 3]) -> Self {
+    fn new(
+        table: &str,
+        column_list: &str,
+        [topic, partition, offset]: [&str; 3],
+        index: usize,
+    ) -> Self {
         let (t, p, o) = (
             quote_ident(topic),
             quote_ident(partition),
             quote_ident(offset),
         );
         let ranges = "unnest($1::text[], $2::int4[], $3::int8[], $4::int8[]) AS k(t, p, f, u)";
-        let staging = "pg_temp.kafka_pg_ingest_replay";
+        // One per route: a session keeps its temporary tables, each shaped like its route.
+        let staging = format!("pg_temp.kafka_pg_ingest_replay_{index}");
         Self {
             delete_replaced: format!(
                 "DELETE FROM {table} x USING {ranges} \

@@ -50,7 +50,8 @@ fn commit_in_kafka(kafka: &TestKafka, offset: i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restart_resumes_from_offsets_stored_in_postgres_even_with_no_or_wrong_kafka_offsets() {
+async fn restart_resumes_from_offsets_stored_in_postgres_with_kafka_offsets_absent_ahead_or_behind()
+{
     let db = TestDb::new().await;
     let kafka = TestKafka::new(4);
     kafka.produce(valid_messages(0, 6_000));
@@ -73,11 +74,22 @@ async fn restart_resumes_from_offsets_stored_in_postgres_even_with_no_or_wrong_k
     let after_second = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
     assert!(after_second < 6_000, "stopped mid-stream again");
 
-    // Third life: Kafka now holds a wrong offset (0, which would re-read everything).
+    // Third life: Kafka holds an offset ahead of Postgres (which would skip records).
+    tokio::task::block_in_place(|| commit_in_kafka(&kafka, 5_000));
+    let mut third = Pipeline::connect(config.clone()).await.expect("restarts");
+    wait_for_progress(&mut third, &db, &kafka, after_second + 500, &token).await;
+    third.close().await;
+    let after_third = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
+    assert!(after_third < 6_000, "stopped mid-stream once more");
+    Landed::read(&db.pool, &kafka.topic)
+        .await
+        .assert_exactly_once(after_third, 0);
+
+    // Fourth life: Kafka now holds a wrong offset (0, which would re-read everything).
     tokio::task::block_in_place(|| commit_in_kafka(&kafka, 0));
     config.kafka.mirror_offsets = true;
-    let third = Pipeline::connect(config).await.expect("restarts");
-    ingest_all_and_assert_exactly_once(third, &db, &kafka, 6_000, 0).await;
+    let fourth = Pipeline::connect(config).await.expect("restarts");
+    ingest_all_and_assert_exactly_once(fourth, &db, &kafka, 6_000, 0).await;
     db.drop().await;
 }
 

@@ -432,3 +432,84 @@ async fn a_position_moved_below_the_log_start_on_a_live_worker_stops_it_instead_
     assert_eq!(stored(&db.pool, &kafka).await, vec![(0, Some(10))]);
     db.drop().await;
 }
+
+/// Under `skip`, moves a live worker's position below the log start (librdkafka stops
+/// the partition's fetch) and checks it goes on from the log start with the gap
+/// recorded, the group assigning by `strategy`.
+async fn moved_below_the_log_start_under_skip(strategy: &str) {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    kafka.produce(valid_messages(0, 100));
+    let mut config = kafka.config(&db);
+    config.kafka.on_data_loss = kafka_pg_ingest::config::OnDataLoss::Skip;
+    config
+        .kafka
+        .options
+        .insert("partition.assignment.strategy".into(), strategy.into());
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        100,
+        Duration::from_secs(30),
+    )
+    .await;
+    produce_until_retention_passes(&kafka, 100);
+    let (low, high) = watermarks(&kafka);
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        high,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The rows below the log start go, as if never ingested; the live worker follows the
+    // moved row, librdkafka stops the partition's fetch, and the worker restarts it at
+    // the log start, recording the gap.
+    sqlx::raw_sql(
+        "DELETE FROM web_metrics.metrics WHERE kafka_offset >= 10; DELETE FROM ingest.dead_letters",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("forget the rows");
+    set_stored(&db.pool, &kafka, 10).await;
+    kafka.produce(valid_messages(100, 50));
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        high + 50,
+        Duration::from_secs(30),
+    )
+    .await;
+    pipeline.close().await;
+    assert_eq!(
+        gaps(&db.pool).await,
+        vec![(10, low, "below_log_start".to_owned(), low, high + 50)]
+    );
+    let accounted: i64 = scalar(
+        &db.pool,
+        "SELECT (SELECT count(DISTINCT kafka_offset) FROM web_metrics.metrics) \
+              + (SELECT count(DISTINCT \"offset\") FROM ingest.dead_letters) \
+              + (SELECT sum(to_offset - from_offset) FROM ingest.offset_gaps)::int8",
+    )
+    .await;
+    assert_eq!(
+        accounted,
+        high + 50,
+        "every offset once: a row, a dead letter or the gap"
+    );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_skip_a_position_moved_below_the_log_start_goes_on_from_it_eager() {
+    moved_below_the_log_start_under_skip("range").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_skip_a_position_moved_below_the_log_start_goes_on_from_it_cooperative() {
+    moved_below_the_log_start_under_skip("cooperative-sticky").await;
+}

@@ -98,11 +98,11 @@ async fn terminated_backends_are_retried_partitions_kept_and_result_exactly_once
             // Only backends inside a transaction: killing an idle pooled connection is
             // healed by the pool before anyone notices, so it would prove nothing.
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = $2 \
+             WHERE datname = $1 AND application_name LIKE $2 \
                AND state IN ('active', 'idle in transaction')) t",
         )
         .bind(&db.name)
-        .bind(kafka_pg_ingest::store::APPLICATION_NAME)
+        .bind(format!("{} %", kafka_pg_ingest::store::APPLICATION_NAME))
         .fetch_one(&db.pool)
         .await
         .expect("terminate");
@@ -140,6 +140,8 @@ async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_
     })
     .await;
     proxy.set_up(false);
+    // A COMMIT relayed just before the cut still completes on the server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let during = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
     tokio::time::sleep(Duration::from_secs(4)).await; // the outage itself
     assert_eq!(
@@ -164,18 +166,30 @@ async fn database_refusing_connections_is_retried_with_backoff_and_ends_exactly_
     db.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends_exactly_once() {
+/// Ingests 5,000 records through the proxy with three COMMITs cut (`applied`: after the
+/// server got them; otherwise before) and checks each was read back from the offset
+/// rows and the stream landed once.
+async fn commits_cut(applied: bool) -> Stats {
     let (db, proxy, kafka, mut config) = behind_proxy(4, 5_000).await;
-    proxy.commits_to_cut.store(3, Ordering::SeqCst);
+    let cuts = if applied {
+        &proxy.commits_to_cut.applied
+    } else {
+        &proxy.commits_to_cut.dropped
+    };
     config.batch.max_records = 250;
-    // Already migrated: every COMMIT through the proxy is then a batch's.
     config.postgres.migrate_on_start = false;
     let worker = Worker::start(config, &db, &kafka, 5_000).await;
+    // Armed once the partitions are claimed (a claim commits too): every COMMIT through
+    // the proxy is then a batch's.
+    wait_for("the first batch", Duration::from_secs(60), || async {
+        stored_total(&db.pool, &kafka.group, &kafka.topic).await > 0
+    })
+    .await;
+    cuts.store(3, Ordering::SeqCst);
     let stats = worker.finish().await;
 
     assert_eq!(
-        proxy.commits_to_cut.load(Ordering::SeqCst),
+        cuts.load(Ordering::SeqCst),
         0,
         "three COMMITs lost their answer"
     );
@@ -185,6 +199,22 @@ async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends
     );
     assert_landed_once(&db, &kafka, 5_000, 0).await;
     db.drop().await;
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_lost_during_commit_is_resolved_from_the_offset_rows_and_ends_exactly_once() {
+    let stats = commits_cut(true).await;
+    assert_eq!(
+        stats.retries, 0,
+        "applied commits are not retried: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_lost_before_it_reached_the_server_is_read_back_as_not_applied_and_retried() {
+    let stats = commits_cut(false).await;
+    assert!(stats.retries >= 3, "each was retried: {stats:?}");
 }
 
 async fn owners(pool: &PgPool, kafka: &TestKafka) -> Vec<String> {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use kafka_pg_ingest::dev::freeze::freeze_in_transaction;
+use kafka_pg_ingest::dev::freeze::{client_ports, freeze_in_transaction};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -31,12 +31,13 @@ async fn owners(pool: &PgPool, kafka: &TestKafka) -> i64 {
         .expect("read owners")
 }
 
-fn spawn(kafka: &TestKafka, db: &TestDb) -> Reaped {
+/// A worker of the real binary, its log in `log`.
+fn spawn(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Reaped {
     let mut command = worker_command(kafka, db);
     command
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(std::fs::File::create(log).expect("log file"));
     Reaped(command.spawn().expect("worker starts"))
 }
 
@@ -47,8 +48,10 @@ async fn a_worker_frozen_inside_a_commit_loses_its_partitions_within_seconds_and
     let kafka = TestKafka::new(8);
     let stop = CancellationToken::new();
     let producer = produce_until(&kafka, stop.clone());
-    let frozen = spawn(&kafka, &db);
-    let other = spawn(&kafka, &db);
+    let logs = std::env::temp_dir().join(format!("kpi-freeze-{}", db.name));
+    std::fs::create_dir_all(&logs).expect("log directory");
+    let frozen = spawn(&kafka, &db, &logs.join("frozen.log"));
+    let other = spawn(&kafka, &db, &logs.join("other.log"));
     wait_for(
         "both workers owning partitions",
         Duration::from_secs(60),
@@ -60,9 +63,15 @@ async fn a_worker_frozen_inside_a_commit_loses_its_partitions_within_seconds_and
         .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
         .expect("the admin URL has a port");
     assert!(
-        freeze_in_transaction(&frozen, &db.pool, &db.name, server_port, 500)
-            .await
-            .expect("signals"),
+        freeze_in_transaction(
+            &frozen,
+            &db.pool,
+            &db.name,
+            || client_ports(frozen.id(), server_port),
+            500
+        )
+        .await
+        .expect("signals"),
         "the worker was never caught inside a transaction"
     );
     let at_freeze = positions(&db.pool, &kafka).await;
@@ -100,5 +109,12 @@ async fn a_worker_frozen_inside_a_commit_loses_its_partitions_within_seconds_and
     Landed::read(&db.pool, &kafka.topic)
         .await
         .assert_exactly_once(produced, 0);
+    // The other worker's claim ended the frozen one's transaction.
+    let log = std::fs::read_to_string(logs.join("other.log")).expect("log");
+    assert!(
+        log.contains("ended another worker's transaction that blocked the claim"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&logs);
     db.drop().await;
 }

@@ -205,10 +205,19 @@ async fn a_rewind_of_a_quiet_partition_takes_effect_while_another_partition_keep
     db.drop().await;
 }
 
-/// Starts a worker on its own task, waits until it has landed `first` records, runs
+/// What became of partition 0 after tampering with its row under a live worker.
+struct Tampered {
+    db: TestDb,
+    /// Partition 0's epoch before and after.
+    epochs: (i64, i64),
+    /// From the tampering to every record landed.
+    took: Duration,
+}
+
+/// Starts a worker on its own task, waits until it has landed 1,000 records, runs
 /// `tamper` on the offset rows, produces 1,000 more and waits for every record to land
 /// exactly once.
-async fn tamper_with_the_rows_of_a_live_worker(tamper: &'static str) -> (TestDb, i64) {
+async fn tamper_with_the_rows_of_a_live_worker(tamper: &'static str) -> Tampered {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(2);
     kafka.produce(valid_messages(0, 1_000));
@@ -224,6 +233,12 @@ async fn tamper_with_the_rows_of_a_live_worker(tamper: &'static str) -> (TestDb,
         stored_total(&db.pool, &kafka.group, &kafka.topic).await == 1_000
     })
     .await;
+    let before = scalar(
+        &db.pool,
+        "SELECT epoch FROM ingest.offsets WHERE partition = 0",
+    )
+    .await;
+    let tampered = std::time::Instant::now();
     execute(&db.pool, tamper).await;
     kafka.produce(valid_messages(1_000, 1_000));
     wait_for(
@@ -232,53 +247,75 @@ async fn tamper_with_the_rows_of_a_live_worker(tamper: &'static str) -> (TestDb,
         || async { stored_total(&db.pool, &kafka.group, &kafka.topic).await == 2_000 },
     )
     .await;
+    let took = tampered.elapsed();
     stop.cancel();
     worker.await.expect("worker");
     Landed::read(&db.pool, &kafka.topic)
         .await
         .assert_exactly_once(2_000, 0);
-    let epoch = scalar(
+    let after = scalar(
         &db.pool,
         "SELECT epoch FROM ingest.offsets WHERE partition = 0",
     )
     .await;
-    (db, epoch)
+    Tampered {
+        db,
+        epochs: (before, after),
+        took,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_offset_row_deleted_under_a_live_worker_is_claimed_again_where_the_worker_stood() {
-    let (db, epoch) =
-        tamper_with_the_rows_of_a_live_worker("DELETE FROM ingest.offsets WHERE partition = 0")
-            .await;
-    assert!(epoch >= 1, "{epoch}");
-    db.drop().await;
+    let t = tamper_with_the_rows_of_a_live_worker("DELETE FROM ingest.offsets WHERE partition = 0")
+        .await;
+    assert!(
+        t.epochs.1 > t.epochs.0,
+        "claimed above the epoch it held: {:?}",
+        t.epochs
+    );
+    t.db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_offset_row_restored_from_an_older_dump_is_claimed_again_and_resumes_from_it() {
     // As a restore of a dump taken at offset 300 would leave it: the row and the rows of
     // the table both back there, under an older epoch.
-    let (db, epoch) = tamper_with_the_rows_of_a_live_worker(
+    let t = tamper_with_the_rows_of_a_live_worker(
         "UPDATE ingest.offsets SET epoch = 0, next_offset = 300, owner = 'restored' WHERE partition = 0; \
          DELETE FROM web_metrics.metrics WHERE kafka_partition = 0 AND kafka_offset >= 300",
     )
     .await;
-    assert!(epoch >= 2, "claimed above the epoch it held: {epoch}");
-    db.drop().await;
+    assert!(
+        t.epochs.1 > t.epochs.0,
+        "claimed above the epoch it held: {:?}",
+        t.epochs
+    );
+    t.db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_claimed_by_a_stranger_but_still_assigned_here_is_claimed_back_after_the_session_timeout()
  {
-    let (db, epoch) = tamper_with_the_rows_of_a_live_worker(
+    let t = tamper_with_the_rows_of_a_live_worker(
         "UPDATE ingest.offsets SET epoch = epoch + 5, owner = 'stranger' WHERE partition = 0",
     )
     .await;
     let owner: String = sqlx::query_scalar("SELECT owner FROM ingest.offsets WHERE partition = 0")
-        .fetch_one(&db.pool)
+        .fetch_one(&t.db.pool)
         .await
         .expect("owner");
     assert_ne!(owner, "stranger");
-    assert!(epoch >= 1);
-    db.drop().await;
+    assert!(
+        t.epochs.1 > t.epochs.0 + 5,
+        "claimed above the stranger: {:?}",
+        t.epochs
+    );
+    // The stranger had the session timeout (6 s in tests) to be the owner Kafka meant.
+    assert!(
+        t.took >= Duration::from_secs(5),
+        "claimed back after {:?}",
+        t.took
+    );
+    t.db.drop().await;
 }

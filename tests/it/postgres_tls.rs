@@ -253,7 +253,7 @@ async fn postgres_over_verify_full_tls_with_a_client_certificate_lands_exactly_o
     // pg_hba admits only TLS; this shows the sessions are the worker's own.
     let tls_sessions: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-         WHERE a.application_name = 'kafka-pg-ingest' AND s.ssl",
+         WHERE a.application_name LIKE 'kafka-pg-ingest %' AND s.ssl",
     )
     .fetch_one(&pool)
     .await

@@ -17,9 +17,31 @@ fn samples(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// The lag gauges of the topic's two partitions in a scrape.
+fn lags(scraped: &HashMap<String, f64>, topic: &str) -> Vec<Option<f64>> {
+    (0..2)
+        .map(|p| {
+            let key =
+                format!("kafka_pg_ingest_partition_lag{{topic=\"{topic}\",partition=\"{p}\"}}");
+            scraped.get(&key).copied()
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn metrics_equal_what_postgres_holds_and_lag_falls_to_zero() {
+async fn metrics_equal_what_postgres_holds_and_lag_rises_then_falls_to_zero() {
     let db = TestDb::new().await;
+    // Each COPY takes 100 ms: ingest spans several of librdkafka's once-a-second
+    // statistics, so lag is seen above 0 before it falls.
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END$$; \
+         CREATE TRIGGER slow AFTER INSERT ON web_metrics.metrics \
+           FOR EACH STATEMENT EXECUTE FUNCTION public.slow();",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("slow trigger");
     let kafka = TestKafka::new(2);
     let mut payloads = valid_messages(0, 1_000);
     for i in 0..6 {
@@ -32,44 +54,55 @@ async fn metrics_equal_what_postgres_holds_and_lag_falls_to_zero() {
     }
     kafka.produce(payloads);
     let mut config = kafka.config(&db);
-    config.batch.max_records = 200;
+    config.batch.max_records = 40;
     config.run.metrics_addr = Some("127.0.0.1:0".into());
+    config.postgres.lock_timeout_ms = 200;
     let mut pipeline = Pipeline::connect(config).await.expect("starts");
     let stop = CancellationToken::new();
     let addr = serve_endpoints(&pipeline, stop.clone()).await;
+
+    // librdkafka reports high watermarks once a second; step until lag has been seen
+    // above 0 and then falls to 0 with everything stored.
+    let token = CancellationToken::new();
     drive_until_caught_up(
         &mut pipeline,
         &db.pool,
         &kafka,
-        1_006,
+        200,
         Duration::from_secs(60),
     )
     .await;
-
-    // librdkafka reports high watermarks once a second; keep stepping until lag is 0.
-    let lag_keys: Vec<String> = (0..2)
-        .map(|p| {
-            format!(
-                "kafka_pg_ingest_partition_lag{{topic=\"{}\",partition=\"{p}\"}}",
-                kafka.topic
-            )
-        })
-        .collect();
-    let token = CancellationToken::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let (scraped, body) = loop {
+    // Then the offset rows are locked for a second: compare-and-sets time out and are
+    // retried.
+    let mut lock = db.pool.begin().await.expect("begin");
+    sqlx::raw_sql("LOCK TABLE ingest.offsets IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lock.rollback().await.expect("release");
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut highest_lag = 0.0f64;
+    let scraped = loop {
         pipeline.step(&token).await.expect("step");
         let (status, body) = http_get(addr, "/metrics").await;
         assert_eq!(status, 200);
         let s = samples(&body);
-        if lag_keys.iter().all(|k| s.get(k) == Some(&0.0)) {
-            break (s, body);
+        let lag = lags(&s, &kafka.topic);
+        highest_lag = lag.iter().flatten().fold(highest_lag, |a, b| a.max(*b));
+        let stored = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
+        if stored == 1_006 && lag.iter().all(|l| *l == Some(0.0)) {
+            break s;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "lag never reached 0:\n{body}"
         );
     };
+    release.await.expect("lock released");
+    assert!(highest_lag > 0.0, "lag was seen above 0 while ingesting");
 
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM web_metrics.metrics")
         .fetch_one(&db.pool)
@@ -99,8 +132,52 @@ async fn metrics_equal_what_postgres_holds_and_lag_falls_to_zero() {
         );
         assert_eq!(scraped.get(&key), Some(&503.0), "{key}");
     }
-    assert!(scraped["kafka_pg_ingest_batch_commit_duration_seconds_count"] >= 6.0);
+    let stats = pipeline.stats().clone();
+    assert!(
+        stats.retries >= 1,
+        "the locked rows made commits retry: {stats:?}"
+    );
+    assert_eq!(
+        scraped["kafka_pg_ingest_retries_total{class=\"transient\"}"],
+        stats.retries as f64
+    );
+    assert_eq!(
+        scraped["kafka_pg_ingest_batch_commit_duration_seconds_count"],
+        stats.batches as f64
+    );
     assert!(scraped["kafka_pg_ingest_rebalances_total"] >= 1.0);
+
+    // A stranger claims partition 0 while a batch of it is in flight (its compare-and-set
+    // now waits a second before it runs): the batch is fenced and counted.
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.slow_cas() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
+           IF current_query() LIKE 'UPDATE ingest.offsets AS o SET next_offset = u.end_offset%' \
+           THEN PERFORM pg_sleep(1); END IF; RETURN NULL; END$$; \
+         CREATE TRIGGER slow_cas BEFORE UPDATE ON ingest.offsets \
+           FOR EACH STATEMENT EXECUTE FUNCTION public.slow_cas();",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("slow compare-and-set");
+    kafka.produce(valid_messages(1_000, 10));
+    pipeline.step(&token).await.expect("step");
+    sqlx::query(
+        "UPDATE ingest.offsets SET epoch = epoch + 1, owner = 'stranger' WHERE partition = 0",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("claim by hand");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pipeline.stats().fenced == 0 {
+        assert!(std::time::Instant::now() < deadline, "never fenced");
+        pipeline.step(&token).await.expect("step");
+    }
+    let (_, body) = http_get(addr, "/metrics").await;
+    let scraped = samples(&body);
+    assert_eq!(
+        scraped["kafka_pg_ingest_fencing_conflicts_total"],
+        pipeline.stats().fenced as f64
+    );
     assert_dashboard_queries_exported_metrics(&body);
     let (status, _) = http_get(addr, "/healthz").await;
     assert_eq!(status, 200);
