@@ -605,6 +605,12 @@ impl Config {
                 ));
             }
         }
+        if self.postgres.max_connections < 2 {
+            return Err(invalid(
+                "postgres.max_connections",
+                "must be at least 2: a claim blocked by a frozen worker needs a second connection to end its transaction",
+            ));
+        }
         if self.batch.max_records == 0 {
             return Err(invalid("batch.max_records", "must be at least 1"));
         }

@@ -125,6 +125,8 @@ pub struct Summary {
     pub missing: i64,
     /// Partitions whose stored offset is not the partition's end.
     pub offsets_off: usize,
+    /// Dead letters of a reason the stream cannot cause: a valid record filed as one.
+    pub misfiled: i64,
     pub kills: u32,
     pub terminations: u32,
     pub storm_changes: u32,
@@ -151,6 +153,7 @@ impl Summary {
         self.duplicates == 0
             && self.missing == 0
             && self.offsets_off == 0
+            && self.misfiled == 0
             && self.exits == 0
             && lossless
     }
@@ -161,7 +164,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "chaos {}: seed={} assignment={} messages={} rows={} dead_letters={} gaps={} \
-             gapped_offsets={} duplicates={} missing={} offsets_off={} faults: kill={} term={} \
+             gapped_offsets={} duplicates={} missing={} offsets_off={} misfiled={} faults: kill={} term={} \
              storm={} backends={} db_outage={} broker_pause={} freeze={} retention={} \
              recreate={} self_exits={} elapsed={:.1}s",
             if self.passed() { "PASS" } else { "FAIL" },
@@ -175,6 +178,7 @@ impl fmt::Display for Summary {
             self.duplicates,
             self.missing,
             self.offsets_off,
+            self.misfiled,
             self.kills,
             self.terminations,
             self.storm_changes,
@@ -204,6 +208,11 @@ struct Rig {
     gate: std::sync::Arc<super::Gate>,
     /// Id of the next message produced besides the stream (`comment` ids stay unique).
     next_id: u64,
+    /// Dead-letter reasons the stream's malformed messages (and the retention fault's
+    /// oversized ones) end with; any other is a record filed wrongly.
+    expected_reasons: Vec<String>,
+    /// When the topic was re-created, and each partition's log start just before.
+    recreated: Option<(chrono::DateTime<chrono::Utc>, Vec<i64>)>,
     topic: String,
     group: String,
     /// The campaign's database, directly and through the proxy.
@@ -276,6 +285,8 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
     let produced = producer.await.context("the producer thread failed")??;
     rig.summary.valid = produced.valid;
     rig.summary.malformed = produced.malformed.values().sum();
+    rig.expected_reasons
+        .extend(produced.malformed.keys().map(|r| (*r).to_owned()));
     if rig.summary.recreates > 0 {
         rig.top_up(seed).await?;
     }
@@ -342,6 +353,8 @@ impl Rig {
             kafka_proxy,
             gate: std::sync::Arc::new(super::Gate::default()),
             next_id: options.messages,
+            expected_reasons: vec![crate::decode::ReasonCode::TooLongString.as_str().to_owned()],
+            recreated: None,
             topic,
             group,
             database,
@@ -609,6 +622,8 @@ impl Rig {
     /// Replaces the broker with a fresh one behind the same address: the topic is back,
     /// empty, below every stored offset. The campaign's producer is held meanwhile.
     fn recreate_topic(&mut self) -> anyhow::Result<()> {
+        let lows = self.watermarks()?.into_iter().map(|(low, _)| low).collect();
+        self.recreated = Some((chrono::Utc::now(), lows));
         let log = self
             .logs
             .join(format!("broker-{}.log", self.summary.recreates + 2));
@@ -740,16 +755,44 @@ impl Rig {
         .bind(&self.topic)
         .fetch_one(&self.pool)
         .await?;
+        // A gap must say what the broker had: below its log start, records it no longer
+        // held (by then, or before the topic was re-created); beyond the log end, the new
+        // log's records below the stored offset.
+        let lows_now: Vec<i64> = tokio::task::block_in_place(|| self.watermarks())?
+            .into_iter()
+            .map(|(low, _)| low)
+            .collect();
+        let (recreated_at, lows_before) = match &self.recreated {
+            Some((at, lows)) => (Some(*at), lows.clone()),
+            None => (None, lows_now.clone()),
+        };
+        let partitions: Vec<i32> = (0..self.options.partitions).collect();
         let (gaps, gapped, false_gaps): (i64, i64, i64) = sqlx::query_as(
             "SELECT count(*), coalesce(sum(to_offset - from_offset) FILTER \
                (WHERE reason = 'below_log_start'), 0)::int8, \
              count(*) FILTER (WHERE from_offset >= to_offset \
-               OR (reason = 'below_log_start' AND to_offset <> low_watermark) \
-               OR (reason = 'beyond_log_end' AND from_offset <> low_watermark)) \
-             FROM ingest.offset_gaps WHERE consumer_group = $1 AND topic = $2",
+               OR (reason = 'below_log_start' AND (to_offset <> low_watermark \
+                   OR to_offset > CASE WHEN detected_at < $6 THEN w.before ELSE w.now END)) \
+               OR (reason = 'beyond_log_end' AND (from_offset <> low_watermark OR $6 IS NULL))) \
+             FROM ingest.offset_gaps g \
+             JOIN unnest($3::int4[], $4::int8[], $5::int8[]) AS w(p, before, now) ON w.p = g.partition \
+             WHERE consumer_group = $1 AND topic = $2",
         )
         .bind(&self.group)
         .bind(&self.topic)
+        .bind(&partitions)
+        .bind(&lows_before)
+        .bind(&lows_now)
+        .bind(recreated_at)
+        .fetch_one(&self.pool)
+        .await?;
+        let misfiled: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM ingest.dead_letters \
+             WHERE consumer_group = $1 AND topic = $2 AND reason_code <> ALL($3)",
+        )
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(&self.expected_reasons)
         .fetch_one(&self.pool)
         .await?;
         // Offset by offset up to each partition's end: one row, one dead letter, or a
@@ -789,6 +832,7 @@ impl Rig {
         s.duplicates =
             (rows - comments) + (rows - coordinates) + (dead - dead_offsets) + twice + false_gaps;
         s.missing = uncovered;
+        s.misfiled = misfiled;
         if gaps == 0 {
             s.missing +=
                 (s.valid as i64 - comments).max(0) + (s.malformed as i64 - dead_offsets).max(0);

@@ -52,8 +52,8 @@ pub fn client_ports(pid: u32, server_port: u16) -> Vec<i32> {
 }
 
 /// Stops `worker` (SIGSTOP) at a moment when one of its backends in `database` is
-/// inside a transaction that has written, trying up to `attempts` times (resuming it
-/// between tries).
+/// inside a batch's transaction past its compare-and-set, trying up to `attempts` times
+/// (resuming it between tries).
 /// `backend_ports` gives the `client_port`s of the worker's backends. Returns whether
 /// it is now frozen mid-transaction; when not, it is left running.
 pub async fn freeze_in_transaction(
@@ -66,12 +66,15 @@ pub async fn freeze_in_transaction(
     for attempt in 0..attempts {
         worker.signal("STOP")?;
         let ports = backend_ports();
-        // A transaction that has written (it holds its own transaction id): a commit
-        // past its compare-and-set, holding its offset rows' locks, or a claim.
+        // A batch's transaction that has written (it holds its own transaction id): past
+        // its compare-and-set, holding its offset rows' locks. A claim's is not one.
         let open: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity a WHERE a.datname = $1 \
              AND a.client_port = ANY($2) AND EXISTS (SELECT 1 FROM pg_locks l \
-               WHERE l.pid = a.pid AND l.locktype = 'transactionid' AND l.granted)",
+               WHERE l.pid = a.pid AND l.locktype = 'transactionid' AND l.granted) \
+             AND a.query NOT LIKE 'INSERT INTO ingest.offsets%' \
+             AND a.query NOT LIKE 'SELECT pg_backend_pid()%' \
+             AND a.query NOT LIKE 'SET LOCAL lock_timeout%'",
         )
         .bind(database)
         .bind(&ports)

@@ -35,7 +35,7 @@ use start::Start;
 pub type TopicPartition = (String, i32);
 
 /// How long the watermark reads of one claim may take in all.
-const CLAIM_WATERMARKS_LIMIT: Duration = Duration::from_secs(10);
+const CLAIM_WATERMARKS_LIMIT: Duration = Duration::from_secs(5);
 
 /// What this worker holds of a partition it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +208,12 @@ impl IngestContext {
             Err(e) if e.class() == ErrorClass::Transient => {
                 tracing::warn!(error = %e, partitions = requests.len(),
                     "cannot claim assigned partitions now; they wait unconsumed and are claimed again shortly");
+                // Claimed again shortly; an orphan's lone attempt backs off further, as
+                // something (an operator's session, an outage) holds it up.
+                let retry_in = match patience {
+                    ClaimPatience::Retry => Duration::from_secs(1),
+                    ClaimPatience::Once => Duration::from_secs(5),
+                };
                 let mut assignments = self.assignments.lock();
                 let mut orphans = self.orphans();
                 for request in requests {
@@ -215,7 +221,7 @@ impl IngestContext {
                     orphans.insert(
                         request.partition.clone(),
                         Orphan {
-                            due: Instant::now() + Duration::from_secs(1),
+                            due: Instant::now() + retry_in,
                             least_epoch: request.least_epoch,
                             resume_at: request.resume_at,
                         },
@@ -331,12 +337,18 @@ impl IngestContext {
                 resume_at: None,
             })
             .collect();
-        let starts = match self.claim(&wanted, ClaimPatience::Retry) {
-            Ok(starts) => starts,
-            Err(reason) => {
-                tracing::error!(reason, "cannot start the assigned partitions; stopping");
-                self.set_fatal(reason);
-                return;
+        // Rebalances hand members empty assignments too: nothing to claim, but the
+        // (empty) assign below is what completes the rebalance.
+        let starts = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            match self.claim(&wanted, ClaimPatience::Retry) {
+                Ok(starts) => starts,
+                Err(reason) => {
+                    tracing::error!(reason, "cannot start the assigned partitions; stopping");
+                    self.set_fatal(reason);
+                    return;
+                }
             }
         };
         let mut tpl = TopicPartitionList::new();

@@ -313,12 +313,39 @@ impl Pipeline {
         }
         self.mirror_offsets();
         if let Some(consumer) = self.consumer.take() {
-            tokio::task::block_in_place(move || {
-                consumer.unsubscribe();
-                drop(consumer);
-            });
+            leave_group(consumer);
         }
         std::mem::take(&mut self.stats)
+    }
+}
+
+/// How long leaving the group may take at shutdown.
+const LEAVE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Unsubscribes and closes the consumer, giving up after [`LEAVE_LIMIT`]: librdkafka's
+/// close waits for the group to take the leave, which a group stuck mid-rebalance (or
+/// an unreachable coordinator) can hold far longer than a stop may take. Offsets live
+/// in Postgres, so a leave left unfinished costs only the session timeout before the
+/// partitions move on.
+fn leave_group(consumer: IngestConsumer) {
+    let (left, leaving) = std::sync::mpsc::channel();
+    let closer = std::thread::Builder::new()
+        .name("leave-group".into())
+        .spawn(move || {
+            consumer.unsubscribe();
+            drop(consumer);
+            let _ = left.send(());
+        });
+    if let Err(e) = closer {
+        tracing::error!(error = %e, "cannot start a thread to leave the group; exiting without leaving");
+        return;
+    }
+    if tokio::task::block_in_place(|| leaving.recv_timeout(LEAVE_LIMIT)).is_err() {
+        tracing::warn!(
+            limit_secs = LEAVE_LIMIT.as_secs(),
+            "leaving the consumer group did not finish in time; stopping without it (the group \
+             moves the partitions on after its session timeout)"
+        );
     }
 }
 
@@ -331,7 +358,15 @@ pub async fn run(
     let sleep = Duration::from_secs_f64(config.run.sleep_secs);
     let metrics_addr = config.run.metrics_addr.clone();
     let stuck_after = config.max_poll_interval() * 2;
-    let mut pipeline = Pipeline::connect(config).await?;
+    // A stop during start-up (waiting for Postgres, or for another worker's migration)
+    // drops what was opened: nothing is claimed before the loop runs.
+    let mut pipeline = tokio::select! {
+        pipeline = Pipeline::connect(config) => pipeline?,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped while starting");
+            return Ok(Stats::default());
+        }
+    };
     let stop_http = CancellationToken::new();
     let server = match metrics_addr {
         Some(addr) => {

@@ -426,7 +426,24 @@ impl Pipeline {
             RebalanceProtocol::Cooperative
         );
         let (result, restarted) = if eager {
-            let held = self.positions();
+            // A partition with a gap to skip is fetched past it, as its claim did.
+            let gaps: Vec<(TopicPartition, i64)> = self
+                .assignments
+                .lock()
+                .iter()
+                .filter_map(|(tp, s)| s.gap.map(|g| (tp.clone(), start::fetch_past(&g))))
+                .collect();
+            let held: Vec<(TopicPartition, i64)> = self
+                .positions()
+                .into_iter()
+                .map(|(tp, position)| {
+                    let fetch = gaps
+                        .iter()
+                        .find(|(g, _)| *g == tp)
+                        .map_or(position, |(_, f)| *f);
+                    (tp, fetch)
+                })
+                .collect();
             let mut all = assigned.iter().map(|tp| {
                 let offset = wanted
                     .iter()

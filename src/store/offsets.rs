@@ -5,14 +5,15 @@ use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 
-use super::{APPLICATION_NAME, PartitionRange, Store, StoreError, db};
+use super::{APPLICATION_NAME, PartitionRange, Store, StoreError, db, execute_trusted};
 
 /// How long a claim waits on the locks of another worker's transaction before it ends
-/// that transaction (at most half of `postgres.lock_timeout_ms`, so it happens before
-/// the wait times out). The claim makes this worker the partition's owner (Kafka
-/// assigned it here), so the holder is a previous owner: frozen, cut off, or finishing a
-/// batch that can no longer commit. Ending it lets the group move on; its batch is read
-/// again. This worker's own sessions are never ended: its own commit finishes soon.
+/// that transaction, if that transaction has been waiting on its client all that time
+/// (at most half of `postgres.lock_timeout_ms`, so it happens before the wait times
+/// out). The claim makes this worker the partition's owner (Kafka assigned it here), so
+/// such a holder is a previous owner that is frozen or cut off. Ending it lets the group
+/// move on; its batch is read again. A previous owner still working (a slow commit) is
+/// waited for, and this worker's own sessions are never ended.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The result of claiming one partition.
@@ -62,6 +63,16 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db("claim partitions"))?;
+            // A lock held by something that is not ended (a live commit, an operator's
+            // session) fails the claim soon, so the rebalance callback does not block for
+            // long; the claim is retried, or its partitions claimed again shortly.
+            let wait = (patience + Duration::from_secs(1)).min(self.lock_timeout);
+            execute_trusted(
+                &mut tx,
+                &format!("SET LOCAL lock_timeout = {}", wait.as_millis()),
+                "claim partitions",
+            )
+            .await?;
             let claim = sqlx::query_as::<_, (String, i32, Option<i64>, i64)>(
                 "INSERT INTO ingest.offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner) \
                  SELECT $1, t, p, NULL, GREATEST(e, 1), $2 \
@@ -82,7 +93,7 @@ impl Store {
                 loop {
                     tokio::select! {
                         rows = &mut claim => break rows.map_err(db("claim partitions"))?,
-                        () = tokio::time::sleep(patience) => self.end_blockers(pid).await,
+                        () = tokio::time::sleep(patience) => self.end_blockers(pid, patience).await,
                     }
                 }
             };
@@ -101,10 +112,10 @@ impl Store {
     }
 
     /// Ends the transactions of other workers (their sessions' `application_name` is a
-    /// worker's, not this one's; same role and database) that block backend `pid`. Best
-    /// effort: a failure is logged and the blocked statement keeps waiting within its own
-    /// deadlines.
-    async fn end_blockers(&self, pid: i32) {
+    /// worker's, not this one's; same role and database) that block backend `pid` and
+    /// have been waiting on their client for at least `waiting`. Best effort: a failure is
+    /// logged and the blocked statement keeps waiting within its own deadlines.
+    async fn end_blockers(&self, pid: i32, waiting: Duration) {
         // (pid, state, seconds since the transaction began) of each backend ended.
         type Ended = Vec<(i32, Option<String>, Option<f64>)>;
         let ended: Result<Ended, sqlx::Error> = sqlx::query_as(
@@ -115,11 +126,14 @@ impl Store {
                FROM pg_stat_activity a \
                WHERE a.pid = ANY(pg_blocking_pids($1)) AND a.application_name LIKE $2 \
                  AND a.application_name <> current_setting('application_name') \
-                 AND a.usename = current_user AND a.datname = current_database()) \
+                 AND a.usename = current_user AND a.datname = current_database() \
+                 AND a.wait_event = 'ClientRead' \
+                 AND a.state_change < now() - make_interval(secs => $3)) \
              SELECT pid, state, age FROM blockers WHERE pg_terminate_backend(pid)",
         )
         .bind(pid)
         .bind(format!("{APPLICATION_NAME} %"))
+        .bind(waiting.as_secs_f64())
         .fetch_all(&self.pool)
         .await;
         match ended {
@@ -130,7 +144,8 @@ impl Store {
                         state = state.as_deref().unwrap_or("?"),
                         transaction_secs = age.unwrap_or_default(),
                         "ended another worker's transaction that blocked the claim of its \
-                         partitions (a previous owner, frozen or cut off); its batch is read again here"
+                         partitions while waiting on its client (a previous owner, frozen or cut off); \
+                         its batch is read again here"
                     );
                 }
             }

@@ -24,7 +24,7 @@ fn campaign(assignment: &str, default_seed: u64) {
     for expected in [
         "chaos PASS",
         "rows=",
-        "duplicates=0 missing=0 offsets_off=0",
+        "duplicates=0 missing=0 offsets_off=0 misfiled=0",
         "kill=3 term=1 storm=6 backends=1 db_outage=1 broker_pause=1 freeze=1 retention=1 recreate=1 self_exits=0",
     ] {
         assert!(summary.contains(expected), "{expected} not in {summary}");

@@ -35,7 +35,7 @@ async fn owners(pool: &PgPool, kafka: &TestKafka) -> i64 {
 fn spawn(kafka: &TestKafka, db: &TestDb, log: &std::path::Path) -> Reaped {
     let mut command = worker_command(kafka, db);
     command
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).expect("log file"));
     Reaped(command.spawn().expect("worker starts"))
@@ -109,12 +109,15 @@ async fn a_worker_frozen_inside_a_commit_loses_its_partitions_within_seconds_and
     Landed::read(&db.pool, &kafka.topic)
         .await
         .assert_exactly_once(produced, 0);
-    // The other worker's claim ended the frozen one's transaction.
+    // The other worker's claim ended the frozen one's transaction, and the frozen
+    // worker's batch did not commit after it thawed.
     let log = std::fs::read_to_string(logs.join("other.log")).expect("log");
     assert!(
         log.contains("ended another worker's transaction that blocked the claim"),
         "{log}"
     );
+    let log = std::fs::read_to_string(logs.join("frozen.log")).expect("log");
+    assert!(log.contains("they did not commit"), "{log}");
     let _ = std::fs::remove_dir_all(&logs);
     db.drop().await;
 }

@@ -140,7 +140,8 @@ async fn a_rewind_of_a_quiet_partition_takes_effect_while_another_partition_keep
     let db = TestDb::new().await;
     let kafka = TestKafka::new(2);
     kafka.produce(valid_messages(0, 1_000));
-    let config = kafka.config(&db);
+    let mut config = kafka.config(&db);
+    config.batch.max_records = 100;
     let stop = CancellationToken::new();
     let worker = drive(
         Pipeline::connect(config.clone()).await.expect("starts"),
@@ -153,9 +154,25 @@ async fn a_rewind_of_a_quiet_partition_takes_effect_while_another_partition_keep
         stored_total(&db.pool, &kafka.group, &kafka.topic).await == 1_000
     })
     .await;
-    // Partition 0 stays busy; partition 1 gets nothing new and is rewound.
-    let busy = CancellationToken::new();
-    let producer = produce_to_partition_zero(&kafka, 1_000, 200, busy.clone());
+    // Partition 0 gets a backlog that keeps the worker busy for several seconds
+    // (every COPY takes 50 ms); partition 1 gets nothing new and is rewound.
+    execute(
+        &db.pool,
+        "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END$$; \
+         CREATE TRIGGER slow AFTER INSERT ON web_metrics.metrics \
+           FOR EACH STATEMENT EXECUTE FUNCTION public.slow();",
+    )
+    .await;
+    let backlog = tokio::task::block_in_place(|| {
+        sample::produce(
+            &kafka.brokers,
+            &kafka.topic,
+            1,
+            valid_messages(1_000, 12_000),
+        )
+        .expect("produce")
+    }) as i64;
     sqlx::query("UPDATE web_metrics.metrics SET url = 'tampered' WHERE kafka_partition = 1")
         .execute(&db.pool)
         .await
@@ -172,7 +189,7 @@ async fn a_rewind_of_a_quiet_partition_takes_effect_while_another_partition_keep
     .expect("rewind");
     wait_for(
         "the quiet partition's replay",
-        Duration::from_secs(15),
+        Duration::from_secs(5),
         || async {
             scalar(
                 &db.pool,
@@ -189,19 +206,19 @@ async fn a_rewind_of_a_quiet_partition_takes_effect_while_another_partition_keep
         },
     )
     .await;
-    busy.cancel();
-    let produced = producer.await.expect("producer") as i64;
-    wait_for(
-        "the busy partition to catch up",
-        Duration::from_secs(60),
-        || async { stored_total(&db.pool, &kafka.group, &kafka.topic).await == 1_000 + produced },
-    )
+    assert!(
+        stored_total(&db.pool, &kafka.group, &kafka.topic).await < 1_000 + backlog,
+        "the busy partition was still busy"
+    );
+    wait_for("the backlog", Duration::from_secs(120), || async {
+        stored_total(&db.pool, &kafka.group, &kafka.topic).await == 1_000 + backlog
+    })
     .await;
     stop.cancel();
     worker.await.expect("worker");
     Landed::read(&db.pool, &kafka.topic)
         .await
-        .assert_exactly_once(1_000 + produced, 0);
+        .assert_exactly_once(1_000 + backlog, 0);
     db.drop().await;
 }
 
