@@ -270,44 +270,29 @@ mod tests {
         };
         assert!(beyond.to_string().contains("re-created"), "{beyond}");
 
-        let Start::At {
-            next,
-            fetch,
-            gap: Some(gap),
-            store: false,
-        } = plan(
-            "g",
-            &tp,
-            Some(5),
-            Some((10, 90)),
-            OffsetReset::Latest,
-            OnDataLoss::Skip,
-        )
-        else {
-            panic!("skips below the log start");
+        // Under skip: (next, fetch, gap from, gap to, gap kind).
+        let skipped = |stored, log| {
+            let Start::At {
+                next,
+                fetch,
+                gap: Some(gap),
+                store: false,
+            } = plan(
+                "g",
+                &tp,
+                Some(stored),
+                Some(log),
+                OffsetReset::Latest,
+                OnDataLoss::Skip,
+            )
+            else {
+                panic!("skips {stored} outside {log:?}");
+            };
+            (next, fetch, gap.from, gap.to, gap.kind)
         };
+        assert_eq!(skipped(5, (10, 90)), (5, 10, 5, 10, GapKind::BelowLogStart));
         assert_eq!(
-            (next, fetch, gap.from, gap.to, gap.kind),
-            (5, 10, 5, 10, GapKind::BelowLogStart)
-        );
-        let Start::At {
-            next,
-            fetch,
-            gap: Some(gap),
-            store: false,
-        } = plan(
-            "g",
-            &tp,
-            Some(500),
-            Some((0, 90)),
-            OffsetReset::Latest,
-            OnDataLoss::Skip,
-        )
-        else {
-            panic!("skips beyond the log end");
-        };
-        assert_eq!(
-            (next, fetch, gap.from, gap.to, gap.kind),
+            skipped(500, (0, 90)),
             (500, 90, 0, 500, GapKind::BeyondLogEnd)
         );
     }

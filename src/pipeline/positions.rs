@@ -217,15 +217,7 @@ impl Pipeline {
         if due.is_empty() {
             return Ok(());
         }
-        let assigned: HashSet<TopicPartition> = consumer
-            .assignment()
-            .map(|tpl| {
-                tpl.elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let assigned = assigned_partitions(consumer);
         let (wanted, gone): (Vec<_>, Vec<_>) = due
             .into_iter()
             .partition(|r| assigned.contains(&r.partition));
@@ -397,15 +389,7 @@ impl Pipeline {
             return;
         }
         let consumer = self.consumer();
-        let assigned: Vec<TopicPartition> = consumer
-            .assignment()
-            .map(|tpl| {
-                tpl.elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let assigned = assigned_partitions(consumer);
         // A partition no longer assigned here is not taken back.
         let wanted: Vec<&(TopicPartition, i64)> = partitions
             .iter()
@@ -457,7 +441,7 @@ impl Pipeline {
             let result = tokio::task::block_in_place(|| {
                 consumer.assign(&tpl).and_then(|()| consumer.resume(&tpl))
             });
-            (result, assigned.clone())
+            (result, assigned.iter().cloned().collect())
         } else {
             let tps: Vec<TopicPartition> = wanted.iter().map(|(tp, _)| tp.clone()).collect();
             let unassign = list(&mut tps.iter().map(|tp| (tp, Offset::Invalid)));
@@ -500,4 +484,17 @@ impl Pipeline {
             })
             .collect()
     }
+}
+
+/// The partitions librdkafka has assigned to `consumer` (none when it cannot say).
+fn assigned_partitions(consumer: &crate::kafka::IngestConsumer) -> HashSet<TopicPartition> {
+    consumer
+        .assignment()
+        .map(|tpl| {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -408,31 +408,35 @@ async fn under_skip_retention_overtaking_the_group_is_recorded_and_every_offset_
     db.drop().await;
 }
 
+/// Starts a worker on `kafka`'s 100 records, then produces until retention has passed
+/// them and lets the worker catch up: `(the worker, log start, log end)`.
+async fn caught_up_past_retention(
+    config: kafka_pg_ingest::config::Config,
+    db: &TestDb,
+    kafka: &TestKafka,
+) -> (Pipeline, i64, i64) {
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    drive_until_caught_up(&mut pipeline, &db.pool, kafka, 100, Duration::from_secs(30)).await;
+    produce_until_retention_passes(kafka, 100);
+    let (low, high) = watermarks(kafka);
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        kafka,
+        high,
+        Duration::from_secs(60),
+    )
+    .await;
+    (pipeline, low, high)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_position_moved_below_the_log_start_on_a_live_worker_stops_it_instead_of_jumping() {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(1);
     kafka.produce(valid_messages(0, 100));
     let config = kafka.config(&db);
-    let mut pipeline = Pipeline::connect(config).await.expect("starts");
-    drive_until_caught_up(
-        &mut pipeline,
-        &db.pool,
-        &kafka,
-        100,
-        Duration::from_secs(30),
-    )
-    .await;
-    produce_until_retention_passes(&kafka, 100);
-    let (low, high) = watermarks(&kafka);
-    drive_until_caught_up(
-        &mut pipeline,
-        &db.pool,
-        &kafka,
-        high,
-        Duration::from_secs(60),
-    )
-    .await;
+    let (mut pipeline, low, _) = caught_up_past_retention(config, &db, &kafka).await;
     // Moved by hand below what the broker still has: the live worker follows the row,
     // and librdkafka finds the position out of range.
     set_stored(&db.pool, &kafka, 10).await;
@@ -462,25 +466,7 @@ async fn moved_below_the_log_start_under_skip(strategy: &str) {
         .kafka
         .options
         .insert("partition.assignment.strategy".into(), strategy.into());
-    let mut pipeline = Pipeline::connect(config).await.expect("starts");
-    drive_until_caught_up(
-        &mut pipeline,
-        &db.pool,
-        &kafka,
-        100,
-        Duration::from_secs(30),
-    )
-    .await;
-    produce_until_retention_passes(&kafka, 100);
-    let (low, high) = watermarks(&kafka);
-    drive_until_caught_up(
-        &mut pipeline,
-        &db.pool,
-        &kafka,
-        high,
-        Duration::from_secs(60),
-    )
-    .await;
+    let (mut pipeline, low, high) = caught_up_past_retention(config, &db, &kafka).await;
     // The rows below the log start go, as if never ingested; the live worker follows the
     // moved row, librdkafka stops the partition's fetch, and the worker restarts it at
     // the log start, recording the gap.
