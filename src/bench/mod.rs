@@ -6,15 +6,19 @@
 //! - the worker: the real binary as a child process, from its claim of the partitions
 //!   until the offsets stored in Postgres reach the end of the topic (joining the group
 //!   is not ingest time), with its peak RSS and CPU seconds;
-//! - raw COPY: the same rows, decoded beforehand, COPY'd in the same batch size with one
-//!   transaction per batch;
+//! - the limit: the most Postgres absorbs of the same rows on one connection (COPY
+//!   BINARY of rows encoded beforehand, one transaction per batch with the offsets'
+//!   compare-and-set, the best of several batch sizes), cross-checked with `psql`
+//!   (see [`limit`]);
 //! - naive: the worker with `sink.write_method: row_inserts`, on a smaller topic.
 //!
 //! With `--mode upsert` the worker writes through a route in upsert mode keyed on the
 //! source coordinates (staging COPY, then one INSERT .. ON CONFLICT per batch).
 //!
 //! Every worker run is checked for exactly once (rows = messages, distinct coordinates).
+//! CPU per row is reported for the worker and for the Postgres backends serving it.
 
+mod limit;
 mod process;
 
 use std::fmt;
@@ -30,7 +34,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
 use serde::Serialize;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::config::{Config, Overrides, WriteMode};
@@ -58,12 +62,23 @@ pub struct BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
     pub worker_rows_per_s: f64,
-    pub raw_copy_rows_per_s: f64,
+    /// The best of the limit's batch sizes (our client).
+    pub limit_rows_per_s: f64,
+    /// `psql` at that batch size.
+    pub psql_rows_per_s: f64,
+    pub limit_batch_size: usize,
+    /// Every batch size of the limit.
+    pub limit: Vec<limit::Measured>,
     pub naive_rows_per_s: f64,
     pub commit_p50_ms: f64,
     pub commit_p99_ms: f64,
     pub worker_peak_rss_mb: f64,
     pub worker_cpu_s: f64,
+    pub worker_cpu_us_per_row: f64,
+    /// CPU of the Postgres backends serving the worker, per row.
+    pub worker_backend_cpu_us_per_row: f64,
+    /// CPU of the Postgres backend serving the limit's client, per row, at its best size.
+    pub limit_backend_cpu_us_per_row: f64,
 }
 
 /// Median, min and max of one measure over the runs.
@@ -101,16 +116,20 @@ pub struct BenchReport {
     pub mode: WriteMode,
     pub runs: Vec<Run>,
     pub worker_rows_per_s: Spread,
-    pub raw_copy_rows_per_s: Spread,
+    pub limit_rows_per_s: Spread,
+    pub psql_rows_per_s: Spread,
     pub naive_rows_per_s: Spread,
     pub commit_p50_ms: Spread,
     pub commit_p99_ms: Spread,
     pub worker_peak_rss_mb: Spread,
     pub worker_cpu_s: Spread,
-    /// Median of the per-run ratios worker / raw COPY.
-    pub worker_over_raw_copy: f64,
-    /// Median of the per-run ratios naive / raw COPY.
-    pub naive_over_raw_copy: f64,
+    pub worker_cpu_us_per_row: Spread,
+    pub worker_backend_cpu_us_per_row: Spread,
+    pub limit_backend_cpu_us_per_row: Spread,
+    /// Median of the per-run ratios worker / limit.
+    pub worker_over_limit: f64,
+    /// Median of the per-run ratios naive / limit.
+    pub naive_over_limit: f64,
 }
 
 impl BenchReport {
@@ -123,14 +142,18 @@ impl BenchReport {
             batch_size: options.batch_size,
             mode: options.mode,
             worker_rows_per_s: spread(|r| r.worker_rows_per_s),
-            raw_copy_rows_per_s: spread(|r| r.raw_copy_rows_per_s),
+            limit_rows_per_s: spread(|r| r.limit_rows_per_s),
+            psql_rows_per_s: spread(|r| r.psql_rows_per_s),
             naive_rows_per_s: spread(|r| r.naive_rows_per_s),
             commit_p50_ms: spread(|r| r.commit_p50_ms),
             commit_p99_ms: spread(|r| r.commit_p99_ms),
             worker_peak_rss_mb: spread(|r| r.worker_peak_rss_mb),
             worker_cpu_s: spread(|r| r.worker_cpu_s),
-            worker_over_raw_copy: spread(|r| r.worker_rows_per_s / r.raw_copy_rows_per_s).median,
-            naive_over_raw_copy: spread(|r| r.naive_rows_per_s / r.raw_copy_rows_per_s).median,
+            worker_cpu_us_per_row: spread(|r| r.worker_cpu_us_per_row),
+            worker_backend_cpu_us_per_row: spread(|r| r.worker_backend_cpu_us_per_row),
+            limit_backend_cpu_us_per_row: spread(|r| r.limit_backend_cpu_us_per_row),
+            worker_over_limit: spread(|r| r.worker_rows_per_s / r.limit_rows_per_s).median,
+            naive_over_limit: spread(|r| r.naive_rows_per_s / r.limit_rows_per_s).median,
             runs,
         }
     }
@@ -150,14 +173,34 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(f, "| measure | median | min | max |")?;
         writeln!(f, "|---|---:|---:|---:|")?;
-        let rows: [(&str, Spread, usize); 7] = [
+        let rows: [(&str, Spread, usize); 11] = [
             ("worker rows/s", self.worker_rows_per_s, 0),
-            ("raw COPY rows/s", self.raw_copy_rows_per_s, 0),
+            (
+                "limit rows/s (COPY BINARY, one connection)",
+                self.limit_rows_per_s,
+                0,
+            ),
+            (
+                "psql \\copy rows/s (same rows and batches)",
+                self.psql_rows_per_s,
+                0,
+            ),
             ("naive rows/s", self.naive_rows_per_s, 0),
             ("commit p50 ms", self.commit_p50_ms, 1),
             ("commit p99 ms", self.commit_p99_ms, 1),
             ("worker peak RSS MB", self.worker_peak_rss_mb, 1),
             ("worker CPU s", self.worker_cpu_s, 1),
+            ("worker CPU us/row", self.worker_cpu_us_per_row, 2),
+            (
+                "its Postgres backends' CPU us/row",
+                self.worker_backend_cpu_us_per_row,
+                2,
+            ),
+            (
+                "limit's Postgres backend CPU us/row",
+                self.limit_backend_cpu_us_per_row,
+                2,
+            ),
         ];
         for (name, s, digits) in rows {
             writeln!(
@@ -166,8 +209,12 @@ impl fmt::Display for BenchReport {
                 s.median, s.min, s.max
             )?;
         }
-        writeln!(f, "worker / raw COPY: {:.2}", self.worker_over_raw_copy)?;
-        writeln!(f, "naive / raw COPY: {:.2}", self.naive_over_raw_copy)
+        writeln!(f, "limit by batch size (rows/s, ours / psql):")?;
+        for run in &self.runs {
+            writeln!(f, "  {}", limit::by_size(&run.limit))?;
+        }
+        writeln!(f, "worker / limit: {:.2}", self.worker_over_limit)?;
+        writeln!(f, "naive / limit: {:.2}", self.naive_over_limit)
     }
 }
 
@@ -177,9 +224,16 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         options.runs > 0 && options.messages > 0 && options.partitions > 0,
         "runs, messages and partitions must be above 0"
     );
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&options.database_url)
+    // The store's own connections: TCP_NODELAY set, as the worker's.
+    let config = Config::load(
+        None,
+        Vec::new(),
+        &Overrides {
+            database_url: Some(options.database_url.clone()),
+            ..Overrides::default()
+        },
+    )?;
+    let pool = crate::store::connect_pool(&config)
         .await
         .context("failed to connect to Postgres")?;
     crate::store::migrate(&pool).await?;
@@ -206,8 +260,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let messages = generate(options.messages);
     let naive_messages = generate(options.naive_messages);
     let decoded = DecodedRows::new(options, &messages)?;
+    eprintln!("encoding the limit's rows as COPY BINARY");
+    let scratch = format!("bench_{id}_encoding");
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {scratch}")))
+        .execute(&pool)
+        .await?;
+    let encoded = limit::encode(&pool, &scratch, &decoded, options.partitions).await?;
+    let mut schemas = vec![scratch];
     let mut runs = Vec::with_capacity(options.runs);
-    let mut schemas = Vec::new();
     for run in 1..=options.runs {
         let schema = format!("bench_{id}_{run}");
         create_tables(&pool, &schema).await?;
@@ -224,8 +284,28 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             "copy",
         )
         .await?;
-        eprintln!("run {run}: raw COPY");
-        let raw = raw_copy(&decoded, &pool, &format!("{schema}.raw_copy")).await?;
+        eprintln!("run {run}: the limit (ours and psql's)");
+        let limit = limit::measure(&pool, &options.database_url, &schema, &encoded).await?;
+        let best = limit
+            .iter()
+            .max_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s))
+            .context("no batch size measured")?;
+        let best_psql = limit
+            .iter()
+            .map(|m| m.psql_rows_per_s)
+            .fold(f64::NAN, f64::max);
+        eprintln!(
+            "run {run}: limit by batch size (ours / psql): {}",
+            limit::by_size(&limit)
+        );
+        // Our client is the yardstick only if it is as fast as an independent one.
+        ensure!(
+            best.rows_per_s >= 0.9 * best_psql,
+            "the bench's own limit ({:.0} rows/s) is more than 10% below psql's ({best_psql:.0} \
+             rows/s): its client path, not Postgres, is the limit; the worker's ratio to it \
+             would mislead",
+            best.rows_per_s
+        );
         eprintln!("run {run}: naive");
         let topic = source.topic(&format!("bench-{id}-{run}-naive")).await?;
         let naive = measure_worker(
@@ -238,14 +318,21 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             "row_inserts",
         )
         .await?;
+        let per_row = 1e6 / options.messages as f64;
         runs.push(Run {
             worker_rows_per_s: worker.rows_per_s,
-            raw_copy_rows_per_s: raw,
+            limit_rows_per_s: best.rows_per_s,
+            psql_rows_per_s: best.psql_rows_per_s,
+            limit_batch_size: best.batch_size,
+            limit_backend_cpu_us_per_row: best.backend_cpu_us_per_row,
             naive_rows_per_s: naive.rows_per_s,
             commit_p50_ms: worker.commit_p50_ms,
             commit_p99_ms: worker.commit_p99_ms,
             worker_peak_rss_mb: worker.peak_rss as f64 / 1e6,
             worker_cpu_s: worker.cpu_s,
+            worker_cpu_us_per_row: worker.cpu_s * per_row,
+            worker_backend_cpu_us_per_row: worker.backend_cpu_s * per_row,
+            limit,
         });
     }
     for schema in schemas {
@@ -355,12 +442,11 @@ async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Re
     Ok(())
 }
 
-/// Three tables shaped like the default target, indexes included.
+/// The worker's tables, shaped like the default target, indexes included.
 async fn create_tables(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
     let sql = format!(
         "CREATE SCHEMA {schema}; \
          CREATE TABLE {schema}.worker (LIKE web_metrics.metrics INCLUDING ALL); \
-         CREATE TABLE {schema}.raw_copy (LIKE web_metrics.metrics INCLUDING ALL); \
          CREATE TABLE {schema}.naive (LIKE web_metrics.metrics INCLUDING ALL);"
     );
     sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await?;
@@ -373,6 +459,8 @@ struct WorkerRun {
     commit_p99_ms: f64,
     peak_rss: u64,
     cpu_s: f64,
+    /// CPU of the Postgres backends connected to the worker when it finished.
+    backend_cpu_s: f64,
 }
 
 /// Runs the real binary on `topic` into `table` until it has stored offsets for all
@@ -483,6 +571,23 @@ async fn measure_worker(
     let done = Instant::now();
     feeder.await??;
     let cpu_s = process::cpu_seconds(pid).unwrap_or(f64::NAN);
+    // Its backends, found by the ports of its connections (a backend its pool closed
+    // during the run is not counted).
+    let server_port = options
+        .database_url
+        .parse::<PgConnectOptions>()
+        .context("the database URL")?
+        .get_port();
+    let ports = crate::dev::freeze::client_ports(pid, server_port);
+    let backends: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE client_port = ANY($1)")
+            .bind(&ports)
+            .fetch_all(pool)
+            .await?;
+    let backend_cpu_s = backends
+        .iter()
+        .filter_map(|b| process::cpu_seconds(*b as u32))
+        .sum();
     if let Some((_, hwm)) = process::memory(pid) {
         peak_rss = peak_rss.max(hwm);
     }
@@ -522,6 +627,7 @@ async fn measure_worker(
         commit_p99_ms: field("commit_p99_ms"),
         peak_rss,
         cpu_s,
+        backend_cpu_s,
     })
 }
 
@@ -548,7 +654,8 @@ fn upsert_route(topic: &str, table: &str) -> anyhow::Result<String> {
 }
 
 /// The bench's rows as the worker would write them: COPY text in batches of the bench's
-/// size, and the column list they fill. Decoded once, before any measurement.
+/// size, and the column list they fill. Decoded once, before any measurement; the
+/// limit's binary rows are encoded from them.
 struct DecodedRows {
     batches: Vec<Vec<u8>>,
     rows: usize,
@@ -591,19 +698,4 @@ impl DecodedRows {
             columns: columns.join(", "),
         })
     }
-}
-
-/// COPYs the decoded rows into `table`, one transaction per batch; rows per second.
-async fn raw_copy(rows: &DecodedRows, pool: &PgPool, table: &str) -> anyhow::Result<f64> {
-    let sql = format!("COPY {table} ({}) FROM STDIN", rows.columns);
-    let mut conn = pool.acquire().await?;
-    let started = Instant::now();
-    for batch in &rows.batches {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let mut copy = tx.copy_in_raw(&sql).await?;
-        copy.send(batch.as_slice()).await?;
-        copy.finish().await?;
-        tx.commit().await?;
-    }
-    Ok(rows.rows as f64 / started.elapsed().as_secs_f64())
 }

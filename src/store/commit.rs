@@ -704,11 +704,19 @@ impl<'a> DeadLetterColumns<'a> {
     }
 }
 
-async fn copy(conn: &mut PgConnection, sql: &str, data: &[u8]) -> Result<u64, sqlx::Error> {
+/// Bytes per COPY data message. The server reads a whole message before it parses any
+/// of it: one message per batch (megabytes) leaves it idle while the batch arrives and
+/// then parses data long gone from its caches; messages this size overlap the two.
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// Runs `sql` (a `COPY ... FROM STDIN`) with `data`; the rows copied.
+pub async fn copy(conn: &mut PgConnection, sql: &str, data: &[u8]) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(sql).await?;
-    if let Err(e) = copy.send(data).await {
-        // The server's own error, if it sent one, is the one worth reporting.
-        return Err(copy.finish().await.err().unwrap_or(e));
+    for chunk in data.chunks(COPY_CHUNK) {
+        if let Err(e) = copy.send(chunk).await {
+            // The server's own error, if it sent one, is the one worth reporting.
+            return Err(copy.finish().await.err().unwrap_or(e));
+        }
     }
     copy.finish().await
 }
