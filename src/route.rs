@@ -338,7 +338,12 @@ fn column(mapping: &ColumnMapping, at: &str) -> Result<Column, ConfigError> {
         format,
     };
     if let Some(default) = &column.default
-        && let Err(rejection) = crate::decode::encode_value(&column, default, &mut Vec::new())
+        && let Err(rejection) = crate::decode::encode_value(
+            &column,
+            default,
+            crate::decode::CopyFormat::Text,
+            &mut Vec::new(),
+        )
     {
         return Err(invalid(
             &format!("{at}.default"),
@@ -392,6 +397,13 @@ impl Routes {
 
     pub fn decoders(&self) -> &[Decoder] {
         &self.decoders
+    }
+
+    /// Has route `index` decode its rows in `format` (what its table takes).
+    pub(crate) fn set_format(&mut self, index: usize, format: crate::decode::CopyFormat) {
+        if let Some(decoder) = self.decoders.get_mut(index) {
+            decoder.set_format(format);
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Route> {

@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde_json::Value;
 
+pub use value::CopyFormat;
 pub(crate) use value::encode_value;
 
 use crate::config::{ColumnType, SinkConfig, WriteMode};
@@ -153,6 +154,7 @@ pub struct Decoder {
     max_json_depth: usize,
     max_string_bytes: usize,
     max_fields: usize,
+    format: CopyFormat,
 }
 
 impl Decoder {
@@ -166,7 +168,18 @@ impl Decoder {
             max_json_depth: sink.max_json_depth,
             max_string_bytes: sink.max_string_bytes,
             max_fields: sink.max_fields,
+            format: CopyFormat::Text,
         }
+    }
+
+    /// Writes rows in `format` from now on.
+    pub(crate) fn set_format(&mut self, format: CopyFormat) {
+        self.format = format;
+    }
+
+    /// The format rows are written in.
+    pub fn format(&self) -> CopyFormat {
+        self.format
     }
 
     /// The route this decoder serves.
@@ -179,9 +192,9 @@ impl Decoder {
         self.route.columns.iter().map(|c| c.name.as_str())
     }
 
-    /// Appends one COPY text line for `record` to `out`, or leaves `out` as it was and
-    /// says why not. An upsert route's line ends with one more field: whether the record
-    /// deletes its key (`t`, a tombstone) or writes it (`f`).
+    /// Appends one COPY text line (or COPY BINARY tuple) for `record` to `out`, or leaves
+    /// `out` as it was and says why not. An upsert route's row ends with one more field:
+    /// whether the record deletes its key (true, a tombstone) or writes it.
     pub fn decode_into(&self, record: &Record, out: &mut Vec<u8>) -> Result<(), Rejection> {
         let mark = out.len();
         let result = self.encode(record, out);
@@ -200,8 +213,13 @@ impl Decoder {
             None
         };
         let mut key_json = None;
+        let format = self.format;
+        if format == CopyFormat::Binary {
+            let fields = route.columns.len() + usize::from(route.mode == WriteMode::Upsert);
+            out.extend_from_slice(&(fields as i16).to_be_bytes());
+        }
         for (i, column) in route.columns.iter().enumerate() {
-            if i > 0 {
+            if i > 0 && format == CopyFormat::Text {
                 out.push(b'\t');
             }
             // A delete needs its key, and its coordinates to be ordered against the
@@ -211,13 +229,13 @@ impl Decoder {
                 Source::Topic | Source::Partition | Source::Offset
             );
             if deletes && !route.is_key(&column.name) && !position {
-                out.extend_from_slice(b"\\N");
+                push_null(format, out);
                 continue;
             }
             match self.input(column, record, value.as_ref(), &mut key_json)? {
-                Some(input) if !input.is_null() => value::encode(column, input, out)?,
+                Some(input) if !input.is_null() => value::encode(column, input, format, out)?,
                 _ => match &column.default {
-                    Some(default) => value::encode_value(column, default, out)?,
+                    Some(default) => value::encode_value(column, default, format, out)?,
                     None if column.required || route.is_key(&column.name) => {
                         return Err(Rejection::new(
                             ReasonCode::MissingField,
@@ -227,14 +245,23 @@ impl Decoder {
                             ),
                         ));
                     }
-                    None => out.extend_from_slice(b"\\N"),
+                    None => push_null(format, out),
                 },
             }
         }
-        if route.mode == WriteMode::Upsert {
-            out.extend_from_slice(if deletes { b"\tt" } else { b"\tf" });
+        match (route.mode, format) {
+            (WriteMode::Upsert, CopyFormat::Text) => {
+                out.extend_from_slice(if deletes { b"\tt" } else { b"\tf" });
+            }
+            (WriteMode::Upsert, CopyFormat::Binary) => {
+                out.extend_from_slice(&1i32.to_be_bytes());
+                out.push(u8::from(deletes));
+            }
+            (WriteMode::Insert, _) => {}
         }
-        out.push(b'\n');
+        if format == CopyFormat::Text {
+            out.push(b'\n');
+        }
         Ok(())
     }
 
@@ -429,6 +456,14 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 /// Appends `s` escaped for COPY text format.
+/// Appends a NULL field.
+fn push_null(format: CopyFormat, out: &mut Vec<u8>) {
+    match format {
+        CopyFormat::Text => out.extend_from_slice(b"\\N"),
+        CopyFormat::Binary => out.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
+}
+
 pub(crate) fn push_escaped(out: &mut Vec<u8>, s: &str) {
     for &b in s.as_bytes() {
         match b {

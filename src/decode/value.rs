@@ -3,6 +3,7 @@
 //! Each type is validated here, before Postgres sees it, so that a bad field becomes a
 //! precise dead letter instead of a failed COPY that has to be bisected.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::net::IpAddr;
 
@@ -33,22 +34,60 @@ impl Input<'_> {
     }
 }
 
-/// Appends the COPY text of `input` for `column`, or says why it does not fit.
-pub(super) fn encode(column: &Column, input: Input, out: &mut Vec<u8>) -> Result<(), Rejection> {
-    match input {
-        Input::Json(v) => encode_value(column, v, out),
-        Input::Str(s) if column.kind == ColumnType::Text => push_text(column, s, out),
-        Input::Str(s) => encode_value(column, &Value::String(s.to_owned()), out),
-        Input::Int(n) => encode_value(column, &Value::from(n), out),
-        Input::Bytes(b) if column.kind == ColumnType::Bytea => {
-            push_bytea(out, b);
-            Ok(())
+/// How rows are written: COPY text lines, or COPY BINARY tuples (the server parses
+/// nothing; see [`crate::store`] for when a route can use it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyFormat {
+    #[default]
+    Text,
+    Binary,
+}
+
+/// A column's value, validated, before it is written in either format.
+enum Typed<'a> {
+    Text(Cow<'a, str>),
+    /// An integer and its width in bytes (2, 4 or 8).
+    Int(i64, usize),
+    Float4(f32),
+    Float8(f64),
+    /// Decimal text as Postgres `numeric` reads it (text format only).
+    Numeric(Cow<'a, str>),
+    Bool(bool),
+    Timestamp(DateTime<Utc>),
+    Date(NaiveDate),
+    /// Microseconds.
+    Interval(i64),
+    Inet(IpAddr, Option<u8>),
+    Uuid(uuid::Uuid),
+    Jsonb(String),
+    Bytea(Cow<'a, [u8]>),
+}
+
+/// Appends `input` for `column` in `format`, or says why it does not fit.
+pub(super) fn encode(
+    column: &Column,
+    input: Input,
+    format: CopyFormat,
+    out: &mut Vec<u8>,
+) -> Result<(), Rejection> {
+    let typed = match input {
+        Input::Json(v) => typed(column, v)?,
+        Input::Str(s) if column.kind == ColumnType::Text => {
+            Typed::Text(Cow::Borrowed(text(column, s)?))
         }
+        Input::Str(s) => return encode_value(column, &Value::String(s.to_owned()), format, out),
+        Input::Int(n) => return encode_value(column, &Value::from(n), format, out),
+        Input::Bytes(b) if column.kind == ColumnType::Bytea => Typed::Bytea(Cow::Borrowed(b)),
         Input::Bytes(b) => match std::str::from_utf8(b) {
-            Ok(text) => encode(column, Input::Str(text), out),
-            Err(e) => Err(bad(column, &format!("bytes are not UTF-8 text: {e}"))),
+            Ok(text) => return encode(column, Input::Str(text), format, out),
+            Err(e) => return Err(bad(column, &format!("bytes are not UTF-8 text: {e}"))),
         },
+    };
+    match format {
+        CopyFormat::Text => typed.write_text(out),
+        CopyFormat::Binary => typed.write_binary(out),
     }
+    Ok(())
 }
 
 fn bad(column: &Column, what: &str) -> Rejection {
@@ -62,32 +101,49 @@ fn bad(column: &Column, what: &str) -> Rejection {
 }
 
 /// Appends the COPY text of a JSON value for `column`, or says why it does not fit.
-pub(crate) fn encode_value(column: &Column, v: &Value, out: &mut Vec<u8>) -> Result<(), Rejection> {
+pub(crate) fn encode_value(
+    column: &Column,
+    v: &Value,
+    format: CopyFormat,
+    out: &mut Vec<u8>,
+) -> Result<(), Rejection> {
+    let typed = typed(column, v)?;
+    match format {
+        CopyFormat::Text => typed.write_text(out),
+        CopyFormat::Binary => typed.write_binary(out),
+    }
+    Ok(())
+}
+
+/// A JSON value for `column`, validated, or why it does not fit.
+fn typed<'a>(column: &Column, v: &'a Value) -> Result<Typed<'a>, Rejection> {
     let bad = |what: &str| bad(column, what);
     // With `coerce`, a string may stand for a number or a boolean.
     let coerced = || column.coerce.then(|| v.as_str().map(str::trim)).flatten();
-    match column.kind {
+    Ok(match column.kind {
         ColumnType::Text => match v {
-            Value::String(s) => push_text(column, s, out)?,
-            Value::Number(n) => write_display(out, n),
-            Value::Bool(b) => write_display(out, b),
+            Value::String(s) => Typed::Text(Cow::Borrowed(text(column, s)?)),
+            Value::Number(n) => Typed::Text(Cow::Owned(n.to_string())),
+            Value::Bool(b) => Typed::Text(Cow::Owned(b.to_string())),
             Value::Array(_) | Value::Object(_) if column.coerce => {
-                push_text(column, &v.to_string(), out)?;
+                let whole = v.to_string();
+                text(column, &whole)?;
+                Typed::Text(Cow::Owned(whole))
             }
             _ => return Err(bad("expected a string")),
         },
         ColumnType::Int2 | ColumnType::Int4 | ColumnType::Int8 => {
-            let (lo, hi) = match column.kind {
-                ColumnType::Int2 => (i16::MIN as i64, i16::MAX as i64),
-                ColumnType::Int4 => (i32::MIN as i64, i32::MAX as i64),
-                _ => (i64::MIN, i64::MAX),
+            let (lo, hi, width) = match column.kind {
+                ColumnType::Int2 => (i16::MIN as i64, i16::MAX as i64, 2),
+                ColumnType::Int4 => (i32::MIN as i64, i32::MAX as i64, 4),
+                _ => (i64::MIN, i64::MAX, 8),
             };
             let n = v
                 .as_i64()
                 .or_else(|| coerced()?.parse().ok())
                 .filter(|n| (lo..=hi).contains(n))
                 .ok_or_else(|| bad(&format!("expected an integer in {lo}..={hi}, got {v}")))?;
-            write_display(out, n);
+            Typed::Int(n, width)
         }
         ColumnType::Float4 | ColumnType::Float8 => {
             let max = if column.kind == ColumnType::Float4 {
@@ -100,59 +156,48 @@ pub(crate) fn encode_value(column: &Column, v: &Value, out: &mut Vec<u8>) -> Res
                 .or_else(|| coerced()?.parse().ok())
                 .filter(|n: &f64| n.is_finite() && n.abs() <= max)
                 .ok_or_else(|| bad(&format!("expected a finite number, got {v}")))?;
-            write_display(out, n);
+            if column.kind == ColumnType::Float4 {
+                Typed::Float4(n as f32)
+            } else {
+                Typed::Float8(n)
+            }
         }
         ColumnType::Numeric => match v {
-            Value::Number(n) => write_display(out, n),
+            Value::Number(n) => Typed::Numeric(Cow::Owned(n.to_string())),
             _ => match coerced().filter(|s| is_decimal(s)) {
-                Some(text) => out.extend_from_slice(text.as_bytes()),
+                Some(text) => Typed::Numeric(Cow::Borrowed(text)),
                 None => return Err(bad(&format!("expected a number, got {v}"))),
             },
         },
-        ColumnType::Bool => {
-            let b = v
-                .as_bool()
+        ColumnType::Bool => Typed::Bool(
+            v.as_bool()
                 .or_else(|| match coerced()?.to_ascii_lowercase().as_str() {
                     "true" | "t" | "yes" | "y" | "1" => Some(true),
                     "false" | "f" | "no" | "n" | "0" => Some(false),
                     _ => None,
                 })
-                .ok_or_else(|| bad(&format!("expected true or false, got {v}")))?;
-            out.push(if b { b't' } else { b'f' });
-        }
-        ColumnType::Timestamptz => {
-            let ts = timestamp(column, v).ok_or_else(|| {
-                bad(&format!(
-                    "`{v}` is not a timestamp in format {:?}",
-                    column.format
-                ))
-            })?;
-            let _ = write!(
-                out,
-                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
-                ts.year(),
-                ts.month(),
-                ts.day(),
-                ts.hour(),
-                ts.minute(),
-                ts.second(),
-                ts.timestamp_subsec_micros().min(999_999)
-            );
-        }
+                .ok_or_else(|| bad(&format!("expected true or false, got {v}")))?,
+        ),
+        ColumnType::Timestamptz => Typed::Timestamp(timestamp(column, v).ok_or_else(|| {
+            bad(&format!(
+                "`{v}` is not a timestamp in format {:?}",
+                column.format
+            ))
+        })?),
         ColumnType::Date => {
             let pattern = match &column.format {
                 TimeFormat::Pattern(p) => p.as_str(),
                 _ => "%Y-%m-%d",
             };
-            let date = v
-                .as_str()
-                .and_then(|s| NaiveDate::parse_from_str(s.trim(), pattern).ok())
-                .filter(|d| (1..=9999).contains(&d.year()))
-                .ok_or_else(|| bad(&format!("`{v}` is not a date in format {pattern}")))?;
-            let _ = write!(out, "{}", date.format("%Y-%m-%d"));
+            Typed::Date(
+                v.as_str()
+                    .and_then(|s| NaiveDate::parse_from_str(s.trim(), pattern).ok())
+                    .filter(|d| (1..=9999).contains(&d.year()))
+                    .ok_or_else(|| bad(&format!("`{v}` is not a date in format {pattern}")))?,
+            )
         }
-        ColumnType::Interval => {
-            let micros = match v {
+        ColumnType::Interval => Typed::Interval(
+            match v {
                 Value::String(s) => parse_hms(s),
                 Value::Number(n) => n.as_f64().and_then(seconds_to_micros),
                 _ => None,
@@ -161,51 +206,135 @@ pub(crate) fn encode_value(column: &Column, v: &Value, out: &mut Vec<u8>) -> Res
                 bad(&format!(
                     "`{v}` is not H:MM:SS[.ffffff] or a number of seconds"
                 ))
-            })?;
-            let (secs, frac) = (micros / 1_000_000, micros % 1_000_000);
-            let _ = write!(
-                out,
-                "{}:{:02}:{:02}.{frac:06}",
-                secs / 3600,
-                secs / 60 % 60,
-                secs % 60
-            );
-        }
+            })?,
+        ),
         ColumnType::Inet => {
             let text = v
                 .as_str()
                 .ok_or_else(|| bad("expected an IP address string"))?;
             let (ip, prefix) =
                 parse_inet(text).ok_or_else(|| bad(&format!("`{text}` is not an IP address")))?;
-            match prefix {
-                Some(len) => write_display(out, format_args!("{ip}/{len}")),
-                None => write_display(out, ip),
-            }
+            Typed::Inet(ip, prefix)
         }
-        ColumnType::Uuid => {
-            let uuid = v
-                .as_str()
+        ColumnType::Uuid => Typed::Uuid(
+            v.as_str()
                 .and_then(|s| uuid::Uuid::try_parse(s.trim()).ok())
-                .ok_or_else(|| bad(&format!("`{v}` is not a UUID")))?;
-            write_display(out, uuid.hyphenated());
-        }
+                .ok_or_else(|| bad(&format!("`{v}` is not a UUID")))?,
+        ),
         ColumnType::Jsonb => {
-            let text = v.to_string();
+            let whole = v.to_string();
             // Postgres jsonb cannot hold \u0000 either.
-            if text.contains("\\u0000") {
+            if whole.contains("\\u0000") {
                 return Err(nul(column));
             }
-            push_text(column, &text, out)?;
+            text(column, &whole)?;
+            Typed::Jsonb(whole)
         }
-        ColumnType::Bytea => {
-            let bytes = v
-                .as_str()
+        ColumnType::Bytea => Typed::Bytea(Cow::Owned(
+            v.as_str()
                 .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
-                .ok_or_else(|| bad(&format!("`{v}` is not base64 text")))?;
-            push_bytea(out, &bytes);
+                .ok_or_else(|| bad(&format!("`{v}` is not base64 text")))?,
+        )),
+    })
+}
+
+/// Microseconds from the Unix epoch to Postgres' (2000-01-01 UTC).
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+impl Typed<'_> {
+    /// Appends the value's COPY text.
+    fn write_text(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Text(s) | Self::Numeric(s) => push_escaped(out, s),
+            Self::Jsonb(s) => push_escaped(out, s),
+            Self::Int(n, _) => write_display(out, n),
+            Self::Float4(n) => write_display(out, f64::from(*n)),
+            Self::Float8(n) => write_display(out, n),
+            Self::Bool(b) => out.push(if *b { b't' } else { b'f' }),
+            Self::Timestamp(ts) => {
+                let _ = write!(
+                    out,
+                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+                    ts.year(),
+                    ts.month(),
+                    ts.day(),
+                    ts.hour(),
+                    ts.minute(),
+                    ts.second(),
+                    ts.timestamp_subsec_micros().min(999_999)
+                );
+            }
+            Self::Date(date) => {
+                let _ = write!(out, "{}", date.format("%Y-%m-%d"));
+            }
+            Self::Interval(micros) => {
+                let (secs, frac) = (micros / 1_000_000, micros % 1_000_000);
+                let _ = write!(
+                    out,
+                    "{}:{:02}:{:02}.{frac:06}",
+                    secs / 3600,
+                    secs / 60 % 60,
+                    secs % 60
+                );
+            }
+            Self::Inet(ip, prefix) => match prefix {
+                Some(len) => write_display(out, format_args!("{ip}/{len}")),
+                None => write_display(out, ip),
+            },
+            Self::Uuid(uuid) => write_display(out, uuid.hyphenated()),
+            Self::Bytea(bytes) => push_bytea(out, bytes),
         }
     }
-    Ok(())
+
+    /// Appends the value as one COPY BINARY field: its length, then its bytes in the
+    /// type's binary form.
+    fn write_binary(&self, out: &mut Vec<u8>) {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Self::Text(s) | Self::Numeric(s) => out.extend_from_slice(s.as_bytes()),
+            Self::Jsonb(s) => {
+                // jsonb's binary form: a version byte, then the text.
+                out.push(1);
+                out.extend_from_slice(s.as_bytes());
+            }
+            Self::Int(n, 2) => out.extend_from_slice(&(*n as i16).to_be_bytes()),
+            Self::Int(n, 4) => out.extend_from_slice(&(*n as i32).to_be_bytes()),
+            Self::Int(n, _) => out.extend_from_slice(&n.to_be_bytes()),
+            Self::Float4(n) => out.extend_from_slice(&n.to_be_bytes()),
+            Self::Float8(n) => out.extend_from_slice(&n.to_be_bytes()),
+            Self::Bool(b) => out.push(u8::from(*b)),
+            Self::Timestamp(ts) => {
+                out.extend_from_slice(
+                    &(ts.timestamp_micros() - POSTGRES_EPOCH_MICROS).to_be_bytes(),
+                );
+            }
+            Self::Date(date) => {
+                let days = date.num_days_from_ce()
+                    - NaiveDate::from_ymd_opt(2000, 1, 1).map_or(0, |d| d.num_days_from_ce());
+                out.extend_from_slice(&days.to_be_bytes());
+            }
+            Self::Interval(micros) => {
+                // Microseconds, days, months: durations stay in the first, as text does.
+                out.extend_from_slice(&micros.to_be_bytes());
+                out.extend_from_slice(&[0; 8]);
+            }
+            Self::Inet(ip, prefix) => {
+                // Family (2 for IPv4, 3 for IPv6 in Postgres' numbering), prefix bits,
+                // not a cidr, address length, address.
+                let (family, bits, octets): (u8, u8, Vec<u8>) = match ip {
+                    IpAddr::V4(v4) => (2, 32, v4.octets().to_vec()),
+                    IpAddr::V6(v6) => (3, 128, v6.octets().to_vec()),
+                };
+                out.extend_from_slice(&[family, prefix.unwrap_or(bits), 0, octets.len() as u8]);
+                out.extend_from_slice(&octets);
+            }
+            Self::Uuid(uuid) => out.extend_from_slice(uuid.as_bytes()),
+            Self::Bytea(bytes) => out.extend_from_slice(bytes),
+        }
+        let len = (out.len() - at - 4) as i32;
+        out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    }
 }
 
 /// A `timestamptz` value read in `column`'s format.
@@ -273,12 +402,12 @@ fn nul(column: &Column) -> Rejection {
     )
 }
 
-fn push_text(column: &Column, text: &str, out: &mut Vec<u8>) -> Result<(), Rejection> {
+/// `text`, if Postgres text can hold it (no NUL).
+fn text<'a>(column: &Column, text: &'a str) -> Result<&'a str, Rejection> {
     if text.contains('\0') {
         return Err(nul(column));
     }
-    push_escaped(out, text);
-    Ok(())
+    Ok(text)
 }
 
 /// ISO 8601 with or without an offset (none means UTC); `T` or a space between date and time.

@@ -17,7 +17,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use super::offsets::{self, Replay};
 use super::schema::RouteSql;
 use super::{Store, StoreError, db, execute_trusted};
-use crate::decode::{ReasonCode, Rejection};
+use crate::decode::{CopyFormat, ReasonCode, Rejection};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
 use crate::route::Routes;
@@ -593,7 +593,7 @@ async fn write(
         sqlx::raw_sql(AssertSqlSafe(upsert.create_staging.clone()))
             .execute(&mut *conn)
             .await?;
-        let staged = copy(conn, &sql.copy, data).await?;
+        let staged = copy_rows(conn, &sql.copy, sql.format, data).await?;
         sqlx::raw_sql(AssertSqlSafe(upsert.apply.clone()))
             .execute(&mut *conn)
             .await?;
@@ -601,12 +601,12 @@ async fn write(
     }
     let replay = match &sql.replay {
         Some(replay) if !kept.is_empty() => replay,
-        _ => return copy(conn, &sql.copy, data).await,
+        _ => return copy_rows(conn, &sql.copy, sql.format, data).await,
     };
     sqlx::raw_sql(AssertSqlSafe(replay.create_staging.clone()))
         .execute(&mut *conn)
         .await?;
-    copy(conn, &replay.copy_staging, data).await?;
+    copy_rows(conn, &replay.copy_staging, sql.format, data).await?;
     let inserted = kept
         .bind(sqlx::query(AssertSqlSafe(replay.insert_kept.clone())))
         .execute(&mut *conn)
@@ -711,8 +711,36 @@ const COPY_CHUNK: usize = 64 * 1024;
 
 /// Runs `sql` (a `COPY ... FROM STDIN`) with `data`; the rows copied.
 pub async fn copy(conn: &mut PgConnection, sql: &str, data: &[u8]) -> Result<u64, sqlx::Error> {
+    copy_pieces(conn, sql, &[data]).await
+}
+
+/// The start of COPY BINARY data: its signature, no flags, no header extension.
+const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// The end of COPY BINARY data: a tuple of -1 fields.
+const BINARY_TRAILER: &[u8] = &[0xff, 0xff];
+
+/// Runs a route's COPY with `rows` (decoded in the route's format), framing them as
+/// COPY BINARY data when the route writes binary.
+async fn copy_rows(
+    conn: &mut PgConnection,
+    sql: &str,
+    format: CopyFormat,
+    rows: &[u8],
+) -> Result<u64, sqlx::Error> {
+    match format {
+        CopyFormat::Text => copy_pieces(conn, sql, &[rows]).await,
+        CopyFormat::Binary => copy_pieces(conn, sql, &[BINARY_HEADER, rows, BINARY_TRAILER]).await,
+    }
+}
+
+/// Runs `sql` (a `COPY ... FROM STDIN`) with the concatenation of `pieces`.
+async fn copy_pieces(
+    conn: &mut PgConnection,
+    sql: &str,
+    pieces: &[&[u8]],
+) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(sql).await?;
-    for chunk in data.chunks(COPY_CHUNK) {
+    for chunk in pieces.iter().flat_map(|piece| piece.chunks(COPY_CHUNK)) {
         if let Err(e) = copy.send(chunk).await {
             // The server's own error, if it sent one, is the one worth reporting.
             return Err(copy.finish().await.err().unwrap_or(e));

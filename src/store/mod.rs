@@ -107,8 +107,11 @@ impl Store {
 
     /// Uses an existing pool (tests, embedding services); checks every route's table.
     pub async fn for_pool(pool: PgPool, config: &Config) -> Result<Self, StoreError> {
-        let routes = Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))?;
+        let mut routes = Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))?;
         let sql = schema::prepare(&pool, routes.iter(), config.sink.write_method).await?;
+        for (index, route) in sql.iter().enumerate() {
+            routes.set_format(index, route.format);
+        }
         Ok(Self {
             pool,
             group: config.kafka.group.clone(),

@@ -6,7 +6,8 @@
 use sqlx::PgPool;
 
 use super::{StoreError, db, quote_ident};
-use crate::config::{WriteMethod, WriteMode};
+use crate::config::{ColumnType, WriteMethod, WriteMode};
+use crate::decode::CopyFormat;
 use crate::route::{Route, Source};
 
 /// The statements one route writes with.
@@ -15,6 +16,8 @@ pub(super) struct RouteSql {
     /// `COPY .. FROM STDIN` of the decoded lines: into the table (insert), or into the
     /// staging table (upsert).
     pub copy: String,
+    /// The format the route's rows are decoded into and COPYed in.
+    pub format: CopyFormat,
     /// The relations this route COPYs into, as Postgres names them in the context of an
     /// error (`COPY <relation>, line N`).
     pub copy_relations: Vec<String>,
@@ -95,8 +98,8 @@ pub(super) async fn prepare(
     let mut prepared = Vec::new();
     let mut problems = Vec::new();
     for (index, route) in routes.enumerate() {
-        let source_index = inspect(pool, route, &mut problems).await?;
-        prepared.push(statements(route, index, source_index, method));
+        let (source_index, format) = inspect(pool, route, method, &mut problems).await?;
+        prepared.push(statements(route, index, source_index, format, method));
     }
     if problems.is_empty() {
         Ok(prepared)
@@ -109,12 +112,14 @@ pub(super) async fn prepare(
 }
 
 /// Checks one route, adding what does not fit to `problems`; returns the names of the
-/// unique index on the source coordinates of an insert route (with its partitions').
+/// unique index on the source coordinates of an insert route (with its partitions'),
+/// and the format its rows are written in.
 async fn inspect(
     pool: &PgPool,
     route: &Route,
+    method: WriteMethod,
     problems: &mut Vec<String>,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<(Vec<String>, CopyFormat), StoreError> {
     let label = format!(
         "{} ({} -> {})",
         route.key,
@@ -140,8 +145,13 @@ async fn inspect(
         problems.push(format!(
             "{label}: table {table} does not exist: create it (`kafka-pg-ingest schema` prints a fitting CREATE TABLE)"
         ));
-        return Ok(Vec::new());
+        return Ok((Vec::new(), CopyFormat::Text));
     }
+    let format = copy_format(route, method, |name| {
+        live.iter()
+            .find(|l| l.name == name)
+            .map(|l| l.base.as_str())
+    });
     for column in &route.columns {
         let Some(found) = live.iter().find(|l| l.name == column.name) else {
             problems.push(format!(
@@ -206,7 +216,36 @@ async fn inspect(
             }
         }
     }
-    Ok(source_index)
+    Ok((source_index, format))
+}
+
+/// COPY BINARY when the server would read every column's binary form as the decoder
+/// writes it: an insert route written by COPY whose columns' (base) types are exactly
+/// their mapping's types (text may also go into varchar or char). Anything else (a
+/// wider column, json for jsonb, numeric, whose binary form the decoder does not
+/// write) is COPY text, which Postgres converts. Upsert routes stay text: re-drives read
+/// their staged lines back as text.
+fn copy_format<'a>(
+    route: &Route,
+    method: WriteMethod,
+    base_of: impl Fn(&str) -> Option<&'a str>,
+) -> CopyFormat {
+    let fits = |kind: ColumnType, base: &str| match kind {
+        ColumnType::Numeric => false,
+        ColumnType::Text => matches!(base, "text" | "varchar" | "bpchar"),
+        _ => kind.accepted_columns().first() == Some(&base),
+    };
+    let binary = route.mode == WriteMode::Insert
+        && method == WriteMethod::Copy
+        && route
+            .columns
+            .iter()
+            .all(|c| base_of(&c.name).is_some_and(|base| fits(c.kind, base)));
+    if binary {
+        CopyFormat::Binary
+    } else {
+        CopyFormat::Text
+    }
 }
 
 /// The names of the index partitions under index `name` (in `schema`), with its own
@@ -262,13 +301,19 @@ fn statements(
     route: &Route,
     index: usize,
     source_index: Vec<String>,
+    format: CopyFormat,
     method: WriteMethod,
 ) -> RouteSql {
     let table = quoted_table(route);
     let columns = quoted_list(route.columns.iter().map(|c| c.name.as_str()));
+    let options = match format {
+        CopyFormat::Text => "",
+        CopyFormat::Binary => " (FORMAT binary)",
+    };
     match route.mode {
         WriteMode::Insert => RouteSql {
-            copy: format!("COPY {table} ({columns}) FROM STDIN"),
+            copy: format!("COPY {table} ({columns}) FROM STDIN{options}"),
+            format,
             copy_relations: vec![
                 route.table_name.clone(),
                 format!("kafka_pg_ingest_replay_{index}"),
@@ -286,13 +331,14 @@ fn statements(
             source_index,
             replay: route
                 .coordinates()
-                .map(|c| ReplaySql::new(&table, &columns, c, index)),
+                .map(|c| ReplaySql::new(&table, &columns, c, index, options)),
             upsert: None,
         },
         WriteMode::Upsert => {
             let staging = format!("pg_temp.kafka_pg_ingest_upsert_{index}");
             RouteSql {
-                copy: format!("COPY {staging} ({columns}, {DELETE_FLAG}) FROM STDIN"),
+                copy: format!("COPY {staging} ({columns}, {DELETE_FLAG}) FROM STDIN{options}"),
+                format,
                 copy_relations: vec![format!("kafka_pg_ingest_upsert_{index}")],
                 insert: None,
                 source_index: Vec::new(),
@@ -309,6 +355,7 @@ impl ReplaySql {
         column_list: &str,
         [topic, partition, offset]: [&str; 3],
         index: usize,
+        copy_options: &str,
     ) -> Self {
         let (t, p, o) = (
             quote_ident(topic),
@@ -327,7 +374,7 @@ impl ReplaySql {
                 "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
                  SELECT {column_list} FROM {table} WITH NO DATA"
             ),
-            copy_staging: format!("COPY {staging} ({column_list}) FROM STDIN"),
+            copy_staging: format!("COPY {staging} ({column_list}) FROM STDIN{copy_options}"),
             insert_kept: format!(
                 "INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {staging} s \
                  WHERE NOT EXISTS (SELECT 1 FROM {ranges} JOIN {table} x \

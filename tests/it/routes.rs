@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kafka_pg_ingest::config::Config;
+use kafka_pg_ingest::decode::CopyFormat;
 use kafka_pg_ingest::pipeline::Pipeline;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -413,11 +414,26 @@ routes:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_type_stores_valid_values_and_dead_letters_invalid_ones_naming_the_column() {
+async fn each_type_stores_valid_values_and_dead_letters_invalid_ones_naming_the_column_in_copy_text()
+ {
+    // numeric is written as text: the route writes COPY text.
+    each_type_lands(true, CopyFormat::Text).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_type_stores_valid_values_and_dead_letters_invalid_ones_naming_the_column_in_copy_binary()
+ {
+    each_type_lands(false, CopyFormat::Binary).await;
+}
+
+/// Ingests a valid value and an invalid one of every column type (numeric only
+/// `with_numeric`), checks Postgres' text of each stored value and a dead letter naming
+/// each invalid one's column, and that the route wrote `format`.
+async fn each_type_lands(with_numeric: bool, format: CopyFormat) {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(1);
     // (column, type, extra mapping keys, a valid value, Postgres' text of it, an invalid value)
-    let types: [(&str, &str, &str, Value, &str, Value); 15] = [
+    let all_types: [(&str, &str, &str, Value, &str, Value); 15] = [
         (
             "c_text",
             "text",
@@ -518,6 +534,10 @@ async fn each_type_stores_valid_values_and_dead_letters_invalid_ones_naming_the_
             json!("***"),
         ),
     ];
+    let types: Vec<_> = all_types
+        .into_iter()
+        .filter(|(_, t, ..)| with_numeric || *t != "numeric")
+        .collect();
     let columns: Vec<String> = types
         .iter()
         .map(|(c, t, _, _, _, _)| format!("{c} {t}"))
@@ -553,10 +573,13 @@ async fn each_type_stores_valid_values_and_dead_letters_invalid_ones_naming_the_
         msgs.push(Msg::json(0, None, &Value::Object(only)));
     }
     send(&kafka, &kafka.topic, &msgs);
-    drive_group(config, &db.pool, msgs.len() as i64)
-        .await
-        .close()
-        .await;
+    let pipeline = drive_group(config, &db.pool, msgs.len() as i64).await;
+    assert_eq!(
+        pipeline.store().routes().decoders()[0].format(),
+        format,
+        "the route's COPY format"
+    );
+    pipeline.close().await;
 
     let texts: Vec<String> = types
         .iter()
