@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::offsets::{self, Replay};
-use super::schema::RouteSql;
+use super::schema::{ColumnTypes, RouteSql};
 use super::{Store, StoreError, db, execute_trusted};
 use crate::decode::{CopyFormat, ReasonCode, Rejection};
 use crate::record::Record;
@@ -588,12 +588,15 @@ async fn write(
     data: &[u8],
     kept: &Ranges<'_>,
 ) -> Result<u64, sqlx::Error> {
+    if let Some(types) = &sql.types {
+        check_types(conn, types).await?;
+    }
     if let Some(upsert) = &sql.upsert {
         // A replay re-applies its records in order, which ends in the same state.
         sqlx::raw_sql(AssertSqlSafe(upsert.create_staging.clone()))
             .execute(&mut *conn)
             .await?;
-        let staged = copy_rows(conn, &sql.copy, sql.format, data).await?;
+        let staged = copy_rows(conn, &sql.copy, sql.format(), data).await?;
         sqlx::raw_sql(AssertSqlSafe(upsert.apply.clone()))
             .execute(&mut *conn)
             .await?;
@@ -601,12 +604,12 @@ async fn write(
     }
     let replay = match &sql.replay {
         Some(replay) if !kept.is_empty() => replay,
-        _ => return copy_rows(conn, &sql.copy, sql.format, data).await,
+        _ => return copy_rows(conn, &sql.copy, sql.format(), data).await,
     };
     sqlx::raw_sql(AssertSqlSafe(replay.create_staging.clone()))
         .execute(&mut *conn)
         .await?;
-    copy_rows(conn, &replay.copy_staging, sql.format, data).await?;
+    copy_rows(conn, &replay.copy_staging, sql.format(), data).await?;
     let inserted = kept
         .bind(sqlx::query(AssertSqlSafe(replay.insert_kept.clone())))
         .execute(&mut *conn)
@@ -702,6 +705,33 @@ impl<'a> DeadLetterColumns<'a> {
         self.sqlstates.push(rejection.sqlstate.as_deref());
         self.trace_ids.push(record.trace_id());
     }
+}
+
+/// Locks `types.table` against type changes and checks its columns still have the
+/// types COPY BINARY was chosen for. A change stops the worker (an error that is not a
+/// database's is fatal): on restart it reads the table again and picks the format anew.
+async fn check_types(conn: &mut PgConnection, types: &ColumnTypes) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(types.lock.clone()))
+        .execute(&mut *conn)
+        .await?;
+    let matching: i64 = sqlx::query_scalar(types.check)
+        .bind(&types.names)
+        .bind(&types.oids)
+        .bind(&types.table)
+        .fetch_one(&mut *conn)
+        .await?;
+    if matching == types.names.len() as i64 {
+        return Ok(());
+    }
+    Err(sqlx::Error::Configuration(
+        format!(
+            "the column types of {} changed since this worker read them, and its rows are \
+             written as COPY BINARY of those types: restart the worker (it reads the table \
+             again; nothing of this batch was written)",
+            types.table
+        )
+        .into(),
+    ))
 }
 
 /// Bytes per COPY data message. The server reads a whole message before it parses any

@@ -110,7 +110,7 @@ impl Store {
         let mut routes = Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))?;
         let sql = schema::prepare(&pool, routes.iter(), config.sink.write_method).await?;
         for (index, route) in sql.iter().enumerate() {
-            routes.set_format(index, route.format);
+            routes.set_format(index, route.format());
         }
         Ok(Self {
             pool,

@@ -16,8 +16,9 @@ pub(super) struct RouteSql {
     /// `COPY .. FROM STDIN` of the decoded lines: into the table (insert), or into the
     /// staging table (upsert).
     pub copy: String,
-    /// The format the route's rows are decoded into and COPYed in.
-    pub format: CopyFormat,
+    /// For COPY BINARY: the column types it relies on, checked before each COPY. Rows
+    /// are COPY text without.
+    pub types: Option<ColumnTypes>,
     /// The relations this route COPYs into, as Postgres names them in the context of an
     /// error (`COPY <relation>, line N`).
     pub copy_relations: Vec<String>,
@@ -31,6 +32,32 @@ pub(super) struct RouteSql {
     pub replay: Option<ReplaySql>,
     /// Staging and applying an upsert route's rows.
     pub upsert: Option<UpsertSql>,
+}
+
+impl RouteSql {
+    /// The format the route's rows are decoded into and COPYed in.
+    pub fn format(&self) -> CopyFormat {
+        match self.types {
+            Some(_) => CopyFormat::Binary,
+            None => CopyFormat::Text,
+        }
+    }
+}
+
+/// The types of a table's columns as the worker found them at start. COPY BINARY
+/// carries no types: were a column's type changed meanwhile (`ALTER TABLE .. TYPE`),
+/// the server would read the decoder's bytes as another type, an error or, between
+/// types of one size (float8 and int8), wrong values.
+#[derive(Debug, Clone)]
+pub(super) struct ColumnTypes {
+    /// Locks the table against such changes until the transaction ends, as the COPY
+    /// would, but before the check.
+    pub lock: String,
+    /// Takes `$1` names and `$2` type OIDs; counts the columns that still match.
+    pub check: &'static str,
+    pub table: String,
+    pub names: Vec<String>,
+    pub oids: Vec<i64>,
 }
 
 /// Finds the lines of an upsert route (re-driven dead letters) whose key's row was
@@ -81,6 +108,8 @@ struct LiveColumn {
     shown: String,
     /// `pg_type.typname` of the (base) type, e.g. `varchar`.
     base: String,
+    /// `pg_attribute.atttypid`.
+    type_oid: i64,
     not_null: bool,
     /// A default, identity or generated column.
     filled: bool,
@@ -98,8 +127,8 @@ pub(super) async fn prepare(
     let mut prepared = Vec::new();
     let mut problems = Vec::new();
     for (index, route) in routes.enumerate() {
-        let (source_index, format) = inspect(pool, route, method, &mut problems).await?;
-        prepared.push(statements(route, index, source_index, format, method));
+        let (source_index, types) = inspect(pool, route, method, &mut problems).await?;
+        prepared.push(statements(route, index, source_index, types, method));
     }
     if problems.is_empty() {
         Ok(prepared)
@@ -113,13 +142,13 @@ pub(super) async fn prepare(
 
 /// Checks one route, adding what does not fit to `problems`; returns the names of the
 /// unique index on the source coordinates of an insert route (with its partitions'),
-/// and the format its rows are written in.
+/// and the column types COPY BINARY relies on when the route can write it.
 async fn inspect(
     pool: &PgPool,
     route: &Route,
     method: WriteMethod,
     problems: &mut Vec<String>,
-) -> Result<(Vec<String>, CopyFormat), StoreError> {
+) -> Result<(Vec<String>, Option<ColumnTypes>), StoreError> {
     let label = format!(
         "{} ({} -> {})",
         route.key,
@@ -129,7 +158,8 @@ async fn inspect(
     let table = quoted_table(route);
     let live: Vec<LiveColumn> = sqlx::query_as(
         "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS shown, \
-           COALESCE(b.typname, t.typname)::text AS base, a.attnotnull AS not_null, \
+           COALESCE(b.typname, t.typname)::text AS base, a.atttypid::int8 AS type_oid, \
+           a.attnotnull AS not_null, \
            (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') AS filled, \
            a.attgenerated <> '' AS generated \
          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
@@ -145,13 +175,26 @@ async fn inspect(
         problems.push(format!(
             "{label}: table {table} does not exist: create it (`kafka-pg-ingest schema` prints a fitting CREATE TABLE)"
         ));
-        return Ok((Vec::new(), CopyFormat::Text));
+        return Ok((Vec::new(), None));
     }
-    let format = copy_format(route, method, |name| {
-        live.iter()
-            .find(|l| l.name == name)
-            .map(|l| l.base.as_str())
-    });
+    let live_column = |name: &str| live.iter().find(|l| l.name == name);
+    let types = (copy_format(route, method, |name| {
+        live_column(name).map(|l| l.base.as_str())
+    }) == CopyFormat::Binary)
+        .then(|| ColumnTypes {
+            lock: format!("LOCK TABLE {table} IN ROW EXCLUSIVE MODE"),
+            check: "SELECT count(*) FROM pg_attribute a \
+                    JOIN unnest($1::text[], $2::int8[]) AS e(name, oid) \
+                      ON a.attname::text = e.name AND a.atttypid::int8 = e.oid \
+                    WHERE a.attrelid = to_regclass($3) AND a.attnum > 0 AND NOT a.attisdropped",
+            table: table.clone(),
+            names: route.columns.iter().map(|c| c.name.clone()).collect(),
+            oids: route
+                .columns
+                .iter()
+                .filter_map(|c| live_column(&c.name).map(|l| l.type_oid))
+                .collect(),
+        });
     for column in &route.columns {
         let Some(found) = live.iter().find(|l| l.name == column.name) else {
             problems.push(format!(
@@ -216,7 +259,7 @@ async fn inspect(
             }
         }
     }
-    Ok((source_index, format))
+    Ok((source_index, types))
 }
 
 /// COPY BINARY when the server would read every column's binary form as the decoder
@@ -301,19 +344,21 @@ fn statements(
     route: &Route,
     index: usize,
     source_index: Vec<String>,
-    format: CopyFormat,
+    types: Option<ColumnTypes>,
     method: WriteMethod,
 ) -> RouteSql {
     let table = quoted_table(route);
+
     let columns = quoted_list(route.columns.iter().map(|c| c.name.as_str()));
-    let options = match format {
-        CopyFormat::Text => "",
-        CopyFormat::Binary => " (FORMAT binary)",
+    let options = if types.is_some() {
+        " (FORMAT binary)"
+    } else {
+        ""
     };
     match route.mode {
         WriteMode::Insert => RouteSql {
             copy: format!("COPY {table} ({columns}) FROM STDIN{options}"),
-            format,
+            types,
             copy_relations: vec![
                 route.table_name.clone(),
                 format!("kafka_pg_ingest_replay_{index}"),
@@ -338,7 +383,7 @@ fn statements(
             let staging = format!("pg_temp.kafka_pg_ingest_upsert_{index}");
             RouteSql {
                 copy: format!("COPY {staging} ({columns}, {DELETE_FLAG}) FROM STDIN{options}"),
-                format,
+                types,
                 copy_relations: vec![format!("kafka_pg_ingest_upsert_{index}")],
                 insert: None,
                 source_index: Vec::new(),

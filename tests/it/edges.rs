@@ -1,8 +1,10 @@
 //! Exactly once at the edges: steady state without replay work, duplicates that stop the
-//! worker, where a first claim starts, and offsets the broker no longer has.
+//! worker, where a first claim starts, offsets the broker no longer has, and a table
+//! whose column types change under COPY BINARY.
 
 use std::time::Duration;
 
+use kafka_pg_ingest::decode::CopyFormat;
 use kafka_pg_ingest::pipeline::{Pipeline, PipelineError};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -507,4 +509,64 @@ async fn under_skip_a_position_moved_below_the_log_start_goes_on_from_it_eager()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_skip_a_position_moved_below_the_log_start_goes_on_from_it_cooperative() {
     moved_below_the_log_start_under_skip("cooperative-sticky").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_column_type_changed_under_copy_binary_stops_the_worker_before_it_writes_and_a_restart_lands_the_rest_once()
+ {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    kafka.produce(valid_messages(0, 100));
+    let config = kafka.config(&db);
+    let format = |p: &Pipeline| p.store().routes().decoders()[0].format();
+    let mut pipeline = Pipeline::connect(config.clone()).await.expect("starts");
+    assert_eq!(format(&pipeline), CopyFormat::Binary);
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        100,
+        Duration::from_secs(30),
+    )
+    .await;
+    // Accepted for an int4 mapping, but its binary form is 8 bytes, not 4.
+    sqlx::raw_sql("ALTER TABLE web_metrics.metrics ALTER COLUMN status_code TYPE int8")
+        .execute(&db.pool)
+        .await
+        .expect("alter");
+    kafka.produce(valid_messages(100, 100));
+    let error = step_until_error(&mut pipeline, Duration::from_secs(30)).await;
+    pipeline.close().await;
+    let text = error.to_string();
+    assert!(
+        text.contains("column types of \"web_metrics\".\"metrics\" changed"),
+        "{text}"
+    );
+    assert_eq!(
+        scalar(&db.pool, "SELECT count(*) FROM web_metrics.metrics").await,
+        100,
+        "nothing of the batch after the change was written"
+    );
+    assert_eq!(
+        scalar(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await,
+        0
+    );
+    assert_eq!(stored(&db.pool, &kafka).await, vec![(0, Some(100))]);
+
+    // Restarted, the worker reads the table again: COPY text, which Postgres converts.
+    let mut pipeline = Pipeline::connect(config).await.expect("restarts");
+    assert_eq!(format(&pipeline), CopyFormat::Text);
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
+    pipeline.close().await;
+    Landed::read(&db.pool, &kafka.topic)
+        .await
+        .assert_exactly_once(200, 0);
+    db.drop().await;
 }
