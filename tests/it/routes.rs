@@ -820,3 +820,227 @@ async fn the_readme_examples_create_tables_their_check_accepts() {
     }
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_binary_and_copy_text_store_the_same_edge_values_of_every_type() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    let text_topic = format!("{}-text", kafka.topic);
+    kafka
+        ._cluster
+        .create_topic(&text_topic, 1, 1)
+        .expect("topic created");
+    // (column, type, extra mapping keys, edge values)
+    let types: Vec<(&str, &str, &str, Vec<Value>)> = vec![
+        (
+            "c_text",
+            "text",
+            "",
+            vec![
+                json!(""),
+                json!("tab\there\nnewline\\backslash \\N"),
+                json!("ünïcødé ✓ 𝄞"),
+            ],
+        ),
+        (
+            "c_int2",
+            "int2",
+            "",
+            vec![json!(-32768), json!(0), json!(32767)],
+        ),
+        (
+            "c_int4",
+            "int4",
+            "",
+            vec![json!(-2147483648i64), json!(-1), json!(2147483647)],
+        ),
+        (
+            "c_int8",
+            "int8",
+            "",
+            vec![json!(i64::MIN), json!(0), json!(i64::MAX)],
+        ),
+        (
+            "c_float4",
+            "float4",
+            "",
+            vec![json!(-0.0), json!(1.0e-40), json!(3.4028234e38), json!(0.1)],
+        ),
+        (
+            "c_float8",
+            "float8",
+            "",
+            vec![
+                json!(-0.0),
+                json!(5e-324),
+                json!(1.7976931348623157e308),
+                json!(0.1),
+            ],
+        ),
+        ("c_bool", "bool", "", vec![json!(true), json!(false)]),
+        (
+            "c_ts",
+            "timestamptz",
+            "",
+            vec![
+                json!("0001-01-01T00:00:00Z"),
+                json!("1969-12-31T23:59:59.999999Z"),
+                json!("1999-12-31T23:59:59.5+05:30"),
+                json!("2000-01-01T00:00:00Z"),
+                json!("9999-12-31T23:59:59.999999999Z"),
+            ],
+        ),
+        (
+            "c_date",
+            "date",
+            "",
+            vec![
+                json!("0001-01-01"),
+                json!("1999-12-31"),
+                json!("9999-12-31"),
+            ],
+        ),
+        (
+            "c_interval",
+            "interval",
+            "",
+            vec![
+                json!(0),
+                json!("0:00:00.000001"),
+                json!("1000000:59:59.999999"),
+                json!(86400.5),
+            ],
+        ),
+        (
+            "c_inet",
+            "inet",
+            "",
+            vec![
+                json!("0.0.0.0"),
+                json!("10.1.2.3/8"),
+                json!("::ffff:1.2.3.4"),
+                json!("::"),
+                json!("2001:db8::1/0"),
+            ],
+        ),
+        (
+            "c_uuid",
+            "uuid",
+            "",
+            vec![
+                json!("00000000-0000-0000-0000-000000000000"),
+                json!("ffffffff-ffff-ffff-ffff-ffffffffffff"),
+            ],
+        ),
+        (
+            "c_jsonb",
+            "jsonb",
+            "",
+            vec![json!({"é": ["\t", null, 1.5e300]}), json!([]), json!("s")],
+        ),
+        (
+            "c_bytea",
+            "bytea",
+            "",
+            vec![json!(""), json!("AP8Q"), json!("////")],
+        ),
+    ];
+    let rows = types
+        .iter()
+        .map(|(.., values)| values.len())
+        .max()
+        .unwrap_or(0);
+    let columns: Vec<String> = types.iter().map(|(c, t, ..)| format!("{c} {t}")).collect();
+    // The text table has one more column, numeric, which makes its route COPY text.
+    exec(
+        &db.pool,
+        &format!(
+            "CREATE SCHEMA s; \
+             CREATE TABLE s.bin ({cols}, topic text, part int4, off int8, UNIQUE (topic, part, off)); \
+             CREATE TABLE s.txt ({cols}, topic text, part int4, off int8, n numeric, \
+               UNIQUE (topic, part, off));",
+            cols = columns.join(", ")
+        ),
+    )
+    .await;
+    let mappings: String = types
+        .iter()
+        .map(|(c, t, extra, _)| {
+            format!("      - {{ column: {c}, field: {c}, type: {t}{extra} }}\n")
+        })
+        .collect();
+    let coordinates = "      - { column: topic, field: \"@topic\", type: text }\n      \
+                       - { column: part, field: \"@partition\", type: int4 }\n      \
+                       - { column: off, field: \"@offset\", type: int8 }\n";
+    let yaml = format!(
+        "routes:\n  - topic: {bin}\n    table: s.bin\n    columns:\n{mappings}{coordinates}\
+         \x20 - topic: {text_topic}\n    table: s.txt\n    columns:\n{mappings}{coordinates}\
+         \x20     - {{ column: n, field: \"@offset\", type: numeric }}\n",
+        bin = kafka.topic
+    );
+    let config = kafka.config_with_yaml(&db, &yaml).expect("routes load");
+    // Row i holds each type's value i (the last value again when a type has fewer).
+    let msgs: Vec<Msg> = (0..rows)
+        .map(|i| {
+            let row: serde_json::Map<String, Value> = types
+                .iter()
+                .map(|(c, _, _, values)| (c.to_string(), values[i.min(values.len() - 1)].clone()))
+                .collect();
+            Msg::json(0, None, &Value::Object(row))
+        })
+        .collect();
+    send(&kafka, &kafka.topic, &msgs);
+    send(&kafka, &text_topic, &msgs);
+    let pipeline = drive_group(config, &db.pool, 2 * rows as i64).await;
+    let formats: Vec<CopyFormat> = pipeline
+        .store()
+        .routes()
+        .decoders()
+        .iter()
+        .map(|d| d.format())
+        .collect();
+    assert_eq!(formats, vec![CopyFormat::Binary, CopyFormat::Text]);
+    pipeline.close().await;
+
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM ingest.dead_letters")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count dead letters"),
+        0,
+        "every edge value is valid"
+    );
+    let texts: Vec<String> = types
+        .iter()
+        .map(|(c, t, ..)| match *t {
+            "timestamptz" => format!("({c} AT TIME ZONE 'UTC')::text"),
+            // float's text rounds; its bits must match.
+            "float4" | "float8" => format!("float8send({c}::float8)::text"),
+            _ => format!("{c}::text"),
+        })
+        .collect();
+    let read = |table: &str| {
+        let sql = format!(
+            "SELECT off::text, {} FROM s.{table} ORDER BY off",
+            texts.join(", ")
+        );
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(AssertSqlSafe(sql))
+                .fetch_all(&pool)
+                .await
+                .expect("read rows")
+                .iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| r.get::<Option<String>, _>(i).unwrap_or_default())
+                        .collect::<Vec<String>>()
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let (bin, txt) = (read("bin").await, read("txt").await);
+    assert_eq!(bin.len(), rows);
+    assert_eq!(bin, txt, "COPY BINARY and COPY text stored the same values");
+    db.drop().await;
+}
