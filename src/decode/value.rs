@@ -146,18 +146,21 @@ fn typed<'a>(column: &Column, v: &'a Value) -> Result<Typed<'a>, Rejection> {
             Typed::Int(n, width)
         }
         ColumnType::Float4 | ColumnType::Float8 => {
-            let max = if column.kind == ColumnType::Float4 {
-                f64::from(f32::MAX)
-            } else {
-                f64::MAX
-            };
             let n = v
                 .as_f64()
                 .or_else(|| coerced()?.parse().ok())
-                .filter(|n: &f64| n.is_finite() && n.abs() <= max)
+                .filter(|n: &f64| n.is_finite())
                 .ok_or_else(|| bad(&format!("expected a finite number, got {v}")))?;
             if column.kind == ColumnType::Float4 {
-                Typed::Float4(n as f32)
+                // From the number's shortest decimal, rounded once, as Postgres' float4in
+                // reads it; like float4in, refuse what overflows or underflows to zero.
+                let single = n
+                    .to_string()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|f| f.is_finite() && (*f != 0.0 || n == 0.0))
+                    .ok_or_else(|| bad(&format!("{v} is out of range for float4")))?;
+                Typed::Float4(single)
             } else {
                 Typed::Float8(n)
             }
@@ -238,6 +241,12 @@ fn typed<'a>(column: &Column, v: &'a Value) -> Result<Typed<'a>, Rejection> {
     })
 }
 
+/// The microseconds within the second; a leap second (`:60`, which chrono holds as a
+/// fraction of 1 s or more) stays within its second, as `23:59:59.999999`.
+fn subsec_micros(ts: &DateTime<Utc>) -> u32 {
+    ts.timestamp_subsec_micros().min(999_999)
+}
+
 /// Microseconds from the Unix epoch to Postgres' (2000-01-01 UTC).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
@@ -248,7 +257,7 @@ impl Typed<'_> {
             Self::Text(s) | Self::Numeric(s) => push_escaped(out, s),
             Self::Jsonb(s) => push_escaped(out, s),
             Self::Int(n, _) => write_display(out, n),
-            Self::Float4(n) => write_display(out, f64::from(*n)),
+            Self::Float4(n) => write_display(out, n),
             Self::Float8(n) => write_display(out, n),
             Self::Bool(b) => out.push(if *b { b't' } else { b'f' }),
             Self::Timestamp(ts) => {
@@ -261,7 +270,7 @@ impl Typed<'_> {
                     ts.hour(),
                     ts.minute(),
                     ts.second(),
-                    ts.timestamp_subsec_micros().min(999_999)
+                    subsec_micros(ts)
                 );
             }
             Self::Date(date) => {
@@ -305,9 +314,8 @@ impl Typed<'_> {
             Self::Float8(n) => out.extend_from_slice(&n.to_be_bytes()),
             Self::Bool(b) => out.push(u8::from(*b)),
             Self::Timestamp(ts) => {
-                out.extend_from_slice(
-                    &(ts.timestamp_micros() - POSTGRES_EPOCH_MICROS).to_be_bytes(),
-                );
+                let micros = ts.timestamp() * 1_000_000 + i64::from(subsec_micros(ts));
+                out.extend_from_slice(&(micros - POSTGRES_EPOCH_MICROS).to_be_bytes());
             }
             Self::Date(date) => {
                 let days = date.num_days_from_ce()
@@ -533,4 +541,60 @@ fn parse_inet(text: &str) -> Option<(IpAddr, Option<u8>)> {
 fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {
     // Writing into a Vec cannot fail.
     let _ = write!(out, "{value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Source;
+
+    fn column(kind: ColumnType) -> Column {
+        Column {
+            name: "c".into(),
+            field: "c".into(),
+            source: Source::Field("c".into()),
+            kind,
+            required: false,
+            default: None,
+            coerce: false,
+            format: TimeFormat::Iso8601,
+        }
+    }
+
+    /// `(text, binary)` of `v` in `column`.
+    fn both(column: &Column, v: &Value) -> Result<(String, Vec<u8>), Rejection> {
+        let (mut text, mut binary) = (Vec::new(), Vec::new());
+        encode_value(column, v, CopyFormat::Text, &mut text)?;
+        encode_value(column, v, CopyFormat::Binary, &mut binary)?;
+        Ok((String::from_utf8(text).expect("text"), binary[4..].to_vec()))
+    }
+
+    #[test]
+    fn float4_rounds_once_from_the_decimal_and_refuses_what_float4in_refuses() {
+        let float4 = column(ColumnType::Float4);
+        // Just above the tie between 1 and the next float: rounding through f64 first
+        // would give 1.
+        let (text, binary) =
+            both(&float4, &serde_json::json!(1.000_000_059_604_644_8)).expect("fits");
+        assert_eq!(text, "1.0000001");
+        assert_eq!(binary, 1.000_000_1_f32.to_be_bytes());
+        let (_, binary) =
+            both(&float4, &serde_json::json!(3.402_823_5e38)).expect("rounds to the largest");
+        assert_eq!(binary, f32::MAX.to_be_bytes());
+        for out_of_range in [serde_json::json!(1e-46), serde_json::json!(1e39)] {
+            assert!(both(&float4, &out_of_range).is_err(), "{out_of_range}");
+        }
+        assert!(both(&float4, &serde_json::json!(0.0)).is_ok());
+    }
+
+    #[test]
+    fn a_leap_second_is_the_last_microsecond_of_its_minute_in_both_formats() {
+        let ts = column(ColumnType::Timestamptz);
+        let (text, binary) = both(&ts, &serde_json::json!("2016-12-31T23:59:60.5Z")).expect("fits");
+        assert_eq!(text, "2016-12-31 23:59:59.999999+00");
+        let last = DateTime::parse_from_rfc3339("2016-12-31T23:59:59.999999Z")
+            .expect("valid")
+            .timestamp_micros();
+        assert_eq!(binary, (last - POSTGRES_EPOCH_MICROS).to_be_bytes());
+    }
 }

@@ -268,9 +268,13 @@ pub async fn connect_pool_as(
 /// Server-side deadlines of every session: no statement, lock wait or idle transaction
 /// of the worker lasts unbounded, and the server probes a silent client's socket so a
 /// vanished worker's backend (and its locks) goes away.
-fn session_settings(config: &Config) -> [(&'static str, String); 6] {
+fn session_settings(config: &Config) -> [(&'static str, String); 7] {
     let pg = &config.postgres;
     [
+        // The protocol's statements are written for it, whatever the server's default:
+        // each sees what committed before it (a claim, the column-type check of COPY
+        // BINARY after its lock).
+        ("default_transaction_isolation", "read committed".to_owned()),
         ("statement_timeout", pg.statement_timeout_ms.to_string()),
         ("lock_timeout", pg.lock_timeout_ms.to_string()),
         (

@@ -178,23 +178,27 @@ async fn inspect(
         return Ok((Vec::new(), None));
     }
     let live_column = |name: &str| live.iter().find(|l| l.name == name);
-    let types = (copy_format(route, method, |name| {
-        live_column(name).map(|l| l.base.as_str())
-    }) == CopyFormat::Binary)
-        .then(|| ColumnTypes {
-            lock: format!("LOCK TABLE {table} IN ROW EXCLUSIVE MODE"),
-            check: "SELECT count(*) FROM pg_attribute a \
+    let binary = lockable(pool, &table).await?
+        && copy_format(route, method, |name| {
+            live_column(name).map(|l| l.base.as_str())
+        }) == CopyFormat::Binary;
+    let types = binary.then(|| ColumnTypes {
+        // ONLY: a partitioned table's own lock already conflicts with a type change,
+        // which needs the parent's strongest lock; its partitions stay as COPY
+        // leaves them.
+        lock: format!("LOCK TABLE ONLY {table} IN ROW EXCLUSIVE MODE"),
+        check: "SELECT count(*) FROM pg_attribute a \
                     JOIN unnest($1::text[], $2::int8[]) AS e(name, oid) \
                       ON a.attname::text = e.name AND a.atttypid::int8 = e.oid \
                     WHERE a.attrelid = to_regclass($3) AND a.attnum > 0 AND NOT a.attisdropped",
-            table: table.clone(),
-            names: route.columns.iter().map(|c| c.name.clone()).collect(),
-            oids: route
-                .columns
-                .iter()
-                .filter_map(|c| live_column(&c.name).map(|l| l.type_oid))
-                .collect(),
-        });
+        table: table.clone(),
+        names: route.columns.iter().map(|c| c.name.clone()).collect(),
+        oids: route
+            .columns
+            .iter()
+            .filter_map(|c| live_column(&c.name).map(|l| l.type_oid))
+            .collect(),
+    });
     for column in &route.columns {
         let Some(found) = live.iter().find(|l| l.name == column.name) else {
             problems.push(format!(
@@ -260,6 +264,23 @@ async fn inspect(
         }
     }
     Ok((source_index, types))
+}
+
+/// Whether this role may lock `table` against type changes as COPY BINARY needs: a
+/// table or partitioned table (not a view or foreign table) on which it holds a
+/// table-wide privilege that allows `ROW EXCLUSIVE` (an INSERT granted on columns only
+/// does not). Otherwise the route writes COPY text.
+async fn lockable(pool: &PgPool, table: &str) -> Result<bool, StoreError> {
+    sqlx::query_scalar(
+        "SELECT c.relkind IN ('r', 'p') \
+           AND has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') \
+         FROM pg_class c WHERE c.oid = to_regclass($1)",
+    )
+    .bind(table)
+    .fetch_optional(pool)
+    .await
+    .map(|found| found.unwrap_or(false))
+    .map_err(db("check the target table's privileges"))
 }
 
 /// COPY BINARY when the server would read every column's binary form as the decoder

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kafka_pg_ingest::decode::CopyFormat;
 use kafka_pg_ingest::pipeline::{Pipeline, PipelineError};
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -568,5 +568,30 @@ async fn a_column_type_changed_under_copy_binary_stops_the_worker_before_it_writ
     Landed::read(&db.pool, &kafka.topic)
         .await
         .assert_exactly_once(200, 0);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_sessions_read_committed_whatever_the_database_default() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    // Under REPEATABLE READ a batch's snapshot, taken by its compare-and-set, would hide
+    // a column type change committed before the COPY BINARY's lock from the type check.
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'",
+        db.name
+    )))
+    .execute(&db.pool)
+    .await
+    .expect("alter database");
+    let pool = kafka_pg_ingest::store::connect_pool(&kafka.config(&db))
+        .await
+        .expect("connects");
+    let level: String = sqlx::query_scalar("SHOW transaction_isolation")
+        .fetch_one(&pool)
+        .await
+        .expect("show");
+    assert_eq!(level, "read committed");
+    pool.close().await;
     db.drop().await;
 }
