@@ -344,15 +344,7 @@ async fn run_psql(database_url: &str, script: &Path) -> anyhow::Result<std::proc
 /// Checks every row is once in `table`, then drops it (a bench of millions of rows
 /// would otherwise hold gigabytes of them).
 async fn check_landed(pool: &PgPool, table: &str, rows: usize) -> anyhow::Result<()> {
-    let (count, distinct): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM {table}"
-    )))
-    .fetch_one(pool)
-    .await?;
-    ensure!(
-        count == rows as i64 && distinct == rows as i64,
-        "{table} holds {count} rows ({distinct} distinct), not {rows}"
-    );
+    super::ensure_each_once(pool, table, rows as i64).await?;
     sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {table}")))
         .execute(pool)
         .await?;

@@ -604,20 +604,12 @@ async fn measure_worker(
         .context("worker logged no final stats")?;
     let field = |k: &str| stopped["fields"][k].as_f64().unwrap_or(f64::NAN);
 
-    let (rows, distinct): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM {table}"
-    )))
-    .fetch_one(pool)
-    .await?;
     if std::env::var_os("KPI_BENCH_DEBUG").is_some() {
         for line in &lines {
             eprintln!("{line}");
         }
     }
-    ensure!(
-        rows == total && distinct == total,
-        "exactly once broken in {table}: {rows} rows, {distinct} distinct, {total} messages"
-    );
+    ensure_each_once(pool, table, total).await?;
 
     let (started, at_start) = claimed.context("no claim observed")?;
     let elapsed = done.duration_since(started).as_secs_f64().max(1e-3);
@@ -629,6 +621,20 @@ async fn measure_worker(
         cpu_s,
         backend_cpu_s,
     })
+}
+
+/// Checks `table` holds `total` rows, each at its own source coordinates.
+async fn ensure_each_once(pool: &PgPool, table: &str, total: i64) -> anyhow::Result<()> {
+    let (rows, distinct): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM {table}"
+    )))
+    .fetch_one(pool)
+    .await?;
+    ensure!(
+        rows == total && distinct == total,
+        "exactly once broken in {table}: {rows} rows, {distinct} distinct, {total} messages"
+    );
+    Ok(())
 }
 
 /// The default mapping as one route in upsert mode, keyed on the source coordinates,

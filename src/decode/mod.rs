@@ -455,7 +455,6 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Appends `s` escaped for COPY text format.
 /// Appends a NULL field.
 fn push_null(format: CopyFormat, out: &mut Vec<u8>) {
     match format {
@@ -464,6 +463,7 @@ fn push_null(format: CopyFormat, out: &mut Vec<u8>) {
     }
 }
 
+/// Appends `s` escaped for COPY text format.
 pub(crate) fn push_escaped(out: &mut Vec<u8>, s: &str) {
     for &b in s.as_bytes() {
         match b {

@@ -83,10 +83,7 @@ pub(super) fn encode(
             Err(e) => return Err(bad(column, &format!("bytes are not UTF-8 text: {e}"))),
         },
     };
-    match format {
-        CopyFormat::Text => typed.write_text(out),
-        CopyFormat::Binary => typed.write_binary(out),
-    }
+    typed.write(format, out);
     Ok(())
 }
 
@@ -100,18 +97,14 @@ fn bad(column: &Column, what: &str) -> Rejection {
     )
 }
 
-/// Appends the COPY text of a JSON value for `column`, or says why it does not fit.
+/// Appends a JSON value for `column` in `format`, or says why it does not fit.
 pub(crate) fn encode_value(
     column: &Column,
     v: &Value,
     format: CopyFormat,
     out: &mut Vec<u8>,
 ) -> Result<(), Rejection> {
-    let typed = typed(column, v)?;
-    match format {
-        CopyFormat::Text => typed.write_text(out),
-        CopyFormat::Binary => typed.write_binary(out),
-    }
+    typed(column, v)?.write(format, out);
     Ok(())
 }
 
@@ -251,6 +244,14 @@ fn subsec_micros(ts: &DateTime<Utc>) -> u32 {
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 impl Typed<'_> {
+    /// Appends the value in `format`.
+    fn write(&self, format: CopyFormat, out: &mut Vec<u8>) {
+        match format {
+            CopyFormat::Text => self.write_text(out),
+            CopyFormat::Binary => self.write_binary(out),
+        }
+    }
+
     /// Appends the value's COPY text.
     fn write_text(&self, out: &mut Vec<u8>) {
         match self {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::offsets::{self, Replay};
-use super::schema::{ColumnTypes, RouteSql};
+use super::schema::{COLUMN_TYPES_CHECK, RouteSql};
 use super::{Store, StoreError, db, execute_trusted};
 use crate::decode::{CopyFormat, ReasonCode, Rejection};
 use crate::record::Record;
@@ -282,6 +282,7 @@ impl Store {
                 if part.rows.is_empty() {
                     continue;
                 }
+                check_types(&mut tx, sql).await?;
                 let written = match &sql.insert {
                     Some(insert) if kept.is_empty() => {
                         insert_one_by_one(&mut tx, insert, part).await
@@ -345,6 +346,9 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let mut written = 0;
         for (part, sql) in batch.parts.iter().zip(&self.sql) {
+            if !part.rows.is_empty() {
+                check_types(conn, sql).await?;
+            }
             let mut window = part.rows.len().max(1);
             // A stack: the range on top is written next, in row order.
             let mut pending: Vec<Range<usize>> = Vec::new();
@@ -588,9 +592,6 @@ async fn write(
     data: &[u8],
     kept: &Ranges<'_>,
 ) -> Result<u64, sqlx::Error> {
-    if let Some(types) = &sql.types {
-        check_types(conn, types).await?;
-    }
     if let Some(upsert) = &sql.upsert {
         // A replay re-applies its records in order, which ends in the same state.
         sqlx::raw_sql(AssertSqlSafe(upsert.create_staging.clone()))
@@ -707,31 +708,32 @@ impl<'a> DeadLetterColumns<'a> {
     }
 }
 
-/// Locks `types.table` against type changes and checks its columns still have the
-/// types COPY BINARY was chosen for. A change stops the worker (an error that is not a
-/// database's is fatal): on restart it reads the table again and picks the format anew.
-async fn check_types(conn: &mut PgConnection, types: &ColumnTypes) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(AssertSqlSafe(types.lock.clone()))
-        .execute(&mut *conn)
-        .await?;
-    let matching: i64 = sqlx::query_scalar(types.check)
+/// For a route that writes COPY BINARY: locks its table against type changes for the
+/// rest of the transaction and checks its columns still have the types the format was
+/// chosen for. Once per transaction, before the route's first COPY. A change stops the
+/// worker: on restart it reads the table again and picks the format anew.
+async fn check_types(conn: &mut PgConnection, sql: &RouteSql) -> Result<(), StoreError> {
+    let Some(types) = &sql.types else {
+        return Ok(());
+    };
+    const CONTEXT: &str = "check the target table's column types";
+    execute_trusted(conn, &types.lock, CONTEXT).await?;
+    let matching: i64 = sqlx::query_scalar(COLUMN_TYPES_CHECK)
         .bind(&types.names)
         .bind(&types.oids)
         .bind(&types.table)
         .fetch_one(&mut *conn)
-        .await?;
+        .await
+        .map_err(db(CONTEXT))?;
     if matching == types.names.len() as i64 {
         return Ok(());
     }
-    Err(sqlx::Error::Configuration(
-        format!(
-            "the column types of {} changed since this worker read them, and its rows are \
-             written as COPY BINARY of those types: restart the worker (it reads the table \
-             again; nothing of this batch was written)",
-            types.table
-        )
-        .into(),
-    ))
+    Err(StoreError::Fatal(format!(
+        "the column types of {} changed since this worker read them, and its rows are \
+         written as COPY BINARY of those types: restart the worker (it reads the table \
+         again; nothing of this batch was written)",
+        types.table
+    )))
 }
 
 /// Bytes per COPY data message. The server reads a whole message before it parses any

@@ -53,12 +53,16 @@ pub(super) struct ColumnTypes {
     /// Locks the table against such changes until the transaction ends, as the COPY
     /// would, but before the check.
     pub lock: String,
-    /// Takes `$1` names and `$2` type OIDs; counts the columns that still match.
-    pub check: &'static str,
     pub table: String,
     pub names: Vec<String>,
     pub oids: Vec<i64>,
 }
+
+/// Counts the columns of table `$3` that still have their names `$1` and type OIDs `$2`.
+pub(super) const COLUMN_TYPES_CHECK: &str = "SELECT count(*) FROM pg_attribute a \
+     JOIN unnest($1::text[], $2::int8[]) AS e(name, oid) \
+       ON a.attname::text = e.name AND a.atttypid::int8 = e.oid \
+     WHERE a.attrelid = to_regclass($3) AND a.attnum > 0 AND NOT a.attisdropped";
 
 /// Finds the lines of an upsert route (re-driven dead letters) whose key's row was
 /// written from a later offset of the same partition.
@@ -179,18 +183,14 @@ async fn inspect(
     }
     let live_column = |name: &str| live.iter().find(|l| l.name == name);
     let binary = lockable(pool, &table).await?
-        && copy_format(route, method, |name| {
+        && binary_fits(route, method, |name| {
             live_column(name).map(|l| l.base.as_str())
-        }) == CopyFormat::Binary;
+        });
     let types = binary.then(|| ColumnTypes {
         // ONLY: a partitioned table's own lock already conflicts with a type change,
         // which needs the parent's strongest lock; its partitions stay as COPY
         // leaves them.
         lock: format!("LOCK TABLE ONLY {table} IN ROW EXCLUSIVE MODE"),
-        check: "SELECT count(*) FROM pg_attribute a \
-                    JOIN unnest($1::text[], $2::int8[]) AS e(name, oid) \
-                      ON a.attname::text = e.name AND a.atttypid::int8 = e.oid \
-                    WHERE a.attrelid = to_regclass($3) AND a.attnum > 0 AND NOT a.attisdropped",
         table: table.clone(),
         names: route.columns.iter().map(|c| c.name.clone()).collect(),
         oids: route
@@ -283,33 +283,28 @@ async fn lockable(pool: &PgPool, table: &str) -> Result<bool, StoreError> {
     .map_err(db("check the target table's privileges"))
 }
 
-/// COPY BINARY when the server would read every column's binary form as the decoder
-/// writes it: an insert route written by COPY whose columns' (base) types are exactly
+/// Whether the route can write COPY BINARY: the server would read every column's binary
+/// form as the decoder writes it: an insert route written by COPY whose columns' (base) types are exactly
 /// their mapping's types (text may also go into varchar or char). Anything else (a
 /// wider column, json for jsonb, numeric, whose binary form the decoder does not
 /// write) is COPY text, which Postgres converts. Upsert routes stay text: re-drives read
 /// their staged lines back as text.
-fn copy_format<'a>(
+fn binary_fits<'a>(
     route: &Route,
     method: WriteMethod,
     base_of: impl Fn(&str) -> Option<&'a str>,
-) -> CopyFormat {
+) -> bool {
     let fits = |kind: ColumnType, base: &str| match kind {
         ColumnType::Numeric => false,
         ColumnType::Text => matches!(base, "text" | "varchar" | "bpchar"),
         _ => kind.accepted_columns().first() == Some(&base),
     };
-    let binary = route.mode == WriteMode::Insert
+    route.mode == WriteMode::Insert
         && method == WriteMethod::Copy
         && route
             .columns
             .iter()
-            .all(|c| base_of(&c.name).is_some_and(|base| fits(c.kind, base)));
-    if binary {
-        CopyFormat::Binary
-    } else {
-        CopyFormat::Text
-    }
+            .all(|c| base_of(&c.name).is_some_and(|base| fits(c.kind, base)))
 }
 
 /// The names of the index partitions under index `name` (in `schema`), with its own
