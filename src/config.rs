@@ -152,7 +152,7 @@ pub struct PostgresConfig {
     pub sslkey: Option<PathBuf>,
 }
 
-/// Bounds of one poll batch (= one transaction).
+/// Bounds of one batch (= one transaction), and how many batches commit at once.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
@@ -162,6 +162,36 @@ pub struct BatchConfig {
     pub max_bytes: usize,
     /// Longest wait to fill a batch, in milliseconds.
     pub max_wait_ms: u64,
+    /// Commit lanes: each lane commits the batches of its own partitions on its own
+    /// connection, all lanes at once.
+    pub lanes: Lanes,
+}
+
+/// How many commit lanes a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lanes {
+    /// One per core, leaving two of `postgres.max_connections` for claims and reads.
+    Auto,
+    /// Exactly this many.
+    Fixed(usize),
+}
+
+impl<'de> Deserialize<'de> for Lanes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Count(usize),
+            Word(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Count(n) => Ok(Self::Fixed(n)),
+            Written::Word(w) if w == "auto" => Ok(Self::Auto),
+            Written::Word(w) => Err(serde::de::Error::custom(format!(
+                "batch.lanes: `{w}` is neither `auto` nor a number of lanes"
+            ))),
+        }
+    }
 }
 
 /// Capped exponential backoff with jitter.
@@ -614,6 +644,20 @@ impl Config {
         if self.batch.max_records == 0 {
             return Err(invalid("batch.max_records", "must be at least 1"));
         }
+        if let Lanes::Fixed(n) = self.batch.lanes {
+            if n == 0 {
+                return Err(invalid("batch.lanes", "must be at least 1, or auto"));
+            }
+            if n >= self.postgres.max_connections as usize {
+                return Err(invalid(
+                    "batch.lanes",
+                    format!(
+                        "{n} lanes need a connection each plus one for claims: raise postgres.max_connections to at least {} or lower batch.lanes",
+                        n + 1
+                    ),
+                ));
+            }
+        }
         if self.batch.max_bytes < self.sink.max_record_bytes {
             return Err(invalid(
                 "batch.max_bytes",
@@ -727,6 +771,19 @@ impl Config {
     /// Longest wait to fill a batch.
     pub fn batch_wait(&self) -> Duration {
         Duration::from_millis(self.batch.max_wait_ms)
+    }
+
+    /// How many commit lanes run: `batch.lanes`, or under `auto` one per core, as many
+    /// as leave two pooled connections for claims and reads (at least one).
+    pub fn lanes(&self) -> usize {
+        match self.batch.lanes {
+            Lanes::Fixed(n) => n,
+            Lanes::Auto => {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                let spare = (self.postgres.max_connections as usize).saturating_sub(2);
+                cores.min(spare).max(1)
+            }
+        }
     }
 
     /// How long a claim is retried.
@@ -900,6 +957,32 @@ mod tests {
         assert_eq!(c.batch.max_records, 7);
         assert_eq!(c.batch.max_wait_ms, 250);
         assert_eq!(c.sink.columns.len(), 8, "lists from defaults survive");
+    }
+
+    #[test]
+    fn lanes_are_auto_or_a_count_below_the_pool_size() {
+        let auto = load_yaml("{}", vec![]).expect("defaults load");
+        assert_eq!(auto.batch.lanes, Lanes::Auto);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(
+            auto.lanes(),
+            cores.clamp(1, 2),
+            "4 connections leave 2 lanes"
+        );
+        let two = load_yaml("{}", vec![("KAFKA_PG_INGEST__BATCH__LANES", "2")]).expect("loads");
+        assert_eq!(two.lanes(), 2);
+        for (lanes, expected) in [
+            ("0", "must be at least 1"),
+            ("4", "raise postgres.max_connections to at least 5"),
+            ("many", "neither `auto` nor a number"),
+        ] {
+            let err = load_yaml("{}", vec![("KAFKA_PG_INGEST__BATCH__LANES", lanes)]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("batch.lanes") && text.contains(expected),
+                "{lanes}: {text}"
+            );
+        }
     }
 
     #[test]

@@ -402,6 +402,9 @@ impl Rig {
             // here: such gaps are recorded and checked, not a reason to stop.
             .env("KAFKA_PG_INGEST__KAFKA__ON_DATA_LOSS", "skip")
             .env("KAFKA_PG_INGEST__RETRY__MAX_DELAY_MS", "2000")
+            // Lanes commit side by side whatever the machine's cores: the faults land
+            // between concurrent commits of one worker too.
+            .env("KAFKA_PG_INGEST__BATCH__LANES", "2")
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .stdout(Stdio::null())
             .stderr(log)

@@ -21,32 +21,90 @@ use crate::record::Record;
 use crate::store::{Batch, PartitionRange};
 use crate::telemetry::spans;
 
+/// The lane of a partition among `lanes`: a topic's partitions go round the lanes in
+/// order, so they spread evenly; each topic starts at a lane of its own.
+fn lane_of(topic: &str, partition: i32, lanes: usize) -> usize {
+    // FNV-1a: the same lane in every run and build, unlike the std hasher's.
+    let start = topic.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let partition = u64::try_from(partition).unwrap_or_default();
+    (start.wrapping_add(partition) % lanes as u64) as usize
+}
+
+/// The records polled for one lane's batch, under the batch's span.
+pub(super) struct Collected {
+    pub(super) span: Span,
+    pub(super) entries: Vec<(i64, Record)>,
+    /// Payload bytes of `entries`.
+    bytes: usize,
+}
+
+impl Collected {
+    fn full(&self, max_records: usize, max_bytes: usize) -> bool {
+        self.entries.len() >= max_records || self.bytes >= max_bytes
+    }
+}
+
 impl Pipeline {
-    /// Polls until the batch is full or `batch.max_wait_ms` has passed; `None` when no
-    /// record came. The batch's span starts with its first record: the wait for one is
-    /// idle time, not the batch's.
-    pub(super) fn collect(&mut self) -> Option<(Span, Vec<(i64, Record)>)> {
+    /// Polls each lane's next batch; empty when no record came. Until a lane's batch is
+    /// full it waits for records up to `batch.max_wait_ms`; after that it takes only
+    /// records ready at once, until every lane is full or it holds as much as all lanes
+    /// may: a backlog fills every lane's batch, while a full batch of a quiet stream
+    /// does not wait. Records of a lane already full wait in `pending` for the next
+    /// step. Each lane's batch gets its own span, started with its first record: the
+    /// wait for one is idle time, not the batch's.
+    pub(super) fn collect(&mut self) -> Vec<Collected> {
         let deadline = Instant::now() + self.config.batch_wait();
-        let first = self.next_entry(deadline)?;
-        let span = spans::batch(self.traced);
-        let poll = tracing::info_span!(parent: &span, "poll").entered();
         let (max_records, max_bytes) = (self.config.batch.max_records, self.config.batch.max_bytes);
-        let mut bytes = first.1.size();
-        let mut collected = vec![first];
-        while collected.len() < max_records && bytes < max_bytes {
-            let Some(entry) = self.next_entry(deadline) else {
+        let (most_records, most_bytes) = (max_records * self.lanes, max_bytes * self.lanes);
+        let mut lanes: Vec<Option<Collected>> = (0..self.lanes).map(|_| None).collect();
+        // Each batch's `poll` child, open until polling ends.
+        let mut polls = Vec::new();
+        let mut held = Vec::new();
+        let (mut records, mut bytes, mut full) = (0, 0, 0);
+        loop {
+            let until = if full == 0 { deadline } else { Instant::now() };
+            let Some(entry) = self.next_entry(until) else {
                 break;
             };
+            records += 1;
             bytes += entry.1.size();
-            collected.push(entry);
-        }
-        drop(poll);
-        if self.traced {
-            for (_, record) in &collected {
-                spans::link(&span, record);
+            let lane = lanes[lane_of(&entry.1.topic, entry.1.partition, self.lanes)]
+                .get_or_insert_with(|| {
+                    let span = spans::batch(self.traced);
+                    polls.push(tracing::info_span!(parent: &span, "poll"));
+                    Collected {
+                        span,
+                        entries: Vec::new(),
+                        bytes: 0,
+                    }
+                });
+            if lane.full(max_records, max_bytes) {
+                held.push(entry);
+            } else {
+                lane.bytes += entry.1.size();
+                lane.entries.push(entry);
+                full += usize::from(lane.full(max_records, max_bytes));
+            }
+            if full == self.lanes || records >= most_records || bytes >= most_bytes {
+                break;
             }
         }
-        Some((span, collected))
+        drop(polls);
+        // Ahead of what is still pending: they came before it.
+        for entry in held.into_iter().rev() {
+            self.pending.push_front(entry);
+        }
+        let collected: Vec<Collected> = lanes.into_iter().flatten().collect();
+        if self.traced {
+            for lane in &collected {
+                for (_, record) in &lane.entries {
+                    spans::link(&lane.span, record);
+                }
+            }
+        }
+        collected
     }
 
     /// The next record, held back or polled, unless `deadline` passes first.
@@ -94,10 +152,10 @@ impl Pipeline {
     }
 
     /// Keeps, per partition, records of the current claim that continue its position
-    /// (see the invariant above), and decodes. A gap the partition skipped under
-    /// `kafka.on_data_loss: skip` goes with its next range, to be recorded in its
-    /// transaction.
-    pub(super) fn build(&self, collected: Vec<(i64, Record)>) -> Batch {
+    /// (see the invariant above), with the ranges they advance. A gap the partition
+    /// skipped under `kafka.on_data_loss: skip` goes with its next range, to be recorded
+    /// in its transaction.
+    pub(super) fn keep(&self, collected: Vec<(i64, Record)>) -> (Vec<Record>, Vec<PartitionRange>) {
         let mut assignments = self.assignments.lock();
         let mut ranges: Vec<PartitionRange> = Vec::new();
         let mut index: HashMap<TopicPartition, usize> = HashMap::new();
@@ -147,17 +205,13 @@ impl Pipeline {
             records.push(record);
         }
         drop(assignments);
-        Batch::decode(records, self.store.routes(), ranges)
+        (records, ranges)
     }
 
     /// The same batch without its ranges (and their records) of the fenced claims: a
     /// range of the same partition under a newer claim stays.
     pub(super) fn without(&self, batch: Batch, fenced: &[PartitionRange]) -> Batch {
-        let gone = |r: &PartitionRange| {
-            fenced
-                .iter()
-                .any(|f| f.topic == r.topic && f.partition == r.partition && f.epoch == r.epoch)
-        };
+        let gone = |r: &PartitionRange| fenced.iter().any(|f| f.same_claim(r));
         let (dropped, ranges): (Vec<PartitionRange>, Vec<PartitionRange>) =
             batch.ranges.into_iter().partition(gone);
         let records = batch
@@ -170,5 +224,23 @@ impl Pipeline {
             })
             .collect();
         Batch::decode(records, self.store.routes(), ranges)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_of;
+
+    #[test]
+    fn a_topics_partitions_spread_evenly_over_the_lanes() {
+        for lanes in 1..=4 {
+            for topic in ["website-metrics", "orders", ""] {
+                let mut counts = vec![0; lanes];
+                for partition in 0..(lanes as i32 * 3) {
+                    counts[lane_of(topic, partition, lanes)] += 1;
+                }
+                assert_eq!(counts, vec![3; lanes], "{topic} over {lanes} lanes");
+            }
+        }
     }
 }

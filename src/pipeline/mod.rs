@@ -1,8 +1,10 @@
 //! The loop: poll a batch, decode it, commit it. [`Pipeline::step`] does one cycle so
 //! tests can drive it; [`run`] is that step in a loop with shutdown.
 //!
-//! Invariant: commits are strictly sequential, and a batch continues each partition
-//! from where its in-flight predecessor ends. The rooms of the loop: `assemble` (batches
+//! Invariant: a partition's batches commit strictly in order, and a batch continues each
+//! partition from where its in-flight predecessor ends. Partitions are spread over
+//! commit lanes (`batch.lanes`), each lane one batch in flight on its own connection;
+//! every lane's batch settles before any lane's next batch starts. The rooms of the loop: `assemble` (batches
 //! from the consumer), `settle` (retries, ambiguous commits, fencing, polling while a
 //! commit takes long), `positions` (following stored rows and the broker's log,
 //! orphaned partitions), `outputs` (metrics, gauges, the offset mirror).
@@ -23,10 +25,12 @@ use tracing::{Instrument, Span};
 use crate::config::Config;
 use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
 use crate::record::Record;
-use crate::store::{CommitOutcome, PartitionRange, Store, StoreError};
+use crate::route::Routes;
+use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
 use crate::telemetry::http::{self, Endpoints};
 use crate::telemetry::metrics::PartitionLabel;
 use crate::telemetry::spans;
+use assemble::Collected;
 use settle::CommitTask;
 
 /// Why the loop stopped.
@@ -63,6 +67,37 @@ pub enum StepOutcome {
     },
     /// Every partition of the batch was fenced; nothing committed.
     Fenced { partitions: usize },
+}
+
+impl StepOutcome {
+    /// The outcomes of two lanes' batches as one: what committed adds up; fenced
+    /// partitions are the outcome only where nothing committed.
+    fn and(self, other: Self) -> Self {
+        use StepOutcome::{Committed, Fenced, Idle};
+        match (self, other) {
+            (Idle, o) | (o, Idle) => o,
+            (
+                Committed {
+                    records,
+                    rows,
+                    dead_letters,
+                },
+                Committed {
+                    records: r,
+                    rows: w,
+                    dead_letters: d,
+                },
+            ) => Committed {
+                records: records + r,
+                rows: rows + w,
+                dead_letters: dead_letters + d,
+            },
+            (c @ Committed { .. }, Fenced { .. }) | (Fenced { .. }, c @ Committed { .. }) => c,
+            (Fenced { partitions }, Fenced { partitions: p }) => Fenced {
+                partitions: partitions + p,
+            },
+        }
+    }
 }
 
 /// Counters of a pipeline's life, for reports and tests.
@@ -105,7 +140,7 @@ impl Latencies {
     }
 }
 
-/// A batch committing on its own task while the next one is polled and decoded.
+/// A lane's batch committing on its own task while the next ones are polled and decoded.
 struct InFlight {
     /// The batch's offset advances, which the next batch continues from.
     ranges: Vec<PartitionRange>,
@@ -126,8 +161,10 @@ pub struct Pipeline {
     /// Records that arrived while partitions were paused, tagged with the epoch they
     /// arrived under; consumed before polling again.
     pending: VecDeque<(i64, Record)>,
-    /// At most one batch committing.
-    in_flight: Option<InFlight>,
+    /// How many lanes commit at once (`Config::lanes`).
+    lanes: usize,
+    /// The batches committing: at most one per lane, each partition in at most one.
+    in_flight: Vec<InFlight>,
     observers: Observers,
     /// Partitions whose gauges are exported, to retract them when the partition goes.
     exported: Vec<PartitionLabel>,
@@ -174,19 +211,21 @@ impl Pipeline {
             owner = %owner,
             group = %config.kafka.group,
             topics = ?store.routes().subscription(),
+            lanes = config.lanes(),
             database = %config.database_url_masked(),
             "worker started"
         );
         Ok(Self {
             traced: config.otel.exporter_otlp_endpoint.is_some(),
             tables: store.routes().tables(),
+            lanes: config.lanes(),
             config,
             store,
             consumer: Some(consumer),
             owner,
             assignments,
             pending: VecDeque::new(),
-            in_flight: None,
+            in_flight: Vec::new(),
             observers,
             exported: Vec::new(),
             unmirrored: HashMap::new(),
@@ -224,12 +263,14 @@ impl Pipeline {
             .expect("consumer is present until close")
     }
 
-    /// One cycle: poll and decode a batch while the previous batch commits, then settle
-    /// that commit (retrying transient failures) and start committing the new batch.
+    /// One cycle: poll and decode each lane's next batch while the lanes' previous
+    /// batches commit, then settle those commits (retrying transient failures) and
+    /// start committing the new batches.
     ///
-    /// Commits stay strictly sequential (a batch continues from the offsets its
-    /// predecessor commits); only polling and decoding overlap a commit. The outcome
-    /// returned is that of the batch settled in this step.
+    /// A partition's batches commit strictly in order (a batch continues from the
+    /// offsets its predecessor commits); polling, decoding and the other lanes' commits
+    /// overlap a commit. The outcome returned is that of the batches settled in this
+    /// step.
     pub async fn step(
         &mut self,
         shutdown: &CancellationToken,
@@ -242,44 +283,58 @@ impl Pipeline {
         if let Some(fatal) = self.consumer().context().take_fatal() {
             return Err(PipelineError::Consumer(fatal));
         }
-        let mut next = collected.map(|(span, entries)| {
-            let batch =
-                span.in_scope(|| tracing::info_span!("decode").in_scope(|| self.build(entries)));
-            if self.traced {
-                spans::describe(&span, &batch, &self.config.kafka.group, &self.tables);
+        let kept: Vec<(Span, Vec<Record>, Vec<PartitionRange>)> = collected
+            .into_iter()
+            .map(|Collected { span, entries, .. }| {
+                let (records, ranges) = self.keep(entries);
+                (span, records, ranges)
+            })
+            .collect();
+        let mut next = tokio::task::block_in_place(|| decode_lanes(kept, self.store.routes()));
+        if self.traced {
+            for (span, batch) in &next {
+                spans::describe(span, batch, &self.config.kafka.group, &self.tables);
             }
-            (span, batch)
-        });
+        }
         let (poll_decode, waiting) = (polling.elapsed(), Instant::now());
-        let outcome = match self.in_flight.take() {
-            Some(InFlight { span, task, .. }) => {
-                let settled = match self.await_polling(task).await {
-                    Ok((batch, result, elapsed)) => {
-                        self.settle(batch, result, elapsed, shutdown)
-                            .instrument(span.clone())
-                            .await
-                    }
-                    Err(e) => Err(StoreError::Fatal(format!("the commit task failed: {e}")).into()),
-                };
-                let (outcome, fenced) = settled.inspect_err(|e| spans::failed(&span, e))?;
-                if !fenced.is_empty() {
-                    // The next batch continued from offsets that did not commit.
-                    next = next.map(|(span, b)| (span, self.without(b, &fenced)));
+        let mut outcome = StepOutcome::Idle;
+        // The lanes still in flight stay listed while one settles: their ranges are
+        // positions that re-positioning a fenced partition must not undo.
+        while let Some(InFlight { span, task, .. }) = self.in_flight.pop() {
+            let settled = match self.await_polling(task).await {
+                Ok((batch, result, elapsed)) => {
+                    self.settle(batch, result, elapsed, shutdown)
+                        .instrument(span.clone())
+                        .await
                 }
-                outcome
+                Err(e) => Err(StoreError::Fatal(format!("the commit task failed: {e}")).into()),
+            };
+            let (settled, fenced) = settled.inspect_err(|e| spans::failed(&span, e))?;
+            outcome = outcome.and(settled);
+            if !fenced.is_empty() {
+                // A next batch continued from offsets that did not commit.
+                for (_, batch) in &mut next {
+                    if batch
+                        .ranges
+                        .iter()
+                        .any(|r| fenced.iter().any(|f| f.same_claim(r)))
+                    {
+                        *batch = self.without(std::mem::take(batch), &fenced);
+                    }
+                }
             }
-            None => StepOutcome::Idle,
-        };
+        }
         tracing::debug!(
             poll_decode_ms = poll_decode.as_secs_f64() * 1e3,
             commit_wait_ms = waiting.elapsed().as_secs_f64() * 1e3,
+            lanes = next.len(),
             "step timing"
         );
-        if let Some((span, batch)) = next.filter(|(_, b)| !b.ranges.is_empty()) {
+        for (span, batch) in next.into_iter().filter(|(_, b)| !b.ranges.is_empty()) {
             let ranges = batch.ranges.clone();
             let commit = span.in_scope(|| spans::commit(&self.tables));
             let task = self.spawn_commit(batch, commit);
-            self.in_flight = Some(InFlight { ranges, span, task });
+            self.in_flight.push(InFlight { ranges, span, task });
         }
         self.maintain().await?;
         self.observers.health.stepped();
@@ -287,11 +342,11 @@ impl Pipeline {
         Ok(outcome)
     }
 
-    /// Lets the batch in flight finish its commit attempt (without retrying: whatever
-    /// did not commit is read again by the partition's next owner), mirrors the last
-    /// offsets, then leaves the group. Returns the final counters.
+    /// Lets the batches in flight finish their commit attempts (without retrying:
+    /// whatever did not commit is read again by the partition's next owner), mirrors the
+    /// last offsets, then leaves the group. Returns the final counters.
     pub async fn close(mut self) -> Stats {
-        if let Some(in_flight) = self.in_flight.take() {
+        for in_flight in std::mem::take(&mut self.in_flight) {
             match in_flight.task.await {
                 Ok((
                     batch,
@@ -317,6 +372,34 @@ impl Pipeline {
         }
         std::mem::take(&mut self.stats)
     }
+}
+
+/// Decodes each lane's records into its batch, the lanes side by side on threads of
+/// their own: decoding is most of the loop's own work, and one thread decoding every
+/// lane would bound them all.
+fn decode_lanes(
+    lanes: Vec<(Span, Vec<Record>, Vec<PartitionRange>)>,
+    routes: &Routes,
+) -> Vec<(Span, Batch)> {
+    let decode = |(span, records, ranges): (Span, Vec<Record>, Vec<PartitionRange>)| {
+        let batch = tracing::info_span!(parent: &span, "decode")
+            .in_scope(|| Batch::decode(records, routes, ranges));
+        (span, batch)
+    };
+    if lanes.len() < 2 {
+        return lanes.into_iter().map(decode).collect();
+    }
+    std::thread::scope(|scope| {
+        let decoding: Vec<_> = lanes
+            .into_iter()
+            .map(|lane| scope.spawn(move || decode(lane)))
+            .collect();
+        decoding
+            .into_iter()
+            // A panic while decoding is a bug: it goes on as the loop's own.
+            .map(|d| d.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// How long leaving the group may take at shutdown.

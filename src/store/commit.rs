@@ -39,6 +39,11 @@ pub struct PartitionRange {
 }
 
 impl PartitionRange {
+    /// Whether `other` is a range of the same partition under the same claim.
+    pub fn same_claim(&self, other: &PartitionRange) -> bool {
+        self.topic == other.topic && self.partition == other.partition && self.epoch == other.epoch
+    }
+
     /// The first offset this batch read of its partition: past the gap when the broker
     /// had deleted the records from its start on.
     pub fn first_read(&self) -> i64 {

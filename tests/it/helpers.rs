@@ -174,12 +174,16 @@ impl TestKafka {
     }
 }
 
-/// Environment layer of test workers: claims give up well within the short poll interval.
+/// Environment layer of test workers: claims give up well within the short poll interval,
+/// and two commit lanes run whatever the machine, so every guarantee is tested with lanes on.
 pub fn test_env() -> Vec<(String, String)> {
-    vec![(
-        "KAFKA_PG_INGEST__RETRY__CLAIM_LIMIT_SECS".into(),
-        "5".into(),
-    )]
+    vec![
+        (
+            "KAFKA_PG_INGEST__RETRY__CLAIM_LIMIT_SECS".into(),
+            "5".into(),
+        ),
+        ("KAFKA_PG_INGEST__BATCH__LANES".into(), "2".into()),
+    ]
 }
 
 /// librdkafka options that make joins and rebalances take seconds, not minutes.

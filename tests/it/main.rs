@@ -11,6 +11,7 @@ mod freeze;
 mod helpers;
 mod isolation;
 mod kafka_tls;
+mod lanes;
 mod pki;
 mod positions;
 mod postgres_tls;
