@@ -170,7 +170,7 @@ pub struct BatchConfig {
 /// How many commit lanes a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lanes {
-    /// One per core, leaving two of `postgres.max_connections` for claims and reads.
+    /// One per core, leaving two of `postgres.max_connections` for claims.
     Auto,
     /// Exactly this many.
     Fixed(usize),
@@ -648,12 +648,15 @@ impl Config {
             if n == 0 {
                 return Err(invalid("batch.lanes", "must be at least 1, or auto"));
             }
-            if n >= self.postgres.max_connections as usize {
+            // A claim holds one connection and may need a second to end a frozen
+            // worker's transaction (see postgres.max_connections); one lane runs on
+            // the two connections a worker needs at least, as before lanes.
+            if n > 1 && n + 2 > self.postgres.max_connections as usize {
                 return Err(invalid(
                     "batch.lanes",
                     format!(
-                        "{n} lanes need a connection each plus one for claims: raise postgres.max_connections to at least {} or lower batch.lanes",
-                        n + 1
+                        "{n} lanes need a connection each plus two for claims: raise postgres.max_connections to at least {} or lower batch.lanes",
+                        n + 2
                     ),
                 ));
             }
@@ -973,7 +976,7 @@ mod tests {
         assert_eq!(two.lanes(), 2);
         for (lanes, expected) in [
             ("0", "must be at least 1"),
-            ("4", "raise postgres.max_connections to at least 5"),
+            ("3", "raise postgres.max_connections to at least 5"),
             ("many", "neither `auto` nor a number"),
         ] {
             let err = load_yaml("{}", vec![("KAFKA_PG_INGEST__BATCH__LANES", lanes)]).unwrap_err();

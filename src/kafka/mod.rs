@@ -42,6 +42,11 @@ const CLAIM_WATERMARKS_LIMIT: Duration = Duration::from_secs(5);
 pub struct PartitionState {
     /// Epoch of this worker's claim; commits carry it.
     pub epoch: i64,
+    /// This process's own number for the claim ([`next_claim`]). Polled records are
+    /// tagged with it, not with the epoch: two claims of one partition can get the same
+    /// epoch (a restored dump lowers a row's epoch), and a record polled under the first
+    /// must never enter a batch of the second.
+    pub claim: u64,
     /// The stored next offset.
     pub next_offset: i64,
     /// Offsets skipped under `kafka.on_data_loss: skip`, recorded with the partition's
@@ -50,6 +55,12 @@ pub struct PartitionState {
     /// A commit found the partition's row moved: no record of it is taken into a batch
     /// until it is re-positioned from the stored row.
     pub stale: bool,
+}
+
+/// A number no earlier claim of this process got (the first is 1).
+fn next_claim() -> u64 {
+    static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A partition Kafka assigns to this worker that it does not hold: its claim found no
@@ -305,6 +316,7 @@ impl IngestContext {
                 tp.clone(),
                 PartitionState {
                     epoch,
+                    claim: next_claim(),
                     next_offset: next,
                     gap,
                     stale: false,

@@ -3,8 +3,8 @@
 //!
 //! Invariant: a batch's range of a partition starts exactly where the partition's
 //! position stands (the end of the batch in flight, else the stored offset) under the
-//! epoch of this worker's claim. Records of another epoch (a stale delivery after a
-//! re-claim) and records of a partition marked stale (its row moved under it) never
+//! epoch of this worker's claim. Records polled under another claim (a stale delivery
+//! after a re-claim) and records of a partition marked stale (its row moved under it) never
 //! enter a batch, and nothing is dropped between two batches of one partition: a
 //! partition loses records only by becoming stale, and comes back from its stored row.
 
@@ -35,7 +35,7 @@ fn lane_of(topic: &str, partition: i32, lanes: usize) -> usize {
 /// The records polled for one lane's batch, under the batch's span.
 pub(super) struct Collected {
     pub(super) span: Span,
-    pub(super) entries: Vec<(i64, Record)>,
+    pub(super) entries: Vec<(u64, Record)>,
     /// Payload bytes of `entries`.
     bytes: usize,
 }
@@ -108,7 +108,7 @@ impl Pipeline {
     }
 
     /// The next record, held back or polled, unless `deadline` passes first.
-    fn next_entry(&mut self, deadline: Instant) -> Option<(i64, Record)> {
+    fn next_entry(&mut self, deadline: Instant) -> Option<(u64, Record)> {
         if let Some(entry) = self.pending.pop_front() {
             return Some(entry);
         }
@@ -123,17 +123,21 @@ impl Pipeline {
         }
     }
 
-    /// One poll; a record comes back tagged with the epoch of its partition's claim.
-    pub(super) fn poll_one(&mut self, timeout: Duration) -> Option<(i64, Record)> {
-        match self.consumer().poll(timeout)? {
-            Ok(message) => {
-                let record = kafka::to_record(&message);
-                let epoch = self
+    /// One poll; a record comes back tagged with its partition's claim (0: none).
+    pub(super) fn poll_one(&mut self, timeout: Duration) -> Option<(u64, Record)> {
+        let polled = self
+            .consumer()
+            .poll(timeout)
+            .map(|p| p.map(|message| kafka::to_record(&message)));
+        self.last_poll = Instant::now();
+        match polled? {
+            Ok(record) => {
+                let claim = self
                     .assignments
                     .lock()
                     .get(&(record.topic.clone(), record.partition))
-                    .map_or(-1, |s| s.epoch);
-                Some((epoch, record))
+                    .map_or(0, |s| s.claim);
+                Some((claim, record))
             }
             Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => {
                 // librdkafka does not say which partition: the loop checks them all.
@@ -155,16 +159,16 @@ impl Pipeline {
     /// (see the invariant above), with the ranges they advance. A gap the partition
     /// skipped under `kafka.on_data_loss: skip` goes with its next range, to be recorded
     /// in its transaction.
-    pub(super) fn keep(&self, collected: Vec<(i64, Record)>) -> (Vec<Record>, Vec<PartitionRange>) {
+    pub(super) fn keep(&self, collected: Vec<(u64, Record)>) -> (Vec<Record>, Vec<PartitionRange>) {
         let mut assignments = self.assignments.lock();
         let mut ranges: Vec<PartitionRange> = Vec::new();
         let mut index: HashMap<TopicPartition, usize> = HashMap::new();
         let mut records = Vec::with_capacity(collected.len());
-        for (epoch, record) in collected {
+        for (claim, record) in collected {
             let tp = (record.topic.clone(), record.partition);
             let Some(state) = assignments
                 .get_mut(&tp)
-                .filter(|s| s.epoch == epoch && !s.stale)
+                .filter(|s| s.claim == claim && !s.stale)
             else {
                 continue;
             };

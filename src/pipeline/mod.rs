@@ -158,9 +158,9 @@ pub struct Pipeline {
     consumer: Option<IngestConsumer>,
     owner: String,
     assignments: Assignments,
-    /// Records that arrived while partitions were paused, tagged with the epoch they
-    /// arrived under; consumed before polling again.
-    pending: VecDeque<(i64, Record)>,
+    /// Records that arrived while partitions were paused, or for a lane already full,
+    /// tagged with the claim they arrived under; consumed before polling again.
+    pending: VecDeque<(u64, Record)>,
     /// How many lanes commit at once (`Config::lanes`).
     lanes: usize,
     /// The batches committing: at most one per lane, each partition in at most one.
@@ -173,6 +173,9 @@ pub struct Pipeline {
     /// behind a rebalance.
     unmirrored: HashMap<TopicPartition, i64>,
     last_mirror: Instant,
+    /// When the consumer was last polled: a wait for Postgres polls once it has gone
+    /// [`settle::COMMIT_PATIENCE`] without.
+    last_poll: Instant,
     /// When partitions were last checked against their stored rows.
     last_maintenance: Instant,
     /// When to check positions against the broker's watermarks (librdkafka said one is
@@ -230,6 +233,7 @@ impl Pipeline {
             exported: Vec::new(),
             unmirrored: HashMap::new(),
             last_mirror: Instant::now(),
+            last_poll: Instant::now(),
             last_maintenance: Instant::now(),
             range_check: None,
             stats: Stats::default(),
@@ -270,7 +274,8 @@ impl Pipeline {
     /// A partition's batches commit strictly in order (a batch continues from the
     /// offsets its predecessor commits); polling, decoding and the other lanes' commits
     /// overlap a commit. The outcome returned is that of the batches settled in this
-    /// step.
+    /// step. After an error only [`Pipeline::close`] may follow: the batches polled in
+    /// this step are gone, and a further step would continue past them.
     pub async fn step(
         &mut self,
         shutdown: &CancellationToken,

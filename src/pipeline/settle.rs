@@ -2,7 +2,7 @@
 //! the offset rows, fenced partitions dropped and re-positioned.
 //!
 //! Invariant: the consumer is polled at least every [`POLL_SLICE`] (plus one poll's
-//! own wait) while a commit is retried or takes longer than [`COMMIT_PATIENCE`], with
+//! own wait) while a commit is retried or runs [`COMMIT_PATIENCE`] past the last poll, with
 //! every assigned partition paused, so the group keeps this worker however long
 //! Postgres takes; records that arrive meanwhile wait in `pending`.
 
@@ -20,8 +20,9 @@ use crate::store::{Batch, CommitOutcome, PartitionRange, StoreError, StoredOffse
 use crate::telemetry::metrics::ClassLabel;
 use crate::telemetry::spans;
 
-/// How long a commit may run before the loop starts polling with partitions paused.
-const COMMIT_PATIENCE: Duration = Duration::from_secs(1);
+/// How long a commit may run, counted from the last poll, before the loop starts
+/// polling with partitions paused.
+pub(super) const COMMIT_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The longest wait of one poll while partitions are paused.
 const POLL_SLICE: Duration = Duration::from_millis(200);
@@ -44,15 +45,16 @@ impl Pipeline {
         )
     }
 
-    /// Awaits a task (a commit, a read of offset rows). One that takes longer than
-    /// [`COMMIT_PATIENCE`] (a slow database, rows being isolated) is awaited while
-    /// polling with every assigned partition paused, so `max.poll.interval.ms` never
-    /// passes without a poll.
+    /// Awaits a task (a commit, a read of offset rows). One still running
+    /// [`COMMIT_PATIENCE`] after the last poll (a slow database, rows being isolated,
+    /// lanes finishing one after another) is awaited while polling with every assigned
+    /// partition paused, so `max.poll.interval.ms` never passes without a poll.
     pub(super) async fn await_polling<T>(
         &mut self,
         mut task: JoinHandle<T>,
     ) -> Result<T, JoinError> {
-        if let Ok(done) = tokio::time::timeout(COMMIT_PATIENCE, &mut task).await {
+        let patience = tokio::time::Instant::from_std(self.last_poll + COMMIT_PATIENCE);
+        if let Ok(done) = tokio::time::timeout_at(patience, &mut task).await {
             return done;
         }
         tracing::debug!("Postgres is taking long: polling with partitions paused meanwhile");
