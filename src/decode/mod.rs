@@ -150,6 +150,9 @@ pub struct Decoder {
     reads_object: bool,
     /// The value must be JSON: a column reads it.
     reads_value: bool,
+    /// Set where every column reading the value reads a top-level field: an object value
+    /// then keeps only those fields' values, as building the rest costs most of decoding.
+    picks: Option<Picks>,
     max_record_bytes: usize,
     max_json_depth: usize,
     max_string_bytes: usize,
@@ -160,9 +163,12 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(sink: &SinkConfig, route: Route) -> Self {
         let sources = || route.columns.iter().map(|c| &c.source);
+        let reads_value = sources().any(Source::reads_value);
+        let only_fields = sources().all(|s| !s.reads_value() || matches!(s, Source::Field(_)));
         Self {
             reads_object: sources().any(|s| matches!(s, Source::Field(_) | Source::Pointer(_))),
-            reads_value: sources().any(Source::reads_value),
+            reads_value,
+            picks: (reads_value && only_fields).then(|| Picks::new(&route)),
             route,
             max_record_bytes: sink.max_record_bytes,
             max_json_depth: sink.max_json_depth,
@@ -232,7 +238,7 @@ impl Decoder {
                 push_null(format, out);
                 continue;
             }
-            match self.input(column, record, value.as_ref(), &mut key_json)? {
+            match self.input(i, column, record, value.as_ref(), &mut key_json)? {
                 Some(input) if !input.is_null() => value::encode(column, input, format, out)?,
                 _ => match &column.default {
                     Some(default) => value::encode_value(column, default, format, out)?,
@@ -265,19 +271,31 @@ impl Decoder {
         Ok(())
     }
 
-    /// The value of `column`'s source in `record`; `None` when absent.
+    /// The value of `column` (the route's `index`th) in `record`; `None` when absent.
     fn input<'a>(
         &self,
+        index: usize,
         column: &Column,
         record: &'a Record,
-        value: Option<&'a Value>,
+        value: Option<&'a Parsed>,
         key_json: &'a mut Option<Value>,
     ) -> Result<Option<value::Input<'a>>, Rejection> {
         use value::Input;
         Ok(match &column.source {
-            Source::Field(name) => value.and_then(|v| v.get(name)).map(Input::Json),
-            Source::Pointer(pointer) => value.and_then(|v| v.pointer(pointer)).map(Input::Json),
-            Source::Value => value.map(Input::Json),
+            Source::Field(name) => value
+                .and_then(|v| match v {
+                    Parsed::Whole(v) => v.get(name),
+                    Parsed::Fields(fields) => {
+                        let slot = self.picks.as_ref().and_then(|p| p.slots[index])?;
+                        fields[slot].as_ref()
+                    }
+                })
+                .map(Input::Json),
+            Source::Pointer(pointer) => value
+                .and_then(Parsed::whole)
+                .and_then(|v| v.pointer(pointer))
+                .map(Input::Json),
+            Source::Value => value.and_then(Parsed::whole).map(Input::Json),
             Source::Key => record.key.as_deref().map(Input::Bytes),
             Source::KeyJson(pointer) => {
                 let Some(key) = record.key.as_deref() else {
@@ -328,7 +346,7 @@ impl Decoder {
         serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))
     }
 
-    fn parse(&self, record: &Record) -> Result<Value, Rejection> {
+    fn parse(&self, record: &Record) -> Result<Parsed, Rejection> {
         let bytes = match &record.value {
             None => {
                 return Err(Rejection::new(
@@ -354,13 +372,23 @@ impl Decoder {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| Rejection::new(ReasonCode::NotUtf8, format!("value is not UTF-8: {e}")))?;
         self.check_shape(text.as_bytes())?;
-        match serde_json::from_str::<Value>(text) {
-            Ok(object @ Value::Object(_)) => Ok(object),
-            Ok(other) if self.reads_object => Err(Rejection::new(
-                ReasonCode::NotObject,
-                format!("JSON value is {}, not an object", json_kind(&other)),
-            )),
-            Ok(other) => Ok(other),
+        // serde_json skips this whitespace before a value; anything but an object goes the
+        // whole way, to be refused as it always was.
+        let object = text
+            .trim_start_matches([' ', '\n', '\t', '\r'])
+            .starts_with('{');
+        let parsed = match &self.picks {
+            Some(picks) if object => pick::parse(text, &picks.names),
+            _ => serde_json::from_str(text).map(Parsed::Whole),
+        };
+        match parsed {
+            Ok(Parsed::Whole(other)) if self.reads_object && !other.is_object() => {
+                Err(Rejection::new(
+                    ReasonCode::NotObject,
+                    format!("JSON value is {}, not an object", json_kind(&other)),
+                ))
+            }
+            Ok(parsed) => Ok(parsed),
             Err(e) => Err(Rejection::new(
                 ReasonCode::NotJson,
                 format!("value is not JSON: {e}"),
@@ -384,13 +412,9 @@ impl Decoder {
             match b {
                 b'"' => {
                     let start = i + 1;
-                    i = start;
-                    while let Some(&c) = bytes.get(i) {
-                        match c {
-                            b'"' => break,
-                            b'\\' => i += 2,
-                            _ => i += 1,
-                        }
+                    i = quote_or_backslash(bytes, start);
+                    while bytes.get(i) == Some(&b'\\') {
+                        i = quote_or_backslash(bytes, i + 2);
                     }
                     // An escape at the very end steps past it; an unclosed string runs
                     // to the end.
@@ -444,6 +468,273 @@ impl Decoder {
     }
 }
 
+/// The top-level fields a route's columns read.
+#[derive(Debug, Clone)]
+struct Picks {
+    /// Each field once.
+    names: Vec<String>,
+    /// For each column, the index in `names` of the field it reads.
+    slots: Vec<Option<usize>>,
+}
+
+impl Picks {
+    fn new(route: &Route) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let slots = route
+            .columns
+            .iter()
+            .map(|column| {
+                let Source::Field(name) = &column.source else {
+                    return None;
+                };
+                Some(names.iter().position(|n| n == name).unwrap_or_else(|| {
+                    names.push(name.clone());
+                    names.len() - 1
+                }))
+            })
+            .collect();
+        Self { names, slots }
+    }
+}
+
+/// A record's value, parsed as far as its route reads it.
+enum Parsed {
+    /// All of it: the route reads more than top-level fields, or the value is no object.
+    Whole(Value),
+    /// The values of [`Picks::names`], in their order; `None` for a field the object lacks.
+    Fields(Vec<Option<Value>>),
+}
+
+impl Parsed {
+    /// The whole value, which a route reading more than top-level fields always has.
+    fn whole(&self) -> Option<&Value> {
+        match self {
+            Self::Whole(v) => Some(v),
+            Self::Fields(_) => None,
+        }
+    }
+}
+
+/// Parsing an object into [`Parsed::Fields`]. It must accept, refuse (with the same
+/// error) and pick exactly what `serde_json::from_str::<Value>` followed by `get` would:
+/// so skipped values still go through `deserialize_any`, which checks what
+/// `deserialize_ignored_any` does not (numbers in range, surrogate escapes), and an
+/// object whose first key is serde_json's raw-value marker is handed to `Value`.
+mod pick {
+    use std::fmt;
+
+    use serde::de::value::{MapAccessDeserializer, StrDeserializer};
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde::{Deserialize, de};
+    use serde_json::Value;
+
+    use super::Parsed;
+
+    /// The key serde_json's `Value` (with the `raw_value` feature, which a dependency
+    /// enables) reads as "parse the string that follows as JSON" when it comes first.
+    const RAW_VALUE_KEY: &str = "$serde_json::private::RawValue";
+
+    /// `text`, which starts with an object, keeping the values of the keys in `names`
+    /// (the last of duplicates, as a map keeps).
+    pub(super) fn parse(text: &str, names: &[String]) -> serde_json::Result<Parsed> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let parsed = Pick { names }.deserialize(&mut de)?;
+        de.end()?;
+        Ok(parsed)
+    }
+
+    /// An object, keeping the values of `names`.
+    struct Pick<'n> {
+        names: &'n [String],
+    }
+
+    impl<'de> DeserializeSeed<'de> for Pick<'_> {
+        type Value = Parsed;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Parsed, D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Pick<'_> {
+        type Value = Parsed;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Parsed, A::Error> {
+            let mut fields = vec![None; self.names.len()];
+            let mut first = true;
+            while let Some(key) = map.next_key_seed(KeySeed {
+                names: self.names,
+                first,
+            })? {
+                match key {
+                    Key::RawValue => {
+                        let rest = AfterRawValueKey { key: true, map };
+                        return Value::deserialize(MapAccessDeserializer::new(rest))
+                            .map(Parsed::Whole);
+                    }
+                    Key::Pick(slot) => fields[slot] = Some(map.next_value()?),
+                    Key::Skip => map.next_value_seed(Skip)?,
+                }
+                first = false;
+            }
+            Ok(Parsed::Fields(fields))
+        }
+    }
+
+    enum Key {
+        /// The index in the names picked.
+        Pick(usize),
+        Skip,
+        /// [`RAW_VALUE_KEY`], first in its object.
+        RawValue,
+    }
+
+    struct KeySeed<'n> {
+        names: &'n [String],
+        first: bool,
+    }
+
+    impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+        type Value = Key;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Key, D::Error> {
+            de.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KeySeed<'_> {
+        type Value = Key;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string key")
+        }
+
+        fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+            if self.first && key == RAW_VALUE_KEY {
+                return Ok(Key::RawValue);
+            }
+            Ok(match self.names.iter().position(|n| n == key) {
+                Some(slot) => Key::Pick(slot),
+                None => Key::Skip,
+            })
+        }
+    }
+
+    /// The rest of an object whose first key, [`RAW_VALUE_KEY`], was read: reads that
+    /// key again, then the object's entries.
+    struct AfterRawValueKey<A> {
+        /// The key is still to be read again.
+        key: bool,
+        map: A,
+    }
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for AfterRawValueKey<A> {
+        type Error = A::Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, A::Error> {
+            if std::mem::take(&mut self.key) {
+                seed.deserialize(StrDeserializer::new(RAW_VALUE_KEY))
+                    .map(Some)
+            } else {
+                self.map.next_key_seed(seed)
+            }
+        }
+
+        fn next_value_seed<V: DeserializeSeed<'de>>(
+            &mut self,
+            seed: V,
+        ) -> Result<V::Value, A::Error> {
+            self.map.next_value_seed(seed)
+        }
+    }
+
+    /// Any JSON value, checked as `Value` checks it and not kept.
+    struct Skip;
+
+    impl<'de> DeserializeSeed<'de> for Skip {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Skip {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Ok(())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Skip)?.is_some() {}
+            Ok(())
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+            Pick { names: &[] }.visit_map(map).map(drop)
+        }
+    }
+}
+
+/// The index of the first `"` or `\` in `bytes` from `from` on, else `bytes.len()` (or
+/// `from`, past the end). Strings are most of a record, so this looks at 8 bytes a step.
+fn quote_or_backslash(bytes: &[u8], from: usize) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    // Sets the high bit of each zero byte of `x`, and maybe of bytes after one: so the
+    // lowest bit set is the first zero byte's.
+    let zero_bytes = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+        let word = u64::from_le_bytes(*chunk);
+        let found = zero_bytes(word ^ (ONES * u64::from(b'"')))
+            | zero_bytes(word ^ (ONES * u64::from(b'\\')));
+        if found != 0 {
+            return i + (found.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    match bytes.get(i..) {
+        Some(rest) => rest
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\')
+            .map_or(bytes.len(), |at| i + at),
+        None => i,
+    }
+}
+
 fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -465,15 +756,22 @@ fn push_null(format: CopyFormat, out: &mut Vec<u8>) {
 
 /// Appends `s` escaped for COPY text format.
 pub(crate) fn push_escaped(out: &mut Vec<u8>, s: &str) {
-    for &b in s.as_bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            _ => out.push(b),
-        }
+    let bytes = s.as_bytes();
+    // Copied in runs: most text needs no escape.
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        out.extend_from_slice(escape);
+        run = i + 1;
     }
+    out.extend_from_slice(&bytes[run..]);
 }
 
 impl ColumnType {

@@ -332,3 +332,196 @@ fn fuzz_corpus_and_crash_inputs_decode_or_reject_cleanly() {
         "the seed corpus is there ({replayed} files)"
     );
 }
+
+/// The default decoder, and the same parsing the whole value (no fields picked).
+struct BothWays {
+    picking: Decoder,
+    whole: Decoder,
+}
+
+impl BothWays {
+    fn new() -> Self {
+        let picking = decoder();
+        assert!(picking.picks.is_some(), "the default route picks fields");
+        let whole = Decoder {
+            picks: None,
+            ..picking.clone()
+        };
+        Self { picking, whole }
+    }
+
+    /// What the decoder makes of `value`, having checked that parsing the whole value
+    /// makes the same: the same line, or the same code and reason.
+    fn decode(&self, value: &str) -> Result<String, Rejection> {
+        let run = |d: &Decoder| {
+            let mut out = Vec::new();
+            d.decode_into(&record(Some(value.as_bytes())), &mut out)
+                .map(|()| String::from_utf8(out).expect("COPY text is UTF-8"))
+        };
+        let result = run(&self.picking);
+        assert_eq!(result, run(&self.whole), "{value}");
+        result
+    }
+}
+
+fn decode_both_ways(value: &str) -> Result<String, Rejection> {
+    BothWays::new().decode(value)
+}
+
+#[test]
+fn the_last_of_duplicate_keys_wins() {
+    let line = decode_both_ways(&with_fields(r#", "url": "second""#)).expect("decodes");
+    assert!(line.contains("\tsecond\t"), "{line}");
+    let err = decode_both_ways(&with_fields(r#", "url": null"#)).unwrap_err();
+    assert_eq!(err.code, ReasonCode::MissingField);
+}
+
+#[test]
+fn escaped_keys_are_read_as_decoded() {
+    let line = decode_both_ways(
+        r#"{"ur\u006c": "escaped", "request_timestamp": "2021-01-01 00:00:00", "url\n": "not it"}"#,
+    )
+    .expect("decodes");
+    assert!(line.contains("\tescaped\t"), "{line}");
+}
+
+#[test]
+fn values_not_objects_are_refused_alike() {
+    for value in [
+        "[1, 2]",
+        " \n\t\r\"url\"",
+        "5",
+        "null",
+        "true",
+        "[{\"url\": 1}]",
+    ] {
+        let err = decode_both_ways(value).unwrap_err();
+        assert_eq!(err.code, ReasonCode::NotObject, "{value}");
+    }
+}
+
+#[test]
+fn skipped_fields_may_nest_and_hide_picked_names() {
+    let line = decode_both_ways(&with_fields(
+        r#", "extra": {"url": "nested", "a": [1, {"comment": "deep"}, [], {}]}, "b": [[[]]]"#,
+    ))
+    .expect("decodes");
+    assert!(line.contains("\tu\t"), "{line}");
+    assert!(!line.contains("nested") && !line.contains("deep"), "{line}");
+}
+
+#[test]
+fn invalid_json_in_a_skipped_field_is_not_json() {
+    for extra in [
+        r#", "extra": [1, }"#,
+        r#", "extra": {"a" 1}"#,
+        r#", "extra": tru"#,
+        // Numbers out of range and lone surrogates: what `Value` refuses but
+        // `IgnoredAny` would not.
+        r#", "extra": 1e400"#,
+        r#", "extra": [-1e999]"#,
+        r#", "extra": "\ud800""#,
+        r#", "extra": {"\udc00": 1}"#,
+        r#", "extra": "\x""#,
+        ", \"extra\": \"tab\there\"",
+    ] {
+        let err = decode_both_ways(&with_fields(extra)).unwrap_err();
+        assert_eq!(err.code, ReasonCode::NotJson, "{extra}: {}", err.reason);
+    }
+    for trailing in ["}", " x", ",", " {}"] {
+        let err = decode_both_ways(&format!("{}{trailing}", with_fields(""))).unwrap_err();
+        assert_eq!(err.code, ReasonCode::NotJson, "{trailing}: {}", err.reason);
+    }
+}
+
+/// serde_json's `Value` parses the string after this key, when it comes first in an
+/// object, as the object's JSON.
+#[test]
+fn serde_json_raw_value_marker_reads_as_value_reads_it() {
+    let both = BothWays::new();
+    let key = "$serde_json::private::RawValue";
+    let inner = with_fields("").replace('"', "\\\"");
+    for value in [
+        format!(r#"{{"{key}": "{inner}"}}"#),
+        format!(r#"{{"{key}": "[1]"}}"#),
+        format!(r#"{{"{key}": 5}}"#),
+        format!(r#"{{"{key}": "{inner}", "url": "after"}}"#),
+        with_fields(&format!(r#", "extra": {{"{key}": "{{}}"}}"#)),
+        with_fields(&format!(r#", "extra": [{{"{key}": 5}}]"#)),
+        with_fields(&format!(r#", "extra": {{"{key}": "nope"}}"#)),
+        with_fields(&format!(r#", "extra": {{"a": 1, "{key}": 5}}"#)),
+        with_fields(&format!(r#", "{key}": 5"#)),
+    ] {
+        let _ = both.decode(&value);
+    }
+    assert!(both.decode(&format!(r#"{{"{key}": "{inner}"}}"#)).is_ok());
+}
+
+#[test]
+fn random_objects_decide_as_the_whole_value_does() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let both = BothWays::new();
+    let keys = [
+        "url",
+        "ur\\u006c",
+        "request_timestamp",
+        "comment",
+        "resp_status_code",
+        "extra",
+        "$serde_json::private::RawValue",
+    ];
+    let values = [
+        "\"u\"",
+        "\"2021-01-01 00:00:00\"",
+        "null",
+        "200",
+        "1e400",
+        "-0.5",
+        "\"\\ud800\"",
+        "[1, {\"url\": 2}]",
+        "{\"$serde_json::private::RawValue\": \"{}\"}",
+        "\"{\\\"url\\\": \\\"raw\\\"}\"",
+        "{",
+        "]",
+        "tru",
+    ];
+    for _ in 0..20_000 {
+        let entries: Vec<String> = (0..rng.random_range(0..6))
+            .map(|_| {
+                let key = keys[rng.random_range(0..keys.len())];
+                let value = values[rng.random_range(0..values.len())];
+                format!("\"{key}\": {value}")
+            })
+            .collect();
+        let _ = both.decode(&format!("{{{}}}", entries.join(", ")));
+    }
+}
+
+#[test]
+fn string_scan_finds_the_first_quote_or_backslash() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..20_000 {
+        let bytes: Vec<u8> = (0..rng.random_range(0..40))
+            .map(|_| {
+                *b"ab\"\\\0\x80\xff"[..]
+                    .get(rng.random_range(0..7))
+                    .expect("in range")
+            })
+            .collect();
+        let from = rng.random_range(0..bytes.len() + 3);
+        let expected = match bytes.get(from..) {
+            Some(rest) => rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\')
+                .map_or(bytes.len(), |at| from + at),
+            None => from,
+        };
+        assert_eq!(
+            quote_or_backslash(&bytes, from),
+            expected,
+            "{bytes:?} from {from}"
+        );
+    }
+}
