@@ -170,7 +170,8 @@ pub struct BatchConfig {
 /// How many commit lanes a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lanes {
-    /// One per core, leaving two of `postgres.max_connections` for claims.
+    /// One per core beyond the first, leaving two of `postgres.max_connections` for
+    /// claims (at least one lane).
     Auto,
     /// Exactly this many.
     Fixed(usize),
@@ -776,15 +777,16 @@ impl Config {
         Duration::from_millis(self.batch.max_wait_ms)
     }
 
-    /// How many commit lanes run: `batch.lanes`, or under `auto` one per core, as many
-    /// as leave two pooled connections for claims and reads (at least one).
+    /// How many commit lanes run: `batch.lanes`, or under `auto` one per core beyond the
+    /// first (the loop's polling and decoding take one), as many as leave two pooled
+    /// connections for claims (at least one).
     pub fn lanes(&self) -> usize {
         match self.batch.lanes {
             Lanes::Fixed(n) => n,
             Lanes::Auto => {
                 let cores = std::thread::available_parallelism().map_or(1, usize::from);
                 let spare = (self.postgres.max_connections as usize).saturating_sub(2);
-                cores.min(spare).max(1)
+                (cores - 1).min(spare).max(1)
             }
         }
     }
@@ -969,8 +971,8 @@ mod tests {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(
             auto.lanes(),
-            cores.clamp(1, 2),
-            "4 connections leave 2 lanes"
+            (cores - 1).clamp(1, 2),
+            "a core for the loop; 4 connections leave 2 lanes"
         );
         let two = load_yaml("{}", vec![("KAFKA_PG_INGEST__BATCH__LANES", "2")]).expect("loads");
         assert_eq!(two.lanes(), 2);
