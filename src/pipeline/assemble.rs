@@ -16,7 +16,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tracing::Span;
 
 use super::Pipeline;
-use crate::kafka::{self, TopicPartition};
+use crate::kafka::{self, PartitionState, TopicPartition};
 use crate::record::Record;
 use crate::store::{Batch, PartitionRange};
 use crate::telemetry::spans;
@@ -180,12 +180,7 @@ impl Pipeline {
                     ranges[i].end = record.offset + 1;
                 }
                 None => {
-                    let position = self
-                        .in_flight
-                        .iter()
-                        .flat_map(|f| &f.ranges)
-                        .find(|r| r.topic == tp.0 && r.partition == tp.1 && r.epoch == state.epoch)
-                        .map_or(state.next_offset, |r| r.end);
+                    let position = self.position(&tp, state);
                     if record.offset < position {
                         continue;
                     }
@@ -210,6 +205,16 @@ impl Pipeline {
         }
         drop(assignments);
         (records, ranges)
+    }
+
+    /// Where a held partition continues: the end of its range in flight under the same
+    /// claim, else its stored offset.
+    pub(super) fn position(&self, tp: &TopicPartition, state: &PartitionState) -> i64 {
+        self.in_flight
+            .iter()
+            .flat_map(|f| &f.ranges)
+            .find(|r| r.topic == tp.0 && r.partition == tp.1 && r.epoch == state.epoch)
+            .map_or(state.next_offset, |r| r.end)
     }
 
     /// The same batch without its ranges (and their records) of the fenced claims: a

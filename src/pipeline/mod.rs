@@ -203,6 +203,7 @@ impl Pipeline {
     fn with_owner(config: Config, store: Store, owner: String) -> Result<Self, PipelineError> {
         let assignments = Assignments::default();
         let observers = Observers::default();
+        let lanes = config.lanes();
         let consumer = kafka::subscribe(
             &config,
             store.clone(),
@@ -214,14 +215,14 @@ impl Pipeline {
             owner = %owner,
             group = %config.kafka.group,
             topics = ?store.routes().subscription(),
-            lanes = config.lanes(),
+            lanes,
             database = %config.database_url_masked(),
             "worker started"
         );
         Ok(Self {
             traced: config.otel.exporter_otlp_endpoint.is_some(),
             tables: store.routes().tables(),
-            lanes: config.lanes(),
+            lanes,
             config,
             store,
             consumer: Some(consumer),

@@ -473,15 +473,7 @@ impl Pipeline {
         let assignments = self.assignments.lock();
         assignments
             .iter()
-            .map(|(tp, s)| {
-                let position = self
-                    .in_flight
-                    .iter()
-                    .flat_map(|f| &f.ranges)
-                    .find(|r| r.topic == tp.0 && r.partition == tp.1 && r.epoch == s.epoch)
-                    .map_or(s.next_offset, |r| r.end);
-                (tp.clone(), position)
-            })
+            .map(|(tp, s)| (tp.clone(), self.position(tp, s)))
             .collect()
     }
 }
