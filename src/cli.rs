@@ -348,13 +348,18 @@ pub struct BenchArgs {
     /// Runs; medians are reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Records per batch of the worker (batch.max_records); the limit tries 5,000, 10,000 and 20,000.
-    #[arg(long, default_value_t = 5000)]
+    /// Records per batch of the worker (batch.max_records, whose default this is); the
+    /// limit tries 5,000, 10,000 and 20,000.
+    #[arg(long, default_value_t = 20_000)]
     pub batch_size: usize,
     /// Write mode of the measured worker: `upsert` routes the bench topic with
     /// `mode: upsert` keyed on the source coordinates (each record a new key).
     #[arg(long, value_enum, default_value = "insert")]
     pub mode: crate::config::WriteMode,
+    /// With `--mode upsert`: the worker's table holds every key before the run (an older
+    /// version of each row), so each record updates a row instead of adding one.
+    #[arg(long)]
+    pub updates: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -444,6 +449,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
                 runs: args.runs,
                 batch_size: args.batch_size,
                 mode: args.mode,
+                updates: args.updates,
                 brokers: args.brokers,
                 database_url: args.database.database_url,
             })

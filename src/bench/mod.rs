@@ -53,6 +53,8 @@ pub struct BenchOptions {
     pub batch_size: usize,
     /// Write mode of the measured worker.
     pub mode: WriteMode,
+    /// Upsert mode only: every key is in the table before the worker runs.
+    pub updates: bool,
     /// External brokers; the in-process mock cluster when `None`.
     pub brokers: Option<String>,
     pub database_url: String,
@@ -114,6 +116,7 @@ pub struct BenchReport {
     pub partitions: i32,
     pub batch_size: usize,
     pub mode: WriteMode,
+    pub updates: bool,
     pub runs: Vec<Run>,
     pub worker_rows_per_s: Spread,
     pub limit_rows_per_s: Spread,
@@ -141,6 +144,7 @@ impl BenchReport {
             partitions: options.partitions,
             batch_size: options.batch_size,
             mode: options.mode,
+            updates: options.updates,
             worker_rows_per_s: spread(|r| r.worker_rows_per_s),
             limit_rows_per_s: spread(|r| r.limit_rows_per_s),
             psql_rows_per_s: spread(|r| r.psql_rows_per_s),
@@ -163,11 +167,12 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} messages over {} partitions, batch size {}, worker mode {:?}, {} runs (naive: {} messages)",
+            "{} messages over {} partitions, batch size {}, worker mode {:?}{}, {} runs (naive: {} messages)",
             self.messages,
             self.partitions,
             self.batch_size,
             self.mode,
+            if self.updates { " (updates)" } else { "" },
             self.runs.len(),
             self.naive_messages
         )?;
@@ -223,6 +228,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     ensure!(
         options.runs > 0 && options.messages > 0 && options.partitions > 0,
         "runs, messages and partitions must be above 0"
+    );
+    ensure!(
+        !options.updates || options.mode == WriteMode::Upsert,
+        "--updates measures upserts: add --mode upsert"
     );
     // The store's own connections: TCP_NODELAY set, as the worker's.
     let config = Config::load(
@@ -493,6 +502,9 @@ async fn measure_worker(
     // The naive run inserts row by row whatever the measured mode.
     if options.mode == WriteMode::Upsert && write_method == "copy" {
         command.env("KAFKA_PG_INGEST__ROUTES", upsert_route(topic, table)?);
+        if options.updates {
+            store_older_versions(pool, table, topic, total, source.partitions).await?;
+        }
     }
     let mut child = Reaped(
         command
@@ -628,17 +640,49 @@ async fn measure_worker(
     })
 }
 
-/// Checks `table` holds `total` rows, each at its own source coordinates.
+/// Checks `table` holds `total` rows, each at its own source coordinates, and none of
+/// them an older version left by [`store_older_versions`].
 async fn ensure_each_once(pool: &PgPool, table: &str, total: i64) -> anyhow::Result<()> {
-    let (rows, distinct): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM {table}"
+    let (rows, distinct, older): (i64, i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)), \
+           count(*) FILTER (WHERE url = '{OLDER_URL}') FROM {table}"
     )))
     .fetch_one(pool)
     .await?;
     ensure!(
-        rows == total && distinct == total,
-        "exactly once broken in {table}: {rows} rows, {distinct} distinct, {total} messages"
+        rows == total && distinct == total && older == 0,
+        "exactly once broken in {table}: {rows} rows, {distinct} distinct, {older} not \
+         updated, {total} messages"
     );
+    Ok(())
+}
+
+/// The URL of the rows [`store_older_versions`] writes (no bench message has it).
+const OLDER_URL: &str = "https://older.example/";
+
+/// Fills `table` with a row for each of the `total` records of `topic` (record `i` is at
+/// partition `i % partitions`, offset `i / partitions`, see [`CHUNK`]), of an older
+/// version than the record's, so that upserting the records updates every row.
+async fn store_older_versions(
+    pool: &PgPool,
+    table: &str,
+    topic: &str,
+    total: i64,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (time_stamp, url, kafka_topic, kafka_partition, kafka_offset) \
+         SELECT now() - interval '1 day', '{OLDER_URL}', $1, g % $2, g / $2 \
+         FROM generate_series(0, $3 - 1) g"
+    )))
+    .bind(topic)
+    .bind(i64::from(partitions))
+    .bind(total)
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql(AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -528,13 +528,17 @@ pub fn subscribe(
         .set("group.id", &config.kafka.group)
         .set("client.id", owner)
         .set("enable.partition.eof", "false")
-        // Prefetch a few batches per partition, not librdkafka's 100,000 records: memory
-        // stays bounded and the loop never waits long for data. When the local queue is
-        // full, look again soon (librdkafka waits a whole second by default, stalling
-        // the loop once the queue drains).
+        // Prefetch one batch per partition and, over all partitions, two batches' bytes
+        // per lane (not librdkafka's 100,000 records and 64 MB): memory stays bounded
+        // by the batch bounds, and the next batch is ready while one commits. When the
+        // local queue is full, look again soon (librdkafka waits a whole second by
+        // default, stalling the loop once the queue drains).
+        .set("queued.min.messages", config.batch.max_records.to_string())
         .set(
-            "queued.min.messages",
-            (config.batch.max_records * 4).to_string(),
+            "queued.max.messages.kbytes",
+            (2 * config.lanes() * config.batch.max_bytes / 1024)
+                .clamp(1024, 65536)
+                .to_string(),
         )
         .set("fetch.queue.backoff.ms", "20");
     if config.run.metrics_addr.is_some() {

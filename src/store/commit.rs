@@ -10,12 +10,13 @@
 //! `kafka.on_data_loss: skip` are recorded in that transaction too.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::offsets::{self, Replay};
-use super::schema::{COLUMN_TYPES_CHECK, RouteSql};
+use super::schema::{COLUMN_TYPES_CHECK, RouteSql, UpsertSql};
 use super::{Store, StoreError, db, execute_trusted};
 use crate::decode::{CopyFormat, ReasonCode, Rejection};
 use crate::record::Record;
@@ -598,6 +599,9 @@ async fn write(
     kept: &Ranges<'_>,
 ) -> Result<u64, sqlx::Error> {
     if let Some(upsert) = &sql.upsert {
+        if let Some(written) = insert_new_keys(conn, upsert, data).await? {
+            return Ok(written);
+        }
         // A replay re-applies its records in order, which ends in the same state.
         sqlx::raw_sql(AssertSqlSafe(upsert.create_staging.clone()))
             .execute(&mut *conn)
@@ -625,6 +629,91 @@ async fn write(
         .execute(&mut *conn)
         .await?;
     Ok(inserted.rows_affected())
+}
+
+/// Writes an upsert batch that only adds new keys as the plain insert it then is: its
+/// lines (without their delete flag) COPYed straight into the table, under a savepoint.
+/// That costs about half the staging path (parsing the lines into the staging table,
+/// sorting them by key, `INSERT .. ON CONFLICT`). Any data or integrity error (a key
+/// the table or the batch already holds, a bad value) rolls the attempt back and
+/// returns `None`: the staging path then writes the batch and reports what it reports.
+/// A batch with a tombstone goes to the staging path at once.
+async fn insert_new_keys(
+    conn: &mut PgConnection,
+    upsert: &UpsertSql,
+    data: &[u8],
+) -> Result<Option<u64>, sqlx::Error> {
+    if !upsert.direct.due() {
+        return Ok(None);
+    }
+    let Some(lines) = without_delete_flag(data) else {
+        return Ok(None);
+    };
+    sqlx::raw_sql("SAVEPOINT direct")
+        .execute(&mut *conn)
+        .await?;
+    match copy_rows(conn, &upsert.copy_direct, CopyFormat::Text, &lines).await {
+        Ok(written) => {
+            sqlx::raw_sql("RELEASE SAVEPOINT direct")
+                .execute(&mut *conn)
+                .await?;
+            upsert.direct.hit();
+            Ok(Some(written))
+        }
+        Err(e) if retry::classify(&e) == ErrorClass::Data => {
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT direct; RELEASE SAVEPOINT direct")
+                .execute(&mut *conn)
+                .await?;
+            upsert.direct.miss();
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The COPY text lines of an upsert route without their last field (the delete flag),
+/// or `None` when a line deletes its key. A line ends at its raw newline: COPY text
+/// escapes the ones inside values.
+fn without_delete_flag(data: &[u8]) -> Option<Vec<u8>> {
+    let mut lines = Vec::with_capacity(data.len());
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        let fields = line.strip_suffix(b"\tf\n")?;
+        lines.extend_from_slice(fields);
+        lines.push(b'\n');
+    }
+    Some(lines)
+}
+
+/// When an upsert route tries its direct insert. A miss (a batch with a key already
+/// there) wastes the rows COPYed before it, so after one the route skips the next 2
+/// batches, after two in a row the next 4, up to 32: a stream of updates pays one
+/// failed try in 32 batches, and a stream of new keys is back on the direct path after
+/// its first success.
+#[derive(Debug, Default)]
+pub(super) struct DirectTries {
+    /// Misses in a row (at most 5).
+    misses: AtomicU32,
+    /// Batches still to skip.
+    skip: AtomicU32,
+}
+
+impl DirectTries {
+    /// Whether this batch tries; counts a skipped one.
+    fn due(&self) -> bool {
+        self.skip
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err()
+    }
+
+    fn hit(&self) {
+        self.misses.store(0, Ordering::Relaxed);
+    }
+
+    fn miss(&self) {
+        let misses = (self.misses.load(Ordering::Relaxed) + 1).min(5);
+        self.misses.store(misses, Ordering::Relaxed);
+        self.skip.store(1 << misses, Ordering::Relaxed);
+    }
 }
 
 /// Whether a write error is Postgres rejecting a row (a data error). A duplicate of the
@@ -857,5 +946,33 @@ mod tests {
             None
         );
         assert_eq!(copy_line("COPY other, line 4", &metrics), None);
+    }
+
+    #[test]
+    fn upsert_lines_lose_their_delete_flag_unless_one_deletes() {
+        let lines = b"1\ta\\tb\\n\tf\n2\t\\N\tf\n";
+        assert_eq!(
+            without_delete_flag(lines).as_deref(),
+            Some(&b"1\ta\\tb\\n\n2\t\\N\n"[..])
+        );
+        assert_eq!(without_delete_flag(b"1\ta\tf\n2\t\\N\tt\n"), None);
+    }
+
+    #[test]
+    fn direct_tries_skip_more_batches_after_each_miss_in_a_row_and_none_after_a_hit() {
+        let tries = DirectTries::default();
+        let pattern =
+            |tries: &DirectTries, n: usize| (0..n).map(|_| tries.due()).collect::<Vec<_>>();
+        assert_eq!(pattern(&tries, 2), [true, true]);
+        tries.miss();
+        assert_eq!(pattern(&tries, 3), [false, false, true]);
+        tries.miss();
+        assert_eq!(pattern(&tries, 5), [false, false, false, false, true]);
+        for _ in 0..10 {
+            tries.miss();
+        }
+        assert_eq!(pattern(&tries, 33).iter().filter(|d| **d).count(), 1);
+        tries.hit();
+        assert_eq!(pattern(&tries, 2), [true, true]);
     }
 }

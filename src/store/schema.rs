@@ -93,6 +93,11 @@ pub(super) struct ReplaySql {
 /// table, then the last line of each key deletes or writes its row.
 #[derive(Debug, Clone)]
 pub(super) struct UpsertSql {
+    /// `COPY` of the mapped columns straight into the table, for a batch that only
+    /// writes new keys (see `commit::insert_new_keys`).
+    pub copy_direct: String,
+    /// When the next batches try `copy_direct`; shared by the route's lanes.
+    pub direct: std::sync::Arc<super::commit::DirectTries>,
     pub create_staging: String,
     /// Deletes tombstoned keys, upserts the rest, empties the staging table.
     pub apply: String,
@@ -504,6 +509,8 @@ impl UpsertSql {
              WHERE NOT s.{DELETE_FLAG} ON CONFLICT ({key}) {conflict}; DELETE FROM {staging}"
         ));
         Self {
+            copy_direct: format!("COPY {table} ({columns}) FROM STDIN"),
+            direct: std::sync::Arc::default(),
             create_staging: format!(
                 "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
                  SELECT {columns}, false AS {DELETE_FLAG} FROM {table} WITH NO DATA; \

@@ -309,6 +309,97 @@ routes:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upsert_batch_of_new_keys_is_copied_straight_in_and_one_touching_a_stored_key_is_merged()
+{
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    // A statement trigger records how each write reached the table; a rolled-back try
+    // leaves no record.
+    exec(
+        &db.pool,
+        "CREATE SCHEMA shop; CREATE TABLE shop.items (id int8 PRIMARY KEY, name text, \
+           src_offset int8); \
+         CREATE TABLE shop.writes (n bigserial, how text); \
+         CREATE FUNCTION shop.log_write() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO shop.writes (how) VALUES (split_part(current_query(), ' ', 1)); \
+           RETURN NULL; END $$; \
+         CREATE TRIGGER log_write AFTER INSERT ON shop.items FOR EACH STATEMENT \
+           EXECUTE FUNCTION shop.log_write();",
+    )
+    .await;
+    let topic = &kafka.topic;
+    let yaml = format!(
+        "batch: {{ max_records: 1000 }}\nroutes:\n  - topic: {topic}\n    table: shop.items\n    \
+         mode: upsert\n    key: [id]\n    columns:\n      \
+         - {{ column: id, field: id, type: int8 }}\n      \
+         - {{ column: name, field: name, type: text }}\n      \
+         - {{ column: src_offset, field: \"@offset\", type: int8 }}\n"
+    );
+    let config = kafka.config_with_yaml(&db, &yaml).expect("route loads");
+    let item = |id: i64, name: &str| Msg::json(0, None, &json!({"id": id, "name": name}));
+    let mut pipeline = Pipeline::connect(config).await.expect("pipeline connects");
+    let token = CancellationToken::new();
+    let mut produced = 0;
+    let mut writes_seen = 0;
+    // Produces `msgs`, steps until they are stored, and returns how the new writes
+    // reached the table.
+    let mut land = async |msgs: Vec<Msg>| {
+        send(&kafka, topic, &msgs);
+        produced += msgs.len() as i64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stored_group_total(&db.pool, &kafka.group).await < produced {
+            assert!(Instant::now() < deadline, "not caught up within 60 s");
+            pipeline.step(&token).await.expect("step succeeds");
+        }
+        let mut hows: Vec<String> =
+            sqlx::query_scalar("SELECT how FROM shop.writes WHERE n > $1 ORDER BY n")
+                .bind(writes_seen)
+                .fetch_all(&db.pool)
+                .await
+                .expect("read writes");
+        writes_seen += hows.len() as i64;
+        hows.dedup();
+        hows
+    };
+
+    let hows = land((0..100).map(|id| item(id, "v1")).collect()).await;
+    assert_eq!(hows, ["COPY"], "new keys go straight in");
+
+    let mut touching: Vec<Msg> = (100..150).map(|id| item(id, "v1")).collect();
+    touching.push(item(3, "v2"));
+    let hows = land(touching).await;
+    assert_eq!(
+        hows,
+        ["INSERT"],
+        "a stored key sends the batch through staging"
+    );
+
+    let hows = land((150..200).map(|id| item(id, "v1")).collect()).await;
+    assert_eq!(
+        hows,
+        ["INSERT"],
+        "the batch after a miss skips the direct try"
+    );
+
+    pipeline.close().await;
+    let rows: Vec<(i64, String, i64)> =
+        sqlx::query_as("SELECT id, name, src_offset FROM shop.items ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read items");
+    let want: Vec<(i64, String, i64)> = (0..200)
+        .map(|id| match id {
+            3 => (3, "v2".to_owned(), 150),
+            id if id < 100 => (id, "v1".to_owned(), id),
+            id => (id, "v1".to_owned(), id + i64::from(id >= 150)),
+        })
+        .collect();
+    assert_eq!(rows, want, "each key once, with its last version");
+    assert!(dead_letter_codes(&db.pool).await.is_empty());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_column_source_default_and_coercion_fills_its_column() {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(1);
