@@ -7,10 +7,12 @@
 //! rejects with a data error are isolated under savepoints (in a second transaction, the
 //! first having rolled back) and become `db_rejected` dead letters in the same
 //! transaction as the rest of the batch. Offsets a partition skipped under
-//! `kafka.on_data_loss: skip` are recorded in that transaction too.
+//! `kafka.on_data_loss: skip` are recorded in that transaction too. An upsert batch that
+//! only adds new keys tries a COPY straight into the table first, under a savepoint
+//! (see `insert_new_keys`).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
@@ -293,7 +295,7 @@ impl Store {
                     Some(insert) if kept.is_empty() => {
                         insert_one_by_one(&mut tx, insert, part).await
                     }
-                    _ => write(&mut tx, sql, &part.copy_data, &kept).await,
+                    _ => write(&mut tx, sql, &part.copy_data, &kept, true).await,
                 };
                 match written {
                     Ok(n) => rows += n,
@@ -546,7 +548,8 @@ async fn isolate(
     kept: &Ranges<'_>,
 ) -> Result<Isolated, StoreError> {
     execute_trusted(conn, "SAVEPOINT rows", "set a savepoint").await?;
-    let err = match write(conn, sql, part.row_bytes(rows), kept).await {
+    // A direct try here would only hide the line number of a rejected row.
+    let err = match write(conn, sql, part.row_bytes(rows), kept, false).await {
         Ok(n) => {
             execute_trusted(conn, "RELEASE SAVEPOINT rows", "release a savepoint").await?;
             return Ok(Isolated::Written(n));
@@ -590,16 +593,18 @@ fn copy_line(context: &str, relations: &[String]) -> Option<usize> {
 }
 
 /// Writes COPY text rows of one route: straight into the target table; for an upsert,
-/// through its staging table; or, when a replay keeps existing rows, through a temporary
-/// table, skipping the re-read rows already there.
+/// straight in when `direct` and the batch only adds new keys, else through its staging
+/// table; or, when a replay keeps existing rows, through a temporary table, skipping the
+/// re-read rows already there.
 async fn write(
     conn: &mut PgConnection,
     sql: &RouteSql,
     data: &[u8],
     kept: &Ranges<'_>,
+    direct: bool,
 ) -> Result<u64, sqlx::Error> {
     if let Some(upsert) = &sql.upsert {
-        if let Some(written) = insert_new_keys(conn, upsert, data).await? {
+        if direct && let Some(written) = insert_new_keys(conn, upsert, data).await? {
             return Ok(written);
         }
         // A replay re-applies its records in order, which ends in the same state.
@@ -610,6 +615,7 @@ async fn write(
         sqlx::raw_sql(AssertSqlSafe(upsert.apply.clone()))
             .execute(&mut *conn)
             .await?;
+        upsert.direct.proven();
         return Ok(staged);
     }
     let replay = match &sql.replay {
@@ -634,15 +640,24 @@ async fn write(
 /// Writes an upsert batch that only adds new keys as the plain insert it then is: its
 /// lines (without their delete flag) COPYed straight into the table, under a savepoint.
 /// That costs about half the staging path (parsing the lines into the staging table,
-/// sorting them by key, `INSERT .. ON CONFLICT`). Any data or integrity error (a key
-/// the table or the batch already holds, a bad value) rolls the attempt back and
-/// returns `None`: the staging path then writes the batch and reports what it reports.
-/// A batch with a tombstone goes to the staging path at once.
+/// sorting them by key, `INSERT .. ON CONFLICT`). Any error that is not transient (a
+/// key the table or the batch already holds, a bad value, a refusal) rolls the try back
+/// and returns `None`: the staging path then writes the batch and reports what it
+/// reports. A batch with a tombstone goes to the staging path at once.
+///
+/// Only a route whose table a COPY writes as an INSERT would (see
+/// `schema::plain_inserts_fit`) tries, and only once the staging path has worked in
+/// this process: a route that cannot upsert at all (a deferrable key, no UPDATE
+/// privilege, an identity column that refuses values) fails at its first batch, not
+/// at the first one that meets a stored key.
 async fn insert_new_keys(
     conn: &mut PgConnection,
     upsert: &UpsertSql,
     data: &[u8],
 ) -> Result<Option<u64>, sqlx::Error> {
+    let Some(copy) = &upsert.copy_direct else {
+        return Ok(None);
+    };
     if !upsert.direct.due() {
         return Ok(None);
     }
@@ -652,23 +667,25 @@ async fn insert_new_keys(
     sqlx::raw_sql("SAVEPOINT direct")
         .execute(&mut *conn)
         .await?;
-    match copy_rows(conn, &upsert.copy_direct, CopyFormat::Text, &lines).await {
+    let err = match copy_rows(conn, copy, CopyFormat::Text, &lines).await {
         Ok(written) => {
             sqlx::raw_sql("RELEASE SAVEPOINT direct")
                 .execute(&mut *conn)
                 .await?;
             upsert.direct.hit();
-            Ok(Some(written))
+            return Ok(Some(written));
         }
-        Err(e) if retry::classify(&e) == ErrorClass::Data => {
-            sqlx::raw_sql("ROLLBACK TO SAVEPOINT direct; RELEASE SAVEPOINT direct")
-                .execute(&mut *conn)
-                .await?;
-            upsert.direct.miss();
-            Ok(None)
-        }
-        Err(e) => Err(e),
+        Err(e @ sqlx::Error::Database(_)) if retry::classify(&e) != ErrorClass::Transient => e,
+        Err(e) => return Err(e),
+    };
+    sqlx::raw_sql("ROLLBACK TO SAVEPOINT direct; RELEASE SAVEPOINT direct")
+        .execute(&mut *conn)
+        .await?;
+    match retry::classify(&err) {
+        ErrorClass::Data => upsert.direct.miss(),
+        _ => upsert.direct.refused(&err),
     }
+    Ok(None)
 }
 
 /// The COPY text lines of an upsert route without their last field (the delete flag),
@@ -684,13 +701,18 @@ fn without_delete_flag(data: &[u8]) -> Option<Vec<u8>> {
     Some(lines)
 }
 
-/// When an upsert route tries its direct insert. A miss (a batch with a key already
-/// there) wastes the rows COPYed before it, so after one the route skips the next 2
-/// batches, after two in a row the next 4, up to 32: a stream of updates pays one
-/// failed try in 32 batches, and a stream of new keys is back on the direct path after
-/// its first success.
+/// When an upsert route tries its direct insert. None before the staging path first
+/// worked, none ever after a refusal. A miss (a batch with a key already there) wastes
+/// the rows COPYed before it, so after one the route skips the next 2 batches, after
+/// two in a row the next 4, up to 32: a stream of updates pays one failed try in 32
+/// batches, and a stream of new keys is back on the direct path after its first
+/// success.
 #[derive(Debug, Default)]
 pub(super) struct DirectTries {
+    /// The staging path worked once.
+    proven: AtomicBool,
+    /// A direct COPY was refused (not a data error): the route never tries again.
+    refused: AtomicBool,
     /// Misses in a row (at most 5).
     misses: AtomicU32,
     /// Batches still to skip.
@@ -700,9 +722,16 @@ pub(super) struct DirectTries {
 impl DirectTries {
     /// Whether this batch tries; counts a skipped one.
     fn due(&self) -> bool {
-        self.skip
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_err()
+        self.proven.load(Ordering::Relaxed)
+            && !self.refused.load(Ordering::Relaxed)
+            && self
+                .skip
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_err()
+    }
+
+    fn proven(&self) {
+        self.proven.store(true, Ordering::Relaxed);
     }
 
     fn hit(&self) {
@@ -713,6 +742,11 @@ impl DirectTries {
         let misses = (self.misses.load(Ordering::Relaxed) + 1).min(5);
         self.misses.store(misses, Ordering::Relaxed);
         self.skip.store(1 << misses, Ordering::Relaxed);
+    }
+
+    fn refused(&self, err: &sqlx::Error) {
+        tracing::info!(error = %err, "a COPY straight into an upsert route's table was refused; its batches go through staging from now on");
+        self.refused.store(true, Ordering::Relaxed);
     }
 }
 
@@ -963,6 +997,12 @@ mod tests {
         let tries = DirectTries::default();
         let pattern =
             |tries: &DirectTries, n: usize| (0..n).map(|_| tries.due()).collect::<Vec<_>>();
+        assert_eq!(
+            pattern(&tries, 2),
+            [false, false],
+            "not before staging worked"
+        );
+        tries.proven();
         assert_eq!(pattern(&tries, 2), [true, true]);
         tries.miss();
         assert_eq!(pattern(&tries, 3), [false, false, true]);
@@ -974,5 +1014,7 @@ mod tests {
         assert_eq!(pattern(&tries, 33).iter().filter(|d| **d).count(), 1);
         tries.hit();
         assert_eq!(pattern(&tries, 2), [true, true]);
+        tries.refused(&sqlx::Error::RowNotFound);
+        assert_eq!(pattern(&tries, 40), [false; 40], "never after a refusal");
     }
 }

@@ -94,8 +94,9 @@ pub(super) struct ReplaySql {
 #[derive(Debug, Clone)]
 pub(super) struct UpsertSql {
     /// `COPY` of the mapped columns straight into the table, for a batch that only
-    /// writes new keys (see `commit::insert_new_keys`).
-    pub copy_direct: String,
+    /// writes new keys (see `commit::insert_new_keys`); none where a COPY would not do
+    /// what the INSERT does.
+    pub copy_direct: Option<String>,
     /// When the next batches try `copy_direct`; shared by the route's lanes.
     pub direct: std::sync::Arc<super::commit::DirectTries>,
     pub create_staging: String,
@@ -136,8 +137,8 @@ pub(super) async fn prepare(
     let mut prepared = Vec::new();
     let mut problems = Vec::new();
     for (index, route) in routes.enumerate() {
-        let (source_index, types) = inspect(pool, route, method, &mut problems).await?;
-        prepared.push(statements(route, index, source_index, types, method));
+        let inspected = inspect(pool, route, method, &mut problems).await?;
+        prepared.push(statements(route, index, inspected, method));
     }
     if problems.is_empty() {
         Ok(prepared)
@@ -149,15 +150,25 @@ pub(super) async fn prepare(
     }
 }
 
-/// Checks one route, adding what does not fit to `problems`; returns the names of the
-/// unique index on the source coordinates of an insert route (with its partitions'),
-/// and the column types COPY BINARY relies on when the route can write it.
+/// What the live schema says about one route beyond whether it fits.
+#[derive(Default)]
+struct Inspected {
+    /// The names of the unique index on the source coordinates of an insert route
+    /// (with its partitions').
+    source_index: Vec<String>,
+    /// The column types COPY BINARY relies on, when the route can write it.
+    types: Option<ColumnTypes>,
+    /// An upsert route's batches of new keys may COPY straight into the table.
+    direct: bool,
+}
+
+/// Checks one route, adding what does not fit to `problems`.
 async fn inspect(
     pool: &PgPool,
     route: &Route,
     method: WriteMethod,
     problems: &mut Vec<String>,
-) -> Result<(Vec<String>, Option<ColumnTypes>), StoreError> {
+) -> Result<Inspected, StoreError> {
     let label = format!(
         "{} ({} -> {})",
         route.key,
@@ -184,7 +195,7 @@ async fn inspect(
         problems.push(format!(
             "{label}: table {table} does not exist: create it (`kafka-pg-ingest schema` prints a fitting CREATE TABLE)"
         ));
-        return Ok((Vec::new(), None));
+        return Ok(Inspected::default());
     }
     let live_column = |name: &str| live.iter().find(|l| l.name == name);
     let binary = lockable(pool, &table).await?
@@ -240,10 +251,11 @@ async fn inspect(
         }
     }
     let mut source_index = Vec::new();
+    let mut direct = false;
     match route.mode {
         WriteMode::Insert => {
             if let Some(coordinates) = route.coordinates() {
-                let found = unique_index(pool, &table, &coordinates).await?;
+                let found = unique_index(pool, &table, &coordinates, false).await?;
                 if let Some(name) = &found {
                     source_index = index_tree(pool, &route.schema_name, name).await?;
                     // A plain index is no partition tree.
@@ -260,15 +272,44 @@ async fn inspect(
         }
         WriteMode::Upsert => {
             let key: Vec<&str> = route.key_columns.iter().map(String::as_str).collect();
-            if unique_index(pool, &table, &key).await?.is_none() {
+            if unique_index(pool, &table, &key, true).await?.is_none() {
                 problems.push(format!(
-                    "{label}: {table} needs a unique index or primary key on exactly ({}) for mode: upsert",
+                    "{label}: {table} needs a unique index or primary key on exactly ({}) for mode: upsert \
+                     (valid and not deferrable: INSERT .. ON CONFLICT decides by it)",
                     quoted_list(key.iter().copied())
                 ));
             }
+            direct = plain_inserts_fit(pool, &table).await?;
         }
     }
-    Ok((source_index, types))
+    Ok(Inspected {
+        source_index,
+        types,
+        direct,
+    })
+}
+
+/// Whether a COPY into `table` does what `INSERT` does with the same new rows: no
+/// row-level security (COPY FROM refuses it), no rules (COPY skips them), and no BEFORE
+/// INSERT row trigger (it may change or drop a row, which the upsert would do to the
+/// last line of each key only), on the table or any of its partitions.
+async fn plain_inserts_fit(pool: &PgPool, table: &str) -> Result<bool, StoreError> {
+    const ROW_BEFORE_INSERT: i32 = 1 | 2 | 4;
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_class c \
+           WHERE (c.oid = to_regclass($1) \
+                  OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass($1)))) \
+             AND (c.relrowsecurity OR c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t \
+             WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgenabled <> 'D' \
+               AND t.tgtype::int4 & $2 = $2)))",
+    )
+    .bind(table)
+    .bind(ROW_BEFORE_INSERT)
+    .fetch_one(pool)
+    .await
+    .map_err(db(
+        "look up the target table's rules, policies and triggers",
+    ))
 }
 
 /// Whether this role may lock `table` against type changes as COPY BINARY needs: a
@@ -325,24 +366,28 @@ async fn index_tree(pool: &PgPool, schema: &str, name: &str) -> Result<Vec<Strin
     .map_err(db("look up the partitions of an index"))
 }
 
-/// The name of a unique, non-partial index of `table` on exactly `columns`.
+/// The name of a valid unique, non-partial index of `table` on exactly `columns`; with
+/// `immediate`, one checked at each row (not deferrable), as `ON CONFLICT` needs.
 async fn unique_index(
     pool: &PgPool,
     table: &str,
     columns: &[&str],
+    immediate: bool,
 ) -> Result<Option<String>, StoreError> {
     let mut sorted: Vec<&str> = columns.to_vec();
     sorted.sort_unstable();
     sqlx::query_scalar(
         "SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
          WHERE x.indrelid = to_regclass($1) AND x.indisunique AND x.indpred IS NULL \
-           AND x.indexprs IS NULL \
+           AND x.indexprs IS NULL AND x.indisvalid AND x.indisready \
+           AND (x.indimmediate OR NOT $3) \
            AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_attribute a \
                 WHERE a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey)) = $2::text[] \
          LIMIT 1",
     )
     .bind(table)
     .bind(&sorted)
+    .bind(immediate)
     .fetch_optional(pool)
     .await
     .map_err(db("look up unique indexes"))
@@ -361,13 +406,12 @@ fn quoted_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
     names.map(quote_ident).collect::<Vec<_>>().join(", ")
 }
 
-fn statements(
-    route: &Route,
-    index: usize,
-    source_index: Vec<String>,
-    types: Option<ColumnTypes>,
-    method: WriteMethod,
-) -> RouteSql {
+fn statements(route: &Route, index: usize, inspected: Inspected, method: WriteMethod) -> RouteSql {
+    let Inspected {
+        source_index,
+        types,
+        direct,
+    } = inspected;
     let table = quoted_table(route);
 
     let columns = quoted_list(route.columns.iter().map(|c| c.name.as_str()));
@@ -409,7 +453,7 @@ fn statements(
                 insert: None,
                 source_index: Vec::new(),
                 replay: None,
-                upsert: Some(UpsertSql::new(route, &table, &columns, &staging)),
+                upsert: Some(UpsertSql::new(route, &table, &columns, &staging, direct)),
             }
         }
     }
@@ -472,7 +516,7 @@ fn not_older(route: &Route, s: &str) -> Option<String> {
 }
 
 impl UpsertSql {
-    fn new(route: &Route, table: &str, columns: &str, staging: &str) -> Self {
+    fn new(route: &Route, table: &str, columns: &str, staging: &str, direct: bool) -> Self {
         let key = quoted_list(route.key_columns.iter().map(String::as_str));
         // The last line of each key decides it; the sequence numbers lines in COPY order.
         let last = format!(
@@ -509,7 +553,7 @@ impl UpsertSql {
              WHERE NOT s.{DELETE_FLAG} ON CONFLICT ({key}) {conflict}; DELETE FROM {staging}"
         ));
         Self {
-            copy_direct: format!("COPY {table} ({columns}) FROM STDIN"),
+            copy_direct: direct.then(|| format!("COPY {table} ({columns}) FROM STDIN")),
             direct: std::sync::Arc::default(),
             create_staging: format!(
                 "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
