@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use kafka_pg_ingest::config::{Config, Overrides};
+use kafka_pg_ingest::config::Overrides;
 use kafka_pg_ingest::record::Record;
 use kafka_pg_ingest::store::{self, Batch, CommitOutcome, PartitionRange, Store};
 use sqlx::postgres::PgPoolOptions;
@@ -55,9 +55,9 @@ async fn measure(url: &str, share: f64, runs: usize) -> anyhow::Result<(Duration
         database_url: Some(url.to_owned()),
         ..Overrides::default()
     };
-    let config = Config::load(None, Vec::new(), &overrides)?;
+    let config = kafka_pg_ingest::load_config(None, Vec::new(), &overrides)?;
     let pool = store::connect_pool(&config).await?;
-    store::migrate(&pool).await?;
+    store::migrate(&pool, &kafka_pg_ingest::route::Routes::new(&config)?).await?;
     sqlx::raw_sql("ALTER TABLE web_metrics.metrics ADD CONSTRAINT ok CHECK (status_code < 500)")
         .execute(&pool)
         .await?;

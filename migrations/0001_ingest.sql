@@ -36,25 +36,3 @@ CREATE TABLE ingest.dead_letters (
 );
 
 CREATE INDEX dead_letters_reason_idx ON ingest.dead_letters (reason_code, first_failed_at);
-
-CREATE SCHEMA IF NOT EXISTS web_metrics;
-
-CREATE TABLE web_metrics.metrics (
-    id                 bigserial   PRIMARY KEY,
-    time_stamp         timestamptz NOT NULL,
-    url                text        NOT NULL,
-    agent              text,
-    response_time      interval,
-    status_code        integer,
-    ip                 inet,
-    content_validation boolean,
-    comment            text,
-    kafka_topic        text        NOT NULL,
-    kafka_partition    integer     NOT NULL,
-    kafka_offset       bigint      NOT NULL,
-    -- Exactly once is enforced by the offset protocol; this index makes a breach loud
-    -- and makes replays and audits by source coordinates possible.
-    CONSTRAINT metrics_source_key UNIQUE (kafka_topic, kafka_partition, kafka_offset)
-);
-
-CREATE INDEX metrics_time_stamp_idx ON web_metrics.metrics (time_stamp);

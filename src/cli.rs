@@ -1,4 +1,5 @@
-//! Command line: `run` (the default), `migrate`, `demo`.
+//! Command line: `run` (the default), the tools (`migrate`, `check`, `schema`, `demo`,
+//! `bench`, `offsets`, `dlq`) and the development helpers (`dev`).
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
+use crate::dev::LocalDatabase;
 use crate::store::admin::DeadLetterFilter;
 use crate::telemetry::{self, LogFormat};
 use crate::{bench, demo, dev, ops, pipeline, store};
@@ -298,19 +300,6 @@ pub struct RunArgs {
     pub metrics_addr: Option<String>,
 }
 
-/// The database of `demo` and `bench`: the local server unless told otherwise.
-#[derive(Debug, Args, Clone)]
-pub struct LocalDatabase {
-    /// Postgres URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    pub database_url: String,
-}
-
 /// Flags of `demo`.
 #[derive(Debug, Args, Clone)]
 pub struct DemoArgs {
@@ -375,7 +364,7 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 impl CommonArgs {
     fn load(&self, mut overrides: Overrides) -> anyhow::Result<Config> {
         overrides.database_url = self.database_url.clone();
-        Ok(Config::load(
+        Ok(crate::load_config(
             self.config.as_deref(),
             std::env::vars(),
             &overrides,
@@ -416,7 +405,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
         Tool::Migrate(args) => {
             let config = args.load(Overrides::default())?;
             let pool = store::connect_pool(&config).await?;
-            store::migrate(&pool).await?;
+            store::migrate(&pool, &crate::route::Routes::new(&config)?).await?;
             println!("migrations applied to {}", config.database_url_masked());
             Ok(())
         }

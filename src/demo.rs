@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Overrides};
+use crate::config::Overrides;
 use crate::pipeline::Pipeline;
 use crate::sample;
 
@@ -69,7 +69,7 @@ pub async fn run(database_url: &str, messages: u64, partitions: i32) -> anyhow::
             .await
             .context("producer thread failed")??;
 
-    let config = Config::load(
+    let config = crate::load_config(
         None,
         std::env::vars(),
         &Overrides {

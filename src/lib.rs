@@ -3,7 +3,43 @@
 //! Each poll batch's rows, dead letters and offset advance commit in one Postgres
 //! transaction; offsets live in Postgres and are claimed with an epoch on every
 //! assignment, so a worker that lost its partition cannot commit. See `pipeline` for the
-//! loop, `store` for the transaction, `kafka` for the claim.
+//! loop, `store` for the transaction, `kafka` for the claim, and `docs/architecture.md`
+//! for the map of the crate and the walk of one record.
+//!
+//! The binary is a thin shell over this library; an application can embed the worker:
+//! load a configuration ([`load_config`]), change it in code, and run the loop
+//! ([`pipeline::run`]) until its own shutdown token is cancelled.
+//!
+//! ```
+//! use kafka_pg_ingest::config::Overrides;
+//!
+//! let mut config = kafka_pg_ingest::load_config(
+//!     None,
+//!     Vec::new(),
+//!     &Overrides {
+//!         brokers: Some("127.0.0.1:9092".into()),
+//!         topics: vec!["website-metrics".into()],
+//!         ..Overrides::default()
+//!     },
+//! )?;
+//! assert_eq!(config.batch.max_records, 20_000);
+//! config.batch.max_wait_ms = 100;
+//! config.validate()?;
+//!
+//! // A configuration that cannot work is refused, naming the key to change.
+//! let zero = [("KAFKA_PG_INGEST__BATCH__MAX_RECORDS".to_owned(), "0".to_owned())];
+//! let refused = kafka_pg_ingest::load_config(None, zero, &Overrides::default());
+//! assert!(refused.unwrap_err().to_string().contains("batch.max_records"));
+//!
+//! // Running it needs the broker and Postgres (see `examples/embed.rs`):
+//! # async fn run(config: kafka_pg_ingest::config::Config) -> anyhow::Result<()> {
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let stats = kafka_pg_ingest::pipeline::run(config, None, shutdown).await?;
+//! println!("{} rows, {} dead letters", stats.rows, stats.dead_letters);
+//! # Ok(())
+//! # }
+//! # Ok::<(), kafka_pg_ingest::config::ConfigError>(())
+//! ```
 
 pub mod bench;
 pub mod cli;
@@ -21,3 +57,22 @@ pub mod sample;
 pub mod security;
 pub mod store;
 pub mod telemetry;
+
+use std::path::Path;
+
+/// Loads the configuration from its layers (see [`config::Config::load`]) and checks
+/// what the typed data alone cannot: the transport security keys and the files they
+/// name ([`security`]), and the routes against the mapping rules ([`route`]). Every
+/// entry point loads through here, so a bad configuration fails before anything runs,
+/// naming the key to change.
+pub fn load_config(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &config::Overrides,
+) -> Result<config::Config, config::ConfigError> {
+    let config = config::Config::load(file, env, overrides)?;
+    security::validate_kafka(&config.kafka)?;
+    security::validate_postgres(&config.postgres)?;
+    route::Routes::new(&config)?;
+    Ok(config)
+}

@@ -557,11 +557,9 @@ mod tests {
     use crate::config::Overrides;
 
     fn load(yaml: &str) -> Result<Config, ConfigError> {
-        let path = std::env::temp_dir().join(format!("kpi-routes-{}.yaml", uuid::Uuid::new_v4()));
-        std::fs::write(&path, yaml).expect("temp file is writable");
-        let config = Config::load(Some(&path), Vec::new(), &Overrides::default());
-        let _ = std::fs::remove_file(&path);
-        config
+        crate::config::with_yaml_file(yaml, |file| {
+            crate::load_config(Some(file), Vec::new(), &Overrides::default())
+        })
     }
 
     const COORDINATES: &str = "      - { column: t, field: \"@topic\", type: text }\n      - { column: p, field: \"@partition\", type: int4 }\n      - { column: o, field: \"@offset\", type: int8 }\n";
@@ -709,12 +707,36 @@ mod tests {
             ),
         ] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-            let config = Config::load(Some(&path), Vec::new(), &Overrides::default())
+            let config = crate::load_config(Some(&path), Vec::new(), &Overrides::default())
                 .unwrap_or_else(|e| panic!("{file}: {e}"));
             let routes = Routes::new(&config).expect("valid");
             let route = routes.iter().next().expect("one route");
             assert_eq!(route.mode, mode, "{file}");
             assert_eq!(routes.route_of(topic), Some(0), "{file}");
         }
+    }
+
+    #[test]
+    fn string_and_field_limits_too_small_for_the_mapping_name_the_key() {
+        let c = crate::load_config(None, Vec::new(), &Overrides::default()).expect("defaults load");
+        assert_eq!((c.sink.max_string_bytes, c.sink.max_fields), (65536, 1000));
+        // The default mapping reads 8 top-level keys; the longest, request_timestamp, is 17 bytes.
+        for (yaml, key) in [
+            ("sink:\n  max_string_bytes: 0\n", "sink.max_string_bytes"),
+            ("sink:\n  max_string_bytes: 16\n", "sink.max_string_bytes"),
+            ("sink:\n  max_fields: 0\n", "sink.max_fields"),
+            ("sink:\n  max_fields: 7\n", "sink.max_fields"),
+        ] {
+            let err = load(yaml).unwrap_err();
+            assert!(err.to_string().contains(key), "{yaml}: {err}");
+        }
+        let c = load("sink:\n  max_string_bytes: 17\n  max_fields: 8\n").expect("loads");
+        assert_eq!((c.sink.max_string_bytes, c.sink.max_fields), (17, 8));
+        let pointer = "sink:\n  max_string_bytes: 3\n  max_fields: 1\n  columns:\n    - { column: a, field: /probe/url, type: text }\n    - { column: b, field: /probe/ip, type: inet }\n";
+        let err = load(pointer).unwrap_err();
+        assert!(err.to_string().contains("sink.max_string_bytes"), "{err}");
+        let c = load(&pointer.replace("bytes: 3", "bytes: 5"))
+            .expect("a pointer's keys are its segments");
+        assert_eq!(c.sink.max_fields, 1);
     }
 }

@@ -8,125 +8,10 @@ use std::path::{Path, PathBuf};
 
 use rdkafka::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use crate::config::{ConfigError, KafkaConfig, PostgresConfig, invalid};
-
-/// How the worker talks to the brokers (librdkafka's `security.protocol`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum SecurityProtocol {
-    /// No TLS, no authentication.
-    #[serde(alias = "PLAINTEXT")]
-    #[serde(rename = "plaintext")]
-    Plaintext,
-    /// TLS, optionally with a client certificate (mutual TLS).
-    #[serde(alias = "SSL")]
-    #[serde(rename = "ssl")]
-    Ssl,
-    /// SASL over a plain connection: credentials cross the network as the mechanism
-    /// sends them (PLAIN sends the password as is).
-    #[serde(alias = "SASL_PLAINTEXT")]
-    #[serde(rename = "sasl_plaintext")]
-    SaslPlaintext,
-    /// SASL over TLS.
-    #[serde(alias = "SASL_SSL")]
-    #[serde(rename = "sasl_ssl")]
-    SaslSsl,
-}
-
-impl SecurityProtocol {
-    fn librdkafka(self) -> &'static str {
-        match self {
-            Self::Plaintext => "plaintext",
-            Self::Ssl => "ssl",
-            Self::SaslPlaintext => "sasl_plaintext",
-            Self::SaslSsl => "sasl_ssl",
-        }
-    }
-
-    fn tls(self) -> bool {
-        matches!(self, Self::Ssl | Self::SaslSsl)
-    }
-
-    fn sasl(self) -> bool {
-        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
-    }
-}
-
-/// TLS to the brokers (`kafka.ssl`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSsl {
-    /// PEM file of the CA(s) that signed the brokers' certificates; the system's trust
-    /// store when unset.
-    pub ca_location: Option<PathBuf>,
-    /// PEM client certificate, for brokers that require mutual TLS.
-    pub certificate_location: Option<PathBuf>,
-    /// PEM private key of `certificate_location`.
-    pub key_location: Option<PathBuf>,
-    /// Passphrase of an encrypted `key_location`.
-    #[serde(default, deserialize_with = "crate::config::secret_text")]
-    pub key_password: Option<SecretString>,
-    /// Check that a broker's certificate names the host it was reached at.
-    pub verify_hostname: bool,
-}
-
-impl KafkaSsl {
-    /// The files, each with its key and the librdkafka property it becomes.
-    fn files(&self) -> [(&'static str, &'static str, &Option<PathBuf>); 3] {
-        [
-            (
-                "kafka.ssl.ca_location",
-                "ssl.ca.location",
-                &self.ca_location,
-            ),
-            (
-                "kafka.ssl.certificate_location",
-                "ssl.certificate.location",
-                &self.certificate_location,
-            ),
-            (
-                "kafka.ssl.key_location",
-                "ssl.key.location",
-                &self.key_location,
-            ),
-        ]
-    }
-}
-
-/// A SASL mechanism librdkafka implements itself (no Cyrus SASL library needed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum SaslMechanism {
-    #[serde(rename = "PLAIN")]
-    Plain,
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
-}
-
-impl SaslMechanism {
-    fn librdkafka(self) -> &'static str {
-        match self {
-            Self::Plain => "PLAIN",
-            Self::ScramSha256 => "SCRAM-SHA-256",
-            Self::ScramSha512 => "SCRAM-SHA-512",
-        }
-    }
-}
-
-/// SASL authentication to the brokers (`kafka.sasl`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSasl {
-    pub mechanism: Option<SaslMechanism>,
-    pub username: Option<String>,
-    /// Read from `KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD(_FILE)` in deployments.
-    #[serde(default, deserialize_with = "crate::config::secret_text")]
-    pub password: Option<SecretString>,
-}
 
 /// librdkafka properties that only the typed keys may set, with the key to use.
 const TYPED_KAFKA_OPTIONS: [(&str, &str); 10] = [
@@ -306,31 +191,6 @@ pub fn refusal_hint(code: RDKafkaErrorCode, reason: &str) -> Option<&'static str
     }
 }
 
-/// libpq's `sslmode`, for `postgres.sslmode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    Disable,
-    Allow,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl From<SslMode> for PgSslMode {
-    fn from(mode: SslMode) -> Self {
-        match mode {
-            SslMode::Disable => Self::Disable,
-            SslMode::Allow => Self::Allow,
-            SslMode::Prefer => Self::Prefer,
-            SslMode::Require => Self::Require,
-            SslMode::VerifyCa => Self::VerifyCa,
-            SslMode::VerifyFull => Self::VerifyFull,
-        }
-    }
-}
-
 /// Checks the Postgres TLS keys and the files they name.
 pub fn validate_postgres(pg: &PostgresConfig) -> Result<(), ConfigError> {
     check_files([
@@ -442,6 +302,7 @@ fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, Overrides};
 
     /// Reasons as librdkafka 2.12 words them (from its logs and sources).
     #[test]
@@ -493,5 +354,119 @@ mod tests {
         for (code, reason) in retried {
             assert_eq!(refusal_hint(code, reason), None, "{reason}");
         }
+    }
+
+    fn load_yaml(yaml: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
+        let env = env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned()));
+        crate::config::with_yaml_file(yaml, |file| {
+            crate::load_config(Some(file), env, &Overrides::default())
+        })
+    }
+
+    #[test]
+    fn security_keys_that_cannot_work_name_the_key_to_change() {
+        let ca = std::env::temp_dir().join(format!("kpi-ca-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&ca, "not read until a handshake").expect("writable");
+        let ca = ca.to_str().expect("UTF-8 path").to_owned();
+        let cases = [
+            (
+                format!("kafka: {{ssl: {{ca_location: {ca}}}}}"),
+                "kafka.security_protocol",
+            ),
+            (
+                format!("kafka: {{security_protocol: ssl, ssl: {{certificate_location: {ca}}}}}"),
+                "kafka.ssl.key_location",
+            ),
+            (
+                "kafka: {security_protocol: ssl, ssl: {ca_location: /nonexistent/ca.pem}}".into(),
+                "kafka.ssl.ca_location",
+            ),
+            (
+                "kafka: {security_protocol: sasl_ssl, sasl: {mechanism: PLAIN, username: u}}"
+                    .into(),
+                "kafka.sasl.password",
+            ),
+            (
+                "kafka: {sasl: {mechanism: SCRAM-SHA-512}}".into(),
+                "kafka.security_protocol",
+            ),
+            (
+                "kafka: {options: {sasl.password: x}}".into(),
+                "kafka.options.sasl.password",
+            ),
+            (format!("postgres: {{sslcert: {ca}}}"), "postgres.sslkey"),
+            (
+                "postgres: {sslrootcert: /nonexistent/root.crt}".into(),
+                "postgres.sslrootcert",
+            ),
+            (
+                format!("postgres: {{sslmode: disable, sslrootcert: {ca}}}"),
+                "postgres.sslmode",
+            ),
+            (
+                format!("postgres: {{sslrootcert: {ca}}}"),
+                "postgres.sslmode",
+            ),
+            (
+                "kafka: {options: {enable.ssl.certificate.verification: false}}".into(),
+                "kafka.options.enable.ssl.certificate.verification",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{yaml}: {err}");
+        }
+        let _ = std::fs::remove_file(&ca);
+    }
+
+    #[test]
+    fn security_keys_become_librdkafka_and_libpq_settings_and_secrets_stay_hidden() {
+        let pem = std::env::temp_dir().join(format!("kpi-pem-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&pem, "PEM").expect("writable");
+        let path = pem.to_str().expect("UTF-8 path");
+        let yaml = format!(
+            "kafka: {{security_protocol: SASL_SSL, ssl: {{ca_location: {path}, certificate_location: {path}, key_location: {path}, key_password: k3y-pass, verify_hostname: false}}, sasl: {{mechanism: SCRAM-SHA-512, username: ingest}}}}\n\
+             postgres: {{sslmode: verify-full, sslrootcert: {path}}}"
+        );
+        let c = load_yaml(
+            &yaml,
+            vec![("KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD", "sa5l-pass")],
+        )
+        .expect("loads");
+        let mut client = rdkafka::ClientConfig::new();
+        apply_kafka(&mut client, &c.kafka);
+        for (property, value) in [
+            ("security.protocol", "sasl_ssl"),
+            ("ssl.ca.location", path),
+            ("ssl.certificate.location", path),
+            ("ssl.key.location", path),
+            ("ssl.key.password", "k3y-pass"),
+            ("ssl.endpoint.identification.algorithm", "none"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "ingest"),
+            ("sasl.password", "sa5l-pass"),
+        ] {
+            assert_eq!(client.get(property), Some(value), "{property}");
+        }
+        let options = apply_postgres(&c.postgres, "postgres://u@db/x".parse().expect("a URL"));
+        assert!(format!("{options:?}").contains("VerifyFull"), "{options:?}");
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("k3y-pass") && !printed.contains("sa5l-pass"));
+        // Secrets from the environment are text as written, never YAML.
+        for password in ["123456", "~", "\"quoted\"", "null"] {
+            let c = load_yaml(
+                "kafka: {security_protocol: sasl_ssl, sasl: {mechanism: PLAIN, username: u}}",
+                vec![("KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD", password)],
+            )
+            .expect("loads");
+            let got = c
+                .kafka
+                .sasl
+                .password
+                .as_ref()
+                .map(|p| p.expose_secret().to_owned());
+            assert_eq!(got.as_deref(), Some(password));
+        }
+        let _ = std::fs::remove_file(&pem);
     }
 }

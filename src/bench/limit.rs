@@ -100,6 +100,13 @@ pub async fn encode(
     }
     copy.finish().await?;
     let p = i64::from(partitions);
+    // Each batch file selects a range of stream positions: without this index every one
+    // would scan the whole stream (quadratic in its length).
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE INDEX ON {scratch} ((kafka_offset * {p} + kafka_partition)); ANALYZE {scratch}"
+    )))
+    .execute(&mut *conn)
+    .await?;
     for size in BATCH_SIZES {
         let mut files = Vec::new();
         for (k, from) in (0..rows.rows).step_by(size).enumerate() {

@@ -9,7 +9,7 @@
 //! - the limit: the most Postgres absorbs of the same rows on one connection (COPY
 //!   BINARY of rows encoded beforehand, one transaction per batch with the offsets'
 //!   compare-and-set, the best of several batch sizes), cross-checked with `psql`
-//!   (see [`limit`]);
+//!   (see the `limit` module);
 //! - naive: the worker with `sink.write_method: row_inserts`, on a smaller topic.
 //!
 //! With `--mode upsert` the worker writes through a route in upsert mode keyed on the
@@ -234,7 +234,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         "--updates measures upserts: add --mode upsert"
     );
     // The store's own connections: TCP_NODELAY set, as the worker's.
-    let config = Config::load(
+    let config = crate::load_config(
         None,
         Vec::new(),
         &Overrides {
@@ -245,7 +245,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let pool = crate::store::connect_pool(&config)
         .await
         .context("failed to connect to Postgres")?;
-    crate::store::migrate(&pool).await?;
+    crate::store::migrate(&pool, &Routes::new(&config)?).await?;
     let cluster = match options.brokers {
         Some(_) => None,
         None => Some(MockCluster::new(1).context("failed to start the in-process broker")?),

@@ -2,7 +2,8 @@
 //!
 //! Decoding never panics and never drops a record: every input byte sequence ends as one
 //! encoded COPY line or one [`Rejection`]. Rows are encoded straight into the batch's
-//! COPY buffer (PostgreSQL text format), so a valid record costs no row allocation.
+//! COPY buffer (PostgreSQL text format, or COPY BINARY where the route's columns allow
+//! it), so a valid record costs no row allocation.
 
 mod value;
 

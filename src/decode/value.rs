@@ -1,4 +1,4 @@
-//! One JSON value -> one COPY text field of a given column type.
+//! One JSON value -> one COPY field (text or binary) of a given column type.
 //!
 //! Each type is validated here, before Postgres sees it, so that a bad field becomes a
 //! precise dead letter instead of a failed COPY that has to be bisected.

@@ -26,8 +26,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use super::freeze::{client_ports, freeze_in_transaction};
 use super::proxy::Proxy;
 use super::reaped::Reaped;
-use super::{ProduceOptions, Produced, produce_gated};
-use crate::cli::LocalDatabase;
+use super::{LocalDatabase, ProduceOptions, Produced, produce_gated};
 
 /// Flags of `dev chaos`.
 #[derive(Debug, Clone, clap::Args)]
@@ -343,7 +342,8 @@ impl Rig {
             .max_connections(2)
             .connect_with(server.clone().database(&database))
             .await?;
-        crate::store::migrate(&pool).await?;
+        let defaults = crate::load_config(None, Vec::new(), &crate::config::Overrides::default())?;
+        crate::store::migrate(&pool, &crate::route::Routes::new(&defaults)?).await?;
         let proxy = Proxy::start(proxy_target(&server)?).await?;
         Ok(Self {
             binary,

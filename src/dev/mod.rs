@@ -84,6 +84,19 @@ pub struct Produced {
     pub malformed: BTreeMap<&'static str, u64>,
 }
 
+/// The database of `demo` and `bench`: the local server unless told otherwise.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalDatabase {
+    /// Postgres URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+}
+
 /// Load-generator settings (the flags of `dev produce`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProduceOptions {

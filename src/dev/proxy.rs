@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// A TCP proxy to Postgres the test can take down: when down it cuts every open
+/// A TCP proxy (to Postgres, or to a broker) that faults can take down: when down it cuts every open
 /// connection and refuses new ones. It can also cut a connection right after relaying a
 /// `COMMIT`, before the server's answer gets back, or instead of relaying it: ambiguous
 /// commits that did and did not apply.

@@ -42,7 +42,7 @@ const CLAIM_WATERMARKS_LIMIT: Duration = Duration::from_secs(5);
 pub struct PartitionState {
     /// Epoch of this worker's claim; commits carry it.
     pub epoch: i64,
-    /// This process's own number for the claim ([`next_claim`]). Polled records are
+    /// This process's own number for the claim (`next_claim`). Polled records are
     /// tagged with it, not with the epoch: two claims of one partition can get the same
     /// epoch (a restored dump lowers a row's epoch), and a record polled under the first
     /// must never enter a batch of the second.

@@ -4,18 +4,20 @@
 //! Invariant: a partition's batches commit strictly in order, and a batch continues each
 //! partition from where its in-flight predecessor ends. Partitions are spread over
 //! commit lanes (`batch.lanes`), each lane one batch in flight on its own connection;
-//! every lane's batch settles before any lane's next batch starts. The rooms of the loop: `assemble` (batches
-//! from the consumer), `settle` (retries, ambiguous commits, fencing, polling while a
-//! commit takes long), `positions` (following stored rows and the broker's log,
-//! orphaned partitions), `outputs` (metrics, gauges, the offset mirror).
+//! every lane's batch settles before any lane's next batch starts. The rooms of the
+//! loop: `assemble` (batches from the consumer), `settle` (retries, ambiguous commits,
+//! fencing, polling while a commit takes long), `positions` (following stored rows and
+//! the broker's log, orphaned partitions), `outputs` (metrics, gauges, the offset
+//! mirror), `run` (the loop as a service: shutdown, endpoints, leaving the group).
 
 mod assemble;
 mod outputs;
 mod positions;
+mod run;
 mod settle;
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
@@ -27,10 +29,11 @@ use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition}
 use crate::record::Record;
 use crate::route::Routes;
 use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
-use crate::telemetry::http::{self, Endpoints};
 use crate::telemetry::metrics::PartitionLabel;
 use crate::telemetry::spans;
 use assemble::Collected;
+use run::leave_group;
+pub use run::{Latencies, Stats, run};
 use settle::CommitTask;
 
 /// Why the loop stopped.
@@ -57,7 +60,8 @@ pub enum PipelineError {
 /// What one step did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepOutcome {
-    /// No records arrived within `batch.max_wait_ms`.
+    /// No batch committed in this step (nothing was in flight, or nothing arrived
+    /// within `batch.max_wait_ms`).
     Idle,
     /// A batch committed.
     Committed {
@@ -97,46 +101,6 @@ impl StepOutcome {
                 partitions: partitions + p,
             },
         }
-    }
-}
-
-/// Counters of a pipeline's life, for reports and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub batches: u64,
-    pub rows: u64,
-    pub dead_letters: u64,
-    /// Transient failures retried (commits and re-reads).
-    pub retries: u64,
-    /// Partitions found fenced at commit.
-    pub fenced: u64,
-    /// Commits whose outcome had to be read back from the offset rows.
-    pub ambiguous_commits: u64,
-    /// Durations of recent successful commits.
-    pub commit_latency: Latencies,
-}
-
-/// The most recent commit durations, for percentiles; bounded so a long-running worker
-/// does not grow.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Latencies(VecDeque<Duration>);
-
-impl Latencies {
-    const CAPACITY: usize = 4096;
-
-    fn record(&mut self, d: Duration) {
-        if self.0.len() == Self::CAPACITY {
-            self.0.pop_front();
-        }
-        self.0.push_back(d);
-    }
-
-    /// The `p`-th percentile (0..=100) of the recorded durations.
-    pub fn percentile(&self, p: f64) -> Option<Duration> {
-        let mut sorted: Vec<Duration> = self.0.iter().copied().collect();
-        sorted.sort_unstable();
-        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-        sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
     }
 }
 
@@ -406,128 +370,4 @@ fn decode_lanes(
             .map(|d| d.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     })
-}
-
-/// How long leaving the group may take at shutdown.
-const LEAVE_LIMIT: Duration = Duration::from_secs(10);
-
-/// Unsubscribes and closes the consumer, giving up after [`LEAVE_LIMIT`]: librdkafka's
-/// close waits for the group to take the leave, which a group stuck mid-rebalance (or
-/// an unreachable coordinator) can hold far longer than a stop may take. Offsets live
-/// in Postgres, so a leave left unfinished costs only the session timeout before the
-/// partitions move on.
-fn leave_group(consumer: IngestConsumer) {
-    let (left, leaving) = std::sync::mpsc::channel();
-    let closer = std::thread::Builder::new()
-        .name("leave-group".into())
-        .spawn(move || {
-            consumer.unsubscribe();
-            drop(consumer);
-            let _ = left.send(());
-        });
-    if let Err(e) = closer {
-        tracing::error!(error = %e, "cannot start a thread to leave the group; exiting without leaving");
-        return;
-    }
-    if tokio::task::block_in_place(|| leaving.recv_timeout(LEAVE_LIMIT)).is_err() {
-        tracing::warn!(
-            limit_secs = LEAVE_LIMIT.as_secs(),
-            "leaving the consumer group did not finish in time; stopping without it (the group \
-             moves the partitions on after its session timeout)"
-        );
-    }
-}
-
-/// Runs the loop until `shutdown` is cancelled or `cycles` steps have run.
-pub async fn run(
-    config: Config,
-    cycles: Option<u64>,
-    shutdown: CancellationToken,
-) -> Result<Stats, PipelineError> {
-    let sleep = Duration::from_secs_f64(config.run.sleep_secs);
-    let metrics_addr = config.run.metrics_addr.clone();
-    let stuck_after = config.max_poll_interval() * 2;
-    // A stop during start-up (waiting for Postgres, or for another worker's migration)
-    // drops what was opened: nothing is claimed before the loop runs.
-    let mut pipeline = tokio::select! {
-        pipeline = Pipeline::connect(config) => pipeline?,
-        () = shutdown.cancelled() => {
-            tracing::info!("stopped while starting");
-            return Ok(Stats::default());
-        }
-    };
-    let stop_http = CancellationToken::new();
-    let server = match metrics_addr {
-        Some(addr) => {
-            let endpoints = Endpoints {
-                metrics: pipeline.observers.metrics.clone(),
-                health: pipeline.observers.health.clone(),
-                pool: pipeline.store.pool().clone(),
-                stuck_after,
-            };
-            let (_, server) = http::serve(&addr, endpoints, stop_http.clone())
-                .await
-                .map_err(|source| PipelineError::Serve { addr, source })?;
-            Some(server)
-        }
-        None => None,
-    };
-    let mut done = 0u64;
-    let result = loop {
-        if shutdown.is_cancelled() || cycles.is_some_and(|c| done >= c) {
-            break Ok(());
-        }
-        done += 1;
-        match pipeline.step(&shutdown).await {
-            Ok(StepOutcome::Idle) if !sleep.is_zero() => {
-                tokio::select! {
-                    () = tokio::time::sleep(sleep) => {}
-                    () = shutdown.cancelled() => {}
-                }
-            }
-            Ok(_) => {}
-            Err(PipelineError::ShutDown) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    let stats = pipeline.close().await;
-    stop_http.cancel();
-    if let Some(server) = server {
-        let _ = server.await;
-    }
-    let ms = |p| {
-        stats
-            .commit_latency
-            .percentile(p)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
-    tracing::info!(
-        batches = stats.batches,
-        rows = stats.rows,
-        dead_letters = stats.dead_letters,
-        retries = stats.retries,
-        fenced = stats.fenced,
-        ambiguous_commits = stats.ambiguous_commits,
-        commit_p50_ms = ms(50.0),
-        commit_p99_ms = ms(99.0),
-        "worker stopped"
-    );
-    result.map(|()| stats)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn latency_percentiles_pick_the_ranked_sample() {
-        let mut l = Latencies::default();
-        assert_eq!(l.percentile(50.0), None);
-        for ms in 1..=100 {
-            l.record(Duration::from_millis(ms));
-        }
-        assert_eq!(l.percentile(50.0), Some(Duration::from_millis(50)));
-        assert_eq!(l.percentile(99.0), Some(Duration::from_millis(99)));
-        assert_eq!(l.percentile(100.0), Some(Duration::from_millis(100)));
-    }
 }

@@ -1,8 +1,9 @@
 //! Side outputs of committed batches: counters and gauges, and the advisory mirror of
 //! offsets to Kafka.
 //!
-//! Invariant: nothing here feeds back into positions; Kafka's mirrored offsets are never
-//! read, and the gauges show what Postgres holds.
+//! Invariant: positions advance only by what committed (`committed` moves each
+//! partition past its batch's range); Kafka's mirrored offsets are never read, and the
+//! gauges show what Postgres holds.
 
 use std::time::{Duration, Instant};
 

@@ -100,7 +100,8 @@ impl Store {
     pub async fn connect(config: &Config, application_name: &str) -> Result<Self, StoreError> {
         let pool = connect_pool_as(config, application_name).await?;
         if config.postgres.migrate_on_start {
-            migrate(&pool).await?;
+            let routes = Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))?;
+            migrate(&pool, &routes).await?;
         }
         Self::for_pool(pool, config).await
     }
@@ -287,21 +288,86 @@ fn session_settings(config: &Config) -> [(&'static str, String); 7] {
     ]
 }
 
-/// Applies the embedded migrations (serialised across workers by sqlx's advisory lock).
-/// Their connection has no lock or statement deadline (a worker starting while another
-/// migrates waits for it) and is closed afterwards, so those settings never reach a
-/// batch.
-pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+/// Applies the embedded migrations of the `ingest` schema (serialised across workers by
+/// sqlx's advisory lock), then creates the default route's table when one of `routes`
+/// writes into it and it is missing. Their connection has no lock or statement deadline
+/// (a worker starting while another migrates waits for it) and is closed afterwards, so
+/// those settings never reach a batch.
+pub async fn migrate(pool: &PgPool, routes: &Routes) -> Result<(), StoreError> {
     let failed =
         |e: &dyn std::fmt::Display| StoreError::Fatal(format!("failed to apply migrations: {e}"));
     let mut conn = pool.acquire().await.map_err(|e| failed(&e))?.detach();
-    sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0")
-        .execute(&mut conn)
-        .await
-        .map_err(|e| failed(&e))?;
-    let applied = sqlx::migrate!("./migrations").run(&mut conn).await;
+    let applied = async {
+        sqlx::raw_sql("SET lock_timeout = 0; SET statement_timeout = 0")
+            .execute(&mut conn)
+            .await?;
+        let migrator = sqlx::migrate!("./migrations");
+        adopt_first_migration(&mut conn, &migrator).await?;
+        migrator.run(&mut conn).await?;
+        let default_table = routes
+            .iter()
+            .any(|r| (r.schema_name.as_str(), r.table_name.as_str()) == DEFAULT_TABLE);
+        if default_table {
+            create_default_table(&mut conn).await?;
+        }
+        Ok::<(), sqlx::Error>(())
+    }
+    .await;
     let _ = conn.close().await;
     applied.map_err(|e| failed(&e))
+}
+
+/// The default route's table: `web_metrics.metrics`.
+const DEFAULT_TABLE: (&str, &str) = ("web_metrics", "metrics");
+
+/// The checksum of the first migration as it was when it also created
+/// `web_metrics.metrics`.
+const FIRST_MIGRATION_WITH_WEB_METRICS: &str = "2e81b33763b7c28f343b910df7eee2dc17f621f523aaf37c64079453e38e44561db51b799fb28125e09b8ac283cd16e9";
+
+/// A database migrated when the first migration also created the website-metrics table
+/// records that migration's old checksum, which sqlx would refuse as a modified
+/// migration: it is recorded as the current one (the table stays, as any route's).
+async fn adopt_first_migration(
+    conn: &mut sqlx::PgConnection,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), sqlx::Error> {
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+            .fetch_one(&mut *conn)
+            .await?;
+    let Some(first) = migrator.iter().find(|m| m.version == 1) else {
+        return Ok(());
+    };
+    if recorded.is_some() {
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = 1 AND checksum = decode($2, 'hex')",
+        )
+        .bind(first.checksum.as_ref())
+        .bind(FIRST_MIGRATION_WITH_WEB_METRICS)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Creates `web_metrics.metrics` unless it exists (then no privilege beyond reading
+/// the catalog is needed); concurrent workers take turns on an advisory lock.
+async fn create_default_table(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let exists = "SELECT to_regclass('web_metrics.metrics') IS NOT NULL";
+    if sqlx::query_scalar::<_, bool>(exists)
+        .fetch_one(&mut *conn)
+        .await?
+    {
+        return Ok(());
+    }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kafka-pg-ingest web_metrics'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(include_str!("web_metrics.sql"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
 }
 
 /// Runs a statement built from quoted identifiers only.

@@ -45,7 +45,7 @@ impl Store {
     /// restored from an older dump never hands out an epoch it held before.
     ///
     /// A claim blocked by another worker's transaction on the same rows for longer than
-    /// [`CLAIM_PATIENCE`] ends that transaction (see there).
+    /// `CLAIM_PATIENCE` ends that transaction (see there).
     pub async fn claim(
         &self,
         owner: &str,

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use kafka_pg_ingest::config::{Config, ENV_PREFIX, Overrides};
+use kafka_pg_ingest::config::{ENV_PREFIX, Overrides};
 use kafka_pg_ingest::telemetry::metrics::{Metrics, PartitionLabel};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
@@ -254,7 +254,9 @@ fn worker_environment_names_only_variables_the_binary_reads() {
             }
         }
         // Rejects unknown KAFKA_PG_INGEST__ keys and bad OTEL_* values, naming them.
-        if let Err(e) = Config::load(None, worker.literal_env(), &Overrides::default()) {
+        if let Err(e) =
+            kafka_pg_ingest::load_config(None, worker.literal_env(), &Overrides::default())
+        {
             panic!("{}: {e}", worker.origin);
         }
         if let Some(format) = worker.var("LOG_FORMAT") {
@@ -302,7 +304,8 @@ fn configmap_config_file_loads_at_the_path_the_deployment_passes() {
     let file = std::env::temp_dir().join(format!("kpi-deploy-{}.yaml", uuid::Uuid::new_v4()));
     std::fs::write(&file, yaml).expect("temp file is writable");
     // With the Deployment's variables too, as the pod loads it.
-    let loaded = Config::load(Some(&file), worker.literal_env(), &Overrides::default());
+    let loaded =
+        kafka_pg_ingest::load_config(Some(&file), worker.literal_env(), &Overrides::default());
     let _ = std::fs::remove_file(&file);
     if let Err(e) = loaded {
         panic!("the ConfigMap's {key} does not load: {e}");

@@ -43,7 +43,7 @@ fn init_logs() {
 impl TestDb {
     pub async fn new() -> Self {
         let db = Self::empty().await;
-        kafka_pg_ingest::store::migrate(&db.pool)
+        kafka_pg_ingest::store::migrate(&db.pool, &default_routes())
             .await
             .expect("migrations apply");
         db
@@ -155,7 +155,7 @@ impl TestKafka {
         file: Option<&std::path::Path>,
         url: &str,
     ) -> Result<Config, kafka_pg_ingest::config::ConfigError> {
-        let mut config = Config::load(
+        let mut config = kafka_pg_ingest::load_config(
             file,
             test_env(),
             &Overrides {
@@ -522,4 +522,11 @@ pub fn drive(
         }
         pipeline.close().await
     })
+}
+
+/// The routes of the built-in defaults (the website-metrics table).
+pub fn default_routes() -> kafka_pg_ingest::route::Routes {
+    let config = kafka_pg_ingest::load_config(None, Vec::new(), &Overrides::default())
+        .expect("defaults load");
+    kafka_pg_ingest::route::Routes::new(&config).expect("the default route is valid")
 }

@@ -12,6 +12,7 @@ mod helpers;
 mod isolation;
 mod kafka_tls;
 mod lanes;
+mod migrations;
 mod pki;
 mod positions;
 mod postgres_tls;

@@ -236,7 +236,7 @@ async fn postgres_over_verify_full_tls_with_a_client_certificate_lands_exactly_o
     let tls = TlsFiles::new(&ca);
     let pool = cluster.pool(&tls).await;
     // Migrated first, so the test can read the offsets while the worker starts.
-    kafka_pg_ingest::store::migrate(&pool)
+    kafka_pg_ingest::store::migrate(&pool, &crate::helpers::default_routes())
         .await
         .expect("migrations apply");
     let kafka = TestKafka::new(2);

@@ -363,7 +363,11 @@ async fn an_upsert_batch_of_new_keys_is_copied_straight_in_and_one_touching_a_st
     };
 
     let hows = land((0..50).map(|id| item(id, "v1")).collect()).await;
-    assert_eq!(hows, ["INSERT"], "the first batch proves the staging path works");
+    assert_eq!(
+        hows,
+        ["INSERT"],
+        "the first batch proves the staging path works"
+    );
 
     let hows = land((50..100).map(|id| item(id, "v1")).collect()).await;
     assert_eq!(hows, ["COPY"], "then new keys go straight in");
@@ -896,7 +900,7 @@ async fn the_readme_examples_create_tables_their_check_accepts() {
     let db = TestDb::new().await;
     for file in ["examples/routes/orders.yaml", "examples/routes/events.yaml"] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-        let config = Config::load(
+        let config = kafka_pg_ingest::load_config(
             Some(&path),
             Vec::new(),
             &kafka_pg_ingest::config::Overrides {

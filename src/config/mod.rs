@@ -13,10 +13,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
-use crate::security::{KafkaSasl, KafkaSsl, SecurityProtocol, SslMode};
+mod security;
+
+pub use security::{KafkaSasl, KafkaSsl, SaslMechanism, SecurityProtocol, SslMode};
 
 /// The embedded default configuration: the website-metrics pipeline.
-pub const DEFAULT_YAML: &str = include_str!("../config/service.yaml");
+pub const DEFAULT_YAML: &str = include_str!("../../config/service.yaml");
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "KAFKA_PG_INGEST__";
@@ -493,7 +495,9 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// Builds the configuration from all layers and validates it.
+    /// Builds the configuration from all layers and checks its keys against each other.
+    /// What needs more than the data (the files the security keys name, the routes) is
+    /// checked by `crate::load_config`, which every entry point loads through.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -579,7 +583,7 @@ impl Config {
         }
     }
 
-    /// Refuses relations that cannot work, saying which key to change.
+    /// Refuses relations between keys that cannot work, saying which key to change.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.kafka.brokers.trim().is_empty() {
             return Err(invalid(
@@ -616,8 +620,6 @@ impl Config {
                 format!("is set by the worker itself: remove it ({instead})"),
             ));
         }
-        crate::security::validate_kafka(&self.kafka)?;
-        crate::security::validate_postgres(&self.postgres)?;
         for (key, ms) in [
             (
                 "postgres.statement_timeout_ms",
@@ -706,7 +708,6 @@ impl Config {
         if self.sink.max_record_bytes == 0 {
             return Err(invalid("sink.max_record_bytes", "must be at least 1"));
         }
-        crate::route::Routes::new(self)?;
         self.validate_otel()
     }
 
@@ -914,17 +915,25 @@ fn set_path(tree: &mut Value, keys: &[String], value: Value) -> Result<(), Strin
     Ok(())
 }
 
+/// Test support: `load` run on `yaml` written to a temporary file.
+#[cfg(test)]
+pub(crate) fn with_yaml_file<T>(yaml: &str, load: impl FnOnce(&Path) -> T) -> T {
+    let file = std::env::temp_dir().join(format!("kpi-config-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, yaml).expect("temp file is writable");
+    let result = load(&file);
+    let _ = std::fs::remove_file(&file);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn load_yaml(yaml: &str, env: Vec<(&str, &str)>) -> Result<Config, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("kpi-config-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&dir, yaml).expect("temp file is writable");
         let env = env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned()));
-        let result = Config::load(Some(&dir), env, &Overrides::default());
-        let _ = std::fs::remove_file(&dir);
-        result
+        with_yaml_file(yaml, |file| {
+            Config::load(Some(file), env, &Overrides::default())
+        })
     }
 
     #[test]
@@ -1122,31 +1131,6 @@ mod tests {
     }
 
     #[test]
-    fn string_and_field_limits_too_small_for_the_mapping_name_the_key() {
-        let c = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
-        assert_eq!((c.sink.max_string_bytes, c.sink.max_fields), (65536, 1000));
-        // The default mapping reads 8 top-level keys; the longest, request_timestamp, is 17 bytes.
-        for (yaml, key) in [
-            ("sink:\n  max_string_bytes: 0\n", "sink.max_string_bytes"),
-            ("sink:\n  max_string_bytes: 16\n", "sink.max_string_bytes"),
-            ("sink:\n  max_fields: 0\n", "sink.max_fields"),
-            ("sink:\n  max_fields: 7\n", "sink.max_fields"),
-        ] {
-            let err = load_yaml(yaml, vec![]).unwrap_err();
-            assert!(err.to_string().contains(key), "{yaml}: {err}");
-        }
-        let c =
-            load_yaml("sink:\n  max_string_bytes: 17\n  max_fields: 8\n", vec![]).expect("loads");
-        assert_eq!((c.sink.max_string_bytes, c.sink.max_fields), (17, 8));
-        let pointer = "sink:\n  max_string_bytes: 3\n  max_fields: 1\n  columns:\n    - { column: a, field: /probe/url, type: text }\n    - { column: b, field: /probe/ip, type: inet }\n";
-        let err = load_yaml(pointer, vec![]).unwrap_err();
-        assert!(err.to_string().contains("sink.max_string_bytes"), "{err}");
-        let c = load_yaml(&pointer.replace("bytes: 3", "bytes: 5"), vec![])
-            .expect("a pointer's keys are its segments");
-        assert_eq!(c.sink.max_fields, 1);
-    }
-
-    #[test]
     fn secrets_come_from_files_named_by_file_variables() {
         let dir = std::env::temp_dir().join(format!("kpi-secret-{}", uuid::Uuid::new_v4()));
         std::fs::write(&dir, "postgres://app:s3cret@db:5432/ingest\n").expect("writable");
@@ -1163,115 +1147,5 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
         let err = load_yaml("{}", vec![("DATABASE_URL_FILE", "/nonexistent/kpi")]).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL_FILE"), "{err}");
-    }
-
-    #[test]
-    fn security_keys_that_cannot_work_name_the_key_to_change() {
-        let ca = std::env::temp_dir().join(format!("kpi-ca-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&ca, "not read until a handshake").expect("writable");
-        let ca = ca.to_str().expect("UTF-8 path").to_owned();
-        let cases = [
-            (
-                format!("kafka: {{ssl: {{ca_location: {ca}}}}}"),
-                "kafka.security_protocol",
-            ),
-            (
-                format!("kafka: {{security_protocol: ssl, ssl: {{certificate_location: {ca}}}}}"),
-                "kafka.ssl.key_location",
-            ),
-            (
-                "kafka: {security_protocol: ssl, ssl: {ca_location: /nonexistent/ca.pem}}".into(),
-                "kafka.ssl.ca_location",
-            ),
-            (
-                "kafka: {security_protocol: sasl_ssl, sasl: {mechanism: PLAIN, username: u}}"
-                    .into(),
-                "kafka.sasl.password",
-            ),
-            (
-                "kafka: {sasl: {mechanism: SCRAM-SHA-512}}".into(),
-                "kafka.security_protocol",
-            ),
-            (
-                "kafka: {options: {sasl.password: x}}".into(),
-                "kafka.options.sasl.password",
-            ),
-            (format!("postgres: {{sslcert: {ca}}}"), "postgres.sslkey"),
-            (
-                "postgres: {sslrootcert: /nonexistent/root.crt}".into(),
-                "postgres.sslrootcert",
-            ),
-            (
-                format!("postgres: {{sslmode: disable, sslrootcert: {ca}}}"),
-                "postgres.sslmode",
-            ),
-            (
-                format!("postgres: {{sslrootcert: {ca}}}"),
-                "postgres.sslmode",
-            ),
-            (
-                "kafka: {options: {enable.ssl.certificate.verification: false}}".into(),
-                "kafka.options.enable.ssl.certificate.verification",
-            ),
-        ];
-        for (yaml, key) in cases {
-            let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();
-            assert!(err.contains(&format!("`{key}`")), "{yaml}: {err}");
-        }
-        let _ = std::fs::remove_file(&ca);
-    }
-
-    #[test]
-    fn security_keys_become_librdkafka_and_libpq_settings_and_secrets_stay_hidden() {
-        let pem = std::env::temp_dir().join(format!("kpi-pem-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&pem, "PEM").expect("writable");
-        let path = pem.to_str().expect("UTF-8 path");
-        let yaml = format!(
-            "kafka: {{security_protocol: SASL_SSL, ssl: {{ca_location: {path}, certificate_location: {path}, key_location: {path}, key_password: k3y-pass, verify_hostname: false}}, sasl: {{mechanism: SCRAM-SHA-512, username: ingest}}}}\n\
-             postgres: {{sslmode: verify-full, sslrootcert: {path}}}"
-        );
-        let c = load_yaml(
-            &yaml,
-            vec![("KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD", "sa5l-pass")],
-        )
-        .expect("loads");
-        let mut client = rdkafka::ClientConfig::new();
-        crate::security::apply_kafka(&mut client, &c.kafka);
-        for (property, value) in [
-            ("security.protocol", "sasl_ssl"),
-            ("ssl.ca.location", path),
-            ("ssl.certificate.location", path),
-            ("ssl.key.location", path),
-            ("ssl.key.password", "k3y-pass"),
-            ("ssl.endpoint.identification.algorithm", "none"),
-            ("sasl.mechanism", "SCRAM-SHA-512"),
-            ("sasl.username", "ingest"),
-            ("sasl.password", "sa5l-pass"),
-        ] {
-            assert_eq!(client.get(property), Some(value), "{property}");
-        }
-        let options = crate::security::apply_postgres(
-            &c.postgres,
-            "postgres://u@db/x".parse().expect("a URL"),
-        );
-        assert!(format!("{options:?}").contains("VerifyFull"), "{options:?}");
-        let printed = format!("{c:?}");
-        assert!(!printed.contains("k3y-pass") && !printed.contains("sa5l-pass"));
-        // Secrets from the environment are text as written, never YAML.
-        for password in ["123456", "~", "\"quoted\"", "null"] {
-            let c = load_yaml(
-                "kafka: {security_protocol: sasl_ssl, sasl: {mechanism: PLAIN, username: u}}",
-                vec![("KAFKA_PG_INGEST__KAFKA__SASL__PASSWORD", password)],
-            )
-            .expect("loads");
-            let got = c
-                .kafka
-                .sasl
-                .password
-                .as_ref()
-                .map(|p| p.expose_secret().to_owned());
-            assert_eq!(got.as_deref(), Some(password));
-        }
-        let _ = std::fs::remove_file(&pem);
     }
 }

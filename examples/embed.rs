@@ -1,0 +1,98 @@
+//! The worker embedded in an application: its configuration built in code, its loop run
+//! under the application's own shutdown token, its counters read when it stops.
+//!
+//! `cargo run --example embed [DATABASE_URL]` produces 1,000 sample website-metrics
+//! messages into an in-process broker, ingests them into `web_metrics.metrics` of that
+//! database (default `postgres://postgres@127.0.0.1:5432/postgres`), and stops once the
+//! offsets stored in Postgres reach the end of the topic.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use kafka_pg_ingest::config::Overrides;
+use kafka_pg_ingest::{pipeline, sample};
+use rand::SeedableRng;
+use rdkafka::mocking::MockCluster;
+use tokio_util::sync::CancellationToken;
+
+const MESSAGES: u64 = 1_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let database_url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+
+    // Stands in for the application's Kafka cluster and producers.
+    let cluster = MockCluster::new(1).context("start the in-process broker")?;
+    let brokers = cluster.bootstrap_servers();
+    let topic = format!("embed-{}", uuid::Uuid::new_v4().simple());
+    cluster.create_topic(&topic, 2, 1)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let payloads: Vec<Option<Vec<u8>>> = (0..MESSAGES)
+        .map(|id| Some(sample::message(id, 0.0, &mut rng).1))
+        .collect();
+    let (b, t) = (brokers.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || sample::produce(&b, &t, 2, payloads)).await??;
+
+    // The built-in defaults (the website-metrics route), with what this application
+    // decides in code; `load_config` checks the whole, naming any key that cannot work.
+    let group = format!("{topic}-ingest");
+    let mut config = kafka_pg_ingest::load_config(
+        None,
+        Vec::new(),
+        &Overrides {
+            brokers: Some(brokers),
+            database_url: Some(database_url.clone()),
+            group: Some(group.clone()),
+            topics: vec![topic.clone()],
+            ..Overrides::default()
+        },
+    )?;
+    // Typed fields changed afterwards are checked again by `validate`.
+    config.batch.max_records = 250;
+    config.validate()?;
+
+    // The application stops the worker when it likes; here, once Postgres holds offsets
+    // for every message.
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(stop_when_ingested(database_url, group, shutdown.clone()));
+    let stats = pipeline::run(config, None, shutdown).await?;
+    watcher.await??;
+    println!(
+        "{} batches, {} rows, {} dead letters, commit p50 {:?}",
+        stats.batches,
+        stats.rows,
+        stats.dead_letters,
+        stats.commit_latency.percentile(50.0).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Cancels `shutdown` once the offsets `group` stored in Postgres sum to [`MESSAGES`].
+async fn stop_when_ingested(
+    database_url: String,
+    group: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(&database_url).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(next_offset), 0)::int8 FROM ingest.offsets WHERE consumer_group = $1",
+        )
+        .bind(&group)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
+        if stored >= MESSAGES as i64 || tokio::time::Instant::now() > deadline {
+            shutdown.cancel();
+            anyhow::ensure!(
+                stored >= MESSAGES as i64,
+                "only {stored} of {MESSAGES} ingested in 120 s"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
