@@ -9,7 +9,7 @@
 
 -- Replays that keep existing rows stage the re-read ones in a temporary table.
 GRANT CONNECT, TEMPORARY ON DATABASE :"DBNAME" TO :"worker";
-GRANT USAGE ON SCHEMA ingest, web_metrics TO :"worker";
+GRANT USAGE ON SCHEMA ingest TO :"worker";
 
 -- Claims (INSERT .. ON CONFLICT DO UPDATE .. RETURNING) and the compare-and-set advance.
 GRANT SELECT, INSERT, UPDATE ON ingest.offsets TO :"worker";
@@ -23,7 +23,12 @@ GRANT USAGE ON SEQUENCE ingest.dead_letters_id_seq TO :"worker";
 GRANT SELECT, INSERT ON ingest.offset_gaps TO :"worker";
 GRANT USAGE ON SEQUENCE ingest.offset_gaps_id_seq TO :"worker";
 
--- Rows arrive by COPY; a replay deletes the rows it replaces, or inserts only the re-read
--- rows that are missing.
+-- The default route's table, where `migrate` created it (a configuration whose routes
+-- write elsewhere has none; grant the same on those tables). Rows arrive by COPY; a
+-- replay deletes the rows it replaces, or inserts only the re-read rows that are missing.
+SELECT to_regclass('web_metrics.metrics') IS NOT NULL AS default_table \gset
+\if :default_table
+GRANT USAGE ON SCHEMA web_metrics TO :"worker";
 GRANT SELECT, INSERT, DELETE ON web_metrics.metrics TO :"worker";
 GRANT USAGE ON SEQUENCE web_metrics.metrics_id_seq TO :"worker";
+\endif

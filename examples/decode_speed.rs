@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kafka_pg_ingest::config::{Config, Overrides};
 use kafka_pg_ingest::record::Record;
-use kafka_pg_ingest::route::Routes;
+use kafka_pg_ingest::routes::Routes;
 use kafka_pg_ingest::sample;
 use rand::SeedableRng;
 

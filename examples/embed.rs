@@ -49,9 +49,8 @@ async fn main() -> anyhow::Result<()> {
             ..Overrides::default()
         },
     )?;
-    // Typed fields changed afterwards are checked again by `validate`.
+    // Typed fields changed afterwards are checked again when the worker starts.
     config.batch.max_records = 250;
-    config.validate()?;
 
     // The application stops the worker when it likes; here, once Postgres holds offsets
     // for every message.

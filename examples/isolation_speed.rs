@@ -57,7 +57,7 @@ async fn measure(url: &str, share: f64, runs: usize) -> anyhow::Result<(Duration
     };
     let config = kafka_pg_ingest::load_config(None, Vec::new(), &overrides)?;
     let pool = store::connect_pool(&config).await?;
-    store::migrate(&pool, &kafka_pg_ingest::route::Routes::new(&config)?).await?;
+    store::migrate(&pool, &kafka_pg_ingest::routes::Routes::new(&config)?).await?;
     sqlx::raw_sql("ALTER TABLE web_metrics.metrics ADD CONSTRAINT ok CHECK (status_code < 500)")
         .execute(&pool)
         .await?;

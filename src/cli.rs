@@ -405,7 +405,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
         Tool::Migrate(args) => {
             let config = args.load(Overrides::default())?;
             let pool = store::connect_pool(&config).await?;
-            store::migrate(&pool, &crate::route::Routes::new(&config)?).await?;
+            store::migrate(&pool, &crate::routes::Routes::new(&config)?).await?;
             println!("migrations applied to {}", config.database_url_masked());
             Ok(())
         }
@@ -426,7 +426,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
         }
         Tool::Schema(args) => {
             let config = args.load()?;
-            let routes = crate::route::Routes::new(&config)?;
+            let routes = crate::routes::Routes::new(&config)?;
             print!("{}", store::schema::create_statements(routes.iter()));
             Ok(())
         }

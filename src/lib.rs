@@ -24,7 +24,7 @@
 //! )?;
 //! assert_eq!(config.batch.max_records, 20_000);
 //! config.batch.max_wait_ms = 100;
-//! config.validate()?;
+//! config.validate()?; // `pipeline::run` checks it again before it connects
 //!
 //! // A configuration that cannot work is refused, naming the key to change.
 //! let zero = [("KAFKA_PG_INGEST__BATCH__MAX_RECORDS".to_owned(), "0".to_owned())];
@@ -53,6 +53,7 @@ pub mod pipeline;
 pub mod record;
 pub mod retry;
 pub mod route;
+pub mod routes;
 pub mod sample;
 pub mod security;
 pub mod store;
@@ -62,7 +63,7 @@ use std::path::Path;
 
 /// Loads the configuration from its layers (see [`config::Config::load`]) and checks
 /// what the typed data alone cannot: the transport security keys and the files they
-/// name ([`security`]), and the routes against the mapping rules ([`route`]). Every
+/// name ([`security`]), and the routes against the mapping rules ([`routes`]). Every
 /// entry point loads through here, so a bad configuration fails before anything runs,
 /// naming the key to change.
 pub fn load_config(
@@ -73,6 +74,6 @@ pub fn load_config(
     let config = config::Config::load(file, env, overrides)?;
     security::validate_kafka(&config.kafka)?;
     security::validate_postgres(&config.postgres)?;
-    route::Routes::new(&config)?;
+    routes::Routes::new(&config)?;
     Ok(config)
 }

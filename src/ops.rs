@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::config::{Config, WriteMode};
 use crate::kafka;
 use crate::record::hex;
-use crate::route::Routes;
+use crate::routes::Routes;
 use crate::store::admin::{self, DeadLetter, DeadLetterFilter, OffsetRow};
 use crate::store::{self, Store};
 

@@ -40,7 +40,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use crate::config::{Config, Overrides, WriteMode};
 use crate::dev::reaped::Reaped;
 use crate::record::Record;
-use crate::route::Routes;
+use crate::routes::Routes;
 use crate::sample;
 
 /// What to measure.
@@ -343,12 +343,6 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     // over the runs: one pass of either client can fall behind on a shared machine.
     let ours = Spread::of(runs.iter().map(|r| r.limit_rows_per_s)).median;
     let psql = Spread::of(psql_best.into_iter()).median;
-    ensure!(
-        ours >= 0.9 * psql,
-        "the bench's own limit ({ours:.0} rows/s, median of the runs) is more than 10% below \
-         psql's ({psql:.0} rows/s): its client path, not Postgres, is the limit; the worker's \
-         ratio to it would mislead"
-    );
     for schema in schemas {
         sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
             .execute(&pool)
@@ -359,7 +353,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         .execute(&pool)
         .await?;
     drop(cluster);
-    Ok(BenchReport::new(options, runs))
+    let report = BenchReport::new(options, runs);
+    ensure!(
+        ours >= 0.9 * psql,
+        "{report}\nthe bench's own limit ({ours:.0} rows/s, median of the runs) is more than \
+         10% below psql's ({psql:.0} rows/s): its client path, not Postgres, is the limit; \
+         the worker's ratio to it would mislead"
+    );
+    Ok(report)
 }
 
 /// Messages are produced in chunks of this many (a multiple of any sensible partition

@@ -8,7 +8,7 @@ fn decoder() -> Decoder {
 /// A decoder of the default configuration with `change` applied to its sink.
 fn decoder_with(change: impl FnOnce(&mut SinkConfig)) -> Decoder {
     let mut config = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
-    let routes = crate::route::Routes::new(&config).expect("the default route is valid");
+    let routes = crate::routes::Routes::new(&config).expect("the default route is valid");
     change(&mut config.sink);
     Decoder::new(&config.sink, routes.decoders()[0].route().clone())
 }

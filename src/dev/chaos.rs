@@ -343,7 +343,7 @@ impl Rig {
             .connect_with(server.clone().database(&database))
             .await?;
         let defaults = crate::load_config(None, Vec::new(), &crate::config::Overrides::default())?;
-        crate::store::migrate(&pool, &crate::route::Routes::new(&defaults)?).await?;
+        crate::store::migrate(&pool, &crate::routes::Routes::new(&defaults)?).await?;
         let proxy = Proxy::start(proxy_target(&server)?).await?;
         Ok(Self {
             binary,

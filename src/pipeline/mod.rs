@@ -27,7 +27,7 @@ use tracing::{Instrument, Span};
 use crate::config::Config;
 use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
 use crate::record::Record;
-use crate::route::Routes;
+use crate::routes::Routes;
 use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
 use crate::telemetry::metrics::PartitionLabel;
 use crate::telemetry::spans;
@@ -39,6 +39,9 @@ use settle::CommitTask;
 /// Why the loop stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// A configuration changed in code after loading that cannot work.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("Kafka consumer: {0}")]
@@ -153,6 +156,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Connects to Postgres (with startup retries), then joins the consumer group.
     pub async fn connect(config: Config) -> Result<Self, PipelineError> {
+        check(&config)?;
         let owner = kafka::worker_id();
         let application_name = crate::store::worker_application_name(&owner);
         let store = Store::connect(&config, &application_name).await?;
@@ -161,6 +165,7 @@ impl Pipeline {
 
     /// Joins the consumer group using an existing store.
     pub fn with_store(config: Config, store: Store) -> Result<Self, PipelineError> {
+        check(&config)?;
         Self::with_owner(config, store, kafka::worker_id())
     }
 
@@ -342,6 +347,15 @@ impl Pipeline {
         }
         std::mem::take(&mut self.stats)
     }
+}
+
+/// Checks a configuration again before a worker starts: an embedding application may
+/// have changed it in code since it was loaded (the routes are checked when the store
+/// prepares their statements).
+fn check(config: &Config) -> Result<(), crate::config::ConfigError> {
+    config.validate()?;
+    crate::security::validate_kafka(&config.kafka)?;
+    crate::security::validate_postgres(&config.postgres)
 }
 
 /// Decodes each lane's records into its batch, the lanes side by side on threads of

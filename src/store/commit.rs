@@ -23,7 +23,7 @@ use super::{Store, StoreError, db, execute_trusted};
 use crate::decode::{CopyFormat, ReasonCode, Rejection};
 use crate::record::Record;
 use crate::retry::{self, ErrorClass};
-use crate::route::Routes;
+use crate::routes::Routes;
 
 /// The offset advance of one partition within a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]

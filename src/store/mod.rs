@@ -17,7 +17,7 @@ pub use offsets::{Claim, StoredOffset};
 
 use crate::config::Config;
 use crate::retry::{self, ErrorClass};
-use crate::route::Routes;
+use crate::routes::Routes;
 use crate::security;
 use schema::RouteSql;
 
@@ -304,17 +304,24 @@ pub async fn migrate(pool: &PgPool, routes: &Routes) -> Result<(), StoreError> {
         let migrator = sqlx::migrate!("./migrations");
         adopt_first_migration(&mut conn, &migrator).await?;
         migrator.run(&mut conn).await?;
-        let default_table = routes
-            .iter()
-            .any(|r| (r.schema_name.as_str(), r.table_name.as_str()) == DEFAULT_TABLE);
-        if default_table {
-            create_default_table(&mut conn).await?;
-        }
         Ok::<(), sqlx::Error>(())
     }
-    .await;
+    .await
+    .map_err(|e| failed(&e));
+    let default_table = routes
+        .iter()
+        .any(|r| (r.schema_name.as_str(), r.table_name.as_str()) == DEFAULT_TABLE);
+    let created = match applied {
+        Ok(()) if default_table => create_default_table(&mut conn).await.map_err(|e| {
+            StoreError::Fatal(format!(
+                "cannot create web_metrics.metrics, the table a route writes into: {e}; \
+                 create it as its owner (`kafka-pg-ingest migrate` with this configuration)"
+            ))
+        }),
+        other => other,
+    };
     let _ = conn.close().await;
-    applied.map_err(|e| failed(&e))
+    created
 }
 
 /// The default route's table: `web_metrics.metrics`.
@@ -331,16 +338,28 @@ async fn adopt_first_migration(
     conn: &mut sqlx::PgConnection,
     migrator: &sqlx::migrate::Migrator,
 ) -> Result<(), sqlx::Error> {
-    let recorded: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-            .fetch_one(&mut *conn)
-            .await?;
     let Some(first) = migrator.iter().find(|m| m.version == 1) else {
         return Ok(());
     };
-    if recorded.is_some() {
+    // Read first: the UPDATE needs a privilege that a fully migrated database must not
+    // ask of a worker.
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !recorded {
+        return Ok(());
+    }
+    let old: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations \
+           WHERE version = 1 AND checksum = decode($1, 'hex'))",
+    )
+    .bind(FIRST_MIGRATION_WITH_WEB_METRICS)
+    .fetch_one(&mut *conn)
+    .await?;
+    if old {
         sqlx::query(
-            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = 1 AND checksum = decode($2, 'hex')",
+            "UPDATE _sqlx_migrations SET checksum = $1 \
+             WHERE version = 1 AND checksum = decode($2, 'hex')",
         )
         .bind(first.checksum.as_ref())
         .bind(FIRST_MIGRATION_WITH_WEB_METRICS)
@@ -364,6 +383,17 @@ async fn create_default_table(conn: &mut sqlx::PgConnection) -> Result<(), sqlx:
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('kafka-pg-ingest web_metrics'))")
         .execute(&mut *tx)
         .await?;
+    // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema is
+    // there: an owner may have created it and granted CREATE on it alone.
+    let schema = "SELECT to_regnamespace('web_metrics') IS NOT NULL";
+    if !sqlx::query_scalar::<_, bool>(schema)
+        .fetch_one(&mut *tx)
+        .await?
+    {
+        sqlx::raw_sql("CREATE SCHEMA IF NOT EXISTS web_metrics")
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::raw_sql(include_str!("web_metrics.sql"))
         .execute(&mut *tx)
         .await?;

@@ -1,7 +1,6 @@
--- The table of the default route (website metrics), created by `migrate` when a route
--- writes into it and it does not exist yet; the ingest schema does not own it.
-CREATE SCHEMA IF NOT EXISTS web_metrics;
-
+-- The table of the default route (website metrics), created by `migrate` in schema
+-- web_metrics when a route writes into it and it does not exist yet; the ingest schema
+-- does not own it.
 CREATE TABLE IF NOT EXISTS web_metrics.metrics (
     id                 bigserial   PRIMARY KEY,
     time_stamp         timestamptz NOT NULL,

@@ -525,8 +525,8 @@ pub fn drive(
 }
 
 /// The routes of the built-in defaults (the website-metrics table).
-pub fn default_routes() -> kafka_pg_ingest::route::Routes {
+pub fn default_routes() -> kafka_pg_ingest::routes::Routes {
     let config = kafka_pg_ingest::load_config(None, Vec::new(), &Overrides::default())
         .expect("defaults load");
-    kafka_pg_ingest::route::Routes::new(&config).expect("the default route is valid")
+    kafka_pg_ingest::routes::Routes::new(&config).expect("the default route is valid")
 }

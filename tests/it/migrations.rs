@@ -2,7 +2,7 @@
 //! default route.
 
 use kafka_pg_ingest::config::Overrides;
-use kafka_pg_ingest::route::Routes;
+use kafka_pg_ingest::routes::Routes;
 use sqlx::PgPool;
 
 use crate::helpers::*;

@@ -43,19 +43,22 @@ impl WorkerRole {
         role
     }
 
-    /// Runs `deploy/grants.sql` for this role, substituting the psql variables an
-    /// operator passes with `psql -v worker=..`.
+    /// Runs `deploy/grants.sql` for this role as an operator does: `psql -v worker=..`.
     async fn grant(&self, db: &TestDb) {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grants.sql");
-        let sql = std::fs::read_to_string(path)
-            .expect("deploy/grants.sql is readable")
-            .replace(":\"worker\"", &quote_ident(&self.name))
-            .replace(":\"DBNAME\"", &quote_ident(&db.name));
+        let output = tokio::process::Command::new("psql")
+            .args(["-q", "-v", "ON_ERROR_STOP=1", "-v"])
+            .arg(format!("worker={}", self.name))
+            .args(["-f", path])
+            .arg(&db.url)
+            .output()
+            .await
+            .expect("psql runs");
         assert!(
-            !sql.contains(":\""),
-            "deploy/grants.sql uses a psql variable this test does not set"
+            output.status.success(),
+            "deploy/grants.sql failed: {}",
+            String::from_utf8_lossy(&output.stderr)
         );
-        execute(&db.pool, sql).await;
     }
 
     /// A worker configuration logging in as this role, which cannot migrate.

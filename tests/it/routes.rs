@@ -909,7 +909,7 @@ async fn the_readme_examples_create_tables_their_check_accepts() {
             },
         )
         .expect("the example loads");
-        let routes = kafka_pg_ingest::route::Routes::new(&config).expect("valid routes");
+        let routes = kafka_pg_ingest::routes::Routes::new(&config).expect("valid routes");
         let ddl = kafka_pg_ingest::store::schema::create_statements(routes.iter());
         exec(&db.pool, &ddl).await;
         if let Err(e) = kafka_pg_ingest::store::Store::for_pool(db.pool.clone(), &config).await {
