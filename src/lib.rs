@@ -72,8 +72,7 @@ pub fn load_config(
     overrides: &config::Overrides,
 ) -> Result<config::Config, config::ConfigError> {
     let config = config::Config::load(file, env, overrides)?;
-    security::validate_kafka(&config.kafka)?;
-    security::validate_postgres(&config.postgres)?;
+    security::validate(&config)?;
     routes::Routes::new(&config)?;
     Ok(config)
 }

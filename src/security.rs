@@ -11,7 +11,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
-use crate::config::{ConfigError, KafkaConfig, PostgresConfig, invalid};
+use crate::config::{Config, ConfigError, KafkaConfig, PostgresConfig, invalid};
 
 /// librdkafka properties that only the typed keys may set, with the key to use.
 const TYPED_KAFKA_OPTIONS: [(&str, &str); 10] = [
@@ -55,8 +55,14 @@ const REFUSED_KAFKA_OPTIONS: [(&str, &str); 5] = [
     ),
 ];
 
+/// Checks the transport security keys of both clients and the files they name.
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    validate_kafka(&config.kafka)?;
+    validate_postgres(&config.postgres)
+}
+
 /// Checks the Kafka security keys against each other and the files they name.
-pub fn validate_kafka(kafka: &KafkaConfig) -> Result<(), ConfigError> {
+fn validate_kafka(kafka: &KafkaConfig) -> Result<(), ConfigError> {
     let (protocol, ssl, sasl) = (kafka.security_protocol, &kafka.ssl, &kafka.sasl);
     let typed = TYPED_KAFKA_OPTIONS.iter().map(|&(option, key)| {
         (
@@ -192,7 +198,7 @@ pub fn refusal_hint(code: RDKafkaErrorCode, reason: &str) -> Option<&'static str
 }
 
 /// Checks the Postgres TLS keys and the files they name.
-pub fn validate_postgres(pg: &PostgresConfig) -> Result<(), ConfigError> {
+fn validate_postgres(pg: &PostgresConfig) -> Result<(), ConfigError> {
     check_files([
         ("postgres.sslrootcert", &pg.sslrootcert),
         ("postgres.sslcert", &pg.sslcert),

@@ -354,8 +354,7 @@ impl Pipeline {
 /// prepares their statements).
 fn check(config: &Config) -> Result<(), crate::config::ConfigError> {
     config.validate()?;
-    crate::security::validate_kafka(&config.kafka)?;
-    crate::security::validate_postgres(&config.postgres)
+    crate::security::validate(config)
 }
 
 /// Decodes each lane's records into its batch, the lanes side by side on threads of

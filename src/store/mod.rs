@@ -99,16 +99,23 @@ impl Store {
     /// `application_name`, migrates when configured, and checks every route's table.
     pub async fn connect(config: &Config, application_name: &str) -> Result<Self, StoreError> {
         let pool = connect_pool_as(config, application_name).await?;
+        let routes = resolve(config)?;
         if config.postgres.migrate_on_start {
-            let routes = Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))?;
             migrate(&pool, &routes).await?;
         }
-        Self::for_pool(pool, config).await
+        Self::with_routes(pool, config, routes).await
     }
 
     /// Uses an existing pool (tests, embedding services); checks every route's table.
     pub async fn for_pool(pool: PgPool, config: &Config) -> Result<Self, StoreError> {
-        let mut routes = Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))?;
+        Self::with_routes(pool, config, resolve(config)?).await
+    }
+
+    async fn with_routes(
+        pool: PgPool,
+        config: &Config,
+        mut routes: Routes,
+    ) -> Result<Self, StoreError> {
         let sql = schema::prepare(&pool, routes.iter(), config.sink.write_method).await?;
         for (index, route) in sql.iter().enumerate() {
             routes.set_format(index, route.format());
@@ -322,6 +329,11 @@ pub async fn migrate(pool: &PgPool, routes: &Routes) -> Result<(), StoreError> {
     };
     let _ = conn.close().await;
     created
+}
+
+/// The configuration's routes; an error is fatal.
+fn resolve(config: &Config) -> Result<Routes, StoreError> {
+    Routes::new(config).map_err(|e| StoreError::Fatal(e.to_string()))
 }
 
 /// The default route's table: `web_metrics.metrics`.
