@@ -1,7 +1,7 @@
 //! The worker embedded in an application: its configuration built in code, its loop run
 //! under the application's own shutdown token, its counters read when it stops.
 //!
-//! `cargo run --example embed [DATABASE_URL]` produces 1,000 sample website-metrics
+//! `cargo run --example embed [DATABASE_URL]` produces 1,000 website-metrics
 //! messages into an in-process broker, ingests them into `web_metrics.metrics` of that
 //! database (default `postgres://postgres@127.0.0.1:5432/postgres`), and stops once the
 //! offsets stored in Postgres reach the end of the topic.
@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kafka_pg_ingest::config::Overrides;
-use kafka_pg_ingest::{pipeline, sample};
-use rand::SeedableRng;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
 const MESSAGES: u64 = 1_000;
@@ -28,12 +27,8 @@ async fn main() -> anyhow::Result<()> {
     let brokers = cluster.bootstrap_servers();
     let topic = format!("embed-{}", uuid::Uuid::new_v4().simple());
     cluster.create_topic(&topic, 2, 1)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let payloads: Vec<Option<Vec<u8>>> = (0..MESSAGES)
-        .map(|id| Some(sample::message(id, 0.0, &mut rng).1))
-        .collect();
     let (b, t) = (brokers.clone(), topic.clone());
-    tokio::task::spawn_blocking(move || sample::produce(&b, &t, 2, payloads)).await??;
+    tokio::task::spawn_blocking(move || produce_probes(&b, &t)).await??;
 
     // The built-in defaults (the website-metrics route), with what this application
     // decides in code; `load_config` checks the whole, naming any key that cannot work.
@@ -56,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
     // for every message.
     let shutdown = CancellationToken::new();
     let watcher = tokio::spawn(stop_when_ingested(database_url, group, shutdown.clone()));
-    let stats = pipeline::run(config, None, shutdown).await?;
+    let stats = kafka_pg_ingest::run(config, None, shutdown).await?;
     watcher.await??;
     println!(
         "{} batches, {} rows, {} dead letters, commit p50 {:?}",
@@ -65,6 +60,34 @@ async fn main() -> anyhow::Result<()> {
         stats.dead_letters,
         stats.commit_latency.percentile(50.0).unwrap_or_default()
     );
+    Ok(())
+}
+
+/// Produces [`MESSAGES`] probe results as the website checker does, one JSON object per
+/// HTTP probe (the default route's fields).
+fn produce_probes(brokers: &str, topic: &str) -> anyhow::Result<()> {
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    for id in 0..MESSAGES {
+        let probe = serde_json::json!({
+            "request_timestamp": format!("2026-12-03 10:{:02}:{:02}", id / 60 % 60, id % 60),
+            "url": "https://www.example.com/",
+            "ip_address": "93.184.215.14",
+            "resp_time": "0:00:00.084211",
+            "resp_status_code": 200,
+            "pattern_found": true,
+            "service_name": "Web metric collection service",
+            "comment": id.to_string(),
+        })
+        .to_string();
+        let key = id.to_string();
+        producer
+            .send(BaseRecord::to(topic).key(&key).payload(&probe))
+            .map_err(|(e, _)| e)?;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30))?;
     Ok(())
 }
 

@@ -25,14 +25,14 @@ use crate::{bench, demo, dev, ops, pipeline, store};
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
     /// Flags of `run`, which is what a bare `kafka-pg-ingest` does.
     #[command(flatten)]
-    pub run: RunArgs,
+    pub(crate) run: RunArgs,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Consume and ingest until stopped (SIGINT/SIGTERM) or --cycles polls have run.
     Run(RunArgs),
     #[command(flatten)]
@@ -41,7 +41,7 @@ pub enum Command {
 
 /// The commands besides `run`: they log but export no traces.
 #[derive(Debug, Subcommand)]
-pub enum Tool {
+pub(crate) enum Tool {
     /// Apply database migrations and exit.
     Migrate(CommonArgs),
     /// Check every route against the live schema (tables, columns, types, keys) and exit
@@ -65,7 +65,7 @@ pub enum Tool {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum OffsetsCommand {
+pub(crate) enum OffsetsCommand {
     /// Per topic/partition: stored next offset, the broker's low and high watermarks,
     /// lag, owner, epoch, last update.
     Show {
@@ -81,7 +81,7 @@ pub enum OffsetsCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum DlqCommand {
+pub(crate) enum DlqCommand {
     /// Counts by reason, then the dead letters (oldest first).
     List {
         #[command(flatten)]
@@ -125,7 +125,7 @@ pub enum DlqCommand {
 /// Flags naming the database, the brokers and the group, of `run` and the operator
 /// commands.
 #[derive(Debug, Args, Clone)]
-pub struct OpsArgs {
+pub(crate) struct OpsArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Kafka bootstrap servers, comma-separated.
@@ -139,7 +139,7 @@ pub struct OpsArgs {
 
 /// Filters of `dlq list`.
 #[derive(Debug, Args, Clone)]
-pub struct DlqFilterArgs {
+pub(crate) struct DlqFilterArgs {
     /// Only this reason code.
     #[arg(long, value_name = "CODE")]
     pub reason: Option<String>,
@@ -153,7 +153,7 @@ pub struct DlqFilterArgs {
 
 /// Flags of the commands that resolve routes from the configuration.
 #[derive(Debug, Args, Clone)]
-pub struct RoutedArgs {
+pub(crate) struct RoutedArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Topic of the implicit website-metrics route, as given to `run`; repeatable.
@@ -173,7 +173,7 @@ impl RoutedArgs {
 /// Flags of `dlq retry`.
 #[derive(Debug, Args, Clone)]
 #[command(group = clap::ArgGroup::new("which").required(true).multiple(false))]
-pub struct RetryArgs {
+pub(crate) struct RetryArgs {
     #[command(flatten)]
     pub ops: OpsArgs,
     /// Topic of the implicit website-metrics route, as given to `run` (the dead letters'
@@ -194,7 +194,7 @@ pub struct RetryArgs {
 /// Flags of `offsets rewind`.
 #[derive(Debug, Args, Clone)]
 #[command(group = clap::ArgGroup::new("target").required(true).multiple(false))]
-pub struct RewindArgs {
+pub(crate) struct RewindArgs {
     #[command(flatten)]
     pub ops: OpsArgs,
     /// Topic whose offsets move.
@@ -241,7 +241,7 @@ impl OpsArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum DevCommand {
+pub(crate) enum DevCommand {
     /// Run an in-process Kafka-protocol broker (librdkafka's mock cluster) until SIGINT or
     /// SIGTERM; its bootstrap address is the first line of stdout.
     Broker {
@@ -266,7 +266,7 @@ pub enum DevCommand {
 
 /// Flags every command that reads configuration takes.
 #[derive(Debug, Args, Clone)]
-pub struct CommonArgs {
+pub(crate) struct CommonArgs {
     /// YAML file layered over the built-in defaults (config/service.yaml).
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -280,7 +280,7 @@ pub struct CommonArgs {
 
 /// Flags of `run`.
 #[derive(Debug, Args, Clone)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     pub ops: OpsArgs,
     /// Topic to consume; repeat for several.
@@ -302,7 +302,7 @@ pub struct RunArgs {
 
 /// Flags of `demo`.
 #[derive(Debug, Args, Clone)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     #[command(flatten)]
     pub database: LocalDatabase,
     /// How many messages to produce.
@@ -318,7 +318,7 @@ pub struct DemoArgs {
 
 /// Flags of `bench`.
 #[derive(Debug, Args, Clone)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Bench tables are created and dropped in this database.
     #[command(flatten)]
     pub database: LocalDatabase,

@@ -6,9 +6,16 @@
 //! loop, `store` for the transaction, `kafka` for the claim, and `docs/architecture.md`
 //! for the map of the crate and the walk of one record.
 //!
-//! The binary is a thin shell over this library; an application can embed the worker:
-//! load a configuration ([`load_config`]), change it in code, and run the loop
-//! ([`pipeline::run`]) until its own shutdown token is cancelled.
+//! The binary is a thin shell over this library ([`cli`]); an application can embed the
+//! worker. The public face is small:
+//!
+//! - [`config`]: the typed configuration, plain data with a documented field per key;
+//! - [`load_config`]: its layers (defaults, file, environment, overrides) loaded and
+//!   checked as a whole;
+//! - [`run`]: the worker, until the application's shutdown token is cancelled, returning
+//!   its [`Stats`]; why it stopped otherwise is a [`PipelineError`].
+//!
+//! The rest of the crate is internal (`docs/architecture.md` maps it).
 //!
 //! ```
 //! use kafka_pg_ingest::config::Overrides;
@@ -24,7 +31,7 @@
 //! )?;
 //! assert_eq!(config.batch.max_records, 20_000);
 //! config.batch.max_wait_ms = 100;
-//! config.validate()?; // `pipeline::run` checks it again before it connects
+//! config.validate()?; // `run` checks it again before it connects
 //!
 //! // A configuration that cannot work is refused, naming the key to change.
 //! let zero = [("KAFKA_PG_INGEST__BATCH__MAX_RECORDS".to_owned(), "0".to_owned())];
@@ -34,36 +41,44 @@
 //! // Running it needs the broker and Postgres (see `examples/embed.rs`):
 //! # async fn run(config: kafka_pg_ingest::config::Config) -> anyhow::Result<()> {
 //! let shutdown = tokio_util::sync::CancellationToken::new();
-//! let stats = kafka_pg_ingest::pipeline::run(config, None, shutdown).await?;
+//! let stats = kafka_pg_ingest::run(config, None, shutdown).await?;
 //! println!("{} rows, {} dead letters", stats.rows, stats.dead_letters);
 //! # Ok(())
 //! # }
 //! # Ok::<(), kafka_pg_ingest::config::ConfigError>(())
 //! ```
 
-pub mod bench;
 pub mod cli;
 pub mod config;
-pub mod decode;
-pub mod demo;
-pub mod dev;
-pub mod kafka;
-pub mod ops;
-pub mod pipeline;
-pub mod record;
-pub mod retry;
-pub mod route;
-pub mod routes;
-pub mod sample;
-pub mod security;
-pub mod store;
-pub mod telemetry;
+
+/// Declares the rooms behind the public face: `pub(crate)`, or `pub` but hidden from the
+/// documentation with the `internals` feature, which only this crate's own integration
+/// tests, examples and fuzz target turn on (through a dev-dependency on the crate itself).
+/// Nothing reached through them is a stable interface.
+macro_rules! inner_rooms {
+    ($($room:ident),* $(,)?) => {$(
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        pub mod $room;
+        #[cfg(not(feature = "internals"))]
+        pub(crate) mod $room;
+    )*};
+}
+
+inner_rooms!(
+    bench, decode, demo, dev, kafka, ops, pipeline, record, retry, route, routes, sample, security,
+    store, telemetry,
+);
+
+pub use pipeline::{Latencies, PipelineError, Stats, run};
+pub use retry::ErrorClass;
+pub use store::StoreError;
 
 use std::path::Path;
 
 /// Loads the configuration from its layers (see [`config::Config::load`]) and checks
 /// what the typed data alone cannot: the transport security keys and the files they
-/// name ([`security`]), and the routes against the mapping rules ([`routes`]). Every
+/// name, and the routes against the mapping rules (tables, columns, keys). Every
 /// entry point loads through here, so a bad configuration fails before anything runs,
 /// naming the key to change.
 pub fn load_config(

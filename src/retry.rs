@@ -53,13 +53,45 @@ pub fn classify(err: &sqlx::Error) -> ErrorClass {
         sqlx::Error::Database(db) => db
             .code()
             .map_or(ErrorClass::Fatal, |c| classify_sqlstate(&c)),
-        sqlx::Error::Io(io) if crate::security::is_tls_rejection(io) => ErrorClass::Fatal,
+        sqlx::Error::Io(io) if is_tls_rejection(io) => ErrorClass::Fatal,
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_)
         | sqlx::Error::BeginFailed => ErrorClass::Transient,
         _ => ErrorClass::Fatal,
+    }
+}
+
+/// Whether an I/O error is a TLS peer's certificate or protocol being refused: a setting
+/// to change, never a network fault that a retry could outlast. A connection cut during
+/// the handshake is a plain I/O error and stays transient. The `rustls` this downcasts
+/// to must be the one sqlx uses (Cargo.lock holds one); were they to differ, a refused
+/// certificate would be retried, which the verify-full host-name test catches.
+fn is_tls_rejection(err: &std::io::Error) -> bool {
+    use rustls::{AlertDescription as Alert, Error as Tls};
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<Tls>()) else {
+        return false;
+    };
+    match tls {
+        Tls::InvalidCertificate(_)
+        | Tls::NoCertificatesPresented
+        | Tls::UnsupportedNameType
+        | Tls::PeerIncompatible(_) => true,
+        Tls::AlertReceived(alert) => matches!(
+            alert,
+            Alert::BadCertificate
+                | Alert::UnsupportedCertificate
+                | Alert::CertificateRevoked
+                | Alert::CertificateExpired
+                | Alert::CertificateUnknown
+                | Alert::CertificateRequired
+                | Alert::UnknownCA
+                | Alert::AccessDenied
+                | Alert::HandshakeFailure
+                | Alert::ProtocolVersion
+        ),
+        _ => false,
     }
 }
 

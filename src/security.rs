@@ -246,38 +246,6 @@ pub fn apply_postgres(pg: &PostgresConfig, mut options: PgConnectOptions) -> PgC
     options
 }
 
-/// Whether an I/O error is a TLS peer's certificate or protocol being refused: a setting
-/// to change, never a network fault that a retry could outlast. A connection cut during
-/// the handshake is a plain I/O error and stays transient. The `rustls` this downcasts
-/// to must be the one sqlx uses (Cargo.lock holds one); were they to differ, a refused
-/// certificate would be retried, which the verify-full host-name test catches.
-pub fn is_tls_rejection(err: &std::io::Error) -> bool {
-    use rustls::{AlertDescription as Alert, Error as Tls};
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<Tls>()) else {
-        return false;
-    };
-    match tls {
-        Tls::InvalidCertificate(_)
-        | Tls::NoCertificatesPresented
-        | Tls::UnsupportedNameType
-        | Tls::PeerIncompatible(_) => true,
-        Tls::AlertReceived(alert) => matches!(
-            alert,
-            Alert::BadCertificate
-                | Alert::UnsupportedCertificate
-                | Alert::CertificateRevoked
-                | Alert::CertificateExpired
-                | Alert::CertificateUnknown
-                | Alert::CertificateRequired
-                | Alert::UnknownCA
-                | Alert::AccessDenied
-                | Alert::HandshakeFailure
-                | Alert::ProtocolVersion
-        ),
-        _ => false,
-    }
-}
-
 /// Checks that each file (CA, client certificate, client key) can be read, and that the
 /// certificate and its key are given together.
 fn check_files(files: [(&str, &Option<PathBuf>); 3]) -> Result<(), ConfigError> {

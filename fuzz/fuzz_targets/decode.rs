@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use kafka_pg_ingest::config::Config;
 use kafka_pg_ingest::decode::Decoder;
 use kafka_pg_ingest::record::Record;
-use kafka_pg_ingest::route::Routes;
+use kafka_pg_ingest::routes::Routes;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "../../src/decode/invariants.rs"]

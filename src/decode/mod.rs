@@ -184,7 +184,8 @@ impl Decoder {
         self.format = format;
     }
 
-    /// The format rows are written in.
+    /// The format rows are written in (for tests; the store reads its route's).
+    #[cfg(any(test, feature = "internals"))]
     pub fn format(&self) -> CopyFormat {
         self.format
     }

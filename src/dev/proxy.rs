@@ -27,7 +27,9 @@ pub struct Proxy {
     links: Arc<Mutex<HashMap<u16, u16>>>,
     generation: watch::Sender<u64>,
     /// How many of the next `COMMIT`s to cut: `applied` ones reach the server first,
-    /// `dropped` ones never do (the server rolls the transaction back).
+    /// `dropped` ones never do (the server rolls the transaction back). Only the
+    /// integration tests cut commits.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub commits_to_cut: Arc<Cuts>,
 }
 

@@ -11,6 +11,7 @@
 //! mirror), `run` (the loop as a service: shutdown, endpoints, leaving the group).
 
 mod assemble;
+mod fetch;
 mod outputs;
 mod positions;
 mod run;
@@ -163,12 +164,6 @@ impl Pipeline {
         Self::with_owner(config, store, owner)
     }
 
-    /// Joins the consumer group using an existing store.
-    pub fn with_store(config: Config, store: Store) -> Result<Self, PipelineError> {
-        check(&config)?;
-        Self::with_owner(config, store, kafka::worker_id())
-    }
-
     fn with_owner(config: Config, store: Store, owner: String) -> Result<Self, PipelineError> {
         let assignments = Assignments::default();
         let observers = Observers::default();
@@ -210,7 +205,8 @@ impl Pipeline {
         })
     }
 
-    /// Counters so far.
+    /// Counters so far (for tests; `close` hands them over).
+    #[cfg(any(test, feature = "internals"))]
     pub fn stats(&self) -> &Stats {
         &self.stats
     }

@@ -108,8 +108,8 @@ pub async fn run(
     let server = match metrics_addr {
         Some(addr) => {
             let endpoints = Endpoints {
-                metrics: pipeline.observers.metrics.clone(),
-                health: pipeline.observers.health.clone(),
+                metrics: pipeline.observers().metrics.clone(),
+                health: pipeline.observers().health.clone(),
                 pool: pipeline.store.pool().clone(),
                 stuck_after,
             };
@@ -138,6 +138,8 @@ pub async fn run(
             Err(e) => break Err(e),
         }
     };
+    // The id the offset rows name, so a stopped worker's log lines up with them.
+    let owner = pipeline.owner().to_owned();
     let stats = pipeline.close().await;
     stop_http.cancel();
     if let Some(server) = server {
@@ -150,6 +152,7 @@ pub async fn run(
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     tracing::info!(
+        owner = %owner,
         batches = stats.batches,
         rows = stats.rows,
         dead_letters = stats.dead_letters,
