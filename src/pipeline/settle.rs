@@ -135,8 +135,13 @@ impl Pipeline {
                     self.stats.commit_latency.record(elapsed);
                     let metrics = &self.observers.metrics;
                     metrics.commit_duration.observe(elapsed.as_secs_f64());
-                    if let Some(isolation) = isolation {
-                        metrics.isolation_duration.observe(isolation.as_secs_f64());
+                    if let Some(isolation) = &isolation {
+                        metrics
+                            .isolation_duration
+                            .observe(isolation.elapsed.as_secs_f64());
+                        metrics
+                            .rows_without_partition
+                            .inc_by(isolation.without_partition);
                     }
                     self.committed(&batch, rows, dead_letters);
                     spans::committed(&Span::current(), rows, dead_letters);

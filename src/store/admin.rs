@@ -278,8 +278,16 @@ impl Store {
             Vec::new(),
         );
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
-        self.write_rows_isolating(&mut tx, &batch, &Ranges::default(), &mut rejects)
-            .await?;
+        // A re-drive reports what stays dead; the worker's metrics count only its own.
+        let mut without_partition = 0;
+        self.write_rows_isolating(
+            &mut tx,
+            &batch,
+            &Ranges::default(),
+            &mut rejects,
+            &mut without_partition,
+        )
+        .await?;
         rejects.extend(batch.rejects.iter().cloned());
         // Back to indexes of `records`, then the superseded ones.
         let mut failed: Vec<(usize, Rejection)> =

@@ -192,16 +192,25 @@ impl Batch {
 /// What became of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// Everything committed. `isolation` is how long isolating rows Postgres rejected
-    /// took, when it had to.
+    /// Everything committed. `isolation` tells of isolating rows Postgres rejected,
+    /// when it had to.
     Committed {
         rows: u64,
         dead_letters: u64,
-        isolation: Option<Duration>,
+        isolation: Option<Isolation>,
     },
     /// Nothing committed: these partitions' offset rows no longer match this worker's
     /// claim (another owner, or an operator moved them).
     Fenced(Vec<PartitionRange>),
+}
+
+/// What isolating rejected rows took and found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    pub elapsed: Duration,
+    /// Rows of a partitioned table that no partition takes (SQLSTATE 23514 without a
+    /// constraint: a CHECK constraint names itself), among the dead letters.
+    pub without_partition: u64,
 }
 
 impl Store {
@@ -241,7 +250,9 @@ impl Store {
             ..
         } = &mut outcome
         {
-            *isolation = Some(started.elapsed());
+            if let Some(isolation) = isolation {
+                isolation.elapsed = started.elapsed();
+            }
             tracing::info!(
                 isolated = dead_letters.saturating_sub(batch.rejects.len() as u64),
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -281,8 +292,9 @@ impl Store {
         // Replay ranges whose existing rows stay.
         let kept = Ranges::of(advance.replays.iter().filter(|r| r.keep));
         let mut rejects: Vec<(usize, Rejection)> = Vec::new();
+        let mut without_partition = 0;
         let rows = if isolate {
-            self.write_rows_isolating(&mut tx, batch, &kept, &mut rejects)
+            self.write_rows_isolating(&mut tx, batch, &kept, &mut rejects, &mut without_partition)
                 .await?
         } else {
             let mut rows = 0;
@@ -331,7 +343,10 @@ impl Store {
         Ok(Some(CommitOutcome::Committed {
             rows,
             dead_letters,
-            isolation: None,
+            isolation: isolate.then_some(Isolation {
+                elapsed: Duration::ZERO,
+                without_partition,
+            }),
         }))
     }
 
@@ -351,6 +366,7 @@ impl Store {
         batch: &Batch,
         kept: &Ranges<'_>,
         rejects: &mut Vec<(usize, Rejection)>,
+        without_partition: &mut u64,
     ) -> Result<u64, StoreError> {
         let mut written = 0;
         for (part, sql) in batch.parts.iter().zip(&self.sql) {
@@ -374,7 +390,12 @@ impl Store {
                         written += n;
                         window = window.saturating_mul(2);
                     }
-                    Isolated::Rejected(Rejected { rejection, .. }) if rows.len() == 1 => {
+                    Isolated::Rejected(Rejected {
+                        rejection,
+                        no_partition,
+                        ..
+                    }) if rows.len() == 1 => {
+                        *without_partition += u64::from(no_partition);
                         rejects.push((part.rows[rows.start].record, rejection));
                     }
                     Isolated::Rejected(Rejected { line, .. }) => match line {
@@ -536,6 +557,8 @@ struct Rejected {
     rejection: Rejection,
     /// The 1-based line of the COPY that failed.
     line: Option<usize>,
+    /// No partition of the table takes the row.
+    no_partition: bool,
 }
 
 /// Writes `rows` of `part` under a savepoint; a data error rolls the savepoint back and
@@ -563,22 +586,31 @@ async fn isolate(
         "roll back to a savepoint",
     )
     .await?;
-    let (message, line) = match &err {
+    if of_new_source_partition(conn, sql, &err).await? {
+        return Err(source_duplicate(&err));
+    }
+    let (message, line, no_partition) = match &err {
         sqlx::Error::Database(e) => {
-            let line = e
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            let pg = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            let line = pg
                 .and_then(|pg| pg.r#where())
                 .and_then(|context| copy_line(context, &sql.copy_relations));
-            (e.message().to_owned(), line)
+            let no_partition =
+                pg.is_some_and(|pg| pg.code() == "23514" && pg.constraint().is_none());
+            (e.message().to_owned(), line, no_partition)
         }
-        other => (other.to_string(), None),
+        other => (other.to_string(), None, false),
     };
     let mut rejection = Rejection::new(
         ReasonCode::DbRejected,
         format!("Postgres rejected the row: {message}"),
     );
     rejection.sqlstate = retry::sqlstate(&err);
-    Ok(Isolated::Rejected(Rejected { rejection, line }))
+    Ok(Isolated::Rejected(Rejected {
+        rejection,
+        line,
+        no_partition,
+    }))
 }
 
 /// The line number of a COPY error's context (`COPY metrics, line 3, column ...`) when
@@ -753,17 +785,51 @@ impl DirectTries {
 /// Whether a write error is Postgres rejecting a row (a data error). A duplicate of the
 /// source coordinates is not: it means the protocol broke, so it stops the worker.
 fn is_rejection(sql: &RouteSql, err: &sqlx::Error) -> Result<bool, StoreError> {
-    let source_duplicate = matches!(err, sqlx::Error::Database(e)
-        if e.code().as_deref() == Some("23505")
-            && e.constraint().is_some_and(|c| sql.source_index.iter().any(|s| s == c)));
-    if source_duplicate {
-        return Err(StoreError::Fatal(format!(
-            "protocol violation: a row with the same source coordinates already exists \
-             ({err}); offsets in ingest.offsets disagree with the target table. \
-             Stopping without committing anything."
-        )));
+    if unique_violation(err).is_some_and(|(_, c)| sql.source_index.iter().any(|s| s == c)) {
+        return Err(source_duplicate(err));
     }
     Ok(retry::classify(err) == ErrorClass::Data)
+}
+
+/// The schema and index named by a unique violation.
+fn unique_violation(err: &sqlx::Error) -> Option<(&str, &str)> {
+    let sqlx::Error::Database(e) = err else {
+        return None;
+    };
+    let pg = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
+    (pg.code() == "23505").then_some((pg.schema()?, pg.constraint()?))
+}
+
+fn source_duplicate(err: &sqlx::Error) -> StoreError {
+    StoreError::Fatal(format!(
+        "protocol violation: a row with the same source coordinates already exists \
+         ({err}); offsets in ingest.offsets disagree with the target table. \
+         Stopping without committing anything."
+    ))
+}
+
+/// Whether a unique violation `is_rejection` let through was of a partition of the
+/// source index created since start (a partition added by pg_partman's maintenance):
+/// asked of the catalog once the savepoint is rolled back.
+async fn of_new_source_partition(
+    conn: &mut PgConnection,
+    sql: &RouteSql,
+    err: &sqlx::Error,
+) -> Result<bool, StoreError> {
+    let (Some(root), Some((schema, index))) = (&sql.source_root, unique_violation(err)) else {
+        return Ok(false);
+    };
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_partition_tree(to_regclass($1)) t \
+           JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE c.relname = $3 AND n.nspname = $2)",
+    )
+    .bind(root)
+    .bind(schema)
+    .bind(index)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("look up the index a row violated"))
 }
 
 /// Offset ranges as column arrays, for UNNEST.

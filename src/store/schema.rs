@@ -28,6 +28,9 @@ pub(super) struct RouteSql {
     /// partitioned table (Postgres names the partition's): a violation of it means the
     /// protocol broke, so it stops the worker instead of becoming a dead letter.
     pub source_index: Vec<String>,
+    /// That index, schema-qualified: partitions created after start (pg_partman's
+    /// premade ones) have index partitions `source_index` does not name.
+    pub source_root: Option<String>,
     /// Replays of an insert route: deleting and keeping rows by coordinates.
     pub replay: Option<ReplaySql>,
     /// Staging and applying an upsert route's rows.
@@ -154,12 +157,16 @@ pub(super) async fn prepare(
 #[derive(Default)]
 struct Inspected {
     /// The names of the unique index on the source coordinates of an insert route
-    /// (with its partitions').
+    /// (with its partitions'), and the index schema-qualified.
     source_index: Vec<String>,
+    source_root: Option<String>,
     /// The column types COPY BINARY relies on, when the route can write it.
     types: Option<ColumnTypes>,
     /// An upsert route's batches of new keys may COPY straight into the table.
     direct: bool,
+    /// The columns of an upsert route's unique index: its key, plus on a partitioned
+    /// table the partition key columns the index must also hold.
+    conflict: Vec<String>,
 }
 
 /// Checks one route, adding what does not fit to `problems`.
@@ -250,43 +257,133 @@ async fn inspect(
             ));
         }
     }
+    let partitioning = Partitioning::read(pool, &table, route).await?;
     let mut source_index = Vec::new();
+    let mut source_root = None;
     let mut direct = false;
+    let mut conflict = Vec::new();
     match route.mode {
         WriteMode::Insert => {
             if let Some(coordinates) = route.coordinates() {
-                let found = unique_index(pool, &table, &coordinates, false).await?;
-                if let Some(name) = &found {
-                    source_index = index_tree(pool, &route.schema_name, name).await?;
+                let found = unique_index(pool, &table, &coordinates, false, &partitioning).await?;
+                if let Some(index) = &found {
+                    source_root = Some(format!(
+                        "{}.{}",
+                        quote_ident(&route.schema_name),
+                        quote_ident(&index.name)
+                    ));
+                    source_index = index_tree(pool, &route.schema_name, &index.name).await?;
                     // A plain index is no partition tree.
-                    source_index.push(name.clone());
-                }
-                if found.is_none() {
+                    source_index.push(index.name.clone());
+                } else {
                     problems.push(format!(
                         "{label}: {table} needs a unique index on ({}) (the @topic, @partition and \
-                         @offset columns): exactly-once audits and replays rely on it",
-                        quoted_list(coordinates.iter().copied())
+                         @offset columns{}): exactly-once audits and replays rely on it",
+                        partitioning.wanted(&coordinates),
+                        partitioning.plus(),
                     ));
                 }
             }
         }
         WriteMode::Upsert => {
             let key: Vec<&str> = route.key_columns.iter().map(String::as_str).collect();
-            if unique_index(pool, &table, &key, true).await?.is_none() {
-                problems.push(format!(
+            match unique_index(pool, &table, &key, true, &partitioning).await? {
+                Some(index) => {
+                    if route.delete_on_tombstone && index.columns.len() > key.len() {
+                        problems.push(format!(
+                            "{label}: {table} is partitioned by a column outside the upsert key, \
+                             which a tombstone does not carry: set delete_on_tombstone: false, or \
+                             partition by a key column"
+                        ));
+                    }
+                    conflict = index.columns;
+                }
+                None => problems.push(format!(
                     "{label}: {table} needs a unique index or primary key on exactly ({}) for mode: upsert \
-                     (valid and not deferrable: INSERT .. ON CONFLICT decides by it)",
-                    quoted_list(key.iter().copied())
-                ));
+                     (valid and not deferrable: INSERT .. ON CONFLICT decides by it{})",
+                    partitioning.wanted(&key),
+                    partitioning.plus(),
+                )),
             }
             direct = plain_inserts_fit(pool, &table).await?;
         }
     }
     Ok(Inspected {
         source_index,
+        source_root,
         types,
         direct,
+        conflict,
     })
+}
+
+/// The partition key columns of a table and of its partitions, at every level.
+struct Partitioning {
+    keys: Vec<String>,
+    /// Those the route maps from the record.
+    mapped: Vec<String>,
+}
+
+impl Partitioning {
+    async fn read(pool: &PgPool, table: &str, route: &Route) -> Result<Self, StoreError> {
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT a.attname::text FROM pg_partition_tree(to_regclass($1)) t \
+             JOIN pg_partitioned_table p ON p.partrelid = t.relid \
+             JOIN pg_attribute a ON a.attrelid = p.partrelid \
+               AND a.attnum = ANY(p.partattrs::int2[]) \
+             ORDER BY 1",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .map_err(db("read the target table's partition keys"))?;
+        let mapped = keys
+            .iter()
+            .filter(|k| route.columns.iter().any(|c| &c.name == *k))
+            .cloned()
+            .collect();
+        Ok(Self { keys, mapped })
+    }
+
+
+    /// `columns`, then the mapped partition key columns outside them, quoted.
+    fn wanted(&self, columns: &[&str]) -> String {
+        let extra = self
+            .mapped
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !columns.contains(k));
+        quoted_list(columns.iter().copied().chain(extra))
+    }
+
+    /// Why a partitioned table's index holds more columns, for messages; and which
+    /// partition key columns the route must map first. One it leaves to the table could
+    /// be filled differently for a record read again (a default of `now()`), so no
+    /// index holding it is taken.
+    fn plus(&self) -> String {
+        if self.keys.is_empty() {
+            return String::new();
+        }
+        let mut plus = format!(
+            ", plus the partition key columns ({}), as Postgres requires of a unique index on \
+             a partitioned table",
+            quoted_list(self.keys.iter().map(String::as_str))
+        );
+        let unmapped: Vec<&str> = self
+            .keys
+            .iter()
+            .filter(|k| !self.mapped.contains(k))
+            .map(String::as_str)
+            .collect();
+        if !unmapped.is_empty() {
+            plus.push_str(&format!(
+                "; map {} from the record (a value field or @timestamp), so a record read \
+                 again lands on the same index entry",
+                quoted_list(unmapped.into_iter())
+            ));
+        }
+        plus
+    }
 }
 
 /// Whether a COPY into `table` does what `INSERT` does with the same new rows: no
@@ -366,31 +463,51 @@ async fn index_tree(pool: &PgPool, schema: &str, name: &str) -> Result<Vec<Strin
     .map_err(db("look up the partitions of an index"))
 }
 
-/// The name of a valid unique, non-partial index of `table` on exactly `columns`; with
-/// `immediate`, one checked at each row (not deferrable), as `ON CONFLICT` needs.
+/// A unique index that decides a route's rows.
+#[derive(Debug, sqlx::FromRow)]
+struct UniqueIndex {
+    name: String,
+    /// In index order.
+    columns: Vec<String>,
+}
+
+/// A valid unique, non-partial index of `table` on exactly `columns`, or, on a
+/// partitioned table, on `columns` plus partition key columns the route maps (Postgres
+/// requires those in every unique index there; mapped, a record read again maps to the
+/// same entry); with `immediate`, one checked at each row (not deferrable), as
+/// `ON CONFLICT` needs. The index with the fewest columns wins.
 async fn unique_index(
     pool: &PgPool,
     table: &str,
     columns: &[&str],
     immediate: bool,
-) -> Result<Option<String>, StoreError> {
-    let mut sorted: Vec<&str> = columns.to_vec();
-    sorted.sort_unstable();
-    sqlx::query_scalar(
-        "SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
+    partitioning: &Partitioning,
+) -> Result<Option<UniqueIndex>, StoreError> {
+    let found: Vec<UniqueIndex> = sqlx::query_as(
+        "SELECT i.relname::text AS name, \
+           array(SELECT a.attname::text FROM unnest(x.indkey::int2[]) WITH ORDINALITY k(n, o) \
+                 JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.n \
+                 WHERE k.o <= x.indnkeyatts ORDER BY k.o) AS columns \
+         FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid \
          WHERE x.indrelid = to_regclass($1) AND x.indisunique AND x.indpred IS NULL \
            AND x.indexprs IS NULL AND x.indisvalid AND x.indisready \
-           AND (x.indimmediate OR NOT $3) \
-           AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_attribute a \
-                WHERE a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey)) = $2::text[] \
-         LIMIT 1",
+           AND (x.indimmediate OR NOT $2) \
+         ORDER BY x.indnatts, i.relname",
     )
     .bind(table)
-    .bind(&sorted)
     .bind(immediate)
-    .fetch_optional(pool)
+    .fetch_all(pool)
     .await
-    .map_err(db("look up unique indexes"))
+    .map_err(db("look up unique indexes"))?;
+    Ok(found.into_iter().find(|index| {
+        columns
+            .iter()
+            .all(|c| index.columns.iter().any(|i| i == c))
+            && index
+                .columns
+                .iter()
+                .all(|i| columns.contains(&i.as_str()) || partitioning.mapped.contains(i))
+    }))
 }
 
 /// `"schema"."table"`.
@@ -409,8 +526,10 @@ fn quoted_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
 fn statements(route: &Route, index: usize, inspected: Inspected, method: WriteMethod) -> RouteSql {
     let Inspected {
         source_index,
+        source_root,
         types,
         direct,
+        conflict,
     } = inspected;
     let table = quoted_table(route);
 
@@ -439,6 +558,7 @@ fn statements(route: &Route, index: usize, inspected: Inspected, method: WriteMe
                 format!("INSERT INTO {table} ({columns}) VALUES ({values})")
             }),
             source_index,
+            source_root,
             replay: route
                 .coordinates()
                 .map(|c| ReplaySql::new(&table, &columns, c, index, options)),
@@ -452,8 +572,11 @@ fn statements(route: &Route, index: usize, inspected: Inspected, method: WriteMe
                 copy_relations: vec![format!("kafka_pg_ingest_upsert_{index}")],
                 insert: None,
                 source_index: Vec::new(),
+                source_root: None,
                 replay: None,
-                upsert: Some(UpsertSql::new(route, &table, &columns, &staging, direct)),
+                upsert: Some(UpsertSql::new(
+                    route, &table, &columns, &staging, direct, &conflict,
+                )),
             }
         }
     }
@@ -516,8 +639,17 @@ fn not_older(route: &Route, s: &str) -> Option<String> {
 }
 
 impl UpsertSql {
-    fn new(route: &Route, table: &str, columns: &str, staging: &str, direct: bool) -> Self {
-        let key = quoted_list(route.key_columns.iter().map(String::as_str));
+    /// `conflict`: the columns of the unique index that decides a row (the key, plus
+    /// partition key columns on a partitioned table).
+    fn new(
+        route: &Route,
+        table: &str,
+        columns: &str,
+        staging: &str,
+        direct: bool,
+        conflict: &[String],
+    ) -> Self {
+        let key = quoted_list(conflict.iter().map(String::as_str));
         // The last line of each key decides it; the sequence numbers lines in COPY order.
         let last = format!(
             "(SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, {SEQUENCE} DESC) s"
@@ -525,10 +657,10 @@ impl UpsertSql {
         let updates: Vec<String> = route
             .columns
             .iter()
-            .filter(|c| !route.is_key(&c.name))
+            .filter(|c| !conflict.contains(&c.name))
             .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
             .collect();
-        let conflict = match (updates.is_empty(), not_older(route, "EXCLUDED")) {
+        let action = match (updates.is_empty(), not_older(route, "EXCLUDED")) {
             (true, _) => "DO NOTHING".to_owned(),
             (false, None) => format!("DO UPDATE SET {}", updates.join(", ")),
             (false, Some(newer)) => {
@@ -550,7 +682,7 @@ impl UpsertSql {
         }
         apply.push_str(&format!(
             "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM {last} \
-             WHERE NOT s.{DELETE_FLAG} ON CONFLICT ({key}) {conflict}; DELETE FROM {staging}"
+             WHERE NOT s.{DELETE_FLAG} ON CONFLICT ({key}) {action}; DELETE FROM {staging}"
         ));
         Self {
             copy_direct: direct.then(|| format!("COPY {table} ({columns}) FROM STDIN")),
@@ -562,16 +694,16 @@ impl UpsertSql {
                  int8 GENERATED ALWAYS AS IDENTITY"
             ),
             apply,
-            superseded: SupersededSql::new(route, table),
+            superseded: SupersededSql::new(route, table, conflict),
         }
     }
 }
 
 impl SupersededSql {
-    fn new(route: &Route, table: &str) -> Option<Self> {
+    fn new(route: &Route, table: &str, conflict: &[String]) -> Option<Self> {
         let version = route.source_version()?;
         let index = |name: &str| route.columns.iter().position(|c| c.name == name);
-        let mut names: Vec<&str> = route.key_columns.iter().map(String::as_str).collect();
+        let mut names: Vec<&str> = conflict.iter().map(String::as_str).collect();
         names.push(version.partition);
         names.push(version.offset);
         names.extend(version.topic);
@@ -585,7 +717,7 @@ impl SupersededSql {
             .map(|i| format!("${}::text[]", i + 2))
             .collect();
         let aliases: Vec<String> = (0..fields.len()).map(|i| format!("f{i}")).collect();
-        let keys = route.key_columns.len();
+        let keys = conflict.len();
         let mut matches: Vec<String> = (0..keys)
             .map(|i| format!("t.{} = {}", quote_ident(names[i]), value(i)))
             .collect();

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     /// Time spent isolating rows Postgres rejected, per batch that needed it.
     pub isolation_duration: Histogram,
+    /// Rows no partition of their partitioned table takes (db_rejected dead letters).
+    pub rows_without_partition: Counter,
     /// Ranges of offsets skipped because the broker no longer had them.
     pub offset_gaps: Counter,
     pub skipped_offsets: Counter,
@@ -63,6 +65,7 @@ impl Default for Metrics {
             commit_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 10 ms .. ~160 s.
             isolation_duration: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
+            rows_without_partition: Counter::default(),
             offset_gaps: Counter::default(),
             skipped_offsets: Counter::default(),
             retries: Family::default(),
@@ -98,6 +101,11 @@ impl Default for Metrics {
             "Time spent isolating the rows Postgres rejected from a batch (db_rejected dead letters)",
             Unit::Seconds,
             metrics.isolation_duration.clone(),
+        );
+        registry.register(
+            "rows_without_partition",
+            "Rows no partition of their partitioned target table takes (SQLSTATE 23514), dead-lettered as db_rejected until the partition exists",
+            metrics.rows_without_partition.clone(),
         );
         registry.register(
             "offset_gaps",

@@ -36,7 +36,7 @@ async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
 }
 
 /// Steps until a step fails; the error, or a panic after `limit`.
-async fn step_until_error(pipeline: &mut Pipeline, limit: Duration) -> PipelineError {
+pub(crate) async fn step_until_error(pipeline: &mut Pipeline, limit: Duration) -> PipelineError {
     let token = CancellationToken::new();
     let deadline = std::time::Instant::now() + limit;
     loop {

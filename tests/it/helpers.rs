@@ -266,6 +266,27 @@ pub async fn drive_until_caught_up(
     }
 }
 
+/// Asserts the worker refuses to start with `config` (`what` says why it must), its
+/// error holding every one of `expected`.
+pub async fn assert_refused(config: Config, what: &str, expected: &[&str]) {
+    let err = match Pipeline::connect(config).await {
+        Ok(_) => panic!("the worker must not start with:\n{what}"),
+        Err(e) => e.to_string(),
+    };
+    for part in expected {
+        assert!(err.contains(part), "expected `{part}` in:\n{err}");
+    }
+}
+
+/// Asserts no worker claimed any partition in this database.
+pub async fn assert_nothing_claimed(pool: &PgPool) {
+    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest.offsets")
+        .fetch_one(pool)
+        .await
+        .expect("read offsets");
+    assert_eq!(claims, 0, "no partition was claimed");
+}
+
 /// Waits for `condition` to hold, polling, or panics after `limit`.
 pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut condition: F)
 where

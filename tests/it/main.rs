@@ -13,6 +13,7 @@ mod isolation;
 mod kafka_tls;
 mod lanes;
 mod migrations;
+mod partitions;
 mod pki;
 mod positions;
 mod postgres_tls;
