@@ -47,8 +47,9 @@ pub(crate) enum Tool {
     /// Check every route against the live schema (tables, columns, types, keys) and exit
     /// non-zero on a mismatch; changes nothing.
     Check(RoutedArgs),
-    /// Print CREATE TABLE statements that fit the configured routes.
-    Schema(RoutedArgs),
+    /// Print CREATE TABLE statements that fit the configured routes (partitioned by time
+    /// with --partition-by).
+    Schema(SchemaArgs),
     /// Start an in-process broker, produce sample messages, ingest them, print what landed.
     Demo(DemoArgs),
     /// Measure end-to-end throughput against Postgres' limit on one connection and a naive per-row consumer.
@@ -168,6 +169,23 @@ impl RoutedArgs {
             ..Overrides::default()
         })
     }
+}
+
+/// Flags of `schema`.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct SchemaArgs {
+    #[command(flatten)]
+    pub routed: RoutedArgs,
+    /// Partition each table by range of this mapped timestamptz or date column.
+    #[arg(long, value_name = "COLUMN")]
+    pub partition_by: Option<String>,
+    /// The time range of one partition.
+    #[arg(long, value_enum, default_value = "day", requires = "partition_by")]
+    pub interval: store::schema::PartitionInterval,
+    /// Print pg_partman's create_parent call (premaking 4 partitions) instead of the
+    /// first partitions.
+    #[arg(long, requires = "partition_by")]
+    pub partman: bool,
 }
 
 /// Flags of `dlq retry`.
@@ -378,7 +396,8 @@ impl Cli {
         match &self.command {
             Some(Command::Run(a)) => a.ops.common.log_format,
             Some(Command::Tool(Tool::Migrate(a))) => a.log_format,
-            Some(Command::Tool(Tool::Check(a) | Tool::Schema(a))) => a.common.log_format,
+            Some(Command::Tool(Tool::Check(a))) => a.common.log_format,
+            Some(Command::Tool(Tool::Schema(a))) => a.routed.common.log_format,
             Some(Command::Tool(Tool::Demo(a))) => a.log_format,
             Some(Command::Tool(Tool::Offsets(_) | Tool::Dlq(_))) => LogFormat::Text,
             Some(Command::Tool(Tool::Bench(_) | Tool::Dev(_))) => LogFormat::Text,
@@ -425,9 +444,17 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             Ok(())
         }
         Tool::Schema(args) => {
-            let config = args.load()?;
+            let config = args.routed.load()?;
             let routes = crate::routes::Routes::new(&config)?;
-            print!("{}", store::schema::create_statements(routes.iter()));
+            let partition_by = args.partition_by.map(|column| store::schema::PartitionBy {
+                column,
+                interval: args.interval,
+                partman: args.partman,
+            });
+            let now = chrono::Utc::now().naive_utc();
+            let ddl = store::schema::create_statements(routes.iter(), partition_by.as_ref(), now)
+                .map_err(anyhow::Error::msg)?;
+            print!("{ddl}");
             Ok(())
         }
         Tool::Bench(args) => {

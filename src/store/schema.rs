@@ -752,11 +752,101 @@ impl SupersededSql {
     }
 }
 
-/// `CREATE TABLE` statements that fit the routes' mappings.
-pub fn create_statements<'a>(routes: impl Iterator<Item = &'a Route>) -> String {
+/// How `schema` partitions the tables it prints.
+#[derive(Debug, Clone)]
+pub struct PartitionBy {
+    /// A mapped `timestamptz` or `date` column of every route.
+    pub column: String,
+    pub interval: PartitionInterval,
+    /// Print pg_partman's `create_parent` call instead of the first partitions.
+    pub partman: bool,
+}
+
+/// The time range of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PartitionInterval {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+impl PartitionInterval {
+    /// The interval's name in pg_partman 4's `create_parent`.
+    fn partman(self) -> &'static str {
+        match self {
+            Self::Hour => "hourly",
+            Self::Day => "daily",
+            Self::Week => "weekly",
+            Self::Month => "monthly",
+        }
+    }
+
+    /// The start of the interval holding `at`, and of the next one (weeks start on
+    /// Monday, as pg_partman's do).
+    fn bounds(self, at: chrono::NaiveDateTime) -> (chrono::NaiveDateTime, chrono::NaiveDateTime) {
+        use chrono::{Datelike, Duration, Months, Timelike};
+        let day = at.date().and_hms_opt(0, 0, 0).unwrap_or(at);
+        match self {
+            Self::Hour => {
+                let start = day + Duration::hours(i64::from(at.hour()));
+                (start, start + Duration::hours(1))
+            }
+            Self::Day => (day, day + Duration::days(1)),
+            Self::Week => {
+                let start = day - Duration::days(i64::from(at.weekday().num_days_from_monday()));
+                (start, start + Duration::weeks(1))
+            }
+            Self::Month => {
+                let start = day - Duration::days(i64::from(at.day0()));
+                (start, start + Months::new(1))
+            }
+        }
+    }
+}
+
+/// `CREATE TABLE` statements that fit the routes' mappings, partitioned by time when
+/// asked (`now` places the first partitions). A route that does not map the column as
+/// `timestamptz` or `date` is refused, naming it.
+pub fn create_statements<'a>(
+    routes: impl Iterator<Item = &'a Route>,
+    partition_by: Option<&PartitionBy>,
+    now: chrono::NaiveDateTime,
+) -> Result<String, String> {
     let mut out = String::new();
     for route in routes {
         let table = quoted_table(route);
+        let partition_column = match partition_by {
+            None => None,
+            Some(by) => match route.columns.iter().find(|c| c.name == by.column) {
+                Some(c) if matches!(c.kind, ColumnType::Timestamptz | ColumnType::Date) => {
+                    Some((by, c))
+                }
+                found => {
+                    return Err(format!(
+                        "--partition-by {}: route {} ({}) {}: give a column it maps as \
+                         timestamptz or date",
+                        by.column,
+                        route.key,
+                        route.table,
+                        found.map_or("does not map it".to_owned(), |c| format!(
+                            "maps it as {}",
+                            c.kind.sql_name()
+                        ))
+                    ));
+                }
+            },
+        };
+        // Postgres requires the partition key in every unique index.
+        let with_partition = |columns: Vec<&str>| {
+            let mut columns = columns;
+            if let Some((by, _)) = partition_column
+                && !columns.contains(&by.column.as_str())
+            {
+                columns.push(&by.column);
+            }
+            quoted_list(columns.into_iter())
+        };
         let mut lines: Vec<String> = route
             .columns
             .iter()
@@ -777,22 +867,94 @@ pub fn create_statements<'a>(routes: impl Iterator<Item = &'a Route>) -> String 
         match (route.mode, route.coordinates()) {
             (WriteMode::Upsert, _) => lines.push(format!(
                 "    PRIMARY KEY ({})",
-                quoted_list(route.key_columns.iter().map(String::as_str))
+                with_partition(route.key_columns.iter().map(String::as_str).collect())
             )),
             (WriteMode::Insert, Some(coordinates)) => lines.push(format!(
                 "    UNIQUE ({})",
-                quoted_list(coordinates.iter().copied())
+                with_partition(coordinates.to_vec())
             )),
             (WriteMode::Insert, None) => {}
         }
+        let partitioned = partition_column.map_or(String::new(), |(_, c)| {
+            format!(" PARTITION BY RANGE ({})", quote_ident(&c.name))
+        });
         out.push_str(&format!(
-            "-- {}: {} -> {}\nCREATE SCHEMA IF NOT EXISTS {};\nCREATE TABLE IF NOT EXISTS {table} (\n{}\n);\n\n",
+            "-- {}: {} -> {}\nCREATE SCHEMA IF NOT EXISTS {};\nCREATE TABLE IF NOT EXISTS {table} (\n{}\n){partitioned};\n",
             route.key,
             route.topics_label(),
             route.table,
             quote_ident(&route.schema_name),
             lines.join(",\n")
         ));
+        if let Some((by, column)) = partition_column {
+            out.push_str(&partitions(route, by, column.kind, now));
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// The partitions of a table `create_statements` partitions: pg_partman's
+/// `create_parent`, or the current and the next interval's, to be made ahead from then
+/// on.
+fn partitions(route: &Route, by: &PartitionBy, kind: ColumnType, now: chrono::NaiveDateTime) -> String {
+    let table = quoted_table(route);
+    if by.partman {
+        // pg_partman 4 takes the parent as `schema.table` text and quotes nothing.
+        return format!(
+            "CREATE SCHEMA IF NOT EXISTS partman;\n\
+             CREATE EXTENSION IF NOT EXISTS pg_partman SCHEMA partman;\n\
+             SELECT partman.create_parent('{}.{}', '{}', 'native', '{}', p_premake := 4);\n\
+             -- Then run partman.run_maintenance() regularly (its background worker or cron), \
+             and set a retention in partman.part_config to drop old partitions.\n",
+            route.schema_name.replace('\'', "''"),
+            route.table_name.replace('\'', "''"),
+            by.column.replace('\'', "''"),
+            by.interval.partman(),
+        );
+    }
+    let (start, next) = by.interval.bounds(now);
+    let (_, after) = by.interval.bounds(next);
+    let bound = |at: chrono::NaiveDateTime| match kind {
+        ColumnType::Date => at.format("'%Y-%m-%d'").to_string(),
+        _ => at.format("'%Y-%m-%d %H:%M:%S+00'").to_string(),
+    };
+    let mut out = String::from(
+        "-- Partitions of the current and the next interval; make each next one ahead of \
+         time (or use --partman): a row no partition takes is a db_rejected dead letter.\n",
+    );
+    for (from, to) in [(start, next), (next, after)] {
+        let name = format!("{}_p{}", route.table_name, from.format("%Y%m%d%H"));
+        out.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {}.{} PARTITION OF {table} FOR VALUES FROM ({}) TO ({});\n",
+            quote_ident(&route.schema_name),
+            quote_ident(&name),
+            bound(from),
+            bound(to)
+        ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionInterval;
+
+    #[test]
+    fn partition_intervals_start_at_the_hour_day_monday_and_first_of_the_month() {
+        let at = |s: &str| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").expect("a time")
+        };
+        // 2026-12-03 is a Thursday.
+        let now = at("2026-12-03 14:35:09");
+        let cases = [
+            (PartitionInterval::Hour, "2026-12-03 14:00:00", "2026-12-03 15:00:00"),
+            (PartitionInterval::Day, "2026-12-03 00:00:00", "2026-12-04 00:00:00"),
+            (PartitionInterval::Week, "2026-11-30 00:00:00", "2026-12-07 00:00:00"),
+            (PartitionInterval::Month, "2026-12-01 00:00:00", "2027-01-01 00:00:00"),
+        ];
+        for (interval, start, next) in cases {
+            assert_eq!(interval.bounds(now), (at(start), at(next)), "{interval:?}");
+        }
+    }
 }

@@ -398,3 +398,45 @@ async fn an_upsert_into_a_table_partitioned_by_day_updates_each_key_within_its_d
     );
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_partitioned_tables_schema_prints_plain_and_for_pg_partman_take_todays_records() {
+    use kafka_pg_ingest::store::schema::{PartitionBy, PartitionInterval, create_statements};
+    let now = chrono::Utc::now();
+    for partman in [false, true] {
+        let db = TestDb::new().await;
+        exec(&db.pool, "DROP TABLE web_metrics.metrics").await;
+        let by = PartitionBy {
+            column: "time_stamp".into(),
+            interval: PartitionInterval::Day,
+            partman,
+        };
+        let ddl = create_statements(default_routes().iter(), Some(&by), now.naive_utc())
+            .expect("the default route maps time_stamp as timestamptz");
+        assert!(ddl.contains("PARTITION BY RANGE (\"time_stamp\")"), "{ddl}");
+        assert_eq!(ddl.contains("partman.create_parent"), partman, "{ddl}");
+        exec(&db.pool, &ddl).await;
+        if partman {
+            exec(&db.pool, "DROP TABLE IF EXISTS web_metrics.metrics_default").await;
+        }
+        let kafka = TestKafka::new(2);
+        let stamp = now.format("%Y-%m-%dT%H:%M:%SZ");
+        kafka.produce(
+            (0..500)
+                .map(|id| {
+                    let json = format!(
+                        r#"{{"request_timestamp": "{stamp}", "url": "https://www.example.com/", "comment": "{id}"}}"#
+                    );
+                    Some(json.into_bytes())
+                })
+                .collect(),
+        );
+        let pipeline = Pipeline::connect(kafka.config(&db))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("the printed table is accepted (partman: {partman}): {e}\n{ddl}")
+            });
+        ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, 500, 0).await;
+        db.drop().await;
+    }
+}

@@ -900,7 +900,12 @@ async fn the_readme_examples_create_tables_their_check_accepts() {
         )
         .expect("the example loads");
         let routes = kafka_pg_ingest::routes::Routes::new(&config).expect("valid routes");
-        let ddl = kafka_pg_ingest::store::schema::create_statements(routes.iter());
+        let ddl = kafka_pg_ingest::store::schema::create_statements(
+            routes.iter(),
+            None,
+            chrono::Utc::now().naive_utc(),
+        )
+        .expect("no partitioning asked");
         exec(&db.pool, &ddl).await;
         if let Err(e) = kafka_pg_ingest::store::Store::for_pool(db.pool.clone(), &config).await {
             panic!("{file}: the printed schema does not pass the check: {e}\n{ddl}");
