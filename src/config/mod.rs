@@ -752,24 +752,23 @@ impl Config {
 
     /// `max.poll.interval.ms` as librdkafka will use it (its default is 300 s).
     pub fn max_poll_interval(&self) -> Duration {
-        let ms = self
-            .kafka
-            .options
-            .get("max.poll.interval.ms")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(300_000);
-        Duration::from_millis(ms)
+        self.kafka_ms("max.poll.interval.ms", 300_000)
     }
 
     /// `session.timeout.ms` as librdkafka will use it (its default is 45 s): by then the
     /// group has taken a partition from a member that lost it.
     pub fn session_timeout(&self) -> Duration {
+        self.kafka_ms("session.timeout.ms", 45_000)
+    }
+
+    /// A millisecond property of `kafka.options`, or librdkafka's `default_ms`.
+    fn kafka_ms(&self, property: &str, default_ms: u64) -> Duration {
         let ms = self
             .kafka
             .options
-            .get("session.timeout.ms")
+            .get(property)
             .and_then(|v| v.parse().ok())
-            .unwrap_or(45_000);
+            .unwrap_or(default_ms);
         Duration::from_millis(ms)
     }
 

@@ -267,14 +267,15 @@ async fn inspect(
             if let Some(coordinates) = route.coordinates() {
                 let found = unique_index(pool, &table, &coordinates, false, &partitioning).await?;
                 if let Some(index) = &found {
-                    source_root = Some(format!(
+                    let root = format!(
                         "{}.{}",
                         quote_ident(&route.schema_name),
                         quote_ident(&index.name)
-                    ));
-                    source_index = index_tree(pool, &route.schema_name, &index.name).await?;
+                    );
+                    source_index = index_tree(pool, &root).await?;
                     // A plain index is no partition tree.
                     source_index.push(index.name.clone());
+                    source_root = Some(root);
                 } else {
                     problems.push(format!(
                         "{label}: {table} needs a unique index on ({}) (the @topic, @partition and \
@@ -450,14 +451,14 @@ fn binary_fits<'a>(
             .all(|c| base_of(&c.name).is_some_and(|base| fits(c.kind, base)))
 }
 
-/// The names of the index partitions under index `name` (in `schema`), with its own
-/// when it is partitioned; none for a plain index.
-async fn index_tree(pool: &PgPool, schema: &str, name: &str) -> Result<Vec<String>, StoreError> {
+/// The names of the index partitions under the schema-qualified index `root`, with its
+/// own when it is partitioned; none for a plain index.
+async fn index_tree(pool: &PgPool, root: &str) -> Result<Vec<String>, StoreError> {
     sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_partition_tree(to_regclass($1)) t \
          JOIN pg_class c ON c.oid = t.relid",
     )
-    .bind(format!("{}.{}", quote_ident(schema), quote_ident(name)))
+    .bind(root)
     .fetch_all(pool)
     .await
     .map_err(db("look up the partitions of an index"))
