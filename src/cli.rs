@@ -367,6 +367,11 @@ pub(crate) struct BenchArgs {
     /// version of each row), so each record updates a row instead of adding one.
     #[arg(long)]
     pub updates: bool,
+    /// Every table (the worker's and the limit's) partitioned by day on `time_stamp`, one
+    /// partition per day of the bench's dates (28), its unique index on the coordinates
+    /// and `time_stamp`.
+    #[arg(long)]
+    pub partitioned: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -466,6 +471,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
                 batch_size: args.batch_size,
                 mode: args.mode,
                 updates: args.updates,
+                partitioned: args.partitioned,
                 brokers: args.brokers,
                 database_url: args.database.database_url,
             })

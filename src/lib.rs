@@ -66,8 +66,8 @@ macro_rules! inner_rooms {
 }
 
 inner_rooms!(
-    bench, decode, demo, dev, kafka, ops, pipeline, record, retry, route, routes, sample, security,
-    store, telemetry,
+    bench, decode, demo, dev, kafka, ops, pipeline, record, registry, retry, route, routes, sample,
+    security, store, telemetry,
 );
 
 pub use pipeline::{Latencies, PipelineError, Stats, run};

@@ -452,7 +452,9 @@ pub async fn retry_dead_letters(
     filter: &DeadLetterFilter,
 ) -> anyhow::Result<admin::Redrive> {
     let store = Store::connect(config, store::APPLICATION_NAME).await?;
-    Ok(store.redrive(filter).await?)
+    let registry = crate::registry::Registry::for_routes(&config.schema_registry, store.routes())
+        .map_err(anyhow::Error::msg)?;
+    Ok(store.redrive(filter, registry.as_ref()).await?)
 }
 
 /// Parses `30d`, `12h`, `15m` or `90s`.

@@ -4,7 +4,7 @@
 use regex::Regex;
 use serde_json::Value;
 
-use crate::config::{ColumnType, WriteMode};
+use crate::config::{ColumnType, ValueFormat, WriteMode};
 
 /// Where a column's value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,8 @@ pub struct Route {
     /// The unique key of an upsert.
     pub key_columns: Vec<String>,
     pub delete_on_tombstone: bool,
+    /// How record values are encoded.
+    pub format: ValueFormat,
     pub columns: Vec<Column>,
     pub(crate) topics: Topics,
 }

@@ -6,12 +6,16 @@
 //! the mapping rules (a column default must encode as its column's type, so this room
 //! sits above `decode`; `route` holds the shapes both use).
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use crate::config::{
-    ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig, WriteMode, invalid,
+    ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig, ValueFormat,
+    WriteMode, invalid,
 };
 use crate::decode::Decoder;
+use crate::decode::avro::SchemaCache;
 use crate::route::{Column, Route, Source, TimeFormat, Topics};
 
 impl Route {
@@ -54,6 +58,7 @@ impl Route {
             mode: config.mode,
             key_columns: config.key.clone(),
             delete_on_tombstone: config.delete_on_tombstone,
+            format: config.format,
             columns,
             topics,
             key,
@@ -181,6 +186,7 @@ fn column(mapping: &ColumnMapping, at: &str) -> Result<Column, ConfigError> {
 #[derive(Debug, Clone)]
 pub struct Routes {
     decoders: Vec<Decoder>,
+    schemas: Arc<SchemaCache>,
 }
 
 impl Routes {
@@ -192,11 +198,22 @@ impl Routes {
             explicit(config)?
         };
         check_limits(&config.sink, &routes)?;
+        let schemas = Arc::new(SchemaCache::default());
         let decoders = routes
             .into_iter()
-            .map(|route| Decoder::new(&config.sink, route))
+            .map(|route| Decoder::new(&config.sink, route, &schemas))
             .collect();
-        Ok(Self { decoders })
+        Ok(Self { decoders, schemas })
+    }
+
+    /// The writer schemas the routes reading a registry format decode with.
+    pub fn schemas(&self) -> &Arc<SchemaCache> {
+        &self.schemas
+    }
+
+    /// Whether a route reads a registry format.
+    pub fn read_registry(&self) -> bool {
+        self.iter().any(|r| r.format != ValueFormat::Json)
     }
 
     /// The index of the route for `topic`: a route naming it, else the first whose regex
@@ -259,6 +276,7 @@ fn implicit(config: &Config) -> Result<Route, ConfigError> {
         mode: WriteMode::Insert,
         key: Vec::new(),
         delete_on_tombstone: false,
+        format: sink.format,
         columns: sink.columns.clone(),
     };
     let mut keys: Vec<String> = (0..sink.columns.len())

@@ -13,6 +13,31 @@ pub const MALFORMED_KINDS: [(&str, &[u8]); 6] = [
     ("bad_ip", br#"{"request_timestamp": "2021-01-01 00:00:00", "url": "https://www.example.com/", "ip_address": "999.1.1.1"}"#),
 ];
 
+/// The days of January 2021 that sample probes are dated on (UTC).
+pub const DAYS: u64 = 28;
+
+/// DDL of `table`, shaped like `like` (a table with the website-metrics columns),
+/// partitioned by day on `time_stamp` over the sample's [`DAYS`], one partition each. Its
+/// unique indexes hold `time_stamp`, as Postgres requires of a partitioned table: the
+/// coordinates' and `id`'s, and one on `time_stamp` alone as the default table has.
+pub fn partitioned_by_day(table: &str, like: &str) -> String {
+    let mut ddl = format!(
+        "CREATE TABLE {table} (LIKE {like} INCLUDING DEFAULTS, \
+           PRIMARY KEY (id, time_stamp), \
+           UNIQUE (kafka_topic, kafka_partition, kafka_offset, time_stamp)) \
+         PARTITION BY RANGE (time_stamp); \
+         CREATE INDEX ON {table} (time_stamp);"
+    );
+    for day in 1..=DAYS {
+        ddl.push_str(&format!(
+            " CREATE TABLE {table}_p202101{day:02} PARTITION OF {table} \
+              FOR VALUES FROM ('2021-01-{day:02} 00:00+00') TO ('2021-01-{next:02} 00:00+00');",
+            next = day + 1
+        ));
+    }
+    ddl
+}
+
 /// A valid probe message whose `comment` is `id`, so each message is unique and
 /// traceable in the target table.
 pub fn website_metric(id: u64, rng: &mut impl Rng) -> Vec<u8> {
@@ -25,7 +50,7 @@ pub fn website_metric(id: u64, rng: &mut impl Rng) -> Vec<u8> {
     const STATUS: [u16; 4] = [200, 200, 301, 503];
     let micros: u32 = rng.random_range(5_000..2_000_000);
     serde_json::json!({
-        "request_timestamp": format!("2021-01-{:02} {:02}:{:02}:{:02}", 1 + id % 28, id % 24, id % 60, (id / 60) % 60),
+        "request_timestamp": format!("2021-01-{:02} {:02}:{:02}:{:02}", 1 + id % DAYS, id % 24, id % 60, (id / 60) % 60),
         "url": SITES[rng.random_range(0..SITES.len())],
         "ip_address": format!("104.18.{}.{}", rng.random_range(0..256), rng.random_range(1..255)),
         "resp_time": format!("0:00:{:02}.{:06}", micros / 1_000_000, micros % 1_000_000),

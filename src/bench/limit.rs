@@ -159,6 +159,7 @@ pub async fn measure(
     database_url: &str,
     schema: &str,
     encoded: &Encoded,
+    partitioned: bool,
 ) -> anyhow::Result<Vec<Measured>> {
     let mut measured = Vec::new();
     for (size, files) in &encoded.batches {
@@ -170,6 +171,7 @@ pub async fn measure(
             size: *size,
             files,
             pass,
+            partitioned,
         };
         let psql_first = psql(pool, database_url, &at(1)).await?;
         let own_first = own(pool, &at(2)).await?;
@@ -190,23 +192,25 @@ pub async fn measure(
     Ok(measured)
 }
 
-/// A fresh table and a fresh group's offset rows (epoch 1, at 0) for one client.
-async fn prepare(pool: &PgPool, table: &str, group: &str, partitions: i32) -> anyhow::Result<()> {
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "CREATE TABLE {table} (LIKE web_metrics.metrics INCLUDING ALL)"
-    )))
-    .execute(pool)
-    .await?;
+/// A fresh table and a fresh group's offset rows (epoch 1, at 0) for one client's pass:
+/// their names.
+async fn prepare(
+    pool: &PgPool,
+    at: &Batches<'_>,
+    client: &str,
+) -> anyhow::Result<(String, String)> {
+    let (table, group) = at.names(client);
+    super::create_table(pool, &table, at.partitioned).await?;
     sqlx::query(
         "INSERT INTO ingest.offsets (consumer_group, topic, partition, next_offset, epoch, owner) \
          SELECT $1, $2, p, 0, 1, 'bench' FROM generate_series(0, $3 - 1) AS p",
     )
-    .bind(group)
+    .bind(&group)
     .bind(TOPIC)
-    .bind(partitions)
+    .bind(at.encoded.partitions)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok((table, group))
 }
 
 /// One pass of one client over the batches of one size.
@@ -217,6 +221,8 @@ struct Batches<'a> {
     files: &'a [(PathBuf, usize)],
     /// Numbers the pass's table and offset rows.
     pass: u32,
+    /// The table partitioned as the worker's.
+    partitioned: bool,
 }
 
 impl Batches<'_> {
@@ -233,8 +239,7 @@ impl Batches<'_> {
 /// Our client: rows per second, and the CPU seconds its backend spent.
 async fn own(pool: &PgPool, at: &Batches<'_>) -> anyhow::Result<(f64, f64)> {
     let (encoded, files) = (at.encoded, at.files);
-    let (table, group) = at.names("own");
-    prepare(pool, &table, &group, encoded.partitions).await?;
+    let (table, group) = prepare(pool, at, "own").await?;
     let batches: Vec<Vec<u8>> = files
         .iter()
         .map(|(path, _)| std::fs::read(path))
@@ -282,8 +287,7 @@ async fn own(pool: &PgPool, at: &Batches<'_>) -> anyhow::Result<(f64, f64)> {
 /// connect included, a few milliseconds).
 async fn psql(pool: &PgPool, database_url: &str, at: &Batches<'_>) -> anyhow::Result<f64> {
     let (encoded, files) = (at.encoded, at.files);
-    let (table, group) = at.names("psql");
-    prepare(pool, &table, &group, encoded.partitions).await?;
+    let (table, group) = prepare(pool, at, "psql").await?;
     let partition_ids: Vec<String> = (0..encoded.partitions).map(|p| p.to_string()).collect();
     let array = |v: &[String]| format!("'{{{}}}'", v.join(","));
     let mut script = String::from("\\set ON_ERROR_STOP on\n");

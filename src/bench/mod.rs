@@ -55,6 +55,8 @@ pub struct BenchOptions {
     pub mode: WriteMode,
     /// Upsert mode only: every key is in the table before the worker runs.
     pub updates: bool,
+    /// Every table (worker's, naive's, the limit's) partitioned by day.
+    pub partitioned: bool,
     /// External brokers; the in-process mock cluster when `None`.
     pub brokers: Option<String>,
     pub database_url: String,
@@ -117,6 +119,7 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub mode: WriteMode,
     pub updates: bool,
+    pub partitioned: bool,
     pub runs: Vec<Run>,
     pub worker_rows_per_s: Spread,
     pub limit_rows_per_s: Spread,
@@ -145,6 +148,7 @@ impl BenchReport {
             batch_size: options.batch_size,
             mode: options.mode,
             updates: options.updates,
+            partitioned: options.partitioned,
             worker_rows_per_s: spread(|r| r.worker_rows_per_s),
             limit_rows_per_s: spread(|r| r.limit_rows_per_s),
             psql_rows_per_s: spread(|r| r.psql_rows_per_s),
@@ -167,12 +171,17 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} messages over {} partitions, batch size {}, worker mode {:?}{}, {} runs (naive: {} messages)",
+            "{} messages over {} partitions, batch size {}, worker mode {:?}{}, {}{} runs (naive: {} messages)",
             self.messages,
             self.partitions,
             self.batch_size,
             self.mode,
             if self.updates { " (updates)" } else { "" },
+            if self.partitioned {
+                "tables partitioned by day, "
+            } else {
+                ""
+            },
             self.runs.len(),
             self.naive_messages
         )?;
@@ -281,7 +290,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let mut psql_best = Vec::with_capacity(options.runs);
     for run in 1..=options.runs {
         let schema = format!("bench_{id}_{run}");
-        create_tables(&pool, &schema).await?;
+        create_tables(&pool, &schema, options.partitioned).await?;
         schemas.push(schema.clone());
         eprintln!("run {run}: worker");
         let topic = source.topic(&format!("bench-{id}-{run}")).await?;
@@ -296,7 +305,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         )
         .await?;
         eprintln!("run {run}: the limit (ours and psql's)");
-        let limit = limit::measure(&pool, &options.database_url, &schema, &encoded).await?;
+        let limit = limit::measure(
+            &pool,
+            &options.database_url,
+            &schema,
+            &encoded,
+            options.partitioned,
+        )
+        .await?;
         let best = limit
             .iter()
             .max_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s))
@@ -457,13 +473,24 @@ async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Re
     Ok(())
 }
 
-/// The worker's tables, shaped like the default target, indexes included.
-async fn create_tables(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
-    let sql = format!(
-        "CREATE SCHEMA {schema}; \
-         CREATE TABLE {schema}.worker (LIKE web_metrics.metrics INCLUDING ALL); \
-         CREATE TABLE {schema}.naive (LIKE web_metrics.metrics INCLUDING ALL);"
-    );
+/// The worker's tables in a new `schema`.
+async fn create_tables(pool: &PgPool, schema: &str, partitioned: bool) -> anyhow::Result<()> {
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(pool)
+        .await?;
+    for table in ["worker", "naive"] {
+        create_table(pool, &format!("{schema}.{table}"), partitioned).await?;
+    }
+    Ok(())
+}
+
+/// A table shaped like the default target, indexes included; with `partitioned`, one
+/// partition per day of the bench's dates and the unique indexes holding `time_stamp`.
+async fn create_table(pool: &PgPool, table: &str, partitioned: bool) -> anyhow::Result<()> {
+    let sql = match partitioned {
+        true => sample::partitioned_by_day(table, "web_metrics.metrics"),
+        false => format!("CREATE TABLE {table} (LIKE web_metrics.metrics INCLUDING ALL)"),
+    };
     sqlx::raw_sql(AssertSqlSafe(sql)).execute(pool).await?;
     Ok(())
 }
@@ -663,7 +690,9 @@ const OLDER_URL: &str = "https://older.example/";
 
 /// Fills `table` with a row for each of the `total` records of `topic` (record `i` is at
 /// partition `i % partitions`, offset `i / partitions`, see [`CHUNK`]), of an older
-/// version than the record's, so that upserting the records updates every row.
+/// version than the record's, so that upserting the records updates every row. Each
+/// has its record's time (see [`sample::website_metric`]): a table partitioned by it
+/// holds the row where the record's version goes.
 async fn store_older_versions(
     pool: &PgPool,
     table: &str,
@@ -673,12 +702,15 @@ async fn store_older_versions(
 ) -> anyhow::Result<()> {
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {table} (time_stamp, url, kafka_topic, kafka_partition, kafka_offset) \
-         SELECT now() - interval '1 day', '{OLDER_URL}', $1, g % $2, g / $2 \
+         SELECT make_timestamptz(2021, 1, (1 + g % $4)::int, (g % 24)::int, (g % 60)::int, \
+                                 (g / 60 % 60)::int, 'UTC'), \
+                '{OLDER_URL}', $1, g % $2, g / $2 \
          FROM generate_series(0, $3 - 1) g"
     )))
     .bind(topic)
     .bind(i64::from(partitions))
     .bind(total)
+    .bind(sample::DAYS as i64)
     .execute(pool)
     .await?;
     sqlx::raw_sql(AssertSqlSafe(format!("VACUUM ANALYZE {table}")))

@@ -66,6 +66,37 @@ pub struct Config {
     pub run: RunConfig,
     /// OpenTelemetry trace export.
     pub otel: OtelConfig,
+    /// The Confluent-compatible Schema Registry that routes of a registry format read
+    /// their writer schemas from.
+    pub schema_registry: SchemaRegistryConfig,
+}
+
+/// A Confluent-compatible Schema Registry (`schema_registry`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// Base URLs, comma-separated; each is tried in turn when one does not answer.
+    pub url: Option<String>,
+    /// HTTP basic authentication.
+    pub username: Option<String>,
+    /// Read from `KAFKA_PG_INGEST__SCHEMA_REGISTRY__PASSWORD(_FILE)` in deployments.
+    #[serde(default, deserialize_with = "secret_text")]
+    pub password: Option<SecretString>,
+    /// PEM CA bundle trusted for an `https` registry, besides the system's.
+    pub ca_location: Option<String>,
+    /// Deadline of one request.
+    pub timeout_ms: u64,
+}
+
+/// How a route's record values are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueFormat {
+    /// UTF-8 JSON.
+    #[default]
+    Json,
+    /// Avro in the Confluent wire format: byte 0, a 4-byte schema id, the datum.
+    Avro,
 }
 
 /// Kafka consumer settings.
@@ -228,6 +259,8 @@ pub struct SinkConfig {
     /// How rows are written: `copy` (bulk, the default) or `row_inserts` (one INSERT per
     /// record, as naive consumers do; only for comparison in benchmarks).
     pub write_method: WriteMethod,
+    /// How record values are encoded: `json` or `avro` (Confluent wire format).
+    pub format: ValueFormat,
     /// Columns that receive the record's coordinates.
     pub source_columns: SourceColumns,
     /// One entry per mapped column.
@@ -309,6 +342,9 @@ pub struct RouteConfig {
     /// key; the key columns must then come from record metadata (`@key`, ...).
     #[serde(default)]
     pub delete_on_tombstone: bool,
+    /// How record values are encoded: `json` or `avro` (Confluent wire format).
+    #[serde(default)]
+    pub format: ValueFormat,
     /// One entry per mapped column.
     pub columns: Vec<ColumnMapping>,
 }
@@ -584,6 +620,62 @@ impl Config {
     }
 
     /// Refuses relations between keys that cannot work, saying which key to change.
+    /// A route of a registry format needs the registry; the registry's keys must work.
+    fn check_schema_registry(&self) -> Result<(), ConfigError> {
+        let registry = &self.schema_registry;
+        let avro = match self
+            .routes
+            .iter()
+            .position(|r| r.format == ValueFormat::Avro)
+        {
+            Some(i) => Some(format!("routes[{i}].format")),
+            None if self.routes.is_empty() && self.sink.format == ValueFormat::Avro => {
+                Some("sink.format".to_owned())
+            }
+            None => None,
+        };
+        let urls: Vec<&str> = registry
+            .url
+            .iter()
+            .flat_map(|u| u.split(','))
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if let Some(key) = &avro
+            && urls.is_empty()
+        {
+            return Err(invalid(
+                "schema_registry.url",
+                format!(
+                    "is not set, but {key} is avro, whose writer schemas come from a registry: \
+                     give its base URL, e.g. http://registry:8081"
+                ),
+            ));
+        }
+        if let Some(bad) = urls
+            .iter()
+            .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            return Err(invalid(
+                "schema_registry.url",
+                format!("`{bad}` is not an http:// or https:// URL"),
+            ));
+        }
+        if registry.password.is_some() != registry.username.is_some() {
+            return Err(invalid(
+                "schema_registry.username",
+                "and schema_registry.password go together: set both or neither",
+            ));
+        }
+        if registry.timeout_ms == 0 {
+            return Err(invalid(
+                "schema_registry.timeout_ms",
+                "must be above 0: every request has a deadline",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.kafka.brokers.trim().is_empty() {
             return Err(invalid(
@@ -664,6 +756,7 @@ impl Config {
                 ));
             }
         }
+        self.check_schema_registry()?;
         if self.batch.max_bytes < self.sink.max_record_bytes {
             return Err(invalid(
                 "batch.max_bytes",
@@ -1061,6 +1154,50 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn registry_formats_need_a_registry_and_its_keys_must_work() {
+        let route = "routes:\n  - topic: t\n    table: s.t\n    format: avro\n    columns:\n      \
+                     - { column: a, field: a, type: text }\n      \
+                     - { column: t, field: \"@topic\", type: text }\n      \
+                     - { column: p, field: \"@partition\", type: int4 }\n      \
+                     - { column: o, field: \"@offset\", type: int8 }\n";
+        for (yaml, key, problem) in [
+            (
+                "sink:\n  format: avro\n".to_owned(),
+                "schema_registry.url",
+                "sink.format is avro",
+            ),
+            (
+                route.to_owned(),
+                "schema_registry.url",
+                "routes[0].format is avro",
+            ),
+            (
+                "schema_registry:\n  url: registry:8081\n".to_owned(),
+                "schema_registry.url",
+                "not an http:// or https:// URL",
+            ),
+            (
+                "schema_registry:\n  url: http://r:8081\n  username: u\n".to_owned(),
+                "schema_registry.username",
+                "set both or neither",
+            ),
+            (
+                "schema_registry:\n  url: http://r:8081\n  timeout_ms: 0\n".to_owned(),
+                "schema_registry.timeout_ms",
+                "must be above 0",
+            ),
+        ] {
+            let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{key}`")) && err.contains(problem),
+                "{err}"
+            );
+        }
+        let fine = "sink:\n  format: avro\nschema_registry:\n  url: http://a:8081, https://b\n";
+        load_yaml(fine, vec![]).expect("a registry URL list is valid");
     }
 
     #[test]

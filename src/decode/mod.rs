@@ -5,16 +5,18 @@
 //! COPY buffer (PostgreSQL text format, or COPY BINARY where the route's columns allow
 //! it), so a valid record costs no row allocation.
 
+pub mod avro;
 mod value;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::Value;
 
 pub use value::CopyFormat;
 pub(crate) use value::encode_value;
 
-use crate::config::{ColumnType, SinkConfig, WriteMode};
+use crate::config::{ColumnType, SinkConfig, ValueFormat, WriteMode};
 use crate::record::Record;
 use crate::route::{Column, Route, Source};
 
@@ -58,11 +60,19 @@ pub enum ReasonCode {
     /// A re-driven record of an upsert route whose key's row was written from a later
     /// record of the same partition: writing it would put an older version over a newer.
     Superseded,
+    /// A value of a registry format without the Confluent wire format's framing (byte 0
+    /// and a 4-byte schema id).
+    NotFramed,
+    /// The registry does not know the value's schema id, or its schema is not one the
+    /// route's format reads.
+    UnknownSchema,
+    /// The value does not decode under its Avro writer schema.
+    BadAvro,
 }
 
 impl ReasonCode {
     /// Every code.
-    pub const ALL: [ReasonCode; 18] = [
+    pub const ALL: [ReasonCode; 21] = [
         Self::Tombstone,
         Self::Empty,
         Self::TooLarge,
@@ -81,6 +91,9 @@ impl ReasonCode {
         Self::DbRejected,
         Self::NoRoute,
         Self::Superseded,
+        Self::NotFramed,
+        Self::UnknownSchema,
+        Self::BadAvro,
     ];
 
     /// The code as stored in `ingest.dead_letters.reason_code`.
@@ -104,6 +117,9 @@ impl ReasonCode {
             Self::DbRejected => "db_rejected",
             Self::NoRoute => "no_route",
             Self::Superseded => "superseded",
+            Self::NotFramed => "not_framed",
+            Self::UnknownSchema => "unknown_schema",
+            Self::BadAvro => "bad_avro",
         }
     }
 }
@@ -159,10 +175,21 @@ pub struct Decoder {
     max_string_bytes: usize,
     max_fields: usize,
     format: CopyFormat,
+    /// Writer schemas, for a route reading Avro.
+    schemas: Option<Arc<avro::SchemaCache>>,
 }
 
 impl Decoder {
-    pub fn new(sink: &SinkConfig, route: Route) -> Self {
+    /// A decoder of `route`; one reading Avro finds writer schemas in `schemas`.
+    pub fn new(sink: &SinkConfig, route: Route, schemas: &Arc<avro::SchemaCache>) -> Self {
+        let schemas = (route.format == ValueFormat::Avro).then(|| schemas.clone());
+        if schemas.is_some() {
+            // apache-avro reserves what a datum's length prefixes claim, up to this
+            // (process-wide, 512 MiB unless set): a record of a few bytes claiming
+            // millions of items would otherwise reserve that much. Items decode to
+            // values of tens of bytes, hence the factor over the largest record.
+            apache_avro::util::max_allocation_bytes(64 * sink.max_record_bytes);
+        }
         let sources = || route.columns.iter().map(|c| &c.source);
         let reads_value = sources().any(Source::reads_value);
         let only_fields = sources().all(|s| !s.reads_value() || matches!(s, Source::Field(_)));
@@ -176,7 +203,15 @@ impl Decoder {
             max_string_bytes: sink.max_string_bytes,
             max_fields: sink.max_fields,
             format: CopyFormat::Text,
+            schemas,
         }
+    }
+
+    /// The writer schema ids of `record` that decoding it needs: its value's, when the
+    /// route reads Avro and the value is framed.
+    pub fn schema_id(&self, record: &Record) -> Option<u32> {
+        self.schemas.as_ref()?;
+        avro::schema_id(record.value.as_deref()?)
     }
 
     /// Writes rows in `format` from now on.
@@ -283,6 +318,20 @@ impl Decoder {
         key_json: &'a mut Option<Value>,
     ) -> Result<Option<value::Input<'a>>, Rejection> {
         use value::Input;
+        if let Some(Parsed::Avro(decoded)) = value {
+            let part = match &column.source {
+                Source::Field(name) => decoded.field(name),
+                Source::Pointer(pointer) => decoded.pointer(pointer),
+                Source::Value => Some(decoded.whole()),
+                _ => None,
+            };
+            if let Some(part) = part {
+                return Ok(Some(decoded.input(part)));
+            }
+            if column.source.reads_value() {
+                return Ok(None);
+            }
+        }
         Ok(match &column.source {
             Source::Field(name) => value
                 .and_then(|v| match v {
@@ -291,6 +340,7 @@ impl Decoder {
                         let slot = self.picks.as_ref().and_then(|p| p.slots[index])?;
                         fields[slot].as_ref()
                     }
+                    Parsed::Avro(_) => None,
                 })
                 .map(Input::Json),
             Source::Pointer(pointer) => value
@@ -370,6 +420,17 @@ impl Decoder {
                     self.max_record_bytes
                 ),
             ));
+        }
+        if let Some(schemas) = &self.schemas {
+            return avro::decode(schemas, bytes)
+                .map(Parsed::Avro)
+                .map_err(|failure| match failure {
+                    avro::Failure::NotFramed(why) => Rejection::new(ReasonCode::NotFramed, why),
+                    avro::Failure::UnknownSchema(why) => {
+                        Rejection::new(ReasonCode::UnknownSchema, why)
+                    }
+                    avro::Failure::BadAvro(why) => Rejection::new(ReasonCode::BadAvro, why),
+                });
         }
         let text = std::str::from_utf8(bytes)
             .map_err(|e| Rejection::new(ReasonCode::NotUtf8, format!("value is not UTF-8: {e}")))?;
@@ -505,14 +566,17 @@ enum Parsed {
     Whole(Value),
     /// The values of [`Picks::names`], in their order; `None` for a field the object lacks.
     Fields(Vec<Option<Value>>),
+    /// An Avro value with its writer schema.
+    Avro(avro::Decoded),
 }
 
 impl Parsed {
-    /// The whole value, which a route reading more than top-level fields always has.
+    /// The whole JSON value, which a route reading more than top-level fields of JSON
+    /// always has.
     fn whole(&self) -> Option<&Value> {
         match self {
             Self::Whole(v) => Some(v),
-            Self::Fields(_) => None,
+            Self::Fields(_) | Self::Avro(_) => None,
         }
     }
 }

@@ -10,7 +10,11 @@ fn decoder_with(change: impl FnOnce(&mut SinkConfig)) -> Decoder {
     let mut config = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
     let routes = crate::routes::Routes::new(&config).expect("the default route is valid");
     change(&mut config.sink);
-    Decoder::new(&config.sink, routes.decoders()[0].route().clone())
+    Decoder::new(
+        &config.sink,
+        routes.decoders()[0].route().clone(),
+        routes.schemas(),
+    )
 }
 
 fn record(value: Option<&[u8]>) -> Record {
@@ -524,4 +528,90 @@ fn string_scan_finds_the_first_quote_or_backslash() {
             "{bytes:?} from {from}"
         );
     }
+}
+
+/// The website-metrics decoder reading Avro, with the fixture's writer schemas (made by
+/// Confluent's serializer) cached under their ids, and the fixture's framed values.
+fn avro_fixture() -> (Decoder, Vec<Vec<u8>>) {
+    let mut config = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
+    config.sink.format = ValueFormat::Avro;
+    let routes = crate::routes::Routes::new(&config).expect("the default route is valid");
+    let fixture: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/confluent-avro.json"))
+            .expect("the fixture is JSON");
+    for (id, text) in fixture["schemas"].as_object().expect("schemas") {
+        let id: u32 = id.parse().expect("an id");
+        let schema = avro::WriterSchema::parse(id, text.as_str().expect("text"), &[])
+            .expect("the schema parses");
+        routes
+            .schemas()
+            .insert(id, avro::Lookup::Found(Arc::new(schema)));
+    }
+    let values = fixture["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| {
+            let hex = r["value_hex"].as_str().expect("hex");
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .collect()
+        })
+        .collect();
+    (routes.decoders()[0].clone(), values)
+}
+
+#[test]
+fn confluent_avro_values_decode_through_the_json_mapping() {
+    let (decoder, values) = avro_fixture();
+    let mut out = Vec::new();
+    decoder
+        .decode_into(&record(Some(&values[1])), &mut out)
+        .expect("decodes");
+    assert_eq!(
+        String::from_utf8(out).expect("UTF-8"),
+        "2026-12-02 01:01:01.001000+00\thttps://site1.example/\tWeb metric collection service\t\
+         0:00:01.000001\t301\t104.18.1.2\tf\t1\twebsite-metrics\t3\t42\n"
+    );
+}
+
+#[test]
+fn mutated_avro_values_each_end_as_one_row_or_one_rejection() {
+    let (decoder, values) = avro_fixture();
+    let fields = decoder.column_names().count();
+    // xorshift64: the same mutations on every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut rejected = 0;
+    for value in &values {
+        for _ in 0..50 {
+            let mut bytes = value.clone();
+            match next() % 4 {
+                0 => {
+                    let i = (next() as usize) % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+                1 => bytes.truncate((next() as usize) % bytes.len()),
+                2 => {
+                    // A length prefix or count claiming far more than the record holds.
+                    let i = 5 + (next() as usize) % (bytes.len() - 5);
+                    bytes.splice(i..i, [0xfe, 0xff, 0xff, 0xff, 0x0f]);
+                }
+                _ => bytes.extend((0..next() % 8).map(|_| next() as u8)),
+            }
+            let before = b"earlier\tline\n";
+            let mut out = before.to_vec();
+            let result = decoder.decode_into(&record(Some(&bytes)), &mut out);
+            rejected += usize::from(result.is_err());
+            let reason = result.as_ref().err().map(|r| r.reason.as_str());
+            invariants::assert_decided(before, &out, fields, reason);
+        }
+    }
+    assert!(rejected > 0, "mutations were rejected");
 }

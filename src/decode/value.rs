@@ -16,21 +16,30 @@ use crate::config::ColumnType;
 use crate::route::{Column, TimeFormat};
 
 /// A column's value as found in the record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) enum Input<'a> {
     /// A part of the JSON value or key.
     Json(&'a Value),
-    /// Text of the record (its topic).
+    /// Text of the record (its topic, an Avro string).
     Str(&'a str),
-    /// A number of the record (partition, offset, timestamp).
+    /// A number of the record (partition, offset, timestamp, an Avro int).
     Int(i64),
-    /// Raw bytes (the key, a header).
+    /// Raw bytes (the key, a header, Avro bytes).
     Bytes(&'a [u8]),
+    /// An instant (an Avro timestamp).
+    Timestamp(DateTime<Utc>),
+    /// A calendar date (an Avro date).
+    Date(NaiveDate),
+    /// Exact decimal text (an Avro decimal).
+    Decimal(String),
+    Uuid(uuid::Uuid),
+    /// A value made for the column (an Avro record as JSON, say).
+    Owned(Value),
 }
 
 impl Input<'_> {
     pub(super) fn is_null(&self) -> bool {
-        matches!(self, Self::Json(Value::Null))
+        matches!(self, Self::Json(Value::Null) | Self::Owned(Value::Null))
     }
 }
 
@@ -82,6 +91,33 @@ pub(super) fn encode(
             Ok(text) => return encode(column, Input::Str(text), format, out),
             Err(e) => return Err(bad(column, &format!("bytes are not UTF-8 text: {e}"))),
         },
+        Input::Timestamp(ts) => match column.kind {
+            ColumnType::Timestamptz => Typed::Timestamp(ts),
+            ColumnType::Date => Typed::Date(ts.date_naive()),
+            _ => {
+                let text = ts.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+                return encode_value(column, &Value::String(text), format, out);
+            }
+        },
+        Input::Date(date) => match column.kind {
+            ColumnType::Date => Typed::Date(date),
+            ColumnType::Timestamptz => Typed::Timestamp(date.and_time(NaiveTime::MIN).and_utc()),
+            _ => return encode_value(column, &Value::String(date.to_string()), format, out),
+        },
+        Input::Decimal(text) => match column.kind {
+            ColumnType::Numeric => Typed::Numeric(Cow::Owned(text)),
+            ColumnType::Text => Typed::Text(Cow::Owned(text)),
+            // As the JSON number it is (an integer column takes an integral one).
+            _ => match serde_json::from_str::<Value>(&text) {
+                Ok(number) => return encode_value(column, &number, format, out),
+                Err(_) => return Err(bad(column, &format!("`{text}` is not a number"))),
+            },
+        },
+        Input::Uuid(uuid) => match column.kind {
+            ColumnType::Uuid => Typed::Uuid(uuid),
+            _ => return encode_value(column, &Value::String(uuid.to_string()), format, out),
+        },
+        Input::Owned(v) => return encode_value(column, &v, format, out),
     };
     typed.write(format, out);
     Ok(())

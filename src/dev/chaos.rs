@@ -61,6 +61,10 @@ pub struct ChaosOptions {
     /// Seed of the fault schedule and the message stream (random when absent; printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The target table partitioned by day on `time_stamp` (one partition per day of
+    /// the sample's dates, the unique index on the coordinates and `time_stamp`).
+    #[arg(long)]
+    pub partitioned: bool,
     /// Keep the campaign's database (it is kept anyway when a check fails).
     #[arg(long)]
     pub keep_database: bool,
@@ -115,6 +119,7 @@ enum Fault {
 pub struct Summary {
     pub seed: u64,
     pub assignment: &'static str,
+    pub partitioned: bool,
     pub messages: u64,
     pub valid: u64,
     pub malformed: u64,
@@ -162,13 +167,18 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "chaos {}: seed={} assignment={} messages={} rows={} dead_letters={} gaps={} \
+            "chaos {}: seed={} assignment={} table={} messages={} rows={} dead_letters={} gaps={} \
              gapped_offsets={} duplicates={} missing={} offsets_off={} misfiled={} faults: kill={} term={} \
              storm={} backends={} db_outage={} broker_pause={} freeze={} retention={} \
              recreate={} self_exits={} elapsed={:.1}s",
             if self.passed() { "PASS" } else { "FAIL" },
             self.seed,
             self.assignment,
+            if self.partitioned {
+                "partitioned"
+            } else {
+                "plain"
+            },
             self.messages,
             self.rows,
             self.dead_letters,
@@ -344,6 +354,19 @@ impl Rig {
             .await?;
         let defaults = crate::load_config(None, Vec::new(), &crate::config::Overrides::default())?;
         crate::store::migrate(&pool, &crate::routes::Routes::new(&defaults)?).await?;
+        if options.partitioned {
+            // The default table's place taken by a partitioned one of its shape (whose
+            // `id` default keeps the first's sequence, so that one stays).
+            let ddl = crate::sample::partitioned_by_day(
+                "web_metrics.metrics",
+                "web_metrics.metrics_unpartitioned",
+            );
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER TABLE web_metrics.metrics RENAME TO metrics_unpartitioned; {ddl}"
+            )))
+            .execute(&pool)
+            .await?;
+        }
         let proxy = Proxy::start(proxy_target(&server)?).await?;
         Ok(Self {
             binary,
@@ -366,6 +389,7 @@ impl Rig {
             started: 0,
             summary: Summary {
                 assignment: options.assignment.as_str(),
+                partitioned: options.partitioned,
                 messages: options.messages,
                 ..Summary::default()
             },

@@ -28,6 +28,7 @@ use tracing::{Instrument, Span};
 use crate::config::Config;
 use crate::kafka::{self, Assignments, IngestConsumer, Observers, TopicPartition};
 use crate::record::Record;
+use crate::registry::Registry;
 use crate::routes::Routes;
 use crate::store::{Batch, CommitOutcome, PartitionRange, Store, StoreError};
 use crate::telemetry::metrics::PartitionLabel;
@@ -54,6 +55,8 @@ pub enum PipelineError {
     Consumer(String),
     #[error("shutdown requested while a batch was being retried; nothing of it was committed")]
     ShutDown,
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("cannot serve /metrics on {addr} (run.metrics_addr, --metrics-addr): {source}")]
     Serve {
         addr: String,
@@ -152,6 +155,8 @@ pub struct Pipeline {
     stats: Stats,
     /// Spans are exported: batches get links and attributes.
     traced: bool,
+    /// Where writer schemas come from, when a route reads a registry format.
+    registry: Option<std::sync::Arc<Registry>>,
 }
 
 impl Pipeline {
@@ -168,6 +173,9 @@ impl Pipeline {
         let assignments = Assignments::default();
         let observers = Observers::default();
         let lanes = config.lanes();
+        let registry = Registry::for_routes(&config.schema_registry, store.routes())
+            .map_err(StoreError::Fatal)?
+            .map(std::sync::Arc::new);
         let consumer = kafka::subscribe(
             &config,
             store.clone(),
@@ -202,6 +210,7 @@ impl Pipeline {
             last_maintenance: Instant::now(),
             range_check: None,
             stats: Stats::default(),
+            registry,
         })
     }
 
@@ -261,6 +270,7 @@ impl Pipeline {
                 (span, records, ranges)
             })
             .collect();
+        self.resolve_schemas(&kept, shutdown).await?;
         let mut next = tokio::task::block_in_place(|| decode_lanes(kept, self.store.routes()));
         if self.traced {
             for (span, batch) in &next {
@@ -322,14 +332,15 @@ impl Pipeline {
                 Ok((
                     batch,
                     Ok(CommitOutcome::Committed {
-                        rows, dead_letters, ..
+                        rows,
+                        dead_letters,
+                        isolation,
                     }),
                     elapsed,
                 )) => {
-                    self.stats.commit_latency.record(elapsed);
-                    let _inside = in_flight.span.enter();
-                    self.committed(&batch, rows, dead_letters);
-                    spans::committed(&in_flight.span, rows, dead_letters);
+                    let span = in_flight.span;
+                    let _inside = span.enter();
+                    self.committed(&batch, &span, elapsed, (rows, dead_letters), isolation);
                 }
                 Ok((_, other, _)) => {
                     tracing::warn!(result = ?other, "batch in flight at shutdown did not commit; it will be read again");

@@ -10,21 +10,43 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use tracing::Span;
+
 use super::Pipeline;
 use crate::decode::ReasonCode;
-use crate::store::Batch;
+use crate::store::{Batch, Isolation};
 use crate::telemetry::metrics::{PartitionLabel, ReasonLabel};
+use crate::telemetry::spans;
 
 /// How often committed offsets are mirrored to Kafka at most.
 const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Pipeline {
-    /// Counts a committed batch and moves its partitions' positions.
-    pub(super) fn committed(&mut self, batch: &Batch, rows: u64, dead_letters: u64) {
+    /// Counts a committed batch (in the stats, the metrics and its `span`) and moves its
+    /// partitions' positions. `elapsed` is its commit's latency.
+    pub(super) fn committed(
+        &mut self,
+        batch: &Batch,
+        span: &Span,
+        elapsed: Duration,
+        (rows, dead_letters): (u64, u64),
+        isolation: Option<Isolation>,
+    ) {
         self.stats.batches += 1;
         self.stats.rows += rows;
         self.stats.dead_letters += dead_letters;
+        self.stats.commit_latency.record(elapsed);
+        spans::committed(span, rows, dead_letters);
         let metrics = &self.observers.metrics;
+        metrics.commit_duration.observe(elapsed.as_secs_f64());
+        if let Some(isolation) = isolation {
+            metrics
+                .isolation_duration
+                .observe(isolation.elapsed.as_secs_f64());
+            metrics
+                .rows_without_partition
+                .inc_by(isolation.without_partition);
+        }
         metrics.records_consumed.inc_by(batch.records.len() as u64);
         metrics.rows_written.inc_by(rows);
         for (_, rejection) in &batch.rejects {

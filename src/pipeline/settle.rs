@@ -15,6 +15,7 @@ use tracing::{Instrument, Span};
 
 use super::{Pipeline, PipelineError, StepOutcome};
 use crate::kafka::TopicPartition;
+use crate::record::Record;
 use crate::retry::{self, ErrorClass};
 use crate::store::{Batch, CommitOutcome, PartitionRange, StoreError, StoredOffset};
 use crate::telemetry::metrics::ClassLabel;
@@ -132,19 +133,8 @@ impl Pipeline {
                     dead_letters,
                     isolation,
                 }) => {
-                    self.stats.commit_latency.record(elapsed);
-                    let metrics = &self.observers.metrics;
-                    metrics.commit_duration.observe(elapsed.as_secs_f64());
-                    if let Some(isolation) = &isolation {
-                        metrics
-                            .isolation_duration
-                            .observe(isolation.elapsed.as_secs_f64());
-                        metrics
-                            .rows_without_partition
-                            .inc_by(isolation.without_partition);
-                    }
-                    self.committed(&batch, rows, dead_letters);
-                    spans::committed(&Span::current(), rows, dead_letters);
+                    let span = Span::current();
+                    self.committed(&batch, &span, elapsed, (rows, dead_letters), isolation);
                     let outcome = StepOutcome::Committed {
                         records: batch.records.len(),
                         rows,
@@ -168,7 +158,11 @@ impl Pipeline {
                         return Ok((StepOutcome::Fenced { partitions }, all_fenced));
                     }
                 }
-                Err(e) => self.wait_or_fail(e, &mut delays, shutdown).await?,
+                Err(e) => {
+                    let class = e.class();
+                    self.wait_or_fail(e.into(), class, &mut delays, shutdown)
+                        .await?;
+                }
             }
             let commit = spans::commit(&self.tables);
             let task = self.spawn_commit(batch, commit);
@@ -222,24 +216,60 @@ impl Pipeline {
 
     /// Fails on a non-transient error; otherwise waits one backoff delay with the
     /// assigned partitions paused, polling so the group keeps this worker.
+    /// Has the registry answer for every writer schema id the lanes' records carry,
+    /// waiting out a registry that does not answer (polling, partitions paused, as for
+    /// Postgres): its records are decided only once it does.
+    pub(super) async fn resolve_schemas(
+        &mut self,
+        lanes: &[(Span, Vec<Record>, Vec<PartitionRange>)],
+        shutdown: &CancellationToken,
+    ) -> Result<(), PipelineError> {
+        let Some(registry) = self.registry.clone() else {
+            return Ok(());
+        };
+        let ids = crate::registry::schema_ids(
+            self.store.routes(),
+            lanes.iter().flat_map(|(_, records, _)| records),
+        );
+        let mut delays = retry::backoff(&self.config.retry);
+        loop {
+            let before = registry.requests();
+            let resolved = registry.resolve(ids.iter().copied()).await;
+            let requests = registry.requests() - before;
+            self.observers
+                .metrics
+                .schema_registry_requests
+                .inc_by(requests);
+            match resolved {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let class = e.class;
+                    self.wait_or_fail(e.into(), class, &mut delays, shutdown)
+                        .await?;
+                }
+            }
+        }
+    }
+
     pub(super) async fn wait_or_fail(
         &mut self,
-        err: StoreError,
+        err: PipelineError,
+        class: ErrorClass,
         delays: &mut impl Iterator<Item = Duration>,
         shutdown: &CancellationToken,
     ) -> Result<(), PipelineError> {
-        if err.class() != ErrorClass::Transient {
-            return Err(err.into());
+        if class != ErrorClass::Transient {
+            return Err(err);
         }
         let delay = delays
             .next()
             .unwrap_or(Duration::from_millis(self.config.retry.max_delay_ms));
         self.stats.retries += 1;
-        let class = ClassLabel {
-            class: err.class().as_str().to_owned(),
+        let label = ClassLabel {
+            class: class.as_str().to_owned(),
         };
-        self.observers.metrics.retries.get_or_create(&class).inc();
-        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, class = err.class().as_str(), "transient failure, retrying batch");
+        self.observers.metrics.retries.get_or_create(&label).inc();
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, class = class.as_str(), "transient failure, retrying batch");
         let until = Instant::now() + delay;
         self.poll_paused(|| Instant::now() >= until, Some(shutdown));
         if shutdown.is_cancelled() {

@@ -236,7 +236,11 @@ impl Store {
     /// Refuses, changing nothing, letters this configuration cannot judge: of a topic
     /// no route reads, or of an upsert route that does not record its rows' source
     /// position.
-    pub async fn redrive(&self, filter: &DeadLetterFilter) -> Result<Redrive, StoreError> {
+    pub async fn redrive(
+        &self,
+        filter: &DeadLetterFilter,
+        registry: Option<&crate::registry::Registry>,
+    ) -> Result<Redrive, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db("begin a transaction"))?;
         // Deferred constraints would only fire at COMMIT, outside every savepoint.
         sqlx::raw_sql("SET CONSTRAINTS ALL IMMEDIATE")
@@ -266,6 +270,13 @@ impl Store {
         });
         let letters: Vec<&DeadLetter> = order.iter().map(|&i| &letters[i]).collect();
         records = order.iter().map(|&i| records[i].clone()).collect();
+        if let Some(registry) = registry {
+            let ids = crate::registry::schema_ids(&self.routes, records.iter());
+            registry
+                .resolve(ids)
+                .await
+                .map_err(|e| StoreError::Fatal(e.to_string()))?;
+        }
         let decoded = Batch::decode(records.clone(), &self.routes, Vec::new());
         let superseded = self.superseded(&mut tx, &decoded).await?;
         let skipped: HashSet<usize> = superseded.iter().map(|(i, _)| *i).collect();

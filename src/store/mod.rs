@@ -12,7 +12,7 @@ use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
-pub use commit::{Batch, CommitOutcome, Gap, GapKind, Part, PartitionRange, copy};
+pub use commit::{Batch, CommitOutcome, Gap, GapKind, Isolation, Part, PartitionRange, copy};
 pub use offsets::{Claim, StoredOffset};
 
 use crate::config::Config;

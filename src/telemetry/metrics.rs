@@ -44,6 +44,9 @@ pub struct Metrics {
     pub isolation_duration: Histogram,
     /// Rows no partition of their partitioned table takes (db_rejected dead letters).
     pub rows_without_partition: Counter,
+    /// Requests sent to the schema registry (one per writer schema id per process,
+    /// plus those of references and of registries that did not answer).
+    pub schema_registry_requests: Counter,
     /// Ranges of offsets skipped because the broker no longer had them.
     pub offset_gaps: Counter,
     pub skipped_offsets: Counter,
@@ -66,6 +69,7 @@ impl Default for Metrics {
             // 10 ms .. ~160 s.
             isolation_duration: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
             rows_without_partition: Counter::default(),
+            schema_registry_requests: Counter::default(),
             offset_gaps: Counter::default(),
             skipped_offsets: Counter::default(),
             retries: Family::default(),
@@ -106,6 +110,11 @@ impl Default for Metrics {
             "rows_without_partition",
             "Rows no partition of their partitioned target table takes (SQLSTATE 23514), dead-lettered as db_rejected until the partition exists",
             metrics.rows_without_partition.clone(),
+        );
+        registry.register(
+            "schema_registry_requests",
+            "Requests sent to the schema registry for writer schemas (each id once per process)",
+            metrics.schema_registry_requests.clone(),
         );
         registry.register(
             "offset_gaps",

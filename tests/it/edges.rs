@@ -28,13 +28,6 @@ async fn count_deletes(pool: &PgPool) {
     .expect("delete triggers");
 }
 
-async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(pool)
-        .await
-        .expect("query")
-}
-
 /// Steps until a step fails; the error, or a panic after `limit`.
 pub(crate) async fn step_until_error(pipeline: &mut Pipeline, limit: Duration) -> PipelineError {
     let token = CancellationToken::new();

@@ -239,6 +239,14 @@ pub async fn stored_group_total(pool: &PgPool, group: &str) -> i64 {
     .expect("read offsets")
 }
 
+/// The one integer `sql` selects.
+pub async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("query")
+}
+
 /// Sum of the group's stored next offsets for the topic.
 pub async fn stored_total(pool: &PgPool, group: &str, topic: &str) -> i64 {
     sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::int8 FROM ingest.offsets WHERE consumer_group = $1 AND topic = $2")

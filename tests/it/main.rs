@@ -1,6 +1,7 @@
 //! Integration tests against a real Postgres and a real Kafka-protocol broker
 //! (librdkafka's mock cluster). Each test has its own database, topic and group.
 
+mod avro;
 mod binary;
 mod chaos;
 mod core;

@@ -62,6 +62,72 @@ async fn dead_letter_states(pool: &PgPool, topic: &str) -> Vec<(Option<String>, 
     .expect("dead letters")
 }
 
+/// Ingests 6,000 probes of days 1 and 2 (alternating, over 2 partitions, in batches of
+/// 200), running `change` once more than 1,000 have landed. Then every offset must be
+/// one row of day 2, one row of day 1 in `elsewhere` (a table with the coordinates of
+/// what day 1's partition held), or one `db_rejected` dead letter with SQLSTATE 23514;
+/// day 1 must have records on both sides of the change, and the stored offsets be at
+/// the ends.
+async fn day_one_changed_mid_stream(db: &TestDb, change: &str, elsewhere: &str) {
+    let kafka = TestKafka::new(2);
+    let total = 6_000u64;
+    kafka.produce(
+        (0..total)
+            .map(|id| probe(id, 12, 1 + (id % 2) as u32))
+            .collect(),
+    );
+    let mut config = kafka.config(db);
+    config.batch.max_records = 200;
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut changed = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while stored_total(&db.pool, &kafka.group, &kafka.topic).await < total as i64 {
+        assert!(std::time::Instant::now() < deadline, "not caught up");
+        pipeline.step(&token).await.expect("step succeeds");
+        if !changed && stored_total(&db.pool, &kafka.group, &kafka.topic).await > 1_000 {
+            exec(&db.pool, change).await;
+            changed = true;
+        }
+    }
+    pipeline.close().await;
+    assert!(changed, "day 1 changed while ingesting");
+
+    let coordinates: Vec<(i32, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT kafka_partition, kafka_offset, to_char(time_stamp AT TIME ZONE 'UTC', 'DD') \
+           FROM web_metrics.metrics WHERE kafka_topic = $1 \
+         UNION ALL SELECT kafka_partition, kafka_offset, 'elsewhere' FROM {elsewhere} \
+         UNION ALL SELECT partition, \"offset\", 'dead' FROM ingest.dead_letters WHERE topic = $1"
+    )))
+    .bind(&kafka.topic)
+    .fetch_all(&db.pool)
+    .await
+    .expect("where every offset went");
+    let distinct: std::collections::HashSet<(i32, i64)> =
+        coordinates.iter().map(|(p, o, _)| (*p, *o)).collect();
+    assert_eq!(coordinates.len() as u64, total, "each offset once");
+    assert_eq!(distinct.len() as u64, total, "each offset once");
+    let count = |what: &str| coordinates.iter().filter(|(_, _, w)| w == what).count();
+    assert_eq!(count("02"), (total / 2) as usize, "day 2 all landed");
+    assert_eq!(count("01"), 0, "day 1 has no attached partition");
+    assert_eq!(count("elsewhere") + count("dead"), (total / 2) as usize);
+    assert!(
+        count("elsewhere") > 0 && count("dead") > 0,
+        "changed mid-stream: {} before, {} after",
+        count("elsewhere"),
+        count("dead")
+    );
+    assert_eq!(
+        dead_letter_states(&db.pool, &kafka.topic).await,
+        vec![(
+            Some("23514".into()),
+            "db_rejected".into(),
+            count("dead") as i64
+        )]
+    );
+    assert_offsets_at_end(&db.pool, &kafka, total as i64).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn daily_partitions_take_100000_records_exactly_once_and_rows_without_a_partition_land_after_dlq_retry()
  {
@@ -199,80 +265,14 @@ async fn a_pg_partman_table_takes_records_through_maintenance_and_a_partition_de
          DROP TABLE IF EXISTS web_metrics.metrics_default",
     )
     .await;
-    let partition_of = |day: u32| format!("web_metrics.metrics_p2026_12_{day:02}");
-    let kafka = TestKafka::new(2);
-    let total = 6_000u64;
-    // Days 1 and 2, alternating.
-    kafka.produce(
-        (0..total)
-            .map(|id| probe(id, 12, 1 + (id % 2) as u32))
-            .collect(),
+    // Maintenance as the background worker would run it, then day 1 detached while
+    // batches are in flight.
+    let detached = "web_metrics.metrics_p2026_12_01";
+    let change = format!(
+        "SELECT partman.run_maintenance(); \
+         ALTER TABLE web_metrics.metrics DETACH PARTITION {detached}"
     );
-    let config = {
-        let mut config = kafka.config(&db);
-        config.batch.max_records = 200;
-        config
-    };
-    let mut pipeline = Pipeline::connect(config).await.expect("pipeline connects");
-    let token = tokio_util::sync::CancellationToken::new();
-    let mut detached = false;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while stored_total(&db.pool, &kafka.group, &kafka.topic).await < total as i64 {
-        assert!(std::time::Instant::now() < deadline, "not caught up");
-        pipeline.step(&token).await.expect("step succeeds");
-        let stored = stored_total(&db.pool, &kafka.group, &kafka.topic).await;
-        if stored > 1_000 && !detached {
-            // Maintenance as the background worker would run it, then day 1 detached
-            // while batches are in flight.
-            exec(&db.pool, "SELECT partman.run_maintenance()").await;
-            exec(
-                &db.pool,
-                &format!(
-                    "ALTER TABLE web_metrics.metrics DETACH PARTITION {}",
-                    partition_of(1)
-                ),
-            )
-            .await;
-            detached = true;
-        }
-    }
-    pipeline.close().await;
-    assert!(detached, "the partition was detached while ingesting");
-
-    // Every offset is one row (attached, or in the detached day) or one dead letter, and
-    // only records of the detached day are dead letters.
-    let coordinates: Vec<(i32, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT kafka_partition, kafka_offset, to_char(time_stamp AT TIME ZONE 'UTC', 'DD') \
-           FROM web_metrics.metrics WHERE kafka_topic = $1 \
-         UNION ALL SELECT kafka_partition, kafka_offset, 'detached' FROM {} WHERE kafka_topic = $1 \
-         UNION ALL SELECT partition, \"offset\", 'dead' FROM ingest.dead_letters WHERE topic = $1",
-        partition_of(1)
-    )))
-    .bind(&kafka.topic)
-    .fetch_all(&db.pool)
-    .await
-    .expect("where every offset went");
-    let distinct: std::collections::HashSet<(i32, i64)> =
-        coordinates.iter().map(|(p, o, _)| (*p, *o)).collect();
-    assert_eq!(coordinates.len() as u64, total, "each offset once");
-    assert_eq!(distinct.len() as u64, total, "each offset once");
-    let count = |what: &str| coordinates.iter().filter(|(_, _, w)| w == what).count();
-    assert_eq!(count("02"), (total / 2) as usize, "day 2 stays attached");
-    assert_eq!(count("01"), 0, "day 1 has no attached partition");
-    assert_eq!(count("detached") + count("dead"), (total / 2) as usize);
-    assert!(
-        count("detached") > 0 && count("dead") > 0,
-        "detached mid-stream"
-    );
-    assert_eq!(
-        dead_letter_states(&db.pool, &kafka.topic).await,
-        vec![(
-            Some("23514".into()),
-            "db_rejected".into(),
-            count("dead") as i64
-        )]
-    );
-    assert_offsets_at_end(&db.pool, &kafka, total as i64).await;
+    day_one_changed_mid_stream(&db, &change, detached).await;
     // Maintenance made the partitions ahead of today.
     let ahead: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_partition_tree('web_metrics.metrics') t \
@@ -439,4 +439,176 @@ async fn the_partitioned_tables_schema_prints_plain_and_for_pg_partman_take_toda
         ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, 500, 0).await;
         db.drop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rewinds_on_a_partitioned_table_replace_and_keep_by_coordinates_across_partitions() {
+    use kafka_pg_ingest::ops::{self, RewindTarget};
+    let db = TestDb::new().await;
+    exec(&db.pool, PARTITIONED).await;
+    for day in 1..=3 {
+        exec(&db.pool, &daily_partition(12, day)).await;
+    }
+    let kafka = TestKafka::new(1);
+    let total = 600u64;
+    kafka.produce(
+        (0..total)
+            .map(|id| probe(id, 12, 1 + (id % 2) as u32))
+            .collect(),
+    );
+    let config = kafka.config(&db);
+    let mut pipeline = Pipeline::connect(config.clone()).await.expect("starts");
+    let limit = Duration::from_secs(60);
+    drive_until_caught_up(&mut pipeline, &db.pool, &kafka, total as i64, limit).await;
+    // Rows moved by hand to another day's partition (day 3, which no record has), and
+    // rows deleted: a rewind finds rows by coordinates, wherever they are.
+    exec(
+        &db.pool,
+        "UPDATE web_metrics.metrics SET url = 'moved', time_stamp = time_stamp + \
+           (CASE WHEN time_stamp < '2026-12-02T00:00:00Z' THEN 2 ELSE 1 END) * interval '1 day' \
+           WHERE kafka_offset % 10 = 0; \
+         DELETE FROM web_metrics.metrics WHERE kafka_offset % 10 = 5",
+    )
+    .await;
+    let rows = |sql| scalar(&db.pool, sql);
+    assert_eq!(
+        rows("SELECT count(*) FROM web_metrics.metrics_1203 WHERE url = 'moved'").await,
+        60
+    );
+
+    // Keep: the deleted rows come back; the moved ones stay where they are, once.
+    ops::rewind(
+        &config,
+        &kafka.topic,
+        &[],
+        RewindTarget::Offset(0),
+        true,
+        true,
+    )
+    .await
+    .expect("rewind keeping rows");
+    drive_until_caught_up(&mut pipeline, &db.pool, &kafka, total as i64, limit).await;
+    assert_landed_once(&db, &kafka, total as i64, 0).await;
+    assert_eq!(
+        rows("SELECT count(*) FROM web_metrics.metrics_1203 WHERE url = 'moved'").await,
+        60,
+        "keep leaves rows in another partition alone"
+    );
+
+    // Replace: every re-read row is deleted by its coordinates, from whichever partition
+    // holds it, and written where its record's day goes.
+    ops::rewind(
+        &config,
+        &kafka.topic,
+        &[],
+        RewindTarget::Offset(0),
+        false,
+        true,
+    )
+    .await
+    .expect("rewind replacing rows");
+    drive_until_caught_up(&mut pipeline, &db.pool, &kafka, total as i64, limit).await;
+    pipeline.close().await;
+    assert_landed_once(&db, &kafka, total as i64, 0).await;
+    assert_eq!(
+        rows("SELECT count(*) FROM web_metrics.metrics WHERE url = 'moved'").await,
+        0
+    );
+    assert_eq!(
+        rows("SELECT count(*) FROM web_metrics.metrics_1203").await,
+        0,
+        "each row back in its record's day"
+    );
+    assert_eq!(
+        rows("SELECT count(*) FROM ingest.offsets WHERE replay_until IS NOT NULL").await,
+        0
+    );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_partitioned_by_day_then_by_url_needs_both_keys_in_its_index_and_lands_each_record_once()
+ {
+    let db = TestDb::new().await;
+    // Days, each hashed by URL into two: the unique index needs the keys of both levels.
+    let unindexed = PARTITIONED.replace(
+        ", UNIQUE (kafka_topic, kafka_partition, kafka_offset, time_stamp)",
+        "",
+    );
+    exec(&db.pool, &unindexed).await;
+    for day in 1..=2 {
+        exec(
+            &db.pool,
+            &format!("{} PARTITION BY HASH (url)", daily_partition(12, day)),
+        )
+        .await;
+        for remainder in 0..2 {
+            exec(
+                &db.pool,
+                &format!(
+                    "CREATE TABLE web_metrics.metrics_12{day:02}_{remainder} \
+                     PARTITION OF web_metrics.metrics_12{day:02} \
+                     FOR VALUES WITH (MODULUS 2, REMAINDER {remainder})"
+                ),
+            )
+            .await;
+        }
+    }
+    let kafka = TestKafka::new(2);
+    assert_refused(
+        kafka.config(&db),
+        "no unique index on a two-level table",
+        &[r#"plus the partition key columns ("time_stamp", "url")"#],
+    )
+    .await;
+    exec(
+        &db.pool,
+        "ALTER TABLE web_metrics.metrics \
+         ADD UNIQUE (kafka_topic, kafka_partition, kafka_offset, time_stamp, url)",
+    )
+    .await;
+
+    let total = 4_000u64;
+    kafka.produce(
+        (0..total)
+            .map(|id| {
+                let json = format!(
+                    r#"{{"request_timestamp": "2026-12-{:02}T10:00:00Z", "url": "https://site{}.example/", "comment": "{id}"}}"#,
+                    1 + id % 2,
+                    id % 7
+                );
+                Some(json.into_bytes())
+            })
+            .collect(),
+    );
+    let pipeline = Pipeline::connect(kafka.config(&db))
+        .await
+        .expect("an index holding both levels' keys is accepted");
+    ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, total as i64, 0).await;
+    let leaves: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tableoid::regclass::text, count(*) FROM web_metrics.metrics GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("rows per leaf");
+    assert_eq!(leaves.len(), 4, "every leaf takes rows: {leaves:?}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_dropped_mid_stream_turns_its_later_records_into_dead_letters_and_the_rest_land()
+ {
+    let db = TestDb::new().await;
+    exec(&db.pool, PARTITIONED).await;
+    for day in 1..=2 {
+        exec(&db.pool, &daily_partition(12, day)).await;
+    }
+    // What day 1 held is noted under the lock that waits for commits in flight, then
+    // the partition is dropped with its rows, as retention does.
+    let change = "BEGIN; LOCK TABLE web_metrics.metrics IN ACCESS EXCLUSIVE MODE; \
+         CREATE TABLE public.dropped AS \
+           SELECT kafka_partition, kafka_offset FROM web_metrics.metrics_1201; \
+         DROP TABLE web_metrics.metrics_1201; COMMIT";
+    day_one_changed_mid_stream(&db, change, "public.dropped").await;
+    db.drop().await;
 }

@@ -13,13 +13,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
-async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(pool)
-        .await
-        .expect("query")
-}
-
 async fn execute(pool: &PgPool, sql: &'static str) {
     sqlx::raw_sql(sql).execute(pool).await.expect("statement");
 }

@@ -46,17 +46,10 @@ async fn tamper(pool: &PgPool, where_clause: &'static str) -> u64 {
         .rows_affected()
 }
 
-async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(pool)
-        .await
-        .expect("count")
-}
-
 /// Whether every partition of the topic has caught up to `total` records and left its
 /// replay.
 async fn replayed(db: &TestDb, kafka: &TestKafka, total: i64) -> bool {
-    let replaying = count(
+    let replaying = scalar(
         &db.pool,
         "SELECT count(*) FROM ingest.offsets WHERE replay_until IS NOT NULL",
     )
@@ -215,7 +208,7 @@ async fn rewind_by_time_with_keep_restores_missing_rows_and_leaves_existing_ones
     worker.close().await;
 
     assert_landed_once(&db, &kafka, 800, 0).await;
-    let restored = count(
+    let restored = scalar(
         &db.pool,
         "SELECT count(*) FROM web_metrics.metrics WHERE url <> 'tampered'",
     )
@@ -269,7 +262,7 @@ async fn a_dump_restored_into_a_fresh_database_resumes_from_its_offsets_and_ends
     assert!(status.success(), "pg_restore: {status}");
     let _ = std::fs::remove_file(&dump);
     let at_dump = stored_total(&restored.pool, &kafka.group, &kafka.topic).await;
-    let rows_at_dump = count(&restored.pool, "SELECT count(*) FROM web_metrics.metrics").await;
+    let rows_at_dump = scalar(&restored.pool, "SELECT count(*) FROM web_metrics.metrics").await;
     assert_eq!(at_dump, 1_500, "dumped mid-stream");
     assert_eq!(rows_at_dump, at_dump, "the dump is one consistent snapshot");
 
@@ -306,7 +299,7 @@ async fn dead_letters_of_a_too_strict_table_are_re_driven_after_the_constraint_i
     )
     .await;
     pipeline.close().await;
-    let rejected = count(
+    let rejected = scalar(
         &db.pool,
         "SELECT count(*) FROM ingest.dead_letters WHERE reason_code = 'db_rejected' AND sqlstate = '23514'",
     )
@@ -337,7 +330,7 @@ async fn dead_letters_of_a_too_strict_table_are_re_driven_after_the_constraint_i
             .expect("dead letters");
     let expected = ["not_json", "not_json", "not_object"].map(|c| (c.to_owned(), 2));
     assert_eq!(left, expected.to_vec());
-    let server_errors = count(
+    let server_errors = scalar(
         &db.pool,
         "SELECT count(*) FROM web_metrics.metrics WHERE status_code = 503",
     )
@@ -367,7 +360,7 @@ async fn dead_letters_of_a_too_strict_table_are_re_driven_after_the_constraint_i
     let purged = cli(&[&["dlq", "purge", "--older-than", "0s", "--yes"], &url[..]].concat());
     assert!(purged.starts_with("3 dead letters deleted"), "{purged}");
     assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await,
+        scalar(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await,
         0
     );
     db.drop().await;

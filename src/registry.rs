@@ -1,0 +1,286 @@
+//! A client of a Confluent-compatible Schema Registry: the writer schemas of the ids a
+//! batch carries, each fetched once per process into the routes' [`SchemaCache`].
+//!
+//! It uses the REST subset every such registry serves: `GET /schemas/ids/{id}` (the
+//! schema, its type, its references) and `GET /subjects/{subject}/versions/{version}`
+//! (a referenced schema). A registry that does not answer, or answers 5xx or 429, is a
+//! transient failure: the caller waits and asks again, and nothing is decided about the
+//! records. A 404 is an answer: the id is unknown and its records become dead letters.
+//! Refused credentials (401, 403) stop the worker, naming the keys to fix.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::SchemaRegistryConfig;
+use crate::decode::avro::{Lookup, SchemaCache, WriterSchema};
+use crate::record::Record;
+use crate::retry::ErrorClass;
+use crate::routes::Routes;
+
+/// The writer schema ids that decoding `records` through `routes` needs.
+pub fn schema_ids<'a>(routes: &Routes, records: impl Iterator<Item = &'a Record>) -> Vec<u32> {
+    let decoders = routes.decoders();
+    records
+        .filter_map(|r| decoders.get(routes.route_of(&r.topic)?)?.schema_id(r))
+        .collect()
+}
+
+/// Why the registry gave no answer to act on.
+#[derive(Debug, thiserror::Error)]
+#[error("schema registry: {message}")]
+pub struct RegistryError {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl RegistryError {
+    fn transient(message: String) -> Self {
+        Self {
+            class: ErrorClass::Transient,
+            message,
+        }
+    }
+}
+
+/// A schema as `GET /schemas/ids/{id}` and `GET /subjects/.../versions/...` return it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SchemaBody {
+    schema: String,
+    /// Absent for Avro.
+    #[serde(default)]
+    schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+/// A registry's error answer.
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error_code: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Reference {
+    subject: String,
+    version: i64,
+}
+
+/// The registry, and the cache it fills.
+pub struct Registry {
+    urls: Vec<String>,
+    client: reqwest::Client,
+    username: Option<String>,
+    password: Option<SecretString>,
+    cache: Arc<SchemaCache>,
+    /// One fetch at a time: a second caller missing the same id waits, then finds it.
+    fetching: tokio::sync::Mutex<()>,
+    requests: AtomicU64,
+}
+
+impl Registry {
+    /// A client of the configured registry filling the routes' cache, if a route reads
+    /// a registry format.
+    pub fn for_routes(config: &SchemaRegistryConfig, routes: &Routes) -> Result<Option<Self>, String> {
+        routes
+            .read_registry()
+            .then(|| Self::new(config, routes.schemas().clone()))
+            .transpose()
+    }
+
+    /// A client of the configured registry filling `cache`.
+    pub fn new(config: &SchemaRegistryConfig, cache: Arc<SchemaCache>) -> Result<Self, String> {
+        let urls: Vec<String> = config
+            .url
+            .iter()
+            .flat_map(|u| u.split(','))
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        // reqwest's rustls needs a process-wide provider; another part may have set one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms));
+        if let Some(path) = &config.ca_location {
+            let pem = std::fs::read(path).map_err(|e| {
+                format!("schema_registry.ca_location: cannot read {path}: {e}")
+            })?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                format!("schema_registry.ca_location: {path} is not a PEM bundle: {e}")
+            })?;
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("schema registry client: {e}"))?;
+        Ok(Self {
+            urls,
+            client,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            cache,
+            fetching: tokio::sync::Mutex::new(()),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Makes sure the cache holds an answer for every id in `ids`.
+    pub async fn resolve(&self, ids: impl IntoIterator<Item = u32>) -> Result<(), RegistryError> {
+        let mut missing: Vec<u32> = ids
+            .into_iter()
+            .filter(|id| self.cache.get(*id).is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let _one = self.fetching.lock().await;
+        for id in missing {
+            if self.cache.get(id).is_none() {
+                let lookup = self.fetch(id).await?;
+                self.cache.insert(id, lookup);
+            }
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self, id: u32) -> Result<Lookup, RegistryError> {
+        let Some(body) = self.get(&format!("/schemas/ids/{id}")).await? else {
+            return Ok(Lookup::Unknown(format!(
+                "schema id {id} is unknown to the registry"
+            )));
+        };
+        let kind = body.schema_type.as_deref().unwrap_or("AVRO");
+        if !kind.eq_ignore_ascii_case("AVRO") {
+            return Ok(Lookup::Unknown(format!(
+                "schema id {id} is a {kind} schema, and the route reads avro"
+            )));
+        }
+        let mut references = Vec::new();
+        if let Err(why) = self
+            .references(&body.references, &mut references, &mut Vec::new())
+            .await?
+        {
+            return Ok(Lookup::Unknown(format!("schema id {id}: {why}")));
+        }
+        Ok(match WriterSchema::parse(id, &body.schema, &references) {
+            Ok(schema) => Lookup::Found(Arc::new(schema)),
+            Err(e) => Lookup::Unknown(format!("schema id {id} does not parse as Avro: {e}")),
+        })
+    }
+
+    /// Appends the texts of `wanted` and of what they reference, dependencies first, each
+    /// once (`seen` holds subject and version); the inner `Err` says why a reference
+    /// cannot be had.
+    async fn references(
+        &self,
+        wanted: &[Reference],
+        texts: &mut Vec<String>,
+        seen: &mut Vec<(String, i64)>,
+    ) -> Result<Result<(), String>, RegistryError> {
+        for reference in wanted {
+            let key = (reference.subject.clone(), reference.version);
+            if seen.contains(&key) {
+                continue;
+            }
+            seen.push(key);
+            let path = format!(
+                "/subjects/{}/versions/{}",
+                encode_path(&reference.subject),
+                reference.version
+            );
+            let Some(body) = self.get(&path).await? else {
+                return Ok(Err(format!(
+                    "its reference {} version {} is unknown to the registry",
+                    reference.subject, reference.version
+                )));
+            };
+            if let Err(why) = Box::pin(self.references(&body.references, texts, seen)).await? {
+                return Ok(Err(why));
+            }
+            texts.push(body.schema);
+        }
+        Ok(Ok(()))
+    }
+
+    /// `GET path` from the first registry that answers; `None` for a 404.
+    async fn get(&self, path: &str) -> Result<Option<SchemaBody>, RegistryError> {
+        let mut failures = Vec::new();
+        for url in &self.urls {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let mut request = self.client.get(format!("{url}{path}")).header(
+                reqwest::header::ACCEPT,
+                "application/vnd.schemaregistry.v1+json, application/json",
+            );
+            if let Some(username) = &self.username {
+                request = request.basic_auth(
+                    username,
+                    self.password.as_ref().map(|p| p.expose_secret().to_owned()),
+                );
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    failures.push(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            let status = response.status();
+            match status.as_u16() {
+                200 => {
+                    return response.json().await.map(Some).map_err(|e| {
+                        RegistryError::transient(format!("{url}{path}: unreadable answer: {e}"))
+                    });
+                }
+                // The registry's own "not found" codes (subject, version, schema); a 404
+                // without one is no registry (a wrong URL), to be fixed, not believed.
+                404 => match response.json::<ErrorBody>().await {
+                    Ok(ErrorBody {
+                        error_code: 40401..=40403,
+                    }) => return Ok(None),
+                    _ => failures.push(format!(
+                        "{url}{path}: 404 without a registry error code (is {url} the \
+                         registry's base URL? schema_registry.url)"
+                    )),
+                },
+                401 | 403 => {
+                    return Err(RegistryError {
+                        class: ErrorClass::Fatal,
+                        message: format!(
+                            "{url} refused the credentials ({status}): check \
+                             schema_registry.username and schema_registry.password"
+                        ),
+                    });
+                }
+                _ => failures.push(format!("{url}{path}: {status}")),
+            }
+        }
+        Err(RegistryError::transient(failures.join("; ")))
+    }
+}
+
+/// A subject name as one URL path segment.
+fn encode_path(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,457 @@
+//! Avro values in the Confluent wire format. The writer schemas come from a registry
+//! each test serves itself, implementing the REST subset the worker uses:
+//! `GET /schemas/ids/{id}` (a 404 with error code 40403 for an id it does not hold).
+//! Bytes come from Confluent's own Python `AvroSerializer` (`tests/fixtures/
+//! confluent-avro.json`, made by `scripts/avro-fixtures`) and from apache-avro.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use kafka_pg_ingest::pipeline::Pipeline;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// A Schema Registry serving fixed schemas by id, counting requests; `down` answers 503.
+struct TestRegistry {
+    url: String,
+    requests: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct Served {
+    schemas: Arc<HashMap<u32, String>>,
+    requests: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
+}
+
+async fn schema_by_id(State(served): State<Served>, Path(id): Path<u32>) -> impl IntoResponse {
+    served.requests.fetch_add(1, Ordering::SeqCst);
+    let (status, body) = if served.down.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error_code": 50301}),
+        )
+    } else {
+        match served.schemas.get(&id) {
+            Some(schema) => (StatusCode::OK, json!({ "schema": schema })),
+            None => (
+                StatusCode::NOT_FOUND,
+                json!({"error_code": 40403, "message": "Schema not found"}),
+            ),
+        }
+    };
+    let json = "application/vnd.schemaregistry.v1+json";
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, json)],
+        body.to_string(),
+    )
+}
+
+impl TestRegistry {
+    async fn start(schemas: HashMap<u32, String>) -> Self {
+        let served = Served {
+            schemas: Arc::new(schemas),
+            requests: Arc::new(AtomicU64::new(0)),
+            down: Arc::new(AtomicBool::new(false)),
+        };
+        let (requests, down) = (served.requests.clone(), served.down.clone());
+        let app = axum::Router::new()
+            .route("/schemas/ids/{id}", axum::routing::get(schema_by_id))
+            .with_state(served);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("registry serves");
+        });
+        Self {
+            url,
+            requests,
+            down,
+            _server: server,
+        }
+    }
+}
+
+/// The fixture Confluent's serializer made.
+struct Fixture {
+    schemas: HashMap<u32, String>,
+    /// Framed values and what each holds.
+    records: Vec<(Vec<u8>, Value)>,
+}
+
+fn fixture() -> Fixture {
+    let text = include_str!("../fixtures/confluent-avro.json");
+    let doc: Value = serde_json::from_str(text).expect("fixture is JSON");
+    let schemas = doc["schemas"]
+        .as_object()
+        .expect("schemas")
+        .iter()
+        .map(|(id, s)| {
+            (
+                id.parse().expect("id"),
+                s.as_str().expect("text").to_owned(),
+            )
+        })
+        .collect();
+    let records = doc["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| {
+            let hex = r["value_hex"].as_str().expect("hex");
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
+                .collect();
+            (bytes, r["expected"].clone())
+        })
+        .collect();
+    Fixture { schemas, records }
+}
+
+/// The default website-metrics mapping, reading Avro from `registry`.
+fn avro_sink(registry: &TestRegistry) -> String {
+    format!(
+        "sink:\n  format: avro\nschema_registry:\n  url: {}\n  timeout_ms: 2000\n",
+        registry.url
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confluent_serialized_avro_of_two_schema_versions_lands_with_every_logical_type() {
+    let db = TestDb::new().await;
+    let fixture = fixture();
+    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    sqlx::raw_sql(
+        "CREATE SCHEMA probes; CREATE TABLE probes.results (
+           at timestamptz NOT NULL, url text NOT NULL, ip inet, response_time interval,
+           status int4, found bool, comment text, region text, price numeric(12,4),
+           probe_id uuid, day date, checked_at timestamptz, tags jsonb, raw bytea,
+           whole jsonb, kafka_topic text NOT NULL, kafka_partition int4 NOT NULL,
+           kafka_offset int8 NOT NULL,
+           UNIQUE (kafka_topic, kafka_partition, kafka_offset))",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("table");
+    let kafka = TestKafka::new(2);
+    let columns = [
+        ("at", "request_timestamp", "timestamptz"),
+        ("url", "url", "text"),
+        ("ip", "ip_address", "inet"),
+        ("response_time", "resp_time", "interval"),
+        ("status", "resp_status_code", "int4"),
+        ("found", "pattern_found", "bool"),
+        ("comment", "comment", "text"),
+        ("region", "region", "text"),
+        ("price", "price", "numeric"),
+        ("probe_id", "probe_id", "uuid"),
+        ("day", "day", "date"),
+        ("checked_at", "checked_at", "timestamptz"),
+        ("tags", "/tags", "jsonb"),
+        ("raw", "raw", "bytea"),
+        ("whole", "@value", "jsonb"),
+        ("kafka_topic", "@topic", "text"),
+        ("kafka_partition", "@partition", "int4"),
+        ("kafka_offset", "@offset", "int8"),
+    ];
+    let mut yaml = format!(
+        "schema_registry:\n  url: {}\nroutes:\n  - topic: {}\n    table: probes.results\n    format: avro\n    columns:\n",
+        registry.url, kafka.topic
+    );
+    for (column, field, kind) in columns {
+        yaml.push_str(&format!(
+            "      - {{ column: {column}, field: \"{field}\", type: {kind} }}\n"
+        ));
+    }
+    let config = kafka.config_with_yaml(&db, &yaml).expect("route loads");
+    kafka.produce(
+        fixture
+            .records
+            .iter()
+            .map(|(b, _)| Some(b.clone()))
+            .collect(),
+    );
+    let total = fixture.records.len() as i64;
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        total,
+        Duration::from_secs(60),
+    )
+    .await;
+    let scrape = pipeline.observers().metrics.encode();
+    pipeline.close().await;
+
+    let rows: Vec<Value> = sqlx::query_scalar(
+        "SELECT json_build_object('comment', comment, 'at', at, 'url', url, 'ip', host(ip),
+           'response_us', (extract(epoch FROM response_time) * 1000000)::int8, 'status', status, 'found', found,
+           'region', region, 'price', price::text, 'probe_id', probe_id, 'day', day,
+           'checked_at', checked_at, 'tags', tags, 'raw', encode(raw, 'hex'),
+           'whole_comment', whole->>'comment', 'whole_price', whole->>'price')
+         FROM probes.results ORDER BY comment::int",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("rows");
+    assert_eq!(rows.len() as i64, total, "every record is a row");
+    for (row, (_, expected)) in rows.iter().zip(&fixture.records) {
+        let same_instant = |a: &Value, b: &Value| {
+            let parse = |v: &Value| {
+                chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a timestamp"))
+                    .expect("RFC 3339")
+            };
+            parse(a) == parse(b)
+        };
+        assert_eq!(row["comment"], expected["comment"]);
+        assert!(
+            same_instant(&row["at"], &expected["request_timestamp"]),
+            "{row} {expected}"
+        );
+        assert_eq!(row["url"], expected["url"]);
+        assert_eq!(row["ip"], expected["ip_address"]);
+        assert_eq!(row["status"], expected["resp_status_code"]);
+        assert_eq!(row["found"], expected["pattern_found"]);
+        // H:MM:SS.ffffff, under a minute here.
+        let resp_time = expected["resp_time"].as_str().expect("text");
+        let seconds: f64 = resp_time
+            .rsplit(':')
+            .next()
+            .expect("seconds")
+            .parse()
+            .expect("a number");
+        assert_eq!(row["response_us"], json!((seconds * 1e6).round() as i64));
+        assert_eq!(row["whole_comment"], expected["comment"]);
+        if expected.get("price").is_some() {
+            assert_eq!(row["region"], expected["region"]);
+            assert_eq!(row["price"], expected["price"], "exact at scale 4");
+            assert_eq!(row["whole_price"], expected["price"]);
+            assert_eq!(row["probe_id"], expected["probe_id"]);
+            assert_eq!(row["day"], expected["day"]);
+            assert!(same_instant(&row["checked_at"], &expected["checked_at"]));
+            assert_eq!(row["tags"], expected["tags"]);
+            assert_eq!(row["raw"], expected["raw"]);
+        } else {
+            // Version 1 has none of version 2's fields.
+            for absent in [
+                "region",
+                "price",
+                "probe_id",
+                "day",
+                "checked_at",
+                "tags",
+                "raw",
+            ] {
+                assert_eq!(row[absent], Value::Null, "{absent} of {row}");
+            }
+        }
+    }
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest.dead_letters")
+        .fetch_one(&db.pool)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead, 0);
+    assert_eq!(
+        registry.requests.load(Ordering::SeqCst),
+        2,
+        "one request per schema id"
+    );
+    assert!(
+        scrape.contains("kafka_pg_ingest_schema_registry_requests_total 2"),
+        "{scrape}"
+    );
+    db.drop().await;
+}
+
+/// `count` website-metrics records framed under schema ids 1 and 2 (alternating) of
+/// `fixture`, encoded by apache-avro.
+fn encoded_probes(fixture: &Fixture, from: u64, count: u64) -> Vec<Option<Vec<u8>>> {
+    use apache_avro::types::Value as Avro;
+    let schemas: Vec<(u32, apache_avro::Schema)> = [1u32, 2]
+        .iter()
+        .map(|id| {
+            let schema = apache_avro::Schema::parse_str(&fixture.schemas[id]).expect("schema");
+            (*id, schema)
+        })
+        .collect();
+    (from..from + count)
+        .map(|i| {
+            let (id, schema) = &schemas[(i % 2) as usize];
+            let mut fields = vec![
+                (
+                    "request_timestamp".to_owned(),
+                    Avro::TimestampMicros(1_764_547_200_000_000 + i as i64),
+                ),
+                (
+                    "url".to_owned(),
+                    Avro::String("https://www.example.com/".into()),
+                ),
+                (
+                    "ip_address".to_owned(),
+                    Avro::Union(1, Box::new(Avro::String("104.18.1.1".into()))),
+                ),
+                ("resp_time".to_owned(), Avro::Union(0, Box::new(Avro::Null))),
+                ("resp_status_code".to_owned(), Avro::Int(200)),
+                ("pattern_found".to_owned(), Avro::Boolean(true)),
+                (
+                    "service_name".to_owned(),
+                    Avro::Union(0, Box::new(Avro::Null)),
+                ),
+                ("comment".to_owned(), Avro::String(i.to_string())),
+            ];
+            if *id == 2 {
+                fields.extend([
+                    ("region".to_owned(), Avro::Enum(1, "US".into())),
+                    ("price".to_owned(), Avro::Union(0, Box::new(Avro::Null))),
+                    ("probe_id".to_owned(), Avro::Union(0, Box::new(Avro::Null))),
+                    ("day".to_owned(), Avro::Union(0, Box::new(Avro::Null))),
+                    (
+                        "checked_at".to_owned(),
+                        Avro::Union(0, Box::new(Avro::Null)),
+                    ),
+                    ("tags".to_owned(), Avro::Map(HashMap::new())),
+                    ("raw".to_owned(), Avro::Union(0, Box::new(Avro::Null))),
+                ]);
+            }
+            let datum = apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+                .build()
+                .expect("writer")
+                .write_value_to_vec(Avro::Record(fields))
+                .expect("encodes");
+            let mut framed = vec![0];
+            framed.extend_from_slice(&id.to_be_bytes());
+            framed.extend_from_slice(&datum);
+            Some(framed)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_avro_records_of_two_schema_versions_land_exactly_once_with_one_request_per_id()
+ {
+    let db = TestDb::new().await;
+    let fixture = fixture();
+    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    let kafka = TestKafka::new(4);
+    kafka.produce(encoded_probes(&fixture, 0, 10_000));
+    let config = kafka
+        .config_with_yaml(&db, &avro_sink(&registry))
+        .expect("config loads");
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, 10_000, 0).await;
+    assert_eq!(registry.requests.load(Ordering::SeqCst), 2);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_down_for_10_s_mid_stream_dead_letters_nothing_and_the_stream_lands_once() {
+    let db = TestDb::new().await;
+    let fixture = fixture();
+    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    let kafka = TestKafka::new(2);
+    // Schema id 1 only, so id 2 is first seen while the registry is down.
+    let first: Vec<Option<Vec<u8>>> = encoded_probes(&fixture, 0, 2_000)
+        .into_iter()
+        .step_by(2)
+        .collect();
+    kafka.produce(first);
+    let config = kafka
+        .config_with_yaml(&db, &avro_sink(&registry))
+        .expect("config loads");
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        1_000,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    registry.down.store(true, Ordering::SeqCst);
+    let down_at = std::time::Instant::now();
+    let up = registry.down.clone();
+    let outage = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        up.store(false, Ordering::SeqCst);
+    });
+    kafka.produce(encoded_probes(&fixture, 2_000, 1_000));
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        2_000,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(
+        down_at.elapsed() >= Duration::from_secs(10),
+        "records of an unfetched schema waited for the registry"
+    );
+    outage.await.expect("outage ends");
+    let scrape = pipeline.observers().metrics.encode();
+    pipeline.close().await;
+    assert_landed_once(&db, &kafka, 2_000, 0).await;
+    let retried = scrape
+        .lines()
+        .find(|l| l.starts_with("kafka_pg_ingest_retries_total{class=\"transient\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .expect("retries exported");
+    assert!(retried > 0, "the outage was retried: {scrape}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_schema_id_truncated_bytes_and_a_missing_magic_byte_are_one_dead_letter_each() {
+    let db = TestDb::new().await;
+    let fixture = fixture();
+    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    let kafka = TestKafka::new(1);
+    let good = encoded_probes(&fixture, 0, 100);
+    let mut payloads = good.clone();
+    let sample = good[0].clone().expect("bytes");
+    let mut unknown = sample.clone();
+    unknown[1..5].copy_from_slice(&99u32.to_be_bytes());
+    let truncated = sample[..sample.len() - 3].to_vec();
+    let unframed = br#"{"url": "https://www.example.com/"}"#.to_vec();
+    payloads.insert(10, Some(unknown));
+    payloads.insert(50, Some(truncated));
+    payloads.insert(90, Some(unframed));
+    payloads.insert(95, Some(vec![0, 0, 0]));
+    kafka.produce(payloads);
+    let config = kafka
+        .config_with_yaml(&db, &avro_sink(&registry))
+        .expect("config loads");
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, 100, 4).await;
+    let reasons: Vec<(String, String)> =
+        sqlx::query_as("SELECT reason_code, reason FROM ingest.dead_letters ORDER BY \"offset\"")
+            .fetch_all(&db.pool)
+            .await
+            .expect("dead letters");
+    let codes: Vec<&str> = reasons.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["unknown_schema", "bad_avro", "not_framed", "not_framed"]
+    );
+    assert!(reasons[0].1.contains("schema id 99"), "{reasons:?}");
+    assert!(reasons[1].1.contains("schema id 1"), "{reasons:?}");
+    assert!(reasons[2].1.contains("magic byte 0"), "{reasons:?}");
+    assert!(reasons[3].1.contains("too short"), "{reasons:?}");
+    // The unknown id was asked for once, as each known one.
+    assert_eq!(registry.requests.load(Ordering::SeqCst), 3);
+    db.drop().await;
+}
