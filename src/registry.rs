@@ -62,6 +62,8 @@ struct SchemaBody {
 #[derive(Debug, Deserialize)]
 struct ErrorBody {
     error_code: i64,
+    #[serde(default)]
+    message: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,9 +103,10 @@ impl Registry {
             .map(|u| u.trim().trim_end_matches('/').to_owned())
             .filter(|u| !u.is_empty())
             .collect();
-        // reqwest's rustls needs a process-wide provider; another part may have set one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::security::install_rustls_provider();
         let mut builder = reqwest::Client::builder()
+            // A redirect would drop the credentials, or leave https: it is reported.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms));
         if let Some(path) = &config.ca_location {
@@ -158,14 +161,21 @@ impl Registry {
     }
 
     async fn fetch(&self, id: u32) -> Result<Lookup, RegistryError> {
-        let Some(body) = self.get(&format!("/schemas/ids/{id}")).await? else {
-            return Ok(Lookup::Unknown(format!(
-                "schema id {id} is unknown to the registry"
+        // Registries number schemas with 32-bit signed integers.
+        if id > i32::MAX as u32 {
+            return Ok(Lookup::unknown(format!(
+                "schema id {id} is beyond what a registry numbers (2^31 - 1)"
             )));
+        }
+        let body = match self.get(&format!("/schemas/ids/{id}")).await? {
+            Answer::Found(body) => body,
+            Answer::Missing(why) => {
+                return Ok(Lookup::unknown(format!("schema id {id}: {why}")));
+            }
         };
         let kind = body.schema_type.as_deref().unwrap_or("AVRO");
         if !kind.eq_ignore_ascii_case("AVRO") {
-            return Ok(Lookup::Unknown(format!(
+            return Ok(Lookup::unknown(format!(
                 "schema id {id} is a {kind} schema, and the route reads avro"
             )));
         }
@@ -174,11 +184,11 @@ impl Registry {
             .references(&body.references, &mut references, &mut Vec::new())
             .await?
         {
-            return Ok(Lookup::Unknown(format!("schema id {id}: {why}")));
+            return Ok(Lookup::unknown(format!("schema id {id}: {why}")));
         }
         Ok(match WriterSchema::parse(id, &body.schema, &references) {
             Ok(schema) => Lookup::Found(Arc::new(schema)),
-            Err(e) => Lookup::Unknown(format!("schema id {id} does not parse as Avro: {e}")),
+            Err(e) => Lookup::unknown(format!("schema id {id} is not read: {e}")),
         })
     }
 
@@ -202,11 +212,14 @@ impl Registry {
                 encode_path(&reference.subject),
                 reference.version
             );
-            let Some(body) = self.get(&path).await? else {
-                return Ok(Err(format!(
-                    "its reference {} version {} is unknown to the registry",
-                    reference.subject, reference.version
-                )));
+            let body = match self.get(&path).await? {
+                Answer::Found(body) => body,
+                Answer::Missing(why) => {
+                    return Ok(Err(format!(
+                        "its reference {} version {}: {why}",
+                        reference.subject, reference.version
+                    )));
+                }
             };
             if let Err(why) = Box::pin(self.references(&body.references, texts, seen)).await? {
                 return Ok(Err(why));
@@ -216,9 +229,13 @@ impl Registry {
         Ok(Ok(()))
     }
 
-    /// `GET path` from the first registry that answers; `None` for a 404.
-    async fn get(&self, path: &str) -> Result<Option<SchemaBody>, RegistryError> {
+    /// `GET path` from the registries in turn, until one answers with the schema. A
+    /// registry's "not found" (404 with its error code), or another refusal of the
+    /// request itself (4xx), is believed once every registry has said so; no answer,
+    /// 5xx, 408, 429 or a 404 that is no registry's (a wrong URL) is transient.
+    async fn get(&self, path: &str) -> Result<Answer, RegistryError> {
         let mut failures = Vec::new();
+        let mut missing = None;
         for url in &self.urls {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let mut request = self.client.get(format!("{url}{path}")).header(
@@ -241,21 +258,11 @@ impl Registry {
             let status = response.status();
             match status.as_u16() {
                 200 => {
-                    return response.json().await.map(Some).map_err(|e| {
-                        RegistryError::transient(format!("{url}{path}: unreadable answer: {e}"))
+                    return Ok(match response.json::<SchemaBody>().await {
+                        Ok(body) => Answer::Found(body),
+                        Err(e) => Answer::Missing(format!("the registry's answer is no schema: {e}")),
                     });
                 }
-                // The registry's own "not found" codes (subject, version, schema); a 404
-                // without one is no registry (a wrong URL), to be fixed, not believed.
-                404 => match response.json::<ErrorBody>().await {
-                    Ok(ErrorBody {
-                        error_code: 40401..=40403,
-                    }) => return Ok(None),
-                    _ => failures.push(format!(
-                        "{url}{path}: 404 without a registry error code (is {url} the \
-                         registry's base URL? schema_registry.url)"
-                    )),
-                },
                 401 | 403 => {
                     return Err(RegistryError {
                         class: ErrorClass::Fatal,
@@ -265,11 +272,48 @@ impl Registry {
                         ),
                     });
                 }
+                300..=399 => {
+                    let to = response
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .unwrap_or("elsewhere")
+                        .to_owned();
+                    return Err(RegistryError {
+                        class: ErrorClass::Fatal,
+                        message: format!(
+                            "{url}{path} redirects ({status}) to {to}: set schema_registry.url \
+                             to the registry's own base URL"
+                        ),
+                    });
+                }
+                404 => match response.json::<ErrorBody>().await {
+                    Ok(ErrorBody {
+                        error_code: 40400..=40499,
+                        message,
+                    }) => missing = Some(format!("not found ({message})")),
+                    _ => failures.push(format!(
+                        "{url}{path}: 404 without a registry error code (is {url} the \
+                         registry's base URL? schema_registry.url)"
+                    )),
+                },
+                408 | 429 => failures.push(format!("{url}{path}: {status}")),
+                400..=499 => missing = Some(format!("the registry refuses the request ({status})")),
                 _ => failures.push(format!("{url}{path}: {status}")),
             }
         }
-        Err(RegistryError::transient(failures.join("; ")))
+        match missing {
+            Some(why) if failures.is_empty() => Ok(Answer::Missing(why)),
+            _ => Err(RegistryError::transient(failures.join("; "))),
+        }
     }
+}
+
+/// What a registry said of a schema.
+enum Answer {
+    Found(SchemaBody),
+    /// It does not have it, or refuses to give it: why.
+    Missing(String),
 }
 
 /// A subject name as one URL path segment.

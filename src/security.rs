@@ -56,6 +56,13 @@ const REFUSED_KAFKA_OPTIONS: [(&str, &str); 5] = [
 ];
 
 /// Checks the transport security keys of both clients and the files they name.
+/// Makes ring the process's rustls provider unless one is set: the HTTP clients (the
+/// OTLP exporter's, the schema registry's) build their TLS from the process default,
+/// and rustls picks none by itself when several could serve.
+pub fn install_rustls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn validate(config: &Config) -> Result<(), ConfigError> {
     validate_kafka(&config.kafka)?;
     validate_postgres(&config.postgres)

@@ -634,6 +634,13 @@ impl Config {
             }
             None => None,
         };
+        if !self.routes.is_empty() && self.sink.format != ValueFormat::Json {
+            return Err(invalid(
+                "sink.format",
+                "applies to the implicit route only, and routes are given: set the format \
+                 of each route (routes[N].format)",
+            ));
+        }
         let urls: Vec<&str> = registry
             .url
             .iter()
@@ -652,10 +659,12 @@ impl Config {
                 ),
             ));
         }
-        if let Some(bad) = urls
-            .iter()
-            .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
-        {
+        let usable = |u: &str| {
+            reqwest::Url::parse(u).is_ok_and(|url| {
+                matches!(url.scheme(), "http" | "https") && url.host_str().is_some()
+            })
+        };
+        if let Some(bad) = urls.iter().find(|u| !usable(u)) {
             return Err(invalid(
                 "schema_registry.url",
                 format!("`{bad}` is not an http:// or https:// URL"),
@@ -1178,6 +1187,16 @@ mod tests {
                 "schema_registry:\n  url: registry:8081\n".to_owned(),
                 "schema_registry.url",
                 "not an http:// or https:// URL",
+            ),
+            (
+                "schema_registry:\n  url: http://\n".to_owned(),
+                "schema_registry.url",
+                "not an http:// or https:// URL",
+            ),
+            (
+                format!("sink:\n  format: avro\n{route}"),
+                "sink.format",
+                "applies to the implicit route only",
             ),
             (
                 "schema_registry:\n  url: http://r:8081\n  username: u\n".to_owned(),

@@ -13,13 +13,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::{NamesRef, ResolvedSchema};
 use apache_avro::types::Value as Avro;
 use base64::Engine;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde_json::Value;
 
 use super::value::Input;
@@ -45,9 +46,11 @@ impl WriterSchema {
     /// Parses schema `id` from its text and the texts of the schemas it references
     /// (dependencies first).
     pub fn parse(id: u32, text: &str, references: &[String]) -> Result<Self, String> {
-        let mut texts: Vec<&str> = references.iter().map(String::as_str).collect();
-        texts.push(text);
-        let parsed = Schema::parse_list(texts).map_err(|e| e.to_string())?;
+        // The schema itself may be unnamed (a bare "string", an array); those it
+        // references are named.
+        let (main, mut parsed) =
+            Schema::parse_str_with_list(text, references).map_err(|e| e.to_string())?;
+        parsed.push(main);
         // A reader borrows its schemas; they live as long as the process, as the cache
         // entry holding them does (one per schema id the stream carries).
         let schemata: &'static [Schema] = Box::leak(parsed.into_boxed_slice());
@@ -57,6 +60,7 @@ impl WriterSchema {
             .map_err(|e| e.to_string())?
             .get_names()
             .clone();
+        check(schema, &names, &mut Vec::new())?;
         let reader = GenericDatumReader::builder(schema)
             .writer_schemata(all)
             .map_err(|e| e.to_string())?
@@ -70,11 +74,19 @@ impl WriterSchema {
         })
     }
 
-    /// Decodes one datum; every byte must belong to it.
+    /// Decodes one datum; every byte must belong to it, and it must not end early
+    /// (apache-avro takes a boolean, string or union cut off by the end for a null).
     fn decode(&self, datum: &[u8]) -> Result<Avro, String> {
-        let mut rest = datum;
-        let value = self.reader.read_value(&mut rest).map_err(|e| e.to_string())?;
-        match rest.len() {
+        let mut input = Exact {
+            rest: datum,
+            short: false,
+        };
+        let value = self.reader.read_value(&mut input);
+        if input.short {
+            return Err("the datum ends early (truncated)".to_owned());
+        }
+        let value = value.map_err(|e| e.to_string())?;
+        match input.rest.len() {
             0 => Ok(value),
             n => Err(format!("{n} bytes left over after the datum")),
         }
@@ -162,34 +174,35 @@ impl Decoded {
         }
     }
 
-    /// A part as a column's input.
-    pub(super) fn input<'a>(&'a self, part: Part<'a>) -> Input<'a> {
-        match part.value {
+    /// A part as a column's input, or why its value cannot be one (an instant or a
+    /// date outside years 1 to 9999, a time of day outside the day, a decimal longer
+    /// than its precision allows).
+    pub(super) fn input<'a>(&'a self, part: Part<'a>) -> Result<Input<'a>, String> {
+        Ok(match part.value {
             Avro::Int(n) => Input::Int(i64::from(*n)),
             Avro::Long(n) => Input::Int(*n),
             Avro::Bytes(b) | Avro::Fixed(_, b) => Input::Bytes(b),
             Avro::String(s) | Avro::Enum(_, s) => Input::Str(s),
-            Avro::Date(days) => {
-                date(*days).map_or_else(|| Input::Owned(Value::from(*days)), Input::Date)
-            }
+            Avro::Date(days) => Input::Date(date(*days)?),
             Avro::Uuid(u) => Input::Uuid(*u),
-            Avro::Decimal(_) | Avro::BigDecimal(_) => {
-                decimal(part).map_or(Input::Owned(Value::Null), Input::Decimal)
-            }
-            other => instant(other).map_or_else(|| Input::Owned(self.json(part)), Input::Timestamp),
-        }
+            Avro::Decimal(_) | Avro::BigDecimal(_) => Input::Decimal(decimal(part)?),
+            other => match instant(other)? {
+                Some(ts) => Input::Timestamp(ts),
+                None => Input::Owned(self.json(part)?),
+            },
+        })
     }
 
     /// A part as JSON: records and maps as objects, decimals as exact decimal text,
     /// instants as RFC 3339 text, bytes as base64.
-    pub(super) fn json(&self, part: Part<'_>) -> Value {
-        match part.value {
+    pub(super) fn json(&self, part: Part<'_>) -> Result<Value, String> {
+        Ok(match part.value {
             Avro::Null => Value::Null,
             Avro::Boolean(b) => Value::Bool(*b),
             Avro::Int(n) => Value::from(*n),
             Avro::Long(n) => Value::from(*n),
-            Avro::TimeMillis(ms) => time_of_day(i64::from(*ms) * 1_000),
-            Avro::TimeMicros(us) => time_of_day(*us),
+            Avro::TimeMillis(ms) => time_of_day(i64::from(*ms) * 1_000)?,
+            Avro::TimeMicros(us) => time_of_day(*us)?,
             Avro::Float(f) => float(f64::from(*f)),
             Avro::Double(f) => float(*f),
             Avro::Bytes(b) | Avro::Fixed(_, b) => {
@@ -197,53 +210,52 @@ impl Decoded {
             }
             Avro::String(s) | Avro::Enum(_, s) => Value::String(s.clone()),
             Avro::Uuid(u) => Value::String(u.to_string()),
-            Avro::Date(days) => match date(*days) {
-                Some(d) => Value::String(d.to_string()),
-                None => Value::from(*days),
-            },
-            Avro::Decimal(_) | Avro::BigDecimal(_) => decimal(part).map_or(Value::Null, Value::String),
+            Avro::Date(days) => Value::String(date(*days)?.to_string()),
+            Avro::Decimal(_) | Avro::BigDecimal(_) => Value::String(decimal(part)?),
             Avro::Duration(d) => serde_json::json!({
                 "months": u32::from(d.months()),
                 "days": u32::from(d.days()),
                 "millis": u32::from(d.millis()),
             }),
-            Avro::Array(_) | Avro::Map(_) | Avro::Record(_) => {
-                let children: Vec<(String, Part<'_>)> = match (part.value, part.schema) {
-                    (Avro::Record(fields), Schema::Record(record)) => fields
+            Avro::Array(items) => match part.schema {
+                Schema::Array(array) => Value::Array(
+                    items
+                        .iter()
+                        .map(|v| self.json(self.schema.part(v, &array.items)))
+                        .collect::<Result<_, _>>()?,
+                ),
+                _ => Value::Null,
+            },
+            Avro::Map(entries) => match part.schema {
+                Schema::Map(map) => Value::Object(
+                    entries
+                        .iter()
+                        .map(|(k, v)| Ok((k.clone(), self.json(self.schema.part(v, &map.types))?)))
+                        .collect::<Result<_, String>>()?,
+                ),
+                _ => Value::Null,
+            },
+            Avro::Record(fields) => match part.schema {
+                Schema::Record(record) => Value::Object(
+                    fields
                         .iter()
                         .zip(&record.fields)
-                        .map(|((name, v), f)| (name.clone(), self.schema.part(v, &f.schema)))
-                        .collect(),
-                    (Avro::Map(entries), Schema::Map(map)) => entries
-                        .iter()
-                        .map(|(k, v)| (k.clone(), self.schema.part(v, &map.types)))
-                        .collect(),
-                    (Avro::Array(items), Schema::Array(array)) => {
-                        return Value::Array(
-                            items
-                                .iter()
-                                .map(|v| self.json(self.schema.part(v, &array.items)))
-                                .collect(),
-                        );
-                    }
-                    _ => Vec::new(),
-                };
-                Value::Object(
-                    children
-                        .into_iter()
-                        .map(|(k, p)| (k, self.json(p)))
-                        .collect(),
-                )
-            }
+                        .map(|((name, v), f)| {
+                            Ok((name.clone(), self.json(self.schema.part(v, &f.schema))?))
+                        })
+                        .collect::<Result<_, String>>()?,
+                ),
+                _ => Value::Null,
+            },
             Avro::Union(_, inner) => self.json(Part {
                 value: inner,
                 schema: part.schema,
-            }),
-            other => match instant(other) {
+            })?,
+            other => match instant(other)? {
                 Some(ts) => Value::String(ts.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
                 None => Value::Null,
             },
-        }
+        })
     }
 }
 
@@ -254,48 +266,69 @@ fn float(f: f64) -> Value {
 }
 
 /// A time of day as `H:MM:SS.ffffff` (what an `interval` or `text` column takes).
-fn time_of_day(micros: i64) -> Value {
-    let (secs, us) = (micros.div_euclid(1_000_000), micros.rem_euclid(1_000_000));
-    Value::String(format!(
+fn time_of_day(micros: i64) -> Result<Value, String> {
+    if !(0..86_400_000_000).contains(&micros) {
+        return Err(format!("time of day {micros} µs is outside the day"));
+    }
+    let (secs, us) = (micros / 1_000_000, micros % 1_000_000);
+    Ok(Value::String(format!(
         "{}:{:02}:{:02}.{us:06}",
         secs / 3600,
         secs / 60 % 60,
         secs % 60
-    ))
+    )))
+}
+
+/// Within years 1 to 9999, which Postgres' text form and the JSON path take.
+fn in_years(date: NaiveDate) -> bool {
+    (1..=9999).contains(&date.year())
 }
 
 /// Avro's days since the Unix epoch as a date.
-fn date(days: i32) -> Option<NaiveDate> {
-    DateTime::from_timestamp(i64::from(days) * 86_400, 0).map(|t| t.date_naive())
+fn date(days: i32) -> Result<NaiveDate, String> {
+    DateTime::from_timestamp(i64::from(days) * 86_400, 0)
+        .map(|t| t.date_naive())
+        .filter(|d| in_years(*d))
+        .ok_or_else(|| format!("date {days} days from 1970-01-01 is outside years 1 to 9999"))
 }
 
-/// The instant of a timestamp logical type (local timestamps taken as UTC: they carry no
-/// zone).
-fn instant(value: &Avro) -> Option<DateTime<Utc>> {
-    match *value {
+/// The instant of a timestamp logical type (local timestamps taken as UTC: they carry
+/// no zone); `None` for a value of another type.
+fn instant(value: &Avro) -> Result<Option<DateTime<Utc>>, String> {
+    let (ts, n, unit) = match *value {
         Avro::TimestampMillis(ms) | Avro::LocalTimestampMillis(ms) => {
-            DateTime::from_timestamp_millis(ms)
+            (DateTime::from_timestamp_millis(ms), ms, "ms")
         }
         Avro::TimestampMicros(us) | Avro::LocalTimestampMicros(us) => {
-            DateTime::from_timestamp_micros(us)
+            (DateTime::from_timestamp_micros(us), us, "µs")
         }
         Avro::TimestampNanos(ns) | Avro::LocalTimestampNanos(ns) => {
-            Some(DateTime::from_timestamp_nanos(ns))
+            (Some(DateTime::from_timestamp_nanos(ns)), ns, "ns")
         }
-        _ => None,
-    }
+        _ => return Ok(None),
+    };
+    ts.filter(|t| in_years(t.date_naive()))
+        .map(Some)
+        .ok_or_else(|| format!("timestamp {n} {unit} from the epoch is outside years 1 to 9999"))
 }
 
-/// Exact decimal text of a decimal at its schema's scale.
-fn decimal(part: Part<'_>) -> Option<String> {
-    match (part.value, part.schema) {
-        (Avro::Decimal(d), Schema::Decimal(schema)) => {
-            let unscaled = num_bigint::BigInt::from(d.clone()).to_string();
-            Some(with_scale(&unscaled, schema.scale))
-        }
-        (Avro::BigDecimal(d), _) => Some(d.to_plain_string()),
-        _ => None,
+/// Exact decimal text of a decimal at its schema's scale; its unscaled bytes may hold no
+/// more than its precision's digits (a longer one would take long to print).
+fn decimal(part: Part<'_>) -> Result<String, String> {
+    let (Avro::Decimal(d), Schema::Decimal(schema)) = (part.value, part.schema) else {
+        return Err("a decimal without its scale".to_owned());
+    };
+    let bytes = <Vec<u8>>::try_from(d).map_err(|e| e.to_string())?;
+    // 10^p < 256^(p / 2.4 + 1): two's complement needs at most p / 2.4 + 1 bytes.
+    if bytes.len() > schema.precision * 5 / 12 + 2 {
+        return Err(format!(
+            "a decimal of {} bytes is longer than precision {} allows",
+            bytes.len(),
+            schema.precision
+        ));
     }
+    let unscaled = num_bigint::BigInt::from_signed_bytes_be(&bytes).to_string();
+    Ok(with_scale(&unscaled, schema.scale))
 }
 
 /// `unscaled` (an integer's text, maybe signed) with its last `scale` digits after the
@@ -313,6 +346,104 @@ fn with_scale(unscaled: &str, scale: usize) -> String {
     format!("{sign}{int}.{frac}")
 }
 
+/// A datum's bytes, noting a read that wanted more than was left: no valid datum does.
+struct Exact<'a> {
+    rest: &'a [u8],
+    short: bool,
+}
+
+impl std::io::Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.rest.is_empty() && !buf.is_empty() {
+            self.short = true;
+        }
+        self.rest.read(buf)
+    }
+}
+
+/// The largest `fixed` a schema may declare: apache-avro allocates it before reading.
+const MAX_FIXED_BYTES: usize = 1 << 20;
+
+/// The most digits a `decimal` may declare.
+const MAX_DECIMAL_PRECISION: usize = 1000;
+
+/// Refuses what a schema could make a small datum cost without bound: a record that
+/// contains itself (decoding recursion as deep as the datum says, past any stack), an
+/// array of items that take no bytes (as many as its count claims), a huge `fixed` or
+/// decimal precision, and `big-decimal` (its scale is in the datum, unbounded).
+fn check<'a>(
+    schema: &'a Schema,
+    names: &'a NamesRef<'static>,
+    defining: &mut Vec<&'a apache_avro::schema::Name>,
+) -> Result<(), String> {
+    match schema {
+        Schema::Ref { name } => {
+            if defining.contains(&name) {
+                return Err(format!(
+                    "{name} contains itself (a recursive schema), which is not read"
+                ));
+            }
+            match names.get(name) {
+                Some(named) => check(named, names, defining),
+                None => Err(format!("{name} is not defined")),
+            }
+        }
+        Schema::Record(record) => {
+            defining.push(&record.name);
+            for field in &record.fields {
+                check(&field.schema, names, defining)?;
+            }
+            defining.pop();
+            Ok(())
+        }
+        Schema::Union(union) => union
+            .variants()
+            .iter()
+            .try_for_each(|v| check(v, names, defining)),
+        Schema::Array(array) => {
+            if zero_width(&array.items, names, 0) {
+                return Err("an array of items that take no bytes is not read".to_owned());
+            }
+            check(&array.items, names, defining)
+        }
+        Schema::Map(map) => check(&map.types, names, defining),
+        Schema::Fixed(fixed) | Schema::Duration(fixed) if fixed.size > MAX_FIXED_BYTES => Err(
+            format!("fixed {} of {} bytes is above {MAX_FIXED_BYTES}", fixed.name, fixed.size),
+        ),
+        Schema::Decimal(decimal) if decimal.precision > MAX_DECIMAL_PRECISION => Err(format!(
+            "a decimal of precision {} is above {MAX_DECIMAL_PRECISION}",
+            decimal.precision
+        )),
+        Schema::Decimal(decimal) => match &decimal.inner {
+            apache_avro::schema::InnerDecimalSchema::Fixed(fixed)
+                if fixed.size > MAX_FIXED_BYTES =>
+            {
+                Err(format!("fixed {} of {} bytes is too large", fixed.name, fixed.size))
+            }
+            _ => Ok(()),
+        },
+        Schema::BigDecimal => Err("big-decimal (scale in each value) is not read".to_owned()),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a value of `schema` can take no bytes at all.
+fn zero_width(schema: &Schema, names: &NamesRef<'static>, depth: usize) -> bool {
+    match schema {
+        _ if depth > 64 => false,
+        Schema::Null => true,
+        Schema::Fixed(fixed) => fixed.size == 0,
+        Schema::Record(record) => record
+            .fields
+            .iter()
+            .all(|f| zero_width(&f.schema, names, depth + 1)),
+        Schema::Ref { name } => names
+            .get(name)
+            .is_some_and(|named| zero_width(named, names, depth + 1)),
+        _ => false,
+    }
+}
+
 /// Writer schemas by id, as the registry answered.
 #[derive(Debug, Default)]
 pub struct SchemaCache {
@@ -323,17 +454,29 @@ pub struct SchemaCache {
 #[derive(Debug, Clone)]
 pub enum Lookup {
     Found(Arc<WriterSchema>),
-    /// The registry does not know the id, or its schema is not Avro or does not parse:
-    /// why.
-    Unknown(String),
+    /// The registry does not know the id, or its schema is not Avro or is not read: why,
+    /// and when it said so.
+    Unknown(String, Instant),
 }
 
+impl Lookup {
+    pub fn unknown(why: String) -> Self {
+        Self::Unknown(why, Instant::now())
+    }
+}
+
+/// How long an unknown id stays unknown before the registry is asked again: a schema
+/// registered after a record that uses it reached a lagging replica first.
+const UNKNOWN_FOR: Duration = Duration::from_secs(30);
+
 impl SchemaCache {
+    /// What the registry said of `id`, unless it said "unknown" too long ago.
     pub fn get(&self, id: u32) -> Option<Lookup> {
         self.entries
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&id)
+            .filter(|l| !matches!(l, Lookup::Unknown(_, at) if at.elapsed() > UNKNOWN_FOR))
             .cloned()
     }
 
@@ -376,7 +519,7 @@ pub(super) fn decode(cache: &SchemaCache, bytes: &[u8]) -> Result<Decoded, Failu
     };
     let schema = match cache.get(id) {
         Some(Lookup::Found(schema)) => schema,
-        Some(Lookup::Unknown(why)) => return Err(Failure::UnknownSchema(why)),
+        Some(Lookup::Unknown(why, _)) => return Err(Failure::UnknownSchema(why)),
         None => {
             return Err(Failure::UnknownSchema(format!(
                 "schema id {id} was not fetched from the registry"
@@ -403,6 +546,88 @@ mod tests {
             ("123456789012345678901234567890", 10, "12345678901234567890.1234567890"),
         ] {
             assert_eq!(with_scale(unscaled, scale), text);
+        }
+    }
+
+    #[test]
+    fn schemas_a_small_datum_could_make_costly_are_refused() {
+        for (schema, refusal) in [
+            (
+                r#"{"type": "record", "name": "N", "fields": [{"name": "next", "type": ["null", "N"]}]}"#,
+                "recursive",
+            ),
+            (r#"{"type": "array", "items": "null"}"#, "take no bytes"),
+            (
+                r#"{"type": "array", "items": {"type": "record", "name": "E", "fields": []}}"#,
+                "take no bytes",
+            ),
+            (
+                r#"{"type": "fixed", "name": "F", "size": 1099511627776}"#,
+                "bytes is above",
+            ),
+            (r#"{"type": "bytes", "logicalType": "big-decimal"}"#, "big-decimal"),
+        ] {
+            let err = WriterSchema::parse(7, schema, &[]).expect_err(schema);
+            assert!(err.contains(refusal), "{schema}: {err}");
+        }
+        let fine = r#"{"type": "record", "name": "R", "fields": [
+            {"name": "a", "type": {"type": "array", "items": "long"}},
+            {"name": "b", "type": ["null", {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}]}]}"#;
+        WriterSchema::parse(8, fine, &[]).expect("an ordinary schema parses");
+    }
+
+    /// `value` framed under schema `id` of `schema`, decoded back.
+    fn round_trip(schema: &str, value: Avro) -> (Decoded, Vec<u8>) {
+        let writer = WriterSchema::parse(1, schema, &[]).expect("schema");
+        let datum = apache_avro::writer::datum::GenericDatumWriter::builder(writer.schema)
+            .build()
+            .expect("writer")
+            .write_value_to_vec(value)
+            .expect("encodes");
+        let cache = SchemaCache::default();
+        cache.insert(1, Lookup::Found(Arc::new(writer)));
+        let mut framed = vec![0, 0, 0, 0, 1];
+        framed.extend_from_slice(&datum);
+        let Ok(decoded) = decode(&cache, &framed) else {
+            panic!("a datum just written decodes")
+        };
+        // Every proper prefix of the datum is refused: none ends as a row with NULLs.
+        for cut in 5..framed.len() {
+            assert!(
+                matches!(decode(&cache, &framed[..cut]), Err(Failure::BadAvro(_))),
+                "a datum cut to {cut} of {} bytes",
+                framed.len()
+            );
+        }
+        (decoded, framed)
+    }
+
+    #[test]
+    fn values_outside_what_postgres_holds_are_refused_not_nulled() {
+        let schema = r#"{"type": "record", "name": "R", "fields": [
+            {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "time", "type": {"type": "long", "logicalType": "time-micros"}},
+            {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+            {"name": "s", "type": "string"}]}"#;
+        let record = |at: i64, time: i64, day: i32| {
+            Avro::Record(vec![
+                ("at".into(), Avro::TimestampMillis(at)),
+                ("time".into(), Avro::TimeMicros(time)),
+                ("day".into(), Avro::Date(day)),
+                ("s".into(), Avro::String("last".into())),
+            ])
+        };
+        let (ok, _) = round_trip(schema, record(1_764_547_200_123, 3_723_000_004, 20_000));
+        let field = |d: &Decoded, name: &str| d.input(d.field(name).expect("field")).map(|_| ());
+        assert!(field(&ok, "at").is_ok() && field(&ok, "day").is_ok());
+        assert_eq!(
+            ok.json(ok.field("time").expect("time")),
+            Ok(Value::String("1:02:03.000004".into()))
+        );
+        let (bad, _) = round_trip(schema, record(i64::MIN, -1, -800_000));
+        for name in ["at", "time", "day"] {
+            let err = field(&bad, name).expect_err(name);
+            assert!(err.contains("outside"), "{name}: {err}");
         }
     }
 

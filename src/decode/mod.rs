@@ -188,7 +188,7 @@ impl Decoder {
             // (process-wide, 512 MiB unless set): a record of a few bytes claiming
             // millions of items would otherwise reserve that much. Items decode to
             // values of tens of bytes, hence the factor over the largest record.
-            apache_avro::util::max_allocation_bytes(64 * sink.max_record_bytes);
+            apache_avro::util::max_allocation_bytes(sink.max_record_bytes.saturating_mul(64));
         }
         let sources = || route.columns.iter().map(|c| &c.source);
         let reads_value = sources().any(Source::reads_value);
@@ -326,7 +326,15 @@ impl Decoder {
                 _ => None,
             };
             if let Some(part) = part {
-                return Ok(Some(decoded.input(part)));
+                return decoded.input(part).map(Some).map_err(|why| {
+                    Rejection::new(
+                        ReasonCode::BadAvro,
+                        format!(
+                            "field `{}` for column `{}`: {why}",
+                            column.field, column.name
+                        ),
+                    )
+                });
             }
             if column.source.reads_value() {
                 return Ok(None);

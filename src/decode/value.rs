@@ -107,11 +107,22 @@ pub(super) fn encode(
         Input::Decimal(text) => match column.kind {
             ColumnType::Numeric => Typed::Numeric(Cow::Owned(text)),
             ColumnType::Text => Typed::Text(Cow::Owned(text)),
-            // As the JSON number it is (an integer column takes an integral one).
-            _ => match serde_json::from_str::<Value>(&text) {
-                Ok(number) => return encode_value(column, &number, format, out),
-                Err(_) => return Err(bad(column, &format!("`{text}` is not a number"))),
-            },
+            // Decimal text is a JSON number, which jsonb keeps exactly.
+            ColumnType::Jsonb => Typed::Jsonb(text),
+            // An integer column takes a decimal without a fraction; a float column any.
+            _ => {
+                let integral = match text.split_once('.') {
+                    Some((int, frac)) if frac.bytes().all(|b| b == b'0') => int,
+                    Some(_) => text.as_str(),
+                    None => text.as_str(),
+                };
+                let number = integral
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .or_else(|_| serde_json::from_str::<Value>(&text))
+                    .map_err(|_| bad(column, &format!("`{text}` is not a number")))?;
+                return encode_value(column, &number, format, out);
+            }
         },
         Input::Uuid(uuid) => match column.kind {
             ColumnType::Uuid => Typed::Uuid(uuid),

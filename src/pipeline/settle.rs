@@ -234,7 +234,15 @@ impl Pipeline {
         let mut delays = retry::backoff(&self.config.retry);
         loop {
             let before = registry.requests();
-            let resolved = registry.resolve(ids.iter().copied()).await;
+            // Fetches take up to schema_registry.timeout_ms each: the consumer keeps
+            // polling meanwhile, as during a slow commit.
+            let fetching = {
+                let (registry, ids) = (registry.clone(), ids.clone());
+                tokio::spawn(async move { registry.resolve(ids).await })
+            };
+            let resolved = self.await_polling(fetching).await.map_err(|e| {
+                StoreError::Fatal(format!("the schema registry task failed: {e}"))
+            })?;
             let requests = registry.requests() - before;
             self.observers
                 .metrics

@@ -76,6 +76,7 @@ fn tracer_provider(config: &Config) -> anyhow::Result<Option<SdkTracerProvider>>
     let Some(endpoint) = &otel.exporter_otlp_endpoint else {
         return Ok(None);
     };
+    crate::security::install_rustls_provider();
     // The blocking HTTP client and the gRPC channel are built on the runtime's threads
     // but used from the batch processor's own thread.
     let exporter = tokio::task::block_in_place(|| match otel.exporter_otlp_protocol {
