@@ -372,6 +372,10 @@ pub(crate) struct BenchArgs {
     /// and `time_stamp`.
     #[arg(long)]
     pub partitioned: bool,
+    /// How the bench's messages are encoded: `avro` frames the same probes in the
+    /// Confluent wire format, their schema served by a registry in the bench process.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: crate::config::ValueFormat,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -472,6 +476,7 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
                 mode: args.mode,
                 updates: args.updates,
                 partitioned: args.partitioned,
+                format: args.format,
                 brokers: args.brokers,
                 database_url: args.database.database_url,
             })

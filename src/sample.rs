@@ -38,6 +38,44 @@ pub fn partitioned_by_day(table: &str, like: &str) -> String {
     ddl
 }
 
+/// The website-metrics record in Avro: schema id 1 of the tests' fixture
+/// (`tests/fixtures/confluent-avro.json`, as Confluent's serializer registered it).
+pub const WEBSITE_METRIC_AVRO: &str = r#"{"type": "record", "name": "WebsiteMetric", "namespace": "com.example.monitoring", "fields": [{"name": "request_timestamp", "type": {"type": "long", "logicalType": "timestamp-micros"}}, {"name": "url", "type": "string"}, {"name": "ip_address", "type": ["null", "string"], "default": null}, {"name": "resp_time", "type": ["null", "string"], "default": null}, {"name": "resp_status_code", "type": "int"}, {"name": "pattern_found", "type": "boolean"}, {"name": "service_name", "type": ["null", "string"], "default": null}, {"name": "comment", "type": "string"}]}"#;
+
+/// A sample JSON message ([`website_metric`]) as the same probe in Avro under
+/// [`WEBSITE_METRIC_AVRO`] (`schema`, parsed), framed in the Confluent wire format
+/// under schema id `id`.
+pub fn website_metric_avro(
+    json: &[u8],
+    schema: &apache_avro::Schema,
+    id: u32,
+) -> anyhow::Result<Vec<u8>> {
+    use apache_avro::types::Value as Avro;
+    let v: serde_json::Value = serde_json::from_slice(json)?;
+    let text = |key: &str| v[key].as_str().unwrap_or_default().to_owned();
+    let optional = |key: &str| Avro::Union(1, Box::new(Avro::String(text(key))));
+    let at = chrono::NaiveDateTime::parse_from_str(&text("request_timestamp"), "%Y-%m-%d %H:%M:%S")?
+        .and_utc();
+    let status = v["resp_status_code"].as_i64().unwrap_or(0);
+    let record = Avro::Record(vec![
+        ("request_timestamp".into(), Avro::TimestampMicros(at.timestamp_micros())),
+        ("url".into(), Avro::String(text("url"))),
+        ("ip_address".into(), optional("ip_address")),
+        ("resp_time".into(), optional("resp_time")),
+        ("resp_status_code".into(), Avro::Int(i32::try_from(status)?)),
+        ("pattern_found".into(), Avro::Boolean(v["pattern_found"].as_bool().unwrap_or(false))),
+        ("service_name".into(), optional("service_name")),
+        ("comment".into(), Avro::String(text("comment"))),
+    ]);
+    let datum = apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+        .build()?
+        .write_value_to_vec(record)?;
+    let mut framed = vec![0];
+    framed.extend_from_slice(&id.to_be_bytes());
+    framed.extend_from_slice(&datum);
+    Ok(framed)
+}
+
 /// A valid probe message whose `comment` is `id`, so each message is unique and
 /// traceable in the target table.
 pub fn website_metric(id: u64, rng: &mut impl Rng) -> Vec<u8> {

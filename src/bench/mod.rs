@@ -37,7 +37,8 @@ use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
-use crate::config::{Config, Overrides, WriteMode};
+use crate::config::{Config, Overrides, ValueFormat, WriteMode};
+use crate::dev::registry::DevRegistry;
 use crate::dev::reaped::Reaped;
 use crate::record::Record;
 use crate::routes::Routes;
@@ -57,6 +58,8 @@ pub struct BenchOptions {
     pub updates: bool,
     /// Every table (worker's, naive's, the limit's) partitioned by day.
     pub partitioned: bool,
+    /// How the worker's messages are encoded (the limit's rows are the same).
+    pub format: ValueFormat,
     /// External brokers; the in-process mock cluster when `None`.
     pub brokers: Option<String>,
     pub database_url: String,
@@ -120,6 +123,7 @@ pub struct BenchReport {
     pub mode: WriteMode,
     pub updates: bool,
     pub partitioned: bool,
+    pub format: ValueFormat,
     pub runs: Vec<Run>,
     pub worker_rows_per_s: Spread,
     pub limit_rows_per_s: Spread,
@@ -149,6 +153,7 @@ impl BenchReport {
             mode: options.mode,
             updates: options.updates,
             partitioned: options.partitioned,
+            format: options.format,
             worker_rows_per_s: spread(|r| r.worker_rows_per_s),
             limit_rows_per_s: spread(|r| r.limit_rows_per_s),
             psql_rows_per_s: spread(|r| r.psql_rows_per_s),
@@ -171,8 +176,9 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} messages over {} partitions, batch size {}, worker mode {:?}{}, {}{} runs (naive: {} messages)",
+            "{} {:?} messages over {} partitions, batch size {}, worker mode {:?}{}, {}{} runs (naive: {} messages)",
             self.messages,
+            self.format,
             self.partitions,
             self.batch_size,
             self.mode,
@@ -278,6 +284,18 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let messages = generate(options.messages);
     let naive_messages = generate(options.naive_messages);
     let decoded = DecodedRows::new(options, &messages)?;
+    // Avro: the same probes, their schema served as id 1 by a registry of this process.
+    let registry = match options.format {
+        ValueFormat::Json => None,
+        ValueFormat::Avro => Some(
+            DevRegistry::start([(1, sample::WEBSITE_METRIC_AVRO.to_owned())].into()).await?,
+        ),
+    };
+    let (messages, naive_messages) = match options.format {
+        ValueFormat::Json => (messages, naive_messages),
+        ValueFormat::Avro => (avro(&messages)?, avro(&naive_messages)?),
+    };
+    let registry_url = registry.as_ref().map(|r| r.url.clone());
     eprintln!("encoding the limit's rows as COPY BINARY");
     let scratch = format!("bench_{id}_encoding");
     sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {scratch}")))
@@ -301,7 +319,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             &topic,
             messages.clone(),
             &format!("{schema}.worker"),
-            "copy",
+            ("copy", registry_url.as_deref()),
         )
         .await?;
         eprintln!("run {run}: the limit (ours and psql's)");
@@ -335,7 +353,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             &topic,
             naive_messages.clone(),
             &format!("{schema}.naive"),
-            "row_inserts",
+            ("row_inserts", registry_url.as_deref()),
         )
         .await?;
         let per_row = 1e6 / options.messages as f64;
@@ -369,6 +387,15 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         .execute(&pool)
         .await?;
     drop(cluster);
+    if let Some(registry) = &registry {
+        // Each worker process (measured and naive, per run) asks once for schema id 1.
+        let expected = 2 * options.runs as u64;
+        ensure!(
+            registry.requests() == expected,
+            "the workers asked the schema registry {} times, not once each ({expected})",
+            registry.requests()
+        );
+    }
     let report = BenchReport::new(options, runs);
     ensure!(
         ours >= 0.9 * psql,
@@ -402,6 +429,16 @@ fn generate(count: u64) -> Arc<Vec<Vec<u8>>> {
             .map(|id| sample::website_metric(id, &mut rng))
             .collect(),
     )
+}
+
+/// `messages` (sample JSON) as the same probes in Avro, framed under schema id 1.
+fn avro(messages: &[Vec<u8>]) -> anyhow::Result<Arc<Vec<Vec<u8>>>> {
+    let schema = apache_avro::Schema::parse_str(sample::WEBSITE_METRIC_AVRO)?;
+    let framed = messages
+        .iter()
+        .map(|m| sample::website_metric_avro(m, &schema, 1))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Arc::new(framed))
 }
 
 /// Where bench messages go: the in-process broker or external brokers.
@@ -514,7 +551,7 @@ async fn measure_worker(
     topic: &str,
     messages: Arc<Vec<Vec<u8>>>,
     table: &str,
-    write_method: &str,
+    (write_method, registry): (&str, Option<&str>),
 ) -> anyhow::Result<WorkerRun> {
     let total = messages.len() as i64;
     let consumed = Arc::new(AtomicI64::new(0));
@@ -528,8 +565,16 @@ async fn measure_worker(
     let group = format!("{topic}-{}", table.replace('.', "-"));
     let mut command = Command::new(std::env::current_exe()?);
     // The naive run inserts row by row whatever the measured mode.
-    if options.mode == WriteMode::Upsert && write_method == "copy" {
-        command.env("KAFKA_PG_INGEST__ROUTES", upsert_route(topic, table)?);
+    let routed = options.mode == WriteMode::Upsert && write_method == "copy";
+    if let Some(url) = registry {
+        command.env("KAFKA_PG_INGEST__SCHEMA_REGISTRY__URL", url);
+        if !routed {
+            command.env("KAFKA_PG_INGEST__SINK__FORMAT", "avro");
+        }
+    }
+    if routed {
+        let route = upsert_route(topic, table, options.format)?;
+        command.env("KAFKA_PG_INGEST__ROUTES", route);
         if options.updates {
             store_older_versions(pool, table, topic, total, source.partitions).await?;
         }
@@ -721,7 +766,7 @@ async fn store_older_versions(
 
 /// The default mapping as one route in upsert mode, keyed on the source coordinates,
 /// as JSON for the `KAFKA_PG_INGEST__ROUTES` variable.
-fn upsert_route(topic: &str, table: &str) -> anyhow::Result<String> {
+fn upsert_route(topic: &str, table: &str, format: ValueFormat) -> anyhow::Result<String> {
     let config = Config::load(None, Vec::new(), &Overrides::default())?;
     let routes = Routes::new(&config)?;
     let route = routes.iter().next().context("the default route")?;
@@ -737,6 +782,7 @@ fn upsert_route(topic: &str, table: &str) -> anyhow::Result<String> {
         .coordinates()
         .context("the default route's coordinates")?;
     let routes = serde_json::json!([{"topic": topic, "table": table, "mode": "upsert",
+                                     "format": format,
                                      "key": key, "columns": columns}]);
     Ok(routes.to_string())
 }

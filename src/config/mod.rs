@@ -89,7 +89,9 @@ pub struct SchemaRegistryConfig {
 }
 
 /// How a route's record values are encoded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ValueFormat {
     /// UTF-8 JSON.

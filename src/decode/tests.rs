@@ -615,3 +615,11 @@ fn mutated_avro_values_each_end_as_one_row_or_one_rejection() {
     }
     assert!(rejected > 0, "mutations were rejected");
 }
+
+#[test]
+fn the_sample_avro_schema_is_the_one_confluents_serializer_registered() {
+    let fixture: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/confluent-avro.json"))
+            .expect("the fixture is JSON");
+    assert_eq!(fixture["schemas"]["1"], crate::sample::WEBSITE_METRIC_AVRO);
+}

@@ -17,6 +17,7 @@ pub mod chaos;
 pub mod freeze;
 pub mod proxy;
 pub mod reaped;
+pub mod registry;
 
 /// Runs librdkafka's mock cluster with `topics` until `shutdown`; prints the bootstrap
 /// address as the first line of stdout. With `advertised_port`, the broker tells

@@ -1,86 +1,24 @@
 //! Avro values in the Confluent wire format. The writer schemas come from a registry
-//! each test serves itself, implementing the REST subset the worker uses:
-//! `GET /schemas/ids/{id}` (a 404 with error code 40403 for an id it does not hold).
+//! each test serves itself (`dev::registry`), implementing the REST subset the worker
+//! uses: `GET /schemas/ids/{id}` (a 404 with error code 40403 for an id it does not hold).
 //! Bytes come from Confluent's own Python `AvroSerializer` (`tests/fixtures/
 //! confluent-avro.json`, made by `scripts/avro-fixtures`) and from apache-avro.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use kafka_pg_ingest::dev::registry::DevRegistry;
 use kafka_pg_ingest::pipeline::Pipeline;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-/// A Schema Registry serving fixed schemas by id, counting requests; `down` answers 503.
-struct TestRegistry {
-    url: String,
-    requests: Arc<AtomicU64>,
-    down: Arc<AtomicBool>,
-    _server: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Clone)]
-struct Served {
-    schemas: Arc<HashMap<u32, String>>,
-    requests: Arc<AtomicU64>,
-    down: Arc<AtomicBool>,
-}
-
-async fn schema_by_id(State(served): State<Served>, Path(id): Path<u32>) -> impl IntoResponse {
-    served.requests.fetch_add(1, Ordering::SeqCst);
-    let (status, body) = if served.down.load(Ordering::SeqCst) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error_code": 50301}),
-        )
-    } else {
-        match served.schemas.get(&id) {
-            Some(schema) => (StatusCode::OK, json!({ "schema": schema })),
-            None => (
-                StatusCode::NOT_FOUND,
-                json!({"error_code": 40403, "message": "Schema not found"}),
-            ),
-        }
-    };
-    let json = "application/vnd.schemaregistry.v1+json";
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, json)],
-        body.to_string(),
-    )
-}
-
-impl TestRegistry {
-    async fn start(schemas: HashMap<u32, String>) -> Self {
-        let served = Served {
-            schemas: Arc::new(schemas),
-            requests: Arc::new(AtomicU64::new(0)),
-            down: Arc::new(AtomicBool::new(false)),
-        };
-        let (requests, down) = (served.requests.clone(), served.down.clone());
-        let app = axum::Router::new()
-            .route("/schemas/ids/{id}", axum::routing::get(schema_by_id))
-            .with_state(served);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("address"));
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("registry serves");
-        });
-        Self {
-            url,
-            requests,
-            down,
-            _server: server,
-        }
-    }
+/// The dev registry serving the fixture's schemas.
+async fn registry(fixture: &Fixture) -> DevRegistry {
+    DevRegistry::start(fixture.schemas.clone())
+        .await
+        .expect("the registry serves")
 }
 
 /// The fixture Confluent's serializer made.
@@ -121,7 +59,7 @@ fn fixture() -> Fixture {
 }
 
 /// The default website-metrics mapping, reading Avro from `registry`.
-fn avro_sink(registry: &TestRegistry) -> String {
+fn avro_sink(registry: &DevRegistry) -> String {
     format!(
         "sink:\n  format: avro\nschema_registry:\n  url: {}\n  timeout_ms: 2000\n",
         registry.url
@@ -132,7 +70,7 @@ fn avro_sink(registry: &TestRegistry) -> String {
 async fn confluent_serialized_avro_of_two_schema_versions_lands_with_every_logical_type() {
     let db = TestDb::new().await;
     let fixture = fixture();
-    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    let registry = registry(&fixture).await;
     sqlx::raw_sql(
         "CREATE SCHEMA probes; CREATE TABLE probes.results (
            at timestamptz NOT NULL, url text NOT NULL, ip inet, response_time interval,
@@ -264,11 +202,7 @@ async fn confluent_serialized_avro_of_two_schema_versions_lands_with_every_logic
         .await
         .expect("dead letters");
     assert_eq!(dead, 0);
-    assert_eq!(
-        registry.requests.load(Ordering::SeqCst),
-        2,
-        "one request per schema id"
-    );
+    assert_eq!(registry.requests(), 2, "one request per schema id");
     assert!(
         scrape.contains("kafka_pg_ingest_schema_registry_requests_total 2"),
         "{scrape}"
@@ -344,7 +278,7 @@ async fn ten_thousand_avro_records_of_two_schema_versions_land_exactly_once_with
  {
     let db = TestDb::new().await;
     let fixture = fixture();
-    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    let registry = registry(&fixture).await;
     let kafka = TestKafka::new(4);
     kafka.produce(encoded_probes(&fixture, 0, 10_000));
     let config = kafka
@@ -352,7 +286,7 @@ async fn ten_thousand_avro_records_of_two_schema_versions_land_exactly_once_with
         .expect("config loads");
     let pipeline = Pipeline::connect(config).await.expect("starts");
     ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, 10_000, 0).await;
-    assert_eq!(registry.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(registry.requests(), 2);
     db.drop().await;
 }
 
@@ -360,7 +294,7 @@ async fn ten_thousand_avro_records_of_two_schema_versions_land_exactly_once_with
 async fn a_registry_down_for_10_s_mid_stream_dead_letters_nothing_and_the_stream_lands_once() {
     let db = TestDb::new().await;
     let fixture = fixture();
-    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    let registry = registry(&fixture).await;
     let kafka = TestKafka::new(2);
     // Schema id 1 only, so id 2 is first seen while the registry is down.
     let first: Vec<Option<Vec<u8>>> = encoded_probes(&fixture, 0, 2_000)
@@ -418,7 +352,7 @@ async fn a_registry_down_for_10_s_mid_stream_dead_letters_nothing_and_the_stream
 async fn an_unknown_schema_id_truncated_bytes_and_a_missing_magic_byte_are_one_dead_letter_each() {
     let db = TestDb::new().await;
     let fixture = fixture();
-    let registry = TestRegistry::start(fixture.schemas.clone()).await;
+    let registry = registry(&fixture).await;
     let kafka = TestKafka::new(1);
     let good = encoded_probes(&fixture, 0, 100);
     let mut payloads = good.clone();
@@ -452,6 +386,6 @@ async fn an_unknown_schema_id_truncated_bytes_and_a_missing_magic_byte_are_one_d
     assert!(reasons[2].1.contains("magic byte 0"), "{reasons:?}");
     assert!(reasons[3].1.contains("too short"), "{reasons:?}");
     // The unknown id was asked for once, as each known one.
-    assert_eq!(registry.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(registry.requests(), 3);
     db.drop().await;
 }
