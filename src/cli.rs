@@ -276,6 +276,9 @@ pub(crate) enum DevCommand {
     },
     /// Produce sample website-metrics messages, some malformed.
     Produce(dev::ProduceOptions),
+    /// Run a minimal in-memory Confluent-compatible Schema Registry until SIGINT or
+    /// SIGTERM; its URL is the first line of stdout.
+    Registry,
     /// Fault campaign: worker processes of this binary under kills, rebalance storms,
     /// database and broker outages; checks Postgres holds the stream exactly once and
     /// prints one summary line. Exits non-zero when it does not.
@@ -492,6 +495,11 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             tokio::spawn(stop_on_signal(shutdown.clone()));
             dev::broker(&topics, partitions, advertised_port, shutdown).await
         }
+        Tool::Dev(DevCommand::Registry) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            dev::registry::serve(shutdown).await
+        }
         Tool::Dev(DevCommand::Chaos(options)) => {
             let summary = dev::chaos::run(options).await?;
             println!("{summary}");
@@ -501,7 +509,15 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Tool::Dev(DevCommand::Produce(options)) => {
+        Tool::Dev(DevCommand::Produce(mut options)) => {
+            if options.format == crate::config::ValueFormat::Avro {
+                let url = options
+                    .schema_registry
+                    .as_deref()
+                    .ok_or_else(|| anyhow::anyhow!("--format avro needs --schema-registry URL"))?;
+                let id = dev::registry::register_website_metric(url, &options.topic).await?;
+                options.schema_id = Some(id);
+            }
             let produced = tokio::task::spawn_blocking(move || dev::produce(&options)).await??;
             let malformed: u64 = produced.malformed.values().sum();
             println!(

@@ -317,7 +317,7 @@ enum Answer {
 }
 
 /// A subject name as one URL path segment.
-fn encode_path(segment: &str) -> String {
+pub(crate) fn encode_path(segment: &str) -> String {
     segment
         .bytes()
         .map(|b| match b {

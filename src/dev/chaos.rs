@@ -264,6 +264,9 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
         rate: Some(rig.options.rate),
         malformed_ratio: rig.options.malformed_ratio,
         seed,
+        format: crate::config::ValueFormat::Json,
+        schema_registry: None,
+        schema_id: None,
     };
     let gate = rig.gate.clone();
     let producer = tokio::task::spawn_blocking(move || produce_gated(&produce_options, &gate));

@@ -119,6 +119,40 @@ pub struct ProduceOptions {
     /// Seed of the generator, for a reproducible stream.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// `avro`: the same probes in the Confluent wire format, under the website-metrics
+    /// schema registered at `--schema-registry` as `{topic}-value`; malformed ones are
+    /// then truncated datums (`bad_avro`) and unframed bytes (`not_framed`).
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: crate::config::ValueFormat,
+    /// Base URL of a Confluent-compatible Schema Registry (with `--format avro`).
+    #[arg(long, value_name = "URL")]
+    pub schema_registry: Option<String>,
+    /// The registered schema's id (set by `dev produce` once it has registered it).
+    #[arg(skip)]
+    pub schema_id: Option<u32>,
+}
+
+/// A sample message ([`sample::message`]) as Avro under schema `id`: a valid one framed,
+/// a malformed one (but an empty one) a datum cut short or its bytes unframed, by turns.
+fn as_avro(
+    malformed: Option<&'static str>,
+    bytes: Vec<u8>,
+    schema: &apache_avro::Schema,
+    id: u32,
+    i: u64,
+) -> anyhow::Result<(Option<&'static str>, Vec<u8>)> {
+    Ok(match malformed {
+        None => (None, sample::website_metric_avro(&bytes, schema, id)?),
+        Some("empty") => (malformed, bytes),
+        Some(_) if i.is_multiple_of(2) => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(i);
+            let valid = sample::website_metric(i, &mut rng);
+            let mut framed = sample::website_metric_avro(&valid, schema, id)?;
+            framed.truncate(framed.len() - 1);
+            (Some("bad_avro"), framed)
+        }
+        Some(_) => (Some("not_framed"), bytes),
+    })
 }
 
 /// Lets a producer be held between its slices, with nothing in flight: the fault
@@ -169,6 +203,10 @@ pub fn produce_gated(options: &ProduceOptions, gate: &Gate) -> anyhow::Result<Pr
         options.rate.is_none_or(|r| r > 0.0),
         "--rate must be above 0"
     );
+    let avro = match options.schema_id {
+        Some(id) => Some((apache_avro::Schema::parse_str(sample::WEBSITE_METRIC_AVRO)?, id)),
+        None => None,
+    };
     let partitions = partition_count(&options.brokers, &options.topic)?;
     let mut producer = SampleProducer::new(&options.brokers, &options.topic, partitions)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
@@ -184,7 +222,10 @@ pub fn produce_gated(options: &ProduceOptions, gate: &Gate) -> anyhow::Result<Pr
         let n = slice.min(options.count - id);
         let mut payloads = Vec::with_capacity(n as usize);
         for i in id..id + n {
-            let (malformed, bytes) = sample::message(i, options.malformed_ratio, &mut rng);
+            let (mut malformed, mut bytes) = sample::message(i, options.malformed_ratio, &mut rng);
+            if let Some((schema, id)) = &avro {
+                (malformed, bytes) = as_avro(malformed, bytes, schema, *id, i)?;
+            }
             match malformed {
                 Some(reason) => *produced.malformed.entry(reason).or_default() += 1,
                 None => produced.valid += 1,

@@ -1,9 +1,12 @@
-//! A minimal Confluent-compatible Schema Registry for the bench and the tests: writer
-//! schemas by id (`GET /schemas/ids/{id}`, a 404 with error code 40403 for an id it does
-//! not hold), counting requests, and a switch that makes it answer 503 (an outage).
+//! A minimal Confluent-compatible Schema Registry (`dev registry`, and the bench's and
+//! the tests'): schemas registered under a subject (`POST /subjects/{subject}/versions`
+//! answers the id, the same text the same id), writer schemas by id
+//! (`GET /schemas/ids/{id}`, a 404 with error code 40403 for an id it does not hold),
+//! counting the `GET`s, and a switch that makes it answer 503 (an outage). It keeps
+//! schemas in memory only.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axum::extract::{Path, State};
@@ -31,7 +34,7 @@ impl Drop for DevRegistry {
 
 #[derive(Clone)]
 struct Served {
-    schemas: Arc<HashMap<u32, String>>,
+    schemas: Arc<RwLock<HashMap<u32, String>>>,
     requests: Arc<AtomicU64>,
     down: Arc<AtomicBool>,
 }
@@ -41,7 +44,8 @@ async fn schema_by_id(State(served): State<Served>, Path(id): Path<u32>) -> impl
     let (status, body) = if served.down.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, json!({"error_code": 50301}))
     } else {
-        match served.schemas.get(&id) {
+        let schemas = served.schemas.read().unwrap_or_else(|p| p.into_inner());
+        match schemas.get(&id) {
             Some(schema) => (StatusCode::OK, json!({ "schema": schema })),
             None => (
                 StatusCode::NOT_FOUND,
@@ -49,6 +53,10 @@ async fn schema_by_id(State(served): State<Served>, Path(id): Path<u32>) -> impl
             ),
         }
     };
+    answer(status, &body)
+}
+
+fn answer(status: StatusCode, body: &serde_json::Value) -> impl IntoResponse + use<> {
     let content_type = "application/vnd.schemaregistry.v1+json";
     (
         status,
@@ -57,17 +65,42 @@ async fn schema_by_id(State(served): State<Served>, Path(id): Path<u32>) -> impl
     )
 }
 
+/// Registers a schema (any subject): its id, the existing one for a text it holds.
+async fn register(State(served): State<Served>, body: String) -> impl IntoResponse {
+    let Some(text) = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|b| b["schema"].as_str().map(str::to_owned))
+    else {
+        let refusal = json!({"error_code": 42201, "message": "no schema in the request"});
+        return answer(StatusCode::UNPROCESSABLE_ENTITY, &refusal);
+    };
+    let mut schemas = served.schemas.write().unwrap_or_else(|p| p.into_inner());
+    let id = match schemas.iter().find(|(_, t)| **t == text) {
+        Some((id, _)) => *id,
+        None => {
+            let id = schemas.keys().max().map_or(1, |max| max + 1);
+            schemas.insert(id, text);
+            id
+        }
+    };
+    answer(StatusCode::OK, &json!({ "id": id }))
+}
+
 impl DevRegistry {
-    /// Serves `schemas` (id -> Avro schema text).
+    /// Serves `schemas` (id -> Avro schema text) and what is registered later.
     pub async fn start(schemas: HashMap<u32, String>) -> std::io::Result<Self> {
         let served = Served {
-            schemas: Arc::new(schemas),
+            schemas: Arc::new(RwLock::new(schemas)),
             requests: Arc::new(AtomicU64::new(0)),
             down: Arc::new(AtomicBool::new(false)),
         };
         let (requests, down) = (served.requests.clone(), served.down.clone());
         let app = axum::Router::new()
             .route("/schemas/ids/{id}", axum::routing::get(schema_by_id))
+            .route(
+                "/subjects/{subject}/versions",
+                axum::routing::post(register),
+            )
             .with_state(served);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -85,4 +118,37 @@ impl DevRegistry {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
     }
+}
+
+/// Runs a registry until `shutdown`; prints its URL as the first line of stdout.
+pub async fn serve(shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let registry = DevRegistry::start(HashMap::new()).await?;
+    println!("{}", registry.url);
+    shutdown.cancelled().await;
+    Ok(())
+}
+
+/// Registers the website-metrics Avro schema under `{topic}-value` at the registry
+/// `url` (any Confluent-compatible one): its id.
+pub async fn register_website_metric(url: &str, topic: &str) -> anyhow::Result<u32> {
+    use anyhow::Context;
+    crate::security::install_rustls_provider();
+    let subject = crate::registry::encode_path(topic);
+    let response = reqwest::Client::new()
+        .post(format!("{}/subjects/{subject}-value/versions", url.trim_end_matches('/')))
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/vnd.schemaregistry.v1+json",
+        )
+        .body(json!({ "schema": crate::sample::WEBSITE_METRIC_AVRO }).to_string())
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the schema registry at {url}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "the schema registry refused the schema ({status}): {body}");
+    body["id"]
+        .as_u64()
+        .and_then(|id| u32::try_from(id).ok())
+        .with_context(|| format!("the schema registry answered no id: {body}"))
 }

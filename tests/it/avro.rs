@@ -389,3 +389,77 @@ async fn an_unknown_schema_id_truncated_bytes_and_a_missing_magic_byte_are_one_d
     assert_eq!(registry.requests(), 3);
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_produce_registers_the_schema_and_its_avro_stream_lands_with_the_malformed_dead_lettered()
+ {
+    let db = TestDb::new().await;
+    let registry = DevRegistry::start(HashMap::new())
+        .await
+        .expect("the registry serves");
+    let kafka = TestKafka::new(2);
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(BINARY)
+            .args([
+                "dev",
+                "produce",
+                "--brokers",
+                &kafka.brokers,
+                "--topic",
+                &kafka.topic,
+            ])
+            .args([
+                "--count",
+                "2000",
+                "--malformed-ratio",
+                "0.05",
+                "--seed",
+                "3",
+            ])
+            .args(["--format", "avro", "--schema-registry", &registry.url])
+            .output()
+            .expect("dev produce runs")
+    });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // "produced V valid and M malformed messages", then one line per reason.
+    let counts: Vec<i64> = stdout
+        .lines()
+        .next()
+        .expect("a summary")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (valid, malformed) = (counts[0], counts[1]);
+    assert!(malformed > 0 && valid + malformed == 2_000, "{stdout}");
+    let config = kafka
+        .config_with_yaml(&db, &avro_sink(&registry))
+        .expect("config loads");
+    let pipeline = Pipeline::connect(config).await.expect("starts");
+    ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, valid, malformed).await;
+    let reasons: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT reason_code, count(*) FROM ingest.dead_letters GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("dead letters");
+    for (reason, n) in &reasons {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                    == [reason.as_str(), &n.to_string()]),
+            "{reason} {n} not in {stdout}"
+        );
+    }
+    assert_eq!(
+        registry.requests(),
+        1,
+        "the worker asked for the registered id once"
+    );
+    db.drop().await;
+}

@@ -62,8 +62,8 @@ async fn dead_letter_states(pool: &PgPool, topic: &str) -> Vec<(Option<String>, 
     .expect("dead letters")
 }
 
-/// Ingests 6,000 probes of days 1 and 2 (alternating, over 2 partitions, in batches of
-/// 200), running `change` once more than 1,000 have landed. Then every offset must be
+/// Ingests 6,000 probes of days 1 and 2 (each partition of 2 holding both, in batches
+/// of 200), running `change` once more than 1,000 have landed. Then every offset must be
 /// one row of day 2, one row of day 1 in `elsewhere` (a table with the coordinates of
 /// what day 1's partition held), or one `db_rejected` dead letter with SQLSTATE 23514;
 /// day 1 must have records on both sides of the change, and the stored offsets be at
@@ -73,7 +73,9 @@ async fn day_one_changed_mid_stream(db: &TestDb, change: &str, elsewhere: &str) 
     let total = 6_000u64;
     kafka.produce(
         (0..total)
-            .map(|id| probe(id, 12, 1 + (id % 2) as u32))
+            // Both days in each Kafka partition (records go round-robin over the two),
+            // so the first 1,000 to land hold some of day 1 whichever partition leads.
+            .map(|id| probe(id, 12, 1 + (id / 2 % 2) as u32))
             .collect(),
     );
     let mut config = kafka.config(db);
