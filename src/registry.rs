@@ -257,12 +257,17 @@ impl Registry {
             };
             let status = response.status();
             match status.as_u16() {
-                200 => {
-                    return Ok(match response.json::<SchemaBody>().await {
-                        Ok(body) => Answer::Found(body),
-                        Err(e) => Answer::Missing(format!("the registry's answer is no schema: {e}")),
-                    });
-                }
+                200 => match response.json::<SchemaBody>().await {
+                    Ok(body) => return Ok(Answer::Found(body)),
+                    // An answer read whole that is no schema is the registry's word; one
+                    // cut off on the way is no answer.
+                    Err(e) if e.is_decode() => {
+                        return Ok(Answer::Missing(format!(
+                            "the registry's answer is no schema: {e}"
+                        )));
+                    }
+                    Err(e) => failures.push(format!("{url}{path}: {e}")),
+                },
                 401 | 403 => {
                     return Err(RegistryError {
                         class: ErrorClass::Fatal,
