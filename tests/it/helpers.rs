@@ -239,6 +239,14 @@ pub async fn stored_group_total(pool: &PgPool, group: &str) -> i64 {
     .expect("read offsets")
 }
 
+/// Runs `sql` (statements from the test itself), panicking with it and the error.
+pub async fn exec(pool: &PgPool, sql: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 /// The one integer `sql` selects.
 pub async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql)

@@ -10,13 +10,6 @@ use sqlx::PgPool;
 
 use crate::helpers::*;
 
-async fn exec(pool: &PgPool, sql: &str) {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
 /// The default table re-created partitioned by `time_stamp`, without partitions, with
 /// the unique index Postgres allows there: the coordinates plus the partition key.
 const PARTITIONED: &str = "DROP TABLE web_metrics.metrics; \

@@ -8,14 +8,9 @@ use kafka_pg_ingest::ops::{self, RewindTarget};
 use kafka_pg_ingest::pipeline::Pipeline;
 use kafka_pg_ingest::sample;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
-
-async fn execute(pool: &PgPool, sql: &'static str) {
-    sqlx::raw_sql(sql).execute(pool).await.expect("statement");
-}
 
 /// Produces to partition 0 only, `per_round` valid messages every 100 ms, ids from
 /// `first`, until `stop`; yields how many.
@@ -44,7 +39,7 @@ async fn rebalances_that_keep_a_partition_while_its_batch_is_in_flight_lose_noth
     // claim at a rebalance overtakes the batch in flight, which then finds its
     // partition claimed anew (by this same worker) while the next batch already reads
     // under the new claim.
-    execute(
+    exec(
         &db.pool,
         "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN \
            IF current_query() LIKE 'UPDATE ingest.offsets AS o SET next_offset = u.end_offset%' \
@@ -149,7 +144,7 @@ async fn a_rewind_of_a_quiet_partition_takes_effect_while_another_partition_keep
     .await;
     // Partition 0 gets a backlog that keeps the worker busy for several seconds
     // (every COPY takes 50 ms); partition 1 gets nothing new and is rewound.
-    execute(
+    exec(
         &db.pool,
         "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS \
            $$BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END$$; \
@@ -249,7 +244,7 @@ async fn tamper_with_the_rows_of_a_live_worker(tamper: &'static str) -> Tampered
     )
     .await;
     let tampered = std::time::Instant::now();
-    execute(&db.pool, tamper).await;
+    exec(&db.pool, tamper).await;
     kafka.produce(valid_messages(1_000, 1_000));
     wait_for(
         "every record after the tampering",

@@ -9,7 +9,6 @@ use kafka_pg_ingest::retry::ErrorClass;
 use kafka_pg_ingest::sample::MALFORMED_KINDS;
 use kafka_pg_ingest::store::admin;
 use kafka_pg_ingest::store::quote_ident;
-use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -29,9 +28,9 @@ impl WorkerRole {
         };
         // As in a hardened database, nothing comes from PUBLIC's default CONNECT and
         // TEMPORARY: the grants must hold on their own.
-        execute(
+        exec(
             &db.pool,
-            format!(
+            &format!(
                 "REVOKE ALL ON DATABASE {} FROM PUBLIC; CREATE ROLE {} LOGIN PASSWORD '{}'",
                 quote_ident(&db.name),
                 quote_ident(&role.name),
@@ -77,15 +76,8 @@ impl WorkerRole {
     /// Drops the role with the privileges it holds (and any temporary table it left).
     async fn drop(self, db: &TestDb) {
         let name = quote_ident(&self.name);
-        execute(&db.pool, format!("DROP OWNED BY {name}; DROP ROLE {name}")).await;
+        exec(&db.pool, &format!("DROP OWNED BY {name}; DROP ROLE {name}")).await;
     }
-}
-
-async fn execute(pool: &PgPool, sql: String) {
-    sqlx::raw_sql(AssertSqlSafe(sql))
-        .execute(pool)
-        .await
-        .expect("admin statement runs");
 }
 
 /// Ids of the target rows of one partition, in offset order.
@@ -159,9 +151,9 @@ async fn worker_role_without_insert_on_dead_letters_stops_with_a_permission_erro
  {
     let db = TestDb::new().await;
     let role = WorkerRole::create(&db).await;
-    execute(
+    exec(
         &db.pool,
-        format!(
+        &format!(
             "REVOKE INSERT ON ingest.dead_letters FROM {}",
             quote_ident(&role.name)
         ),

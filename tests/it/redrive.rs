@@ -11,10 +11,6 @@ use sqlx::PgPool;
 use crate::helpers::*;
 use crate::routes::{Msg, send};
 
-async fn exec(pool: &PgPool, sql: &'static str) {
-    sqlx::raw_sql(sql).execute(pool).await.expect("statement");
-}
-
 /// `(offset, reason_code, attempts)` of every dead letter.
 async fn letters(pool: &PgPool) -> Vec<(i64, String, i32)> {
     sqlx::query_as("SELECT \"offset\", reason_code, attempts FROM ingest.dead_letters ORDER BY 1")

@@ -89,13 +89,6 @@ fn parse(text: &str) -> Value {
     serde_json::from_str(text).expect("Postgres holds JSON")
 }
 
-async fn exec(pool: &PgPool, sql: &str) {
-    sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-        .execute(pool)
-        .await
-        .expect("setup SQL runs");
-}
-
 /// `(topic, reason_code)` of every dead letter, sorted.
 async fn dead_letter_codes(pool: &PgPool) -> Vec<(String, String)> {
     sqlx::query_as(
