@@ -17,6 +17,11 @@ use kafka_pg_ingest::record::Record;
 use kafka_pg_ingest::routes::Routes;
 use libfuzzer_sys::fuzz_target;
 
+// Its schemas only; the tests read its records too.
+#[allow(dead_code)]
+#[path = "../../src/decode/fixture.rs"]
+mod fixture;
+
 // Shared with the decode target, which uses the rest of it.
 #[allow(dead_code)]
 #[path = "../../src/decode/invariants.rs"]
@@ -27,12 +32,8 @@ static DECODER: LazyLock<Decoder> = LazyLock::new(|| {
         .expect("the built-in configuration loads");
     config.sink.format = ValueFormat::Avro;
     let routes = Routes::new(&config).expect("the built-in route is valid");
-    let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("../../tests/fixtures/confluent-avro.json"))
-            .expect("the fixture is JSON");
-    for id in [1u32, 2] {
-        let text = fixture["schemas"][id.to_string()].as_str().expect("a schema");
-        let schema = WriterSchema::parse(id, text, &[]).expect("the schema parses");
+    for (id, text) in fixture::confluent_avro().schemas {
+        let schema = WriterSchema::parse(id, &text, &[]).expect("the schema parses");
         routes.schemas().insert(id, Lookup::Found(Arc::new(schema)));
     }
     routes.decoders()[0].clone()

@@ -861,6 +861,8 @@ impl ColumnType {
 }
 
 #[cfg(test)]
+mod fixture;
+#[cfg(test)]
 mod invariants;
 #[cfg(test)]
 mod tests;

@@ -536,29 +536,14 @@ fn avro_fixture() -> (Decoder, Vec<Vec<u8>>) {
     let mut config = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
     config.sink.format = ValueFormat::Avro;
     let routes = crate::routes::Routes::new(&config).expect("the default route is valid");
-    let fixture: Value =
-        serde_json::from_str(include_str!("../../tests/fixtures/confluent-avro.json"))
-            .expect("the fixture is JSON");
-    for (id, text) in fixture["schemas"].as_object().expect("schemas") {
-        let id: u32 = id.parse().expect("an id");
-        let schema = avro::WriterSchema::parse(id, text.as_str().expect("text"), &[])
-            .expect("the schema parses");
+    let fixture = fixture::confluent_avro();
+    for (id, text) in &fixture.schemas {
+        let schema = avro::WriterSchema::parse(*id, text, &[]).expect("the schema parses");
         routes
             .schemas()
-            .insert(id, avro::Lookup::Found(Arc::new(schema)));
+            .insert(*id, avro::Lookup::Found(Arc::new(schema)));
     }
-    let values = fixture["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .map(|r| {
-            let hex = r["value_hex"].as_str().expect("hex");
-            (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-                .collect()
-        })
-        .collect();
+    let values = fixture.records.into_iter().map(|(bytes, _)| bytes).collect();
     (routes.decoders()[0].clone(), values)
 }
 
@@ -618,8 +603,6 @@ fn mutated_avro_values_each_end_as_one_row_or_one_rejection() {
 
 #[test]
 fn the_sample_avro_schema_is_the_one_confluents_serializer_registered() {
-    let fixture: Value =
-        serde_json::from_str(include_str!("../../tests/fixtures/confluent-avro.json"))
-            .expect("the fixture is JSON");
-    assert_eq!(fixture["schemas"]["1"], crate::sample::WEBSITE_METRIC_AVRO);
+    let fixture = fixture::confluent_avro();
+    assert_eq!(fixture.schemas[&1], crate::sample::WEBSITE_METRIC_AVRO);
 }

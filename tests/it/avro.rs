@@ -13,49 +13,16 @@ use kafka_pg_ingest::pipeline::Pipeline;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use fixture::{ConfluentAvro, confluent_avro};
+
+#[path = "../../src/decode/fixture.rs"]
+mod fixture;
 
 /// The dev registry serving the fixture's schemas.
-async fn registry(fixture: &Fixture) -> DevRegistry {
+async fn registry(fixture: &ConfluentAvro) -> DevRegistry {
     DevRegistry::start(fixture.schemas.clone())
         .await
         .expect("the registry serves")
-}
-
-/// The fixture Confluent's serializer made.
-struct Fixture {
-    schemas: HashMap<u32, String>,
-    /// Framed values and what each holds.
-    records: Vec<(Vec<u8>, Value)>,
-}
-
-fn fixture() -> Fixture {
-    let text = include_str!("../fixtures/confluent-avro.json");
-    let doc: Value = serde_json::from_str(text).expect("fixture is JSON");
-    let schemas = doc["schemas"]
-        .as_object()
-        .expect("schemas")
-        .iter()
-        .map(|(id, s)| {
-            (
-                id.parse().expect("id"),
-                s.as_str().expect("text").to_owned(),
-            )
-        })
-        .collect();
-    let records = doc["records"]
-        .as_array()
-        .expect("records")
-        .iter()
-        .map(|r| {
-            let hex = r["value_hex"].as_str().expect("hex");
-            let bytes = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digit"))
-                .collect();
-            (bytes, r["expected"].clone())
-        })
-        .collect();
-    Fixture { schemas, records }
 }
 
 /// The default website-metrics mapping, reading Avro from `registry`.
@@ -69,7 +36,7 @@ fn avro_sink(registry: &DevRegistry) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn confluent_serialized_avro_of_two_schema_versions_lands_with_every_logical_type() {
     let db = TestDb::new().await;
-    let fixture = fixture();
+    let fixture = confluent_avro();
     let registry = registry(&fixture).await;
     sqlx::raw_sql(
         "CREATE SCHEMA probes; CREATE TABLE probes.results (
@@ -212,7 +179,7 @@ async fn confluent_serialized_avro_of_two_schema_versions_lands_with_every_logic
 
 /// `count` website-metrics records framed under schema ids 1 and 2 (alternating) of
 /// `fixture`, encoded by apache-avro.
-fn encoded_probes(fixture: &Fixture, from: u64, count: u64) -> Vec<Option<Vec<u8>>> {
+fn encoded_probes(fixture: &ConfluentAvro, from: u64, count: u64) -> Vec<Option<Vec<u8>>> {
     use apache_avro::types::Value as Avro;
     let schemas: Vec<(u32, apache_avro::Schema)> = [1u32, 2]
         .iter()
@@ -277,7 +244,7 @@ fn encoded_probes(fixture: &Fixture, from: u64, count: u64) -> Vec<Option<Vec<u8
 async fn ten_thousand_avro_records_of_two_schema_versions_land_exactly_once_with_one_request_per_id()
  {
     let db = TestDb::new().await;
-    let fixture = fixture();
+    let fixture = confluent_avro();
     let registry = registry(&fixture).await;
     let kafka = TestKafka::new(4);
     kafka.produce(encoded_probes(&fixture, 0, 10_000));
@@ -293,7 +260,7 @@ async fn ten_thousand_avro_records_of_two_schema_versions_land_exactly_once_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_registry_down_for_10_s_mid_stream_dead_letters_nothing_and_the_stream_lands_once() {
     let db = TestDb::new().await;
-    let fixture = fixture();
+    let fixture = confluent_avro();
     let registry = registry(&fixture).await;
     let kafka = TestKafka::new(2);
     // Schema id 1 only, so id 2 is first seen while the registry is down.
@@ -351,7 +318,7 @@ async fn a_registry_down_for_10_s_mid_stream_dead_letters_nothing_and_the_stream
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unknown_schema_id_truncated_bytes_and_a_missing_magic_byte_are_one_dead_letter_each() {
     let db = TestDb::new().await;
-    let fixture = fixture();
+    let fixture = confluent_avro();
     let registry = registry(&fixture).await;
     let kafka = TestKafka::new(1);
     let good = encoded_probes(&fixture, 0, 100);
