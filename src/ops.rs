@@ -452,8 +452,11 @@ pub async fn retry_dead_letters(
     filter: &DeadLetterFilter,
 ) -> anyhow::Result<admin::Redrive> {
     let store = Store::connect(config, store::APPLICATION_NAME).await?;
-    let registry = crate::registry::Registry::for_routes(&config.schema_registry, store.routes())
-        .map_err(anyhow::Error::msg)?;
+    // A re-drive exports no metrics: its own counter.
+    let requests = prometheus_client::metrics::counter::Counter::default();
+    let registry =
+        crate::registry::Registry::for_routes(&config.schema_registry, store.routes(), requests)
+            .map_err(anyhow::Error::msg)?;
     Ok(store.redrive(filter, registry.as_ref()).await?)
 }
 

@@ -9,8 +9,9 @@
 //! Refused credentials (401, 403) stop the worker, naming the keys to fix.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -81,21 +82,31 @@ pub struct Registry {
     cache: Arc<SchemaCache>,
     /// One fetch at a time: a second caller missing the same id waits, then finds it.
     fetching: tokio::sync::Mutex<()>,
-    requests: AtomicU64,
+    /// Counts every request sent (the worker's metric, or a counter of its own).
+    requests: Counter,
 }
 
 impl Registry {
     /// A client of the configured registry filling the routes' cache, if a route reads
     /// a registry format.
-    pub fn for_routes(config: &SchemaRegistryConfig, routes: &Routes) -> Result<Option<Self>, String> {
+    pub fn for_routes(
+        config: &SchemaRegistryConfig,
+        routes: &Routes,
+        requests: Counter,
+    ) -> Result<Option<Self>, String> {
         routes
             .read_registry()
-            .then(|| Self::new(config, routes.schemas().clone()))
+            .then(|| Self::new(config, routes.schemas().clone(), requests))
             .transpose()
     }
 
-    /// A client of the configured registry filling `cache`.
-    pub fn new(config: &SchemaRegistryConfig, cache: Arc<SchemaCache>) -> Result<Self, String> {
+    /// A client of the configured registry filling `cache`, counting its requests in
+    /// `requests`.
+    pub fn new(
+        config: &SchemaRegistryConfig,
+        cache: Arc<SchemaCache>,
+        requests: Counter,
+    ) -> Result<Self, String> {
         let urls: Vec<String> = config
             .url
             .iter()
@@ -130,13 +141,8 @@ impl Registry {
             password: config.password.clone(),
             cache,
             fetching: tokio::sync::Mutex::new(()),
-            requests: AtomicU64::new(0),
+            requests,
         })
-    }
-
-    /// Requests sent so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
     }
 
     /// Makes sure the cache holds an answer for every id in `ids`.
@@ -237,7 +243,7 @@ impl Registry {
         let mut failures = Vec::new();
         let mut missing = None;
         for url in &self.urls {
-            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.requests.inc();
             let mut request = self.client.get(format!("{url}{path}")).header(
                 reqwest::header::ACCEPT,
                 "application/vnd.schemaregistry.v1+json, application/json",

@@ -173,9 +173,13 @@ impl Pipeline {
         let assignments = Assignments::default();
         let observers = Observers::default();
         let lanes = config.lanes();
-        let registry = Registry::for_routes(&config.schema_registry, store.routes())
-            .map_err(StoreError::Fatal)?
-            .map(std::sync::Arc::new);
+        let registry = Registry::for_routes(
+            &config.schema_registry,
+            store.routes(),
+            observers.metrics.schema_registry_requests.clone(),
+        )
+        .map_err(StoreError::Fatal)?
+        .map(std::sync::Arc::new);
         let consumer = kafka::subscribe(
             &config,
             store.clone(),

@@ -214,8 +214,6 @@ impl Pipeline {
         Ok((!fenced.is_empty()).then_some(CommitOutcome::Fenced(fenced)))
     }
 
-    /// Fails on a non-transient error; otherwise waits one backoff delay with the
-    /// assigned partitions paused, polling so the group keeps this worker.
     /// Has the registry answer for every writer schema id the lanes' records carry,
     /// waiting out a registry that does not answer (polling, partitions paused, as for
     /// Postgres): its records are decided only once it does.
@@ -233,7 +231,6 @@ impl Pipeline {
         );
         let mut delays = retry::backoff(&self.config.retry);
         loop {
-            let before = registry.requests();
             // Fetches take up to schema_registry.timeout_ms each: the consumer keeps
             // polling meanwhile, as during a slow commit.
             let fetching = {
@@ -243,11 +240,6 @@ impl Pipeline {
             let resolved = self.await_polling(fetching).await.map_err(|e| {
                 StoreError::Fatal(format!("the schema registry task failed: {e}"))
             })?;
-            let requests = registry.requests() - before;
-            self.observers
-                .metrics
-                .schema_registry_requests
-                .inc_by(requests);
             match resolved {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -259,6 +251,8 @@ impl Pipeline {
         }
     }
 
+    /// Fails on a non-transient error; otherwise waits one backoff delay with the
+    /// assigned partitions paused, polling so the group keeps this worker.
     pub(super) async fn wait_or_fail(
         &mut self,
         err: PipelineError,
