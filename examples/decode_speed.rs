@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kafka_pg_ingest::config::{Config, Overrides, ValueFormat};
-use kafka_pg_ingest::decode::avro::{Lookup, WriterSchema};
+use kafka_pg_ingest::decode::framed::{Lookup, WriterSchema};
 use kafka_pg_ingest::record::Record;
 use kafka_pg_ingest::routes::Routes;
 use kafka_pg_ingest::sample;
@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     report("JSON", &Routes::new(&config)?, &json)?;
     config.sink.format = ValueFormat::Avro;
     let routes = Routes::new(&config)?;
-    let schema = WriterSchema::parse(SCHEMA_ID, sample::WEBSITE_METRIC_AVRO, &[])
+    let schema = WriterSchema::parse(SCHEMA_ID, "AVRO", sample::WEBSITE_METRIC_AVRO, &[])
         .map_err(anyhow::Error::msg)?;
     routes
         .schemas()

@@ -510,12 +510,16 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             Ok(())
         }
         Tool::Dev(DevCommand::Produce(mut options)) => {
-            if options.format == crate::config::ValueFormat::Avro {
-                let url = options
-                    .schema_registry
-                    .as_deref()
-                    .ok_or_else(|| anyhow::anyhow!("--format avro needs --schema-registry URL"))?;
-                let id = dev::registry::register_website_metric(url, &options.topic).await?;
+            if options.format.framed() {
+                let url = options.schema_registry.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--format {} needs --schema-registry URL",
+                        options.format.name()
+                    )
+                })?;
+                let id =
+                    dev::registry::register_website_metric(url, &options.topic, options.format)
+                        .await?;
                 options.schema_id = Some(id);
             }
             let produced = tokio::task::spawn_blocking(move || dev::produce(&options)).await??;

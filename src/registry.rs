@@ -16,14 +16,18 @@ use prometheus_client::metrics::counter::Counter;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::SchemaRegistryConfig;
-use crate::decode::avro::{Lookup, SchemaCache, WriterSchema};
+use crate::config::{SchemaRegistryConfig, ValueFormat};
+use crate::decode::framed::{Lookup, Referenced, SchemaCache, WriterSchema};
 use crate::record::Record;
 use crate::retry::ErrorClass;
 use crate::routes::Routes;
 
-/// The writer schema ids that decoding `records` through `routes` needs.
-pub fn schema_ids<'a>(routes: &Routes, records: impl Iterator<Item = &'a Record>) -> Vec<u32> {
+/// The writer schema ids that decoding `records` through `routes` needs, each with the
+/// format its route reads it in.
+pub fn schema_ids<'a>(
+    routes: &Routes,
+    records: impl Iterator<Item = &'a Record>,
+) -> Vec<(u32, ValueFormat)> {
     let decoders = routes.decoders();
     records
         .filter_map(|r| decoders.get(routes.route_of(&r.topic)?)?.schema_id(r))
@@ -69,6 +73,8 @@ struct ErrorBody {
 
 #[derive(Debug, Deserialize)]
 struct Reference {
+    /// The name the schema imports it by.
+    name: String,
     subject: String,
     version: i64,
 }
@@ -145,66 +151,72 @@ impl Registry {
         })
     }
 
-    /// Makes sure the cache holds an answer for every id in `ids`.
-    pub async fn resolve(&self, ids: impl IntoIterator<Item = u32>) -> Result<(), RegistryError> {
-        let mut missing: Vec<u32> = ids
+    /// Makes sure the cache holds an answer for every id in `ids`, each fetched as its
+    /// format needs.
+    pub async fn resolve(
+        &self,
+        ids: impl IntoIterator<Item = (u32, ValueFormat)>,
+    ) -> Result<(), RegistryError> {
+        let mut missing: Vec<(u32, ValueFormat)> = ids
             .into_iter()
-            .filter(|id| self.cache.get(*id).is_none())
+            .filter(|(id, _)| self.cache.get(*id).is_none())
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        missing.sort_unstable();
-        missing.dedup();
+        missing.sort_unstable_by_key(|(id, _)| *id);
+        missing.dedup_by_key(|(id, _)| *id);
         let _one = self.fetching.lock().await;
-        for id in missing {
+        for (id, format) in missing {
             if self.cache.get(id).is_none() {
-                let lookup = self.fetch(id).await?;
+                let lookup = self.fetch(id, format).await?;
                 self.cache.insert(id, lookup);
             }
         }
         Ok(())
     }
 
-    async fn fetch(&self, id: u32) -> Result<Lookup, RegistryError> {
+    async fn fetch(&self, id: u32, format: ValueFormat) -> Result<Lookup, RegistryError> {
         // Registries number schemas with 32-bit signed integers.
         if id > i32::MAX as u32 {
             return Ok(Lookup::unknown(format!(
                 "schema id {id} is beyond what a registry numbers (2^31 - 1)"
             )));
         }
-        let body = match self.get(&format!("/schemas/ids/{id}")).await? {
+        // Protobuf schemas are read as serialized descriptors, not .proto text, which
+        // would take a compiler.
+        let query = match format {
+            ValueFormat::Protobuf => "?format=serialized",
+            _ => "",
+        };
+        let body = match self.get(&format!("/schemas/ids/{id}{query}")).await? {
             Answer::Found(body) => body,
             Answer::Missing(why) => {
                 return Ok(Lookup::unknown(format!("schema id {id}: {why}")));
             }
         };
         let kind = body.schema_type.as_deref().unwrap_or("AVRO");
-        if !kind.eq_ignore_ascii_case("AVRO") {
-            return Ok(Lookup::unknown(format!(
-                "schema id {id} is a {kind} schema, and the route reads avro"
-            )));
-        }
         let mut references = Vec::new();
         if let Err(why) = self
-            .references(&body.references, &mut references, &mut Vec::new())
+            .references(&body.references, query, &mut references, &mut Vec::new())
             .await?
         {
             return Ok(Lookup::unknown(format!("schema id {id}: {why}")));
         }
-        Ok(match WriterSchema::parse(id, &body.schema, &references) {
+        Ok(match WriterSchema::parse(id, kind, &body.schema, &references) {
             Ok(schema) => Lookup::Found(Arc::new(schema)),
             Err(e) => Lookup::unknown(format!("schema id {id} is not read: {e}")),
         })
     }
 
-    /// Appends the texts of `wanted` and of what they reference, dependencies first, each
-    /// once (`seen` holds subject and version); the inner `Err` says why a reference
-    /// cannot be had.
+    /// Appends `wanted` and what they reference, dependencies first, each once (`seen`
+    /// holds subject and version), asked for with `query`; the inner `Err` says why a
+    /// reference cannot be had.
     async fn references(
         &self,
         wanted: &[Reference],
-        texts: &mut Vec<String>,
+        query: &str,
+        texts: &mut Vec<Referenced>,
         seen: &mut Vec<(String, i64)>,
     ) -> Result<Result<(), String>, RegistryError> {
         for reference in wanted {
@@ -214,7 +226,7 @@ impl Registry {
             }
             seen.push(key);
             let path = format!(
-                "/subjects/{}/versions/{}",
+                "/subjects/{}/versions/{}{query}",
                 encode_path(&reference.subject),
                 reference.version
             );
@@ -227,10 +239,15 @@ impl Registry {
                     )));
                 }
             };
-            if let Err(why) = Box::pin(self.references(&body.references, texts, seen)).await? {
+            if let Err(why) =
+                Box::pin(self.references(&body.references, query, texts, seen)).await?
+            {
                 return Ok(Err(why));
             }
-            texts.push(body.schema);
+            texts.push(Referenced {
+                name: reference.name.clone(),
+                text: body.schema,
+            });
         }
         Ok(Ok(()))
     }

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use regex::Regex;
 
 use crate::config::{
-    ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig, ValueFormat,
+    ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig,
     WriteMode, invalid,
 };
 use crate::decode::Decoder;
-use crate::decode::avro::SchemaCache;
+use crate::decode::framed::SchemaCache;
 use crate::route::{Column, Route, Source, TimeFormat, Topics};
 
 impl Route {
@@ -213,7 +213,7 @@ impl Routes {
 
     /// Whether a route reads a registry format.
     pub fn read_registry(&self) -> bool {
-        self.iter().any(|r| r.format != ValueFormat::Json)
+        self.iter().any(|r| r.format.framed())
     }
 
     /// The index of the route for `topic`: a route naming it, else the first whose regex

@@ -2,6 +2,8 @@
 
 use rand::Rng;
 
+use crate::config::ValueFormat;
+
 /// The kinds of malformed message the generator makes, each landing as the named
 /// dead-letter reason.
 pub const MALFORMED_KINDS: [(&str, &[u8]); 6] = [
@@ -70,10 +72,145 @@ pub fn website_metric_avro(
     let datum = apache_avro::writer::datum::GenericDatumWriter::builder(schema)
         .build()?
         .write_value_to_vec(record)?;
-    let mut framed = vec![0];
-    framed.extend_from_slice(&id.to_be_bytes());
+    let mut framed = frame(id);
     framed.extend_from_slice(&datum);
     Ok(framed)
+}
+
+/// The website-metrics record as Protobuf (`tests/fixtures/proto/website_metric_v1.proto`):
+/// its serialized descriptor in base64, schema id 1 of the tests' fixture
+/// (`tests/fixtures/confluent-protobuf.json`, as Confluent's serializer registered it).
+pub const WEBSITE_METRIC_PROTOBUF: &str = "Chd3ZWJzaXRlX21ldHJpY192MS5wcm90bxINbW9uaXRvcmluZy52MRofZ29vZ2xlL3Byb3RvYnVmL3RpbWVzdGFtcC5wcm90bxoeZ29vZ2xlL3Byb3RvYnVmL3dyYXBwZXJzLnByb3RvIqwCCg1XZWJzaXRlTWV0cmljEjUKEXJlcXVlc3RfdGltZXN0YW1wGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBILCgN1cmwYAiABKAkSMAoKaXBfYWRkcmVzcxgDIAEoCzIcLmdvb2dsZS5wcm90b2J1Zi5TdHJpbmdWYWx1ZRIvCglyZXNwX3RpbWUYBCABKAsyHC5nb29nbGUucHJvdG9idWYuU3RyaW5nVmFsdWUSGAoQcmVzcF9zdGF0dXNfY29kZRgFIAEoBRIVCg1wYXR0ZXJuX2ZvdW5kGAYgASgIEjIKDHNlcnZpY2VfbmFtZRgHIAEoCzIcLmdvb2dsZS5wcm90b2J1Zi5TdHJpbmdWYWx1ZRIPCgdjb21tZW50GAggASgJYgZwcm90bzM=";
+
+/// The website-metrics record's JSON Schema: schema id 1 of the tests' fixture
+/// (`tests/fixtures/confluent-json-schema.json`, as Confluent's serializer registered it).
+pub const WEBSITE_METRIC_JSON_SCHEMA: &str = r#"{"$schema": "http://json-schema.org/draft-07/schema#", "title": "WebsiteMetric", "type": "object", "required": ["request_timestamp", "url", "resp_status_code", "pattern_found", "comment"], "properties": {"request_timestamp": {"type": "string"}, "url": {"type": "string"}, "ip_address": {"type": ["null", "string"]}, "resp_time": {"type": ["null", "string"]}, "resp_status_code": {"type": "integer", "minimum": 100, "maximum": 599}, "pattern_found": {"type": "boolean"}, "service_name": {"type": ["null", "string"]}, "comment": {"type": "string"}}}"#;
+
+/// The schema of [`WEBSITE_METRIC_PROTOBUF`]'s one message.
+pub fn website_metric_message() -> anyhow::Result<prost_reflect::MessageDescriptor> {
+    use prost_reflect::prost::Message as _;
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(WEBSITE_METRIC_PROTOBUF)?;
+    let file = prost_reflect::prost_types::FileDescriptorProto::decode(bytes.as_slice())?;
+    let mut pool = prost_reflect::DescriptorPool::global();
+    pool.add_file_descriptor_proto(file)?;
+    pool.get_message_by_name("monitoring.v1.WebsiteMetric")
+        .ok_or_else(|| anyhow::anyhow!("the website-metrics descriptor has no WebsiteMetric"))
+}
+
+/// A sample JSON message ([`website_metric`]) as the same probe in Protobuf (`message`,
+/// from [`website_metric_message`]), framed in the Confluent wire format under schema id
+/// `id` (message index 0).
+pub fn website_metric_protobuf(
+    json: &[u8],
+    message: &prost_reflect::MessageDescriptor,
+    id: u32,
+) -> anyhow::Result<Vec<u8>> {
+    use prost_reflect::prost::Message as _;
+    use prost_reflect::{DynamicMessage, Value};
+    let v: serde_json::Value = serde_json::from_slice(json)?;
+    let text = |key: &str| v[key].as_str().unwrap_or_default().to_owned();
+    let at = chrono::NaiveDateTime::parse_from_str(&text("request_timestamp"), "%Y-%m-%d %H:%M:%S")?
+        .and_utc();
+    let mut probe = DynamicMessage::new(message.clone());
+    let sub = |name: &str| -> anyhow::Result<DynamicMessage> {
+        let field = message
+            .get_field_by_name(name)
+            .ok_or_else(|| anyhow::anyhow!("no field {name}"))?;
+        match field.kind() {
+            prost_reflect::Kind::Message(m) => Ok(DynamicMessage::new(m)),
+            _ => anyhow::bail!("{name} is no message"),
+        }
+    };
+    let mut timestamp = sub("request_timestamp")?;
+    timestamp.set_field_by_name("seconds", Value::I64(at.timestamp()));
+    probe.set_field_by_name("request_timestamp", Value::Message(timestamp));
+    for name in ["ip_address", "resp_time", "service_name"] {
+        let mut wrapped = sub(name)?;
+        wrapped.set_field_by_name("value", Value::String(text(name)));
+        probe.set_field_by_name(name, Value::Message(wrapped));
+    }
+    probe.set_field_by_name("url", Value::String(text("url")));
+    let status = i32::try_from(v["resp_status_code"].as_i64().unwrap_or(0))?;
+    probe.set_field_by_name("resp_status_code", Value::I32(status));
+    let found = v["pattern_found"].as_bool().unwrap_or(false);
+    probe.set_field_by_name("pattern_found", Value::Bool(found));
+    probe.set_field_by_name("comment", Value::String(text("comment")));
+    // Message index 0 is written as the single byte 0.
+    let mut framed = frame(id);
+    framed.push(0);
+    probe.encode(&mut framed)?;
+    Ok(framed)
+}
+
+/// A sample JSON message framed in the Confluent wire format under JSON Schema id `id`.
+pub fn website_metric_json_schema(json: &[u8], id: u32) -> Vec<u8> {
+    let mut framed = frame(id);
+    framed.extend_from_slice(json);
+    framed
+}
+
+/// The Confluent wire format's start: byte 0, then schema id `id` (big-endian).
+fn frame(id: u32) -> Vec<u8> {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&id.to_be_bytes());
+    framed
+}
+
+/// Encodes sample probes ([`website_metric`]) in a registry format under a schema id.
+pub struct Framer {
+    id: u32,
+    encoding: Encoding,
+}
+
+enum Encoding {
+    Avro(apache_avro::Schema),
+    Protobuf(prost_reflect::MessageDescriptor),
+    JsonSchema,
+}
+
+impl Framer {
+    /// The website-metrics schema of `format` as a registry takes it: its type and text.
+    pub fn schema(format: ValueFormat) -> Option<(&'static str, &'static str)> {
+        match format {
+            ValueFormat::Json => None,
+            ValueFormat::Avro => Some(("AVRO", WEBSITE_METRIC_AVRO)),
+            ValueFormat::Protobuf => Some(("PROTOBUF", WEBSITE_METRIC_PROTOBUF)),
+            ValueFormat::JsonSchema => Some(("JSON", WEBSITE_METRIC_JSON_SCHEMA)),
+        }
+    }
+
+    /// Probes in `format` under schema id `id` ([`Framer::schema`] registered);
+    /// `None` for plain JSON.
+    pub fn new(format: ValueFormat, id: u32) -> anyhow::Result<Option<Self>> {
+        let encoding = match format {
+            ValueFormat::Json => return Ok(None),
+            ValueFormat::Avro => {
+                Encoding::Avro(apache_avro::Schema::parse_str(WEBSITE_METRIC_AVRO)?)
+            }
+            ValueFormat::Protobuf => Encoding::Protobuf(website_metric_message()?),
+            ValueFormat::JsonSchema => Encoding::JsonSchema,
+        };
+        Ok(Some(Self { id, encoding }))
+    }
+
+    /// A probe (JSON bytes from [`website_metric`]) framed.
+    pub fn encode(&self, json: &[u8]) -> anyhow::Result<Vec<u8>> {
+        match &self.encoding {
+            Encoding::Avro(schema) => website_metric_avro(json, schema, self.id),
+            Encoding::Protobuf(message) => website_metric_protobuf(json, message, self.id),
+            Encoding::JsonSchema => Ok(website_metric_json_schema(json, self.id)),
+        }
+    }
+
+    /// The dead-letter reason of a framed probe cut short by a byte.
+    pub fn cut_short_reason(&self) -> &'static str {
+        match self.encoding {
+            Encoding::Avro(_) => "bad_avro",
+            Encoding::Protobuf(_) => "bad_protobuf",
+            Encoding::JsonSchema => "bad_json_schema",
+        }
+    }
 }
 
 /// A valid probe message whose `comment` is `id`, so each message is unique and

@@ -284,16 +284,15 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     let messages = generate(options.messages);
     let naive_messages = generate(options.naive_messages);
     let decoded = DecodedRows::new(options, &messages)?;
-    // Avro: the same probes, their schema served as id 1 by a registry of this process.
-    let registry = match options.format {
-        ValueFormat::Json => None,
-        ValueFormat::Avro => Some(
-            DevRegistry::start([(1, sample::WEBSITE_METRIC_AVRO.to_owned())].into()).await?,
-        ),
+    // A registry format: the same probes, their schema served as id 1 by a registry of
+    // this process.
+    let registry = match sample::Framer::schema(options.format) {
+        None => None,
+        Some((kind, text)) => Some(DevRegistry::start(kind, [(1, text.to_owned())].into()).await?),
     };
-    let (messages, naive_messages) = match options.format {
-        ValueFormat::Json => (messages, naive_messages),
-        ValueFormat::Avro => (avro(&messages)?, avro(&naive_messages)?),
+    let (messages, naive_messages) = match sample::Framer::new(options.format, 1)? {
+        None => (messages, naive_messages),
+        Some(framer) => (framed(&framer, &messages)?, framed(&framer, &naive_messages)?),
     };
     let registry_url = registry.as_ref().map(|r| r.url.clone());
     eprintln!("encoding the limit's rows as COPY BINARY");
@@ -432,11 +431,10 @@ fn generate(count: u64) -> Arc<Vec<Vec<u8>>> {
 }
 
 /// `messages` (sample JSON) as the same probes in Avro, framed under schema id 1.
-fn avro(messages: &[Vec<u8>]) -> anyhow::Result<Arc<Vec<Vec<u8>>>> {
-    let schema = apache_avro::Schema::parse_str(sample::WEBSITE_METRIC_AVRO)?;
+fn framed(framer: &sample::Framer, messages: &[Vec<u8>]) -> anyhow::Result<Arc<Vec<Vec<u8>>>> {
     let framed = messages
         .iter()
-        .map(|m| sample::website_metric_avro(m, &schema, 1))
+        .map(|m| framer.encode(m))
         .collect::<anyhow::Result<_>>()?;
     Ok(Arc::new(framed))
 }

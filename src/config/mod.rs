@@ -99,6 +99,30 @@ pub enum ValueFormat {
     Json,
     /// Avro in the Confluent wire format: byte 0, a 4-byte schema id, the datum.
     Avro,
+    /// Protobuf in the Confluent wire format: byte 0, a 4-byte schema id, the message
+    /// indexes, the message.
+    Protobuf,
+    /// JSON valid under a JSON Schema, in the Confluent wire format: byte 0, a 4-byte
+    /// schema id, the JSON text.
+    #[value(name = "json_schema")]
+    JsonSchema,
+}
+
+impl ValueFormat {
+    /// The name the configuration spells it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Avro => "avro",
+            Self::Protobuf => "protobuf",
+            Self::JsonSchema => "json_schema",
+        }
+    }
+
+    /// Whether values carry a schema id whose schema comes from the registry.
+    pub fn framed(self) -> bool {
+        self != Self::Json
+    }
 }
 
 /// Kafka consumer settings.
@@ -261,7 +285,8 @@ pub struct SinkConfig {
     /// How rows are written: `copy` (bulk, the default) or `row_inserts` (one INSERT per
     /// record, as naive consumers do; only for comparison in benchmarks).
     pub write_method: WriteMethod,
-    /// How record values are encoded: `json` or `avro` (Confluent wire format).
+    /// How record values are encoded: `json`, or `avro`, `protobuf` or `json_schema` (the
+    /// Confluent wire format, schemas from `schema_registry`).
     pub format: ValueFormat,
     /// Columns that receive the record's coordinates.
     pub source_columns: SourceColumns,
@@ -344,7 +369,8 @@ pub struct RouteConfig {
     /// key; the key columns must then come from record metadata (`@key`, ...).
     #[serde(default)]
     pub delete_on_tombstone: bool,
-    /// How record values are encoded: `json` or `avro` (Confluent wire format).
+    /// How record values are encoded: `json`, or `avro`, `protobuf` or `json_schema` (the
+    /// Confluent wire format, schemas from `schema_registry`).
     #[serde(default)]
     pub format: ValueFormat,
     /// One entry per mapped column.
@@ -625,14 +651,10 @@ impl Config {
     /// A route of a registry format needs the registry; the registry's keys must work.
     fn check_schema_registry(&self) -> Result<(), ConfigError> {
         let registry = &self.schema_registry;
-        let avro = match self
-            .routes
-            .iter()
-            .position(|r| r.format == ValueFormat::Avro)
-        {
-            Some(i) => Some(format!("routes[{i}].format")),
-            None if self.routes.is_empty() && self.sink.format == ValueFormat::Avro => {
-                Some("sink.format".to_owned())
+        let framed = match self.routes.iter().position(|r| r.format.framed()) {
+            Some(i) => Some((format!("routes[{i}].format"), self.routes[i].format)),
+            None if self.routes.is_empty() && self.sink.format.framed() => {
+                Some(("sink.format".to_owned(), self.sink.format))
             }
             None => None,
         };
@@ -650,14 +672,15 @@ impl Config {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect();
-        if let Some(key) = &avro
+        if let Some((key, format)) = &framed
             && urls.is_empty()
         {
             return Err(invalid(
                 "schema_registry.url",
                 format!(
-                    "is not set, but {key} is avro, whose writer schemas come from a registry: \
-                     give its base URL, e.g. http://registry:8081"
+                    "is not set, but {key} is {}, whose writer schemas come from a registry: \
+                     give its base URL, e.g. http://registry:8081",
+                    format.name()
                 ),
             ));
         }
@@ -1184,6 +1207,16 @@ mod tests {
                 route.to_owned(),
                 "schema_registry.url",
                 "routes[0].format is avro",
+            ),
+            (
+                route.replace("format: avro", "format: protobuf"),
+                "schema_registry.url",
+                "routes[0].format is protobuf",
+            ),
+            (
+                "sink:\n  format: json_schema\n".to_owned(),
+                "schema_registry.url",
+                "sink.format is json_schema",
             ),
             (
                 "schema_registry:\n  url: registry:8081\n".to_owned(),

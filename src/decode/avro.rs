@@ -1,55 +1,48 @@
-//! Avro record values in the Confluent wire format: byte 0, the writer schema's id (4
-//! bytes, big-endian), then the datum.
-//!
-//! Writer schemas come from a [`SchemaCache`] that the pipeline fills from the registry
-//! before it decodes a batch: decoding never waits on the network, and an id the cache
-//! does not hold is one the registry does not know.
+//! Avro datums, the payload of a framed value (see [`super::framed`]) whose writer
+//! schema is Avro.
 //!
 //! A column's `field` addresses the decoded record as it addresses JSON (a field name,
 //! or a JSON pointer through records, maps and arrays), so a mapping moves from JSON to
 //! Avro unchanged. Logical types keep their meaning: a decimal is exact at its scale, a
 //! timestamp is an instant, a date a date, a uuid a uuid.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::{NamesRef, ResolvedSchema};
 use apache_avro::types::Value as Avro;
 use base64::Engine;
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 
+use super::Addressed;
+use super::framed::{Referenced, float, in_years, pointer_tokens};
 use super::value::Input;
 
-/// The magic byte that starts a value in the Confluent wire format.
-const MAGIC: u8 = 0;
-
-/// A writer schema as the registry gave it, ready to decode with.
-pub struct WriterSchema {
-    pub id: u32,
+/// An Avro writer schema, ready to decode with.
+pub struct AvroSchema {
     schema: &'static Schema,
     names: NamesRef<'static>,
     reader: GenericDatumReader<'static>,
 }
 
-impl fmt::Debug for WriterSchema {
+impl fmt::Debug for AvroSchema {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WriterSchema").field("id", &self.id).finish()
+        f.debug_struct("AvroSchema").finish_non_exhaustive()
     }
 }
 
-impl WriterSchema {
-    /// Parses schema `id` from its text and the texts of the schemas it references
-    /// (dependencies first).
-    pub fn parse(id: u32, text: &str, references: &[String]) -> Result<Self, String> {
+impl AvroSchema {
+    /// Parses a schema from its text and the schemas it references (dependencies
+    /// first).
+    pub fn parse(text: &str, references: &[Referenced]) -> Result<Self, String> {
         // The schema itself may be unnamed (a bare "string", an array); those it
         // references are named.
+        let texts: Vec<&str> = references.iter().map(|r| r.text.as_str()).collect();
         let (main, mut parsed) =
-            Schema::parse_str_with_list(text, references).map_err(|e| e.to_string())?;
+            Schema::parse_str_with_list(text, &texts).map_err(|e| e.to_string())?;
         parsed.push(main);
         // A reader borrows its schemas; they live as long as the process, as the cache
         // entry holding them does (one per schema id the stream carries).
@@ -67,7 +60,6 @@ impl WriterSchema {
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
-            id,
             schema,
             names,
             reader,
@@ -117,7 +109,7 @@ impl WriterSchema {
 #[derive(Debug)]
 pub(super) struct Decoded {
     value: Avro,
-    schema: Arc<WriterSchema>,
+    schema: Arc<AvroSchema>,
 }
 
 /// A part of a decoded value and the schema it was written with.
@@ -130,29 +122,6 @@ pub(super) struct Part<'a> {
 impl Decoded {
     fn root(&self) -> Part<'_> {
         self.schema.part(&self.value, self.schema.schema)
-    }
-
-    /// The top-level field `name` of a record value.
-    pub(super) fn field(&self, name: &str) -> Option<Part<'_>> {
-        self.child(self.root(), name)
-    }
-
-    /// The part a JSON pointer (`/a/b/0`) leads to.
-    pub(super) fn pointer(&self, pointer: &str) -> Option<Part<'_>> {
-        let mut part = self.root();
-        if pointer.is_empty() {
-            return Some(part);
-        }
-        for token in pointer.strip_prefix('/')?.split('/') {
-            let token = token.replace("~1", "/").replace("~0", "~");
-            part = self.child(part, &token)?;
-        }
-        Some(part)
-    }
-
-    /// The whole value.
-    pub(super) fn whole(&self) -> Part<'_> {
-        self.root()
     }
 
     fn child<'a>(&'a self, part: Part<'a>, token: &str) -> Option<Part<'a>> {
@@ -172,25 +141,6 @@ impl Decoded {
             }
             _ => None,
         }
-    }
-
-    /// A part as a column's input, or why its value cannot be one (an instant or a
-    /// date outside years 1 to 9999, a time of day outside the day, a decimal longer
-    /// than its precision allows).
-    pub(super) fn input<'a>(&'a self, part: Part<'a>) -> Result<Input<'a>, String> {
-        Ok(match part.value {
-            Avro::Int(n) => Input::Int(i64::from(*n)),
-            Avro::Long(n) => Input::Int(*n),
-            Avro::Bytes(b) | Avro::Fixed(_, b) => Input::Bytes(b),
-            Avro::String(s) | Avro::Enum(_, s) => Input::Str(s),
-            Avro::Date(days) => Input::Date(date(*days)?),
-            Avro::Uuid(u) => Input::Uuid(*u),
-            Avro::Decimal(_) | Avro::BigDecimal(_) => Input::Decimal(decimal(part)?),
-            other => match instant(other)? {
-                Some(ts) => Input::Timestamp(ts),
-                None => Input::Owned(self.json(part)?),
-            },
-        })
     }
 
     /// A part as JSON: records and maps as objects, decimals as exact decimal text,
@@ -259,10 +209,44 @@ impl Decoded {
     }
 }
 
-/// A JSON number, or the text of a float JSON cannot hold (`NaN`, `inf`), which no
-/// numeric column takes.
-fn float(f: f64) -> Value {
-    serde_json::Number::from_f64(f).map_or_else(|| Value::String(f.to_string()), Value::Number)
+impl Addressed for Decoded {
+    type Part<'a> = Part<'a>;
+
+    fn field(&self, name: &str) -> Option<Part<'_>> {
+        self.child(self.root(), name)
+    }
+
+    fn pointer(&self, pointer: &str) -> Option<Part<'_>> {
+        let mut part = self.root();
+        for token in pointer_tokens(pointer)? {
+            part = self.child(part, &token)?;
+        }
+        Some(part)
+    }
+
+    fn whole(&self) -> Part<'_> {
+        self.root()
+    }
+
+    /// A part as a column's input, or why its value cannot be one (an instant or a
+    /// date outside years 1 to 9999, a time of day outside the day, a decimal longer
+    /// than its precision allows).
+    fn input<'a>(&'a self, part: Part<'a>) -> Result<Input<'a>, String> {
+        Ok(match part.value {
+            Avro::Int(n) => Input::Int(i64::from(*n)),
+            Avro::Long(n) => Input::Int(*n),
+            Avro::Bytes(b) | Avro::Fixed(_, b) => Input::Bytes(b),
+            Avro::String(s) | Avro::Enum(_, s) => Input::Str(s),
+            Avro::Date(days) => Input::Date(date(*days)?),
+            Avro::Uuid(u) => Input::Uuid(*u),
+            Avro::Decimal(_) | Avro::BigDecimal(_) => Input::Decimal(decimal(part)?),
+            other => match instant(other)? {
+                Some(ts) => Input::Timestamp(ts),
+                None => Input::Owned(self.json(part)?),
+            },
+        })
+    }
+
 }
 
 /// A time of day as `H:MM:SS.ffffff` (what an `interval` or `text` column takes).
@@ -277,11 +261,6 @@ fn time_of_day(micros: i64) -> Result<Value, String> {
         secs / 60 % 60,
         secs % 60
     )))
-}
-
-/// Within years 1 to 9999, which Postgres' text form and the JSON path take.
-fn in_years(date: NaiveDate) -> bool {
-    (1..=9999).contains(&date.year())
 }
 
 /// Avro's days since the Unix epoch as a date.
@@ -444,92 +423,15 @@ fn zero_width(schema: &Schema, names: &NamesRef<'static>, depth: usize) -> bool 
     }
 }
 
-/// Writer schemas by id, as the registry answered.
-#[derive(Debug, Default)]
-pub struct SchemaCache {
-    entries: RwLock<HashMap<u32, Lookup>>,
-}
-
-/// What the registry said of a schema id.
-#[derive(Debug, Clone)]
-pub enum Lookup {
-    Found(Arc<WriterSchema>),
-    /// The registry does not know the id, or its schema is not Avro or is not read: why,
-    /// and when it said so.
-    Unknown(String, Instant),
-}
-
-impl Lookup {
-    pub fn unknown(why: String) -> Self {
-        Self::Unknown(why, Instant::now())
-    }
-}
-
-/// How long an unknown id stays unknown before the registry is asked again: a schema
-/// registered after a record that uses it reached a lagging replica first.
-const UNKNOWN_FOR: Duration = Duration::from_secs(30);
-
-impl SchemaCache {
-    /// What the registry said of `id`, unless it said "unknown" too long ago.
-    pub fn get(&self, id: u32) -> Option<Lookup> {
-        self.entries
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&id)
-            .filter(|l| !matches!(l, Lookup::Unknown(_, at) if at.elapsed() > UNKNOWN_FOR))
-            .cloned()
-    }
-
-    pub fn insert(&self, id: u32, lookup: Lookup) {
-        self.entries
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(id, lookup);
-    }
-}
-
-/// The schema id of a value in the Confluent wire format, if it is framed so.
-pub fn schema_id(bytes: &[u8]) -> Option<u32> {
-    match bytes {
-        [MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
-        _ => None,
-    }
-}
-
-/// Why a framed value cannot be read.
-pub(super) enum Failure {
-    NotFramed(String),
-    UnknownSchema(String),
-    BadAvro(String),
-}
-
-/// Decodes a framed value with its writer schema from `cache`.
-pub(super) fn decode(cache: &SchemaCache, bytes: &[u8]) -> Result<Decoded, Failure> {
-    let Some(id) = schema_id(bytes) else {
-        return Err(Failure::NotFramed(match bytes.first() {
-            Some(&MAGIC) => format!(
-                "value is {} bytes, too short for the Confluent wire format (byte 0 and a 4-byte schema id)",
-                bytes.len()
-            ),
-            Some(b) => format!(
-                "value starts with byte {b:#04x}, not the Confluent wire format's magic byte 0"
-            ),
-            None => "value is empty".to_owned(),
-        }));
-    };
-    let schema = match cache.get(id) {
-        Some(Lookup::Found(schema)) => schema,
-        Some(Lookup::Unknown(why, _)) => return Err(Failure::UnknownSchema(why)),
-        None => {
-            return Err(Failure::UnknownSchema(format!(
-                "schema id {id} was not fetched from the registry"
-            )));
-        }
-    };
+/// Decodes a datum with its writer schema, schema `id`.
+pub(super) fn decode(schema: &Arc<AvroSchema>, id: u32, datum: &[u8]) -> Result<Decoded, String> {
     let value = schema
-        .decode(&bytes[5..])
-        .map_err(|e| Failure::BadAvro(format!("value does not decode under schema id {id}: {e}")))?;
-    Ok(Decoded { value, schema })
+        .decode(datum)
+        .map_err(|e| format!("value does not decode under schema id {id}: {e}"))?;
+    Ok(Decoded {
+        value,
+        schema: schema.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -567,39 +469,33 @@ mod tests {
             ),
             (r#"{"type": "bytes", "logicalType": "big-decimal"}"#, "big-decimal"),
         ] {
-            let err = WriterSchema::parse(7, schema, &[]).expect_err(schema);
+            let err = AvroSchema::parse(schema, &[]).expect_err(schema);
             assert!(err.contains(refusal), "{schema}: {err}");
         }
         let fine = r#"{"type": "record", "name": "R", "fields": [
             {"name": "a", "type": {"type": "array", "items": "long"}},
             {"name": "b", "type": ["null", {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}]}]}"#;
-        WriterSchema::parse(8, fine, &[]).expect("an ordinary schema parses");
+        AvroSchema::parse(fine, &[]).expect("an ordinary schema parses");
     }
 
     /// `value` framed under schema `id` of `schema`, decoded back.
-    fn round_trip(schema: &str, value: Avro) -> (Decoded, Vec<u8>) {
-        let writer = WriterSchema::parse(1, schema, &[]).expect("schema");
+    fn round_trip(schema: &str, value: Avro) -> Decoded {
+        let writer = Arc::new(AvroSchema::parse(schema, &[]).expect("schema"));
         let datum = apache_avro::writer::datum::GenericDatumWriter::builder(writer.schema)
             .build()
             .expect("writer")
             .write_value_to_vec(value)
             .expect("encodes");
-        let cache = SchemaCache::default();
-        cache.insert(1, Lookup::Found(Arc::new(writer)));
-        let mut framed = vec![0, 0, 0, 0, 1];
-        framed.extend_from_slice(&datum);
-        let Ok(decoded) = decode(&cache, &framed) else {
-            panic!("a datum just written decodes")
-        };
+        let decoded = decode(&writer, 1, &datum).expect("a datum just written decodes");
         // Every proper prefix of the datum is refused: none ends as a row with NULLs.
-        for cut in 5..framed.len() {
+        for cut in 0..datum.len() {
             assert!(
-                matches!(decode(&cache, &framed[..cut]), Err(Failure::BadAvro(_))),
+                decode(&writer, 1, &datum[..cut]).is_err(),
                 "a datum cut to {cut} of {} bytes",
-                framed.len()
+                datum.len()
             );
         }
-        (decoded, framed)
+        decoded
     }
 
     #[test]
@@ -617,25 +513,17 @@ mod tests {
                 ("s".into(), Avro::String("last".into())),
             ])
         };
-        let (ok, _) = round_trip(schema, record(1_764_547_200_123, 3_723_000_004, 20_000));
+        let ok = round_trip(schema, record(1_764_547_200_123, 3_723_000_004, 20_000));
         let field = |d: &Decoded, name: &str| d.input(d.field(name).expect("field")).map(|_| ());
         assert!(field(&ok, "at").is_ok() && field(&ok, "day").is_ok());
         assert_eq!(
             ok.json(ok.field("time").expect("time")),
             Ok(Value::String("1:02:03.000004".into()))
         );
-        let (bad, _) = round_trip(schema, record(i64::MIN, -1, -800_000));
+        let bad = round_trip(schema, record(i64::MIN, -1, -800_000));
         for name in ["at", "time", "day"] {
             let err = field(&bad, name).expect_err(name);
             assert!(err.contains("outside"), "{name}: {err}");
         }
-    }
-
-    #[test]
-    fn only_magic_byte_zero_with_a_full_id_is_framed() {
-        assert_eq!(schema_id(&[0, 0, 0, 1, 7, 2]), Some(263));
-        assert_eq!(schema_id(&[0, 0, 0, 1]), None);
-        assert_eq!(schema_id(b"{\"a\": 1}"), None);
-        assert_eq!(schema_id(&[]), None);
     }
 }

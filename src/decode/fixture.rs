@@ -1,19 +1,46 @@
-//! The Avro fixture Confluent's own serializer made (`tests/fixtures/confluent-avro.json`,
-//! see `scripts/avro-fixtures`), parsed. The unit tests, the integration tests and the
-//! fuzz target include this file, so all read it one way; plain types only.
+//! The fixtures Confluent's own serializers made (`tests/fixtures/confluent-*.json`, see
+//! `scripts/registry-fixtures`), parsed. The unit tests, the integration tests and the
+//! fuzz target include this file, so all read them one way; plain types only.
 
 use std::collections::HashMap;
 
-/// The fixture: writer schemas by id, and framed values with what each holds.
-pub struct ConfluentAvro {
+/// A fixture: its schemas' registry type, the writer schemas by id, and framed values
+/// with what each holds.
+pub struct Confluent {
+    pub schema_type: String,
     pub schemas: HashMap<u32, String>,
     pub records: Vec<(Vec<u8>, serde_json::Value)>,
 }
 
-pub fn confluent_avro() -> ConfluentAvro {
-    let doc: serde_json::Value =
-        serde_json::from_str(include_str!("../../tests/fixtures/confluent-avro.json"))
-            .expect("the fixture is JSON");
+impl Confluent {
+    /// The framed values, as Kafka record values.
+    pub fn payloads(&self) -> Vec<Option<Vec<u8>>> {
+        self.records.iter().map(|(b, _)| Some(b.clone())).collect()
+    }
+}
+
+/// Avro by `AvroSerializer`, under two versions of a schema.
+pub fn confluent_avro() -> Confluent {
+    parse(include_str!("../../tests/fixtures/confluent-avro.json"))
+}
+
+/// Protobuf by `ProtobufSerializer`, under two versions of a schema (base64 serialized
+/// descriptors); version 2's values carry message index 1.
+#[allow(dead_code)]
+pub fn confluent_protobuf() -> Confluent {
+    parse(include_str!("../../tests/fixtures/confluent-protobuf.json"))
+}
+
+/// JSON by `JSONSerializer`, under two versions of a JSON Schema.
+#[allow(dead_code)]
+pub fn confluent_json_schema() -> Confluent {
+    parse(include_str!(
+        "../../tests/fixtures/confluent-json-schema.json"
+    ))
+}
+
+fn parse(text: &str) -> Confluent {
+    let doc: serde_json::Value = serde_json::from_str(text).expect("the fixture is JSON");
     let schemas = doc["schemas"]
         .as_object()
         .expect("schemas")
@@ -36,5 +63,9 @@ pub fn confluent_avro() -> ConfluentAvro {
             (bytes, r["expected"].clone())
         })
         .collect();
-    ConfluentAvro { schemas, records }
+    Confluent {
+        schema_type: doc["schema_type"].as_str().unwrap_or("AVRO").to_owned(),
+        schemas,
+        records,
+    }
 }

@@ -6,6 +6,9 @@
 //! it), so a valid record costs no row allocation.
 
 pub mod avro;
+pub mod framed;
+pub mod json_schema;
+pub mod protobuf;
 mod value;
 
 use std::fmt;
@@ -68,11 +71,15 @@ pub enum ReasonCode {
     UnknownSchema,
     /// The value does not decode under its Avro writer schema.
     BadAvro,
+    /// The value does not decode under its Protobuf schema.
+    BadProtobuf,
+    /// The value is not JSON, or not valid under its JSON Schema.
+    BadJsonSchema,
 }
 
 impl ReasonCode {
     /// Every code.
-    pub const ALL: [ReasonCode; 21] = [
+    pub const ALL: [ReasonCode; 23] = [
         Self::Tombstone,
         Self::Empty,
         Self::TooLarge,
@@ -94,6 +101,8 @@ impl ReasonCode {
         Self::NotFramed,
         Self::UnknownSchema,
         Self::BadAvro,
+        Self::BadProtobuf,
+        Self::BadJsonSchema,
     ];
 
     /// The code as stored in `ingest.dead_letters.reason_code`.
@@ -120,6 +129,8 @@ impl ReasonCode {
             Self::NotFramed => "not_framed",
             Self::UnknownSchema => "unknown_schema",
             Self::BadAvro => "bad_avro",
+            Self::BadProtobuf => "bad_protobuf",
+            Self::BadJsonSchema => "bad_json_schema",
         }
     }
 }
@@ -175,15 +186,16 @@ pub struct Decoder {
     max_string_bytes: usize,
     max_fields: usize,
     format: CopyFormat,
-    /// Writer schemas, for a route reading Avro.
-    schemas: Option<Arc<avro::SchemaCache>>,
+    /// Writer schemas, for a route reading a registry format.
+    schemas: Option<Arc<framed::SchemaCache>>,
 }
 
 impl Decoder {
-    /// A decoder of `route`; one reading Avro finds writer schemas in `schemas`.
-    pub fn new(sink: &SinkConfig, route: Route, schemas: &Arc<avro::SchemaCache>) -> Self {
-        let schemas = (route.format == ValueFormat::Avro).then(|| schemas.clone());
-        if schemas.is_some() {
+    /// A decoder of `route`; one reading a registry format finds writer schemas in
+    /// `schemas`.
+    pub fn new(sink: &SinkConfig, route: Route, schemas: &Arc<framed::SchemaCache>) -> Self {
+        let schemas = route.format.framed().then(|| schemas.clone());
+        if route.format == ValueFormat::Avro {
             // apache-avro reserves what a datum's length prefixes claim, up to this
             // (process-wide, 512 MiB unless set): a record of a few bytes claiming
             // millions of items would otherwise reserve that much. Items decode to
@@ -207,11 +219,12 @@ impl Decoder {
         }
     }
 
-    /// The writer schema ids of `record` that decoding it needs: its value's, when the
-    /// route reads Avro and the value is framed.
-    pub fn schema_id(&self, record: &Record) -> Option<u32> {
+    /// The writer schema id that decoding `record` needs, and the format it is read
+    /// in: its value's, when the route reads a registry format and the value is framed.
+    pub fn schema_id(&self, record: &Record) -> Option<(u32, ValueFormat)> {
         self.schemas.as_ref()?;
-        avro::schema_id(record.value.as_deref()?)
+        let id = framed::schema_id(record.value.as_deref()?)?;
+        Some((id, self.route.format))
     }
 
     /// Writes rows in `format` from now on.
@@ -318,27 +331,15 @@ impl Decoder {
         key_json: &'a mut Option<Value>,
     ) -> Result<Option<value::Input<'a>>, Rejection> {
         use value::Input;
-        if let Some(Parsed::Avro(decoded)) = value {
-            let part = match &column.source {
-                Source::Field(name) => decoded.field(name),
-                Source::Pointer(pointer) => decoded.pointer(pointer),
-                Source::Value => Some(decoded.whole()),
-                _ => None,
-            };
-            if let Some(part) = part {
-                return decoded.input(part).map(Some).map_err(|why| {
-                    Rejection::new(
-                        ReasonCode::BadAvro,
-                        format!(
-                            "field `{}` for column `{}`: {why}",
-                            column.field, column.name
-                        ),
-                    )
-                });
+        let typed = match value {
+            Some(Parsed::Avro(decoded)) => typed_input(decoded, column, ReasonCode::BadAvro),
+            Some(Parsed::Protobuf(decoded)) => {
+                typed_input(decoded, column, ReasonCode::BadProtobuf)
             }
-            if column.source.reads_value() {
-                return Ok(None);
-            }
+            _ => None,
+        };
+        if let Some(input) = typed {
+            return input;
         }
         Ok(match &column.source {
             Source::Field(name) => value
@@ -348,7 +349,7 @@ impl Decoder {
                         let slot = self.picks.as_ref().and_then(|p| p.slots[index])?;
                         fields[slot].as_ref()
                     }
-                    Parsed::Avro(_) => None,
+                    Parsed::Avro(_) | Parsed::Protobuf(_) => None,
                 })
                 .map(Input::Json),
             Source::Pointer(pointer) => value
@@ -430,25 +431,29 @@ impl Decoder {
             ));
         }
         if let Some(schemas) = &self.schemas {
-            return avro::decode(schemas, bytes)
-                .map(Parsed::Avro)
-                .map_err(|failure| match failure {
-                    avro::Failure::NotFramed(why) => Rejection::new(ReasonCode::NotFramed, why),
-                    avro::Failure::UnknownSchema(why) => {
-                        Rejection::new(ReasonCode::UnknownSchema, why)
-                    }
-                    avro::Failure::BadAvro(why) => Rejection::new(ReasonCode::BadAvro, why),
-                });
+            return self.parse_framed(schemas, bytes);
         }
+        self.parse_json(bytes, self.picks.as_ref(), Rejection::new)
+    }
+
+    /// JSON text as far as `picks` need it (all of it without), refused as `refuse`
+    /// says: not UTF-8 or not JSON with its code and why; anything but an object when the
+    /// route reads fields of one.
+    fn parse_json(
+        &self,
+        bytes: &[u8],
+        picks: Option<&Picks>,
+        refuse: impl Fn(ReasonCode, String) -> Rejection,
+    ) -> Result<Parsed, Rejection> {
         let text = std::str::from_utf8(bytes)
-            .map_err(|e| Rejection::new(ReasonCode::NotUtf8, format!("value is not UTF-8: {e}")))?;
+            .map_err(|e| refuse(ReasonCode::NotUtf8, format!("value is not UTF-8: {e}")))?;
         self.check_shape(text.as_bytes())?;
         // serde_json skips this whitespace before a value; anything but an object goes the
         // whole way, to be refused as it always was.
         let object = text
             .trim_start_matches([' ', '\n', '\t', '\r'])
             .starts_with('{');
-        let parsed = match &self.picks {
+        let parsed = match picks {
             Some(picks) if object => pick::parse(text, &picks.names),
             _ => serde_json::from_str(text).map(Parsed::Whole),
         };
@@ -460,10 +465,43 @@ impl Decoder {
                 ))
             }
             Ok(parsed) => Ok(parsed),
-            Err(e) => Err(Rejection::new(
-                ReasonCode::NotJson,
-                format!("value is not JSON: {e}"),
-            )),
+            Err(e) => Err(refuse(ReasonCode::NotJson, format!("value is not JSON: {e}"))),
+        }
+    }
+
+    /// A value in the Confluent wire format, decoded with its writer schema.
+    fn parse_framed(
+        &self,
+        schemas: &framed::SchemaCache,
+        bytes: &[u8],
+    ) -> Result<Parsed, Rejection> {
+        let (id, schema, payload) = framed::writer(schemas, self.route.format, bytes)
+            .map_err(|failure| match failure {
+                framed::Failure::NotFramed(why) => Rejection::new(ReasonCode::NotFramed, why),
+                framed::Failure::UnknownSchema(why) => {
+                    Rejection::new(ReasonCode::UnknownSchema, why)
+                }
+            })?;
+        match &*schema {
+            framed::WriterSchema::Avro(schema) => avro::decode(schema, id, payload)
+                .map(Parsed::Avro)
+                .map_err(|why| Rejection::new(ReasonCode::BadAvro, why)),
+            framed::WriterSchema::Protobuf(schema) => protobuf::decode(schema, id, payload)
+                .map(Parsed::Protobuf)
+                .map_err(|why| Rejection::new(ReasonCode::BadProtobuf, why)),
+            framed::WriterSchema::JsonSchema(schema) => {
+                let bad = |why: String| {
+                    Rejection::new(ReasonCode::BadJsonSchema, format!("schema id {id}: {why}"))
+                };
+                // Validation needs the whole value.
+                let parsed = self.parse_json(payload, None, |_, why| bad(why))?;
+                if let Parsed::Whole(value) = &parsed {
+                    schema.validate(value).map_err(|why| {
+                        bad(format!("the value is not valid under its schema: {why}"))
+                    })?;
+                }
+                Ok(parsed)
+            }
         }
     }
 
@@ -568,6 +606,48 @@ impl Picks {
     }
 }
 
+/// A value decoded with its writer schema (Avro, Protobuf), addressed as JSON is.
+trait Addressed {
+    type Part<'a>
+    where
+        Self: 'a;
+    /// The top-level field `name`.
+    fn field(&self, name: &str) -> Option<Self::Part<'_>>;
+    /// The part a JSON pointer (`/a/b/0`) leads to.
+    fn pointer(&self, pointer: &str) -> Option<Self::Part<'_>>;
+    /// The whole value.
+    fn whole(&self) -> Self::Part<'_>;
+    /// A part as a column's input, or why its value cannot be one.
+    fn input<'a>(&'a self, part: Self::Part<'a>) -> Result<value::Input<'a>, String>;
+}
+
+/// The input of `column` from `decoded`, refused with `code`; `None` for a column that
+/// reads the record rather than its value.
+fn typed_input<'a, D: Addressed>(
+    decoded: &'a D,
+    column: &Column,
+    code: ReasonCode,
+) -> Option<Result<Option<value::Input<'a>>, Rejection>> {
+    let part = match &column.source {
+        Source::Field(name) => decoded.field(name),
+        Source::Pointer(pointer) => decoded.pointer(pointer),
+        Source::Value => Some(decoded.whole()),
+        _ => return None,
+    };
+    Some(match part {
+        Some(part) => decoded.input(part).map(Some).map_err(|why| {
+            Rejection::new(
+                code,
+                format!(
+                    "field `{}` for column `{}`: {why}",
+                    column.field, column.name
+                ),
+            )
+        }),
+        None => Ok(None),
+    })
+}
+
 /// A record's value, parsed as far as its route reads it.
 enum Parsed {
     /// All of it: the route reads more than top-level fields, or the value is no object.
@@ -576,6 +656,8 @@ enum Parsed {
     Fields(Vec<Option<Value>>),
     /// An Avro value with its writer schema.
     Avro(avro::Decoded),
+    /// A Protobuf message.
+    Protobuf(protobuf::Decoded),
 }
 
 impl Parsed {
@@ -584,7 +666,7 @@ impl Parsed {
     fn whole(&self) -> Option<&Value> {
         match self {
             Self::Whole(v) => Some(v),
-            Self::Fields(_) | Self::Avro(_) => None,
+            Self::Fields(_) | Self::Avro(_) | Self::Protobuf(_) => None,
         }
     }
 }
@@ -860,7 +942,9 @@ impl ColumnType {
     }
 }
 
+// The integration tests read the fixtures' payloads too.
 #[cfg(test)]
+#[allow(dead_code)]
 mod fixture;
 #[cfg(test)]
 mod invariants;

@@ -530,40 +530,67 @@ fn string_scan_finds_the_first_quote_or_backslash() {
     }
 }
 
-/// The website-metrics decoder reading Avro, with the fixture's writer schemas (made by
-/// Confluent's serializer) cached under their ids, and the fixture's framed values.
-fn avro_fixture() -> (Decoder, Vec<Vec<u8>>) {
+/// The website-metrics decoder reading `format`, with the writer schemas of `fixture`
+/// (made by Confluent's serializer) cached under their ids, and its framed values.
+fn registry_fixture(format: ValueFormat, fixture: fixture::Confluent) -> (Decoder, Vec<Vec<u8>>) {
     let mut config = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults load");
-    config.sink.format = ValueFormat::Avro;
+    config.sink.format = format;
     let routes = crate::routes::Routes::new(&config).expect("the default route is valid");
-    let fixture = fixture::confluent_avro();
     for (id, text) in &fixture.schemas {
-        let schema = avro::WriterSchema::parse(*id, text, &[]).expect("the schema parses");
+        let schema = framed::WriterSchema::parse(*id, &fixture.schema_type, text, &[])
+            .expect("the schema parses");
         routes
             .schemas()
-            .insert(*id, avro::Lookup::Found(Arc::new(schema)));
+            .insert(*id, framed::Lookup::Found(Arc::new(schema)));
     }
     let values = fixture.records.into_iter().map(|(bytes, _)| bytes).collect();
     (routes.decoders()[0].clone(), values)
 }
 
-#[test]
-fn confluent_avro_values_decode_through_the_json_mapping() {
-    let (decoder, values) = avro_fixture();
-    let mut out = Vec::new();
-    decoder
-        .decode_into(&record(Some(&values[1])), &mut out)
-        .expect("decodes");
-    assert_eq!(
-        String::from_utf8(out).expect("UTF-8"),
-        "2026-12-02 01:01:01.001000+00\thttps://site1.example/\tWeb metric collection service\t\
-         0:00:01.000001\t301\t104.18.1.2\tf\t1\twebsite-metrics\t3\t42\n"
-    );
+/// Each fixture's decoder and values.
+fn registry_fixtures() -> [(Decoder, Vec<Vec<u8>>); 3] {
+    [
+        registry_fixture(ValueFormat::Avro, fixture::confluent_avro()),
+        registry_fixture(ValueFormat::Protobuf, fixture::confluent_protobuf()),
+        registry_fixture(ValueFormat::JsonSchema, fixture::confluent_json_schema()),
+    ]
 }
 
 #[test]
-fn mutated_avro_values_each_end_as_one_row_or_one_rejection() {
-    let (decoder, values) = avro_fixture();
+fn confluent_framed_values_of_every_format_decode_through_the_json_mapping() {
+    for (decoder, values) in registry_fixtures() {
+        let format = decoder.route().format;
+        // Record 1 is of each fixture's second schema version (for Protobuf, the
+        // schema's second message); record 0 of the first.
+        for (value, line) in [
+            (
+                &values[1],
+                "2026-12-02 01:01:01.001000+00\thttps://site1.example/\tWeb metric collection service\t\
+                 0:00:01.000001\t301\t104.18.1.2\tf\t1\twebsite-metrics\t3\t42\n",
+            ),
+            (
+                &values[0],
+                "2026-12-01 00:00:00.000000+00\thttps://site0.example/\tWeb metric collection service\t\
+                 0:00:00.000000\t200\t\\N\tt\t0\twebsite-metrics\t3\t42\n",
+            ),
+        ] {
+            let mut out = Vec::new();
+            decoder
+                .decode_into(&record(Some(value)), &mut out)
+                .unwrap_or_else(|e| panic!("{format:?}: {e:?}"));
+            assert_eq!(String::from_utf8(out).expect("UTF-8"), line, "{format:?}");
+        }
+    }
+}
+
+#[test]
+fn mutated_framed_values_each_end_as_one_row_or_one_rejection() {
+    for (decoder, values) in registry_fixtures() {
+        mutations_each_end_as_one_row_or_one_rejection(&decoder, &values);
+    }
+}
+
+fn mutations_each_end_as_one_row_or_one_rejection(decoder: &Decoder, values: &[Vec<u8>]) {
     let fields = decoder.column_names().count();
     // xorshift64: the same mutations on every run.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -574,7 +601,7 @@ fn mutated_avro_values_each_end_as_one_row_or_one_rejection() {
         state
     };
     let mut rejected = 0;
-    for value in &values {
+    for value in values {
         for _ in 0..50 {
             let mut bytes = value.clone();
             match next() % 4 {
@@ -602,7 +629,43 @@ fn mutated_avro_values_each_end_as_one_row_or_one_rejection() {
 }
 
 #[test]
-fn the_sample_avro_schema_is_the_one_confluents_serializer_registered() {
-    let fixture = fixture::confluent_avro();
-    assert_eq!(fixture.schemas[&1], crate::sample::WEBSITE_METRIC_AVRO);
+fn the_sample_schemas_are_the_ones_confluents_serializers_registered() {
+    use crate::sample::Framer;
+    for (format, fixture) in [
+        (ValueFormat::Avro, fixture::confluent_avro()),
+        (ValueFormat::Protobuf, fixture::confluent_protobuf()),
+        (ValueFormat::JsonSchema, fixture::confluent_json_schema()),
+    ] {
+        let (kind, text) = Framer::schema(format).expect("a registry format");
+        assert_eq!((kind, text), (fixture.schema_type.as_str(), fixture.schemas[&1].as_str()));
+    }
+}
+
+#[test]
+fn sample_probes_framed_in_each_format_decode_to_the_json_probes_row() {
+    use rand::SeedableRng;
+    let json_decoder = registry_fixture(ValueFormat::Json, fixture::confluent_avro()).0;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let probe = crate::sample::website_metric(11, &mut rng);
+    let mut expected = Vec::new();
+    json_decoder
+        .decode_into(&record(Some(&probe)), &mut expected)
+        .expect("the JSON probe decodes");
+    for (decoder, _) in registry_fixtures() {
+        let format = decoder.route().format;
+        let framer = crate::sample::Framer::new(format, 1)
+            .expect("encodes")
+            .expect("a registry format");
+        let framed = framer.encode(&probe).expect("encodes");
+        let mut out = Vec::new();
+        decoder
+            .decode_into(&record(Some(&framed)), &mut out)
+            .unwrap_or_else(|e| panic!("{format:?}: {e:?}"));
+        assert_eq!(out, expected, "{format:?}");
+        // Cut short by a byte, it is a dead letter of its format.
+        let rejection = decoder
+            .decode_into(&record(Some(&framed[..framed.len() - 1])), &mut out)
+            .expect_err("a value cut short");
+        assert_eq!(rejection.code.as_str(), framer.cut_short_reason(), "{format:?}");
+    }
 }

@@ -119,12 +119,13 @@ pub struct ProduceOptions {
     /// Seed of the generator, for a reproducible stream.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// `avro`: the same probes in the Confluent wire format, under the website-metrics
-    /// schema registered at `--schema-registry` as `{topic}-value`; malformed ones are
-    /// then truncated datums (`bad_avro`) and unframed bytes (`not_framed`).
+    /// `avro`, `protobuf`, `json_schema`: the same probes in the Confluent wire format,
+    /// under the website-metrics schema registered at `--schema-registry` as
+    /// `{topic}-value`; malformed ones are then framed values cut short by a byte
+    /// (`bad_avro`, `bad_protobuf`, `bad_json_schema`) and unframed bytes (`not_framed`).
     #[arg(long, value_enum, default_value = "json")]
     pub format: crate::config::ValueFormat,
-    /// Base URL of a Confluent-compatible Schema Registry (with `--format avro`).
+    /// Base URL of a Confluent-compatible Schema Registry (with a registry `--format`).
     #[arg(long, value_name = "URL")]
     pub schema_registry: Option<String>,
     /// The registered schema's id (set by `dev produce` once it has registered it).
@@ -132,24 +133,24 @@ pub struct ProduceOptions {
     pub schema_id: Option<u32>,
 }
 
-/// A sample message ([`sample::message`]) as Avro under schema `id`: a valid one framed,
-/// a malformed one (but an empty one) a datum cut short or its bytes unframed, by turns.
-fn as_avro(
+/// A sample message ([`sample::message`]) framed by `framer`: a valid one framed, a
+/// malformed one (but an empty one) a framed value cut short or its bytes unframed, by
+/// turns.
+fn as_framed(
     malformed: Option<&'static str>,
     bytes: Vec<u8>,
-    schema: &apache_avro::Schema,
-    id: u32,
+    framer: &sample::Framer,
     i: u64,
 ) -> anyhow::Result<(Option<&'static str>, Vec<u8>)> {
     Ok(match malformed {
-        None => (None, sample::website_metric_avro(&bytes, schema, id)?),
+        None => (None, framer.encode(&bytes)?),
         Some("empty") => (malformed, bytes),
         Some(_) if i.is_multiple_of(2) => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(i);
             let valid = sample::website_metric(i, &mut rng);
-            let mut framed = sample::website_metric_avro(&valid, schema, id)?;
+            let mut framed = framer.encode(&valid)?;
             framed.truncate(framed.len() - 1);
-            (Some("bad_avro"), framed)
+            (Some(framer.cut_short_reason()), framed)
         }
         Some(_) => (Some("not_framed"), bytes),
     })
@@ -203,8 +204,8 @@ pub fn produce_gated(options: &ProduceOptions, gate: &Gate) -> anyhow::Result<Pr
         options.rate.is_none_or(|r| r > 0.0),
         "--rate must be above 0"
     );
-    let avro = match options.schema_id {
-        Some(id) => Some((apache_avro::Schema::parse_str(sample::WEBSITE_METRIC_AVRO)?, id)),
+    let framer = match options.schema_id {
+        Some(id) => sample::Framer::new(options.format, id)?,
         None => None,
     };
     let partitions = partition_count(&options.brokers, &options.topic)?;
@@ -223,8 +224,8 @@ pub fn produce_gated(options: &ProduceOptions, gate: &Gate) -> anyhow::Result<Pr
         let mut payloads = Vec::with_capacity(n as usize);
         for i in id..id + n {
             let (mut malformed, mut bytes) = sample::message(i, options.malformed_ratio, &mut rng);
-            if let Some((schema, id)) = &avro {
-                (malformed, bytes) = as_avro(malformed, bytes, schema, *id, i)?;
+            if let Some(framer) = &framer {
+                (malformed, bytes) = as_framed(malformed, bytes, framer, i)?;
             }
             match malformed {
                 Some(reason) => *produced.malformed.entry(reason).or_default() += 1,

@@ -1,9 +1,11 @@
 //! A minimal Confluent-compatible Schema Registry (`dev registry`, and the bench's and
 //! the tests'): schemas registered under a subject (`POST /subjects/{subject}/versions`
-//! answers the id, the same text the same id), writer schemas by id
-//! (`GET /schemas/ids/{id}`, a 404 with error code 40403 for an id it does not hold),
-//! counting the `GET`s, and a switch that makes it answer 503 (an outage). It keeps
-//! schemas in memory only.
+//! with the schema's text and `schemaType`, answering the id: the same text the same id),
+//! writer schemas by id (`GET /schemas/ids/{id}` with their `schemaType`, a 404 with
+//! error code 40403 for an id it does not hold), counting the `GET`s, and a switch that
+//! makes it answer 503 (an outage). It keeps schemas in memory only, and serves each as
+//! it was registered: a Protobuf schema must be registered as a serialized descriptor
+//! (as Confluent's serializers do), which is what `?format=serialized` asks for.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -32,9 +34,16 @@ impl Drop for DevRegistry {
     }
 }
 
+/// A schema as registered: its type (`AVRO`, `PROTOBUF`, `JSON`) and text.
+#[derive(Clone, PartialEq, Eq)]
+struct Stored {
+    schema_type: String,
+    text: String,
+}
+
 #[derive(Clone)]
 struct Served {
-    schemas: Arc<RwLock<HashMap<u32, String>>>,
+    schemas: Arc<RwLock<HashMap<u32, Stored>>>,
     requests: Arc<AtomicU64>,
     down: Arc<AtomicBool>,
 }
@@ -46,7 +55,10 @@ async fn schema_by_id(State(served): State<Served>, Path(id): Path<u32>) -> impl
     } else {
         let schemas = served.schemas.read().unwrap_or_else(|p| p.into_inner());
         match schemas.get(&id) {
-            Some(schema) => (StatusCode::OK, json!({ "schema": schema })),
+            Some(stored) => (
+                StatusCode::OK,
+                json!({ "schema": stored.text, "schemaType": stored.schema_type }),
+            ),
             None => (
                 StatusCode::NOT_FOUND,
                 json!({"error_code": 40403, "message": "Schema not found"}),
@@ -67,19 +79,21 @@ fn answer(status: StatusCode, body: &serde_json::Value) -> impl IntoResponse + u
 
 /// Registers a schema (any subject): its id, the existing one for a text it holds.
 async fn register(State(served): State<Served>, body: String) -> impl IntoResponse {
-    let Some(text) = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|b| b["schema"].as_str().map(str::to_owned))
-    else {
+    let body = serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default();
+    let Some(text) = body["schema"].as_str() else {
         let refusal = json!({"error_code": 42201, "message": "no schema in the request"});
         return answer(StatusCode::UNPROCESSABLE_ENTITY, &refusal);
     };
+    let stored = Stored {
+        schema_type: body["schemaType"].as_str().unwrap_or("AVRO").to_owned(),
+        text: text.to_owned(),
+    };
     let mut schemas = served.schemas.write().unwrap_or_else(|p| p.into_inner());
-    let id = match schemas.iter().find(|(_, t)| **t == text) {
+    let id = match schemas.iter().find(|(_, s)| **s == stored) {
         Some((id, _)) => *id,
         None => {
             let id = schemas.keys().max().map_or(1, |max| max + 1);
-            schemas.insert(id, text);
+            schemas.insert(id, stored);
             id
         }
     };
@@ -87,8 +101,16 @@ async fn register(State(served): State<Served>, body: String) -> impl IntoRespon
 }
 
 impl DevRegistry {
-    /// Serves `schemas` (id -> Avro schema text) and what is registered later.
-    pub async fn start(schemas: HashMap<u32, String>) -> std::io::Result<Self> {
+    /// Serves `schemas` (id -> schema text) of `schema_type` (`AVRO`, `PROTOBUF`,
+    /// `JSON`) and what is registered later.
+    pub async fn start(schema_type: &str, schemas: HashMap<u32, String>) -> std::io::Result<Self> {
+        let schemas = schemas
+            .into_iter()
+            .map(|(id, text)| {
+                let schema_type = schema_type.to_owned();
+                (id, Stored { schema_type, text })
+            })
+            .collect();
         let served = Served {
             schemas: Arc::new(RwLock::new(schemas)),
             requests: Arc::new(AtomicU64::new(0)),
@@ -122,16 +144,22 @@ impl DevRegistry {
 
 /// Runs a registry until `shutdown`; prints its URL as the first line of stdout.
 pub async fn serve(shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    let registry = DevRegistry::start(HashMap::new()).await?;
+    let registry = DevRegistry::start("AVRO", HashMap::new()).await?;
     println!("{}", registry.url);
     shutdown.cancelled().await;
     Ok(())
 }
 
-/// Registers the website-metrics Avro schema under `{topic}-value` at the registry
-/// `url` (any Confluent-compatible one): its id.
-pub async fn register_website_metric(url: &str, topic: &str) -> anyhow::Result<u32> {
+/// Registers the website-metrics schema of `format` under `{topic}-value` at the
+/// registry `url` (any Confluent-compatible one): its id.
+pub async fn register_website_metric(
+    url: &str,
+    topic: &str,
+    format: crate::config::ValueFormat,
+) -> anyhow::Result<u32> {
     use anyhow::Context;
+    let (schema_type, schema) = crate::sample::Framer::schema(format)
+        .with_context(|| format!("{} is no registry format", format.name()))?;
     crate::security::install_rustls_provider();
     let subject = crate::registry::encode_path(topic);
     let response = reqwest::Client::new()
@@ -140,7 +168,7 @@ pub async fn register_website_metric(url: &str, topic: &str) -> anyhow::Result<u
             reqwest::header::CONTENT_TYPE,
             "application/vnd.schemaregistry.v1+json",
         )
-        .body(json!({ "schema": crate::sample::WEBSITE_METRIC_AVRO }).to_string())
+        .body(json!({ "schema": schema, "schemaType": schema_type }).to_string())
         .send()
         .await
         .with_context(|| format!("cannot reach the schema registry at {url}"))?;

@@ -1,8 +1,9 @@
-//! Avro values in the Confluent wire format. The writer schemas come from a registry
-//! each test serves itself (`dev::registry`), implementing the REST subset the worker
-//! uses: `GET /schemas/ids/{id}` (a 404 with error code 40403 for an id it does not hold).
-//! Bytes come from Confluent's own Python `AvroSerializer` (`tests/fixtures/
-//! confluent-avro.json`, made by `scripts/avro-fixtures`) and from apache-avro.
+//! Avro values in the Confluent wire format (and `dev produce` in each registry format).
+//! The writer schemas come from a registry each test serves itself (`dev::registry`),
+//! implementing the REST subset the worker uses: `GET /schemas/ids/{id}` (a 404 with
+//! error code 40403 for an id it does not hold). Bytes come from Confluent's own Python
+//! `AvroSerializer` (`tests/fixtures/confluent-avro.json`, made by
+//! `scripts/registry-fixtures`) and from apache-avro.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -11,26 +12,139 @@ use std::time::Duration;
 use kafka_pg_ingest::dev::registry::DevRegistry;
 use kafka_pg_ingest::pipeline::Pipeline;
 use serde_json::{Value, json};
+use sqlx::AssertSqlSafe;
 
+use crate::fixture::{Confluent, confluent_avro};
 use crate::helpers::*;
-use fixture::{ConfluentAvro, confluent_avro};
-
-#[path = "../../src/decode/fixture.rs"]
-mod fixture;
 
 /// The dev registry serving the fixture's schemas.
-async fn registry(fixture: &ConfluentAvro) -> DevRegistry {
-    DevRegistry::start(fixture.schemas.clone())
+pub async fn registry(fixture: &Confluent) -> DevRegistry {
+    DevRegistry::start(&fixture.schema_type, fixture.schemas.clone())
         .await
         .expect("the registry serves")
 }
 
 /// The default website-metrics mapping, reading Avro from `registry`.
 fn avro_sink(registry: &DevRegistry) -> String {
+    registry_sink(registry, "avro")
+}
+
+/// The default website-metrics mapping, reading `format` from `registry`.
+pub fn registry_sink(registry: &DevRegistry, format: &str) -> String {
     format!(
-        "sink:\n  format: avro\nschema_registry:\n  url: {}\n  timeout_ms: 2000\n",
+        "sink:\n  format: {format}\nschema_registry:\n  url: {}\n  timeout_ms: 2000\n",
         registry.url
     )
+}
+
+/// A route of `format` from `topic` to `table`, reading [`PROBE_COLUMNS`], `columns`
+/// (column, field, type) and the coordinates, its schemas from `registry`.
+pub fn route(
+    registry: &DevRegistry,
+    topic: &str,
+    table: &str,
+    format: &str,
+    columns: &[(&str, &str, &str)],
+) -> String {
+    let mut yaml = format!(
+        "schema_registry:\n  url: {}\nroutes:\n  - topic: {topic}\n    table: {table}\n    format: {format}\n    columns:\n",
+        registry.url
+    );
+    for (column, field, kind) in PROBE_COLUMNS.iter().chain(columns).chain(&[
+        ("kafka_topic", "@topic", "text"),
+        ("kafka_partition", "@partition", "int4"),
+        ("kafka_offset", "@offset", "int8"),
+    ]) {
+        yaml.push_str(&format!(
+            "      - {{ column: {column}, field: \"{field}\", type: {kind} }}\n"
+        ));
+    }
+    yaml
+}
+
+/// Produces the fixture's records and runs a pipeline of `config` until each offset is
+/// settled; the pipeline's metrics as scraped at the end.
+pub async fn land_fixture(
+    config: kafka_pg_ingest::config::Config,
+    db: &TestDb,
+    kafka: &TestKafka,
+    fixture: &Confluent,
+) -> String {
+    kafka.produce(fixture.payloads());
+    let total = fixture.records.len() as i64;
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        kafka,
+        total,
+        Duration::from_secs(60),
+    )
+    .await;
+    let scrape = pipeline.observers().metrics.encode();
+    pipeline.close().await;
+    scrape
+}
+
+/// The website-metrics columns of the fixtures' tables, as (column, field, type).
+pub const PROBE_COLUMNS: [(&str, &str, &str); 7] = [
+    ("at", "request_timestamp", "timestamptz"),
+    ("url", "url", "text"),
+    ("ip", "ip_address", "inet"),
+    ("response_time", "resp_time", "interval"),
+    ("status", "resp_status_code", "int4"),
+    ("found", "pattern_found", "bool"),
+    ("comment", "comment", "text"),
+];
+
+/// SQL of a JSON object of a fixture table's probe columns (and `whole`'s comment), for
+/// [`assert_probe`]; `extra` adds more keys.
+pub fn probe_json(extra: &str) -> String {
+    format!(
+        "SELECT json_build_object('comment', comment, 'at', at, 'url', url, 'ip', host(ip),
+           'response_us', (extract(epoch FROM response_time) * 1000000)::int8,
+           'status', status, 'found', found, 'whole_comment', whole->>'comment', {extra})
+         FROM probes.results ORDER BY comment::int"
+    )
+}
+
+/// Asserts a row of [`probe_json`] holds the probe a fixture's record `expected` holds.
+pub fn assert_probe(row: &Value, expected: &Value) {
+    for (key, field) in [
+        ("comment", "comment"),
+        ("url", "url"),
+        ("ip", "ip_address"),
+        ("status", "resp_status_code"),
+        ("found", "pattern_found"),
+        ("whole_comment", "comment"),
+    ] {
+        assert_eq!(row[key], expected[field], "{key}: {row} {expected}");
+    }
+    assert!(
+        same_instant(&row["at"], &expected["request_timestamp"]),
+        "{row} {expected}"
+    );
+    // H:MM:SS.ffffff, under a minute here.
+    let resp_time = expected["resp_time"].as_str().expect("text");
+    let seconds: f64 = resp_time
+        .rsplit(':')
+        .next()
+        .expect("seconds")
+        .parse()
+        .expect("a number");
+    assert_eq!(
+        row["response_us"],
+        json!((seconds * 1e6).round() as i64),
+        "{row}"
+    );
+}
+
+/// Whether two RFC 3339 texts are the same instant.
+pub fn same_instant(a: &Value, b: &Value) -> bool {
+    let parse = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a timestamp")).expect("RFC 3339")
+    };
+    parse(a) == parse(b)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -51,95 +165,37 @@ async fn confluent_serialized_avro_of_two_schema_versions_lands_with_every_logic
     .await
     .expect("table");
     let kafka = TestKafka::new(2);
-    let columns = [
-        ("at", "request_timestamp", "timestamptz"),
-        ("url", "url", "text"),
-        ("ip", "ip_address", "inet"),
-        ("response_time", "resp_time", "interval"),
-        ("status", "resp_status_code", "int4"),
-        ("found", "pattern_found", "bool"),
-        ("comment", "comment", "text"),
-        ("region", "region", "text"),
-        ("price", "price", "numeric"),
-        ("probe_id", "probe_id", "uuid"),
-        ("day", "day", "date"),
-        ("checked_at", "checked_at", "timestamptz"),
-        ("tags", "/tags", "jsonb"),
-        ("raw", "raw", "bytea"),
-        ("whole", "@value", "jsonb"),
-        ("kafka_topic", "@topic", "text"),
-        ("kafka_partition", "@partition", "int4"),
-        ("kafka_offset", "@offset", "int8"),
-    ];
-    let mut yaml = format!(
-        "schema_registry:\n  url: {}\nroutes:\n  - topic: {}\n    table: probes.results\n    format: avro\n    columns:\n",
-        registry.url, kafka.topic
+    let yaml = route(
+        &registry,
+        &kafka.topic,
+        "probes.results",
+        "avro",
+        &[
+            ("region", "region", "text"),
+            ("price", "price", "numeric"),
+            ("probe_id", "probe_id", "uuid"),
+            ("day", "day", "date"),
+            ("checked_at", "checked_at", "timestamptz"),
+            ("tags", "/tags", "jsonb"),
+            ("raw", "raw", "bytea"),
+            ("whole", "@value", "jsonb"),
+        ],
     );
-    for (column, field, kind) in columns {
-        yaml.push_str(&format!(
-            "      - {{ column: {column}, field: \"{field}\", type: {kind} }}\n"
-        ));
-    }
     let config = kafka.config_with_yaml(&db, &yaml).expect("route loads");
-    kafka.produce(
-        fixture
-            .records
-            .iter()
-            .map(|(b, _)| Some(b.clone()))
-            .collect(),
-    );
+    let scrape = land_fixture(config, &db, &kafka, &fixture).await;
     let total = fixture.records.len() as i64;
-    let mut pipeline = Pipeline::connect(config).await.expect("starts");
-    drive_until_caught_up(
-        &mut pipeline,
-        &db.pool,
-        &kafka,
-        total,
-        Duration::from_secs(60),
-    )
-    .await;
-    let scrape = pipeline.observers().metrics.encode();
-    pipeline.close().await;
 
-    let rows: Vec<Value> = sqlx::query_scalar(
-        "SELECT json_build_object('comment', comment, 'at', at, 'url', url, 'ip', host(ip),
-           'response_us', (extract(epoch FROM response_time) * 1000000)::int8, 'status', status, 'found', found,
-           'region', region, 'price', price::text, 'probe_id', probe_id, 'day', day,
-           'checked_at', checked_at, 'tags', tags, 'raw', encode(raw, 'hex'),
-           'whole_comment', whole->>'comment', 'whole_price', whole->>'price')
-         FROM probes.results ORDER BY comment::int",
-    )
+    let rows: Vec<Value> = sqlx::query_scalar(AssertSqlSafe(probe_json(
+        "'region', region, 'price', price::text, 'probe_id', probe_id, 'day', day,
+         'checked_at', checked_at, 'tags', tags, 'raw', encode(raw, 'hex'),
+         'whole_price', whole->>'price'",
+    )))
     .fetch_all(&db.pool)
     .await
     .expect("rows");
     assert_eq!(rows.len() as i64, total, "every record is a row");
     for (row, (_, expected)) in rows.iter().zip(&fixture.records) {
-        let same_instant = |a: &Value, b: &Value| {
-            let parse = |v: &Value| {
-                chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a timestamp"))
-                    .expect("RFC 3339")
-            };
-            parse(a) == parse(b)
-        };
-        assert_eq!(row["comment"], expected["comment"]);
-        assert!(
-            same_instant(&row["at"], &expected["request_timestamp"]),
-            "{row} {expected}"
-        );
-        assert_eq!(row["url"], expected["url"]);
-        assert_eq!(row["ip"], expected["ip_address"]);
-        assert_eq!(row["status"], expected["resp_status_code"]);
-        assert_eq!(row["found"], expected["pattern_found"]);
-        // H:MM:SS.ffffff, under a minute here.
-        let resp_time = expected["resp_time"].as_str().expect("text");
-        let seconds: f64 = resp_time
-            .rsplit(':')
-            .next()
-            .expect("seconds")
-            .parse()
-            .expect("a number");
-        assert_eq!(row["response_us"], json!((seconds * 1e6).round() as i64));
-        assert_eq!(row["whole_comment"], expected["comment"]);
+        assert_probe(row, expected);
         if expected.get("price").is_some() {
             assert_eq!(row["region"], expected["region"]);
             assert_eq!(row["price"], expected["price"], "exact at scale 4");
@@ -179,7 +235,7 @@ async fn confluent_serialized_avro_of_two_schema_versions_lands_with_every_logic
 
 /// `count` website-metrics records framed under schema ids 1 and 2 (alternating) of
 /// `fixture`, encoded by apache-avro.
-fn encoded_probes(fixture: &ConfluentAvro, from: u64, count: u64) -> Vec<Option<Vec<u8>>> {
+fn encoded_probes(fixture: &Confluent, from: u64, count: u64) -> Vec<Option<Vec<u8>>> {
     use apache_avro::types::Value as Avro;
     let schemas: Vec<(u32, apache_avro::Schema)> = [1u32, 2]
         .iter()
@@ -360,8 +416,27 @@ async fn an_unknown_schema_id_truncated_bytes_and_a_missing_magic_byte_are_one_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dev_produce_registers_the_schema_and_its_avro_stream_lands_with_the_malformed_dead_lettered()
  {
+    dev_produce_stream_lands("avro").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_produce_registers_the_schema_and_its_protobuf_stream_lands_with_the_malformed_dead_lettered()
+ {
+    dev_produce_stream_lands("protobuf").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dev_produce_registers_the_schema_and_its_json_schema_stream_lands_with_the_malformed_dead_lettered()
+ {
+    dev_produce_stream_lands("json_schema").await;
+}
+
+/// `dev produce --format FORMAT` registers the website-metrics schema and produces 2,000
+/// probes, some malformed; the worker reading FORMAT lands each valid one once and each
+/// malformed one as the dead letter `dev produce` counted it as.
+async fn dev_produce_stream_lands(format: &str) {
     let db = TestDb::new().await;
-    let registry = DevRegistry::start(HashMap::new())
+    let registry = DevRegistry::start("AVRO", HashMap::new())
         .await
         .expect("the registry serves");
     let kafka = TestKafka::new(2);
@@ -383,7 +458,7 @@ async fn dev_produce_registers_the_schema_and_its_avro_stream_lands_with_the_mal
                 "--seed",
                 "3",
             ])
-            .args(["--format", "avro", "--schema-registry", &registry.url])
+            .args(["--format", format, "--schema-registry", &registry.url])
             .output()
             .expect("dev produce runs")
     });
@@ -404,7 +479,7 @@ async fn dev_produce_registers_the_schema_and_its_avro_stream_lands_with_the_mal
     let (valid, malformed) = (counts[0], counts[1]);
     assert!(malformed > 0 && valid + malformed == 2_000, "{stdout}");
     let config = kafka
-        .config_with_yaml(&db, &avro_sink(&registry))
+        .config_with_yaml(&db, &registry_sink(&registry, format))
         .expect("config loads");
     let pipeline = Pipeline::connect(config).await.expect("starts");
     ingest_all_and_assert_exactly_once(pipeline, &db, &kafka, valid, malformed).await;

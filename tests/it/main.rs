@@ -8,6 +8,8 @@ mod core;
 mod deploy;
 mod edges;
 mod faults;
+#[path = "../../src/decode/fixture.rs"]
+mod fixture;
 mod freeze;
 mod helpers;
 mod isolation;
@@ -20,6 +22,7 @@ mod positions;
 mod postgres_tls;
 mod privileges;
 mod redrive;
+mod registry_formats;
 mod replay;
 pub mod routes;
 mod telemetry;
