@@ -30,7 +30,8 @@ pub fn schema_ids<'a>(
 ) -> Vec<(u32, ValueFormat)> {
     let decoders = routes.decoders();
     records
-        .filter_map(|r| decoders.get(routes.route_of(&r.topic)?)?.schema_id(r))
+        .filter_map(|r| Some(decoders.get(routes.route_of(&r.topic)?)?.schema_ids(r)))
+        .flatten()
         .collect()
 }
 

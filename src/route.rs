@@ -4,7 +4,7 @@
 use regex::Regex;
 use serde_json::Value;
 
-use crate::config::{ColumnType, ValueFormat, WriteMode};
+use crate::config::{ColumnType, KeyFormat, ValueFormat, WriteMode};
 
 /// Where a column's value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,7 +17,8 @@ pub enum Source {
     Value,
     /// The record key: its bytes for `bytea`, else its UTF-8 text.
     Key,
-    /// A JSON pointer into the record key parsed as JSON (`""`: the whole key).
+    /// A JSON pointer into the record key parsed as JSON, or decoded in the route's
+    /// registry `key_format` (`""`: the whole key).
     KeyJson(String),
     /// The value of the last header of this name.
     Header(String),
@@ -123,6 +124,8 @@ pub struct Route {
     pub delete_on_tombstone: bool,
     /// How record values are encoded.
     pub format: ValueFormat,
+    /// How record keys are encoded (what `@key_json:` reads).
+    pub key_format: KeyFormat,
     pub columns: Vec<Column>,
     pub(crate) topics: Topics,
 }

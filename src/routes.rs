@@ -59,6 +59,7 @@ impl Route {
             key_columns: config.key.clone(),
             delete_on_tombstone: config.delete_on_tombstone,
             format: config.format,
+            key_format: config.key_format,
             columns,
             topics,
             key,
@@ -213,7 +214,8 @@ impl Routes {
 
     /// Whether a route reads a registry format.
     pub fn read_registry(&self) -> bool {
-        self.iter().any(|r| r.format.framed())
+        self.iter()
+            .any(|r| r.format.framed() || r.key_format.framed().is_some())
     }
 
     /// The index of the route for `topic`: a route naming it, else the first whose regex
@@ -277,6 +279,7 @@ fn implicit(config: &Config) -> Result<Route, ConfigError> {
         key: Vec::new(),
         delete_on_tombstone: false,
         format: sink.format,
+        key_format: sink.key_format,
         columns: sink.columns.clone(),
     };
     let mut keys: Vec<String> = (0..sink.columns.len())

@@ -108,6 +108,35 @@ pub enum ValueFormat {
     JsonSchema,
 }
 
+/// How a route's record keys are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyFormat {
+    /// The key as it is: `@key` gives its bytes (for `bytea`) or UTF-8 text,
+    /// `@key_json:` parses it as JSON. `string` and `bytes` name the same reading.
+    #[default]
+    #[serde(alias = "string", alias = "bytes")]
+    Json,
+    /// Avro in the Confluent wire format.
+    Avro,
+    /// Protobuf in the Confluent wire format.
+    Protobuf,
+    /// JSON under a JSON Schema, in the Confluent wire format.
+    JsonSchema,
+}
+
+impl KeyFormat {
+    /// The registry format keys are read in, if any.
+    pub fn framed(self) -> Option<ValueFormat> {
+        match self {
+            Self::Json => None,
+            Self::Avro => Some(ValueFormat::Avro),
+            Self::Protobuf => Some(ValueFormat::Protobuf),
+            Self::JsonSchema => Some(ValueFormat::JsonSchema),
+        }
+    }
+}
+
 impl ValueFormat {
     /// The name the configuration spells it with.
     pub fn name(self) -> &'static str {
@@ -288,6 +317,9 @@ pub struct SinkConfig {
     /// How record values are encoded: `json`, or `avro`, `protobuf` or `json_schema` (the
     /// Confluent wire format, schemas from `schema_registry`).
     pub format: ValueFormat,
+    /// How record keys are encoded (what `@key_json:` columns read).
+    #[serde(default)]
+    pub key_format: KeyFormat,
     /// Columns that receive the record's coordinates.
     pub source_columns: SourceColumns,
     /// One entry per mapped column.
@@ -373,6 +405,9 @@ pub struct RouteConfig {
     /// Confluent wire format, schemas from `schema_registry`).
     #[serde(default)]
     pub format: ValueFormat,
+    /// How record keys are encoded (what `@key_json:` columns read).
+    #[serde(default)]
+    pub key_format: KeyFormat,
     /// One entry per mapped column.
     pub columns: Vec<ColumnMapping>,
 }
@@ -651,19 +686,36 @@ impl Config {
     /// A route of a registry format needs the registry; the registry's keys must work.
     fn check_schema_registry(&self) -> Result<(), ConfigError> {
         let registry = &self.schema_registry;
-        let framed = match self.routes.iter().position(|r| r.format.framed()) {
-            Some(i) => Some((format!("routes[{i}].format"), self.routes[i].format)),
-            None if self.routes.is_empty() && self.sink.format.framed() => {
-                Some(("sink.format".to_owned(), self.sink.format))
+        // The first route (or the implicit one) reading values or keys from the registry.
+        let of = |prefix: String, value: ValueFormat, key: KeyFormat| {
+            if value.framed() {
+                Some((format!("{prefix}format"), value))
+            } else {
+                key.framed().map(|f| (format!("{prefix}key_format"), f))
             }
-            None => None,
         };
-        if !self.routes.is_empty() && self.sink.format != ValueFormat::Json {
-            return Err(invalid(
-                "sink.format",
-                "applies to the implicit route only, and routes are given: set the format \
-                 of each route (routes[N].format)",
-            ));
+        let framed = if self.routes.is_empty() {
+            of("sink.".to_owned(), self.sink.format, self.sink.key_format)
+        } else {
+            self.routes
+                .iter()
+                .enumerate()
+                .find_map(|(i, r)| of(format!("routes[{i}]."), r.format, r.key_format))
+        };
+        for (key, set) in [
+            ("sink.format", self.sink.format != ValueFormat::Json),
+            ("sink.key_format", self.sink.key_format != KeyFormat::Json),
+        ] {
+            if !self.routes.is_empty() && set {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "applies to the implicit route only, and routes are given: set it \
+                         on each route (routes[N].{})",
+                        key.trim_start_matches("sink.")
+                    ),
+                ));
+            }
         }
         let urls: Vec<&str> = registry
             .url
@@ -1217,6 +1269,19 @@ mod tests {
                 "sink:\n  format: json_schema\n".to_owned(),
                 "schema_registry.url",
                 "sink.format is json_schema",
+            ),
+            (
+                route.replace("format: avro", "key_format: protobuf"),
+                "schema_registry.url",
+                "routes[0].key_format is protobuf",
+            ),
+            (
+                format!(
+                    "sink:\n  key_format: avro\n{}",
+                    route.replace("format: avro", "format: json")
+                ),
+                "sink.key_format",
+                "applies to the implicit route only",
             ),
             (
                 "schema_registry:\n  url: registry:8081\n".to_owned(),

@@ -186,15 +186,18 @@ pub struct Decoder {
     max_string_bytes: usize,
     max_fields: usize,
     format: CopyFormat,
-    /// Writer schemas, for a route reading a registry format.
+    /// Writer schemas, for a route reading values or keys in a registry format.
     schemas: Option<Arc<framed::SchemaCache>>,
+    /// Whether a column reads the key through `key_format` (`@key_json:`).
+    reads_key: bool,
 }
 
 impl Decoder {
     /// A decoder of `route`; one reading a registry format finds writer schemas in
     /// `schemas`.
     pub fn new(sink: &SinkConfig, route: Route, schemas: &Arc<framed::SchemaCache>) -> Self {
-        let schemas = route.format.framed().then(|| schemas.clone());
+        let framed = route.format.framed() || route.key_format.framed().is_some();
+        let schemas = framed.then(|| schemas.clone());
         if route.format == ValueFormat::Avro {
             // apache-avro reserves what a datum's length prefixes claim, up to this
             // (process-wide, 512 MiB unless set): a record of a few bytes claiming
@@ -204,10 +207,12 @@ impl Decoder {
         }
         let sources = || route.columns.iter().map(|c| &c.source);
         let reads_value = sources().any(Source::reads_value);
+        let reads_key = sources().any(|s| matches!(s, Source::KeyJson(_)));
         let only_fields = sources().all(|s| !s.reads_value() || matches!(s, Source::Field(_)));
         Self {
             reads_object: sources().any(|s| matches!(s, Source::Field(_) | Source::Pointer(_))),
             reads_value,
+            reads_key,
             picks: (reads_value && only_fields).then(|| Picks::new(&route)),
             route,
             max_record_bytes: sink.max_record_bytes,
@@ -219,12 +224,25 @@ impl Decoder {
         }
     }
 
-    /// The writer schema id that decoding `record` needs, and the format it is read
-    /// in: its value's, when the route reads a registry format and the value is framed.
-    pub fn schema_id(&self, record: &Record) -> Option<(u32, ValueFormat)> {
-        self.schemas.as_ref()?;
-        let id = framed::schema_id(record.value.as_deref()?)?;
-        Some((id, self.route.format))
+    /// The writer schema ids that decoding `record` needs, each with the format it is
+    /// read in: its value's and its key's, where the route reads them in a registry
+    /// format and they are framed.
+    pub fn schema_ids(&self, record: &Record) -> impl Iterator<Item = (u32, ValueFormat)> {
+        let value = self
+            .route
+            .format
+            .framed()
+            .then_some(record.value.as_deref())
+            .flatten()
+            .and_then(|v| Some((framed::schema_id(v)?, self.route.format)));
+        let key = self
+            .route
+            .key_format
+            .framed()
+            .filter(|_| self.reads_key)
+            .zip(record.key.as_deref())
+            .and_then(|(format, k)| Some((framed::schema_id(k)?, format)));
+        value.into_iter().chain(key)
     }
 
     /// Writes rows in `format` from now on.
@@ -268,7 +286,7 @@ impl Decoder {
         } else {
             None
         };
-        let mut key_json = None;
+        let mut key = None;
         let format = self.format;
         if format == CopyFormat::Binary {
             let fields = route.columns.len() + usize::from(route.mode == WriteMode::Upsert);
@@ -288,7 +306,7 @@ impl Decoder {
                 push_null(format, out);
                 continue;
             }
-            match self.input(i, column, record, value.as_ref(), &mut key_json)? {
+            match self.input(i, column, record, value.as_ref(), &mut key)? {
                 Some(input) if !input.is_null() => value::encode(column, input, format, out)?,
                 _ => match &column.default {
                     Some(default) => value::encode_value(column, default, format, out)?,
@@ -328,13 +346,16 @@ impl Decoder {
         column: &Column,
         record: &'a Record,
         value: Option<&'a Parsed>,
-        key_json: &'a mut Option<Value>,
+        key: &'a mut Option<Parsed>,
     ) -> Result<Option<value::Input<'a>>, Rejection> {
         use value::Input;
+        let source = &column.source;
         let typed = match value {
-            Some(Parsed::Avro(decoded)) => typed_input(decoded, column, ReasonCode::BadAvro),
-            Some(Parsed::Protobuf(decoded)) => {
-                typed_input(decoded, column, ReasonCode::BadProtobuf)
+            Some(Parsed::Avro(decoded)) if source.reads_value() => {
+                typed_input(decoded, source, column, ReasonCode::BadAvro)
+            }
+            Some(Parsed::Protobuf(decoded)) if source.reads_value() => {
+                typed_input(decoded, source, column, ReasonCode::BadProtobuf)
             }
             _ => None,
         };
@@ -359,16 +380,31 @@ impl Decoder {
             Source::Value => value.and_then(Parsed::whole).map(Input::Json),
             Source::Key => record.key.as_deref().map(Input::Bytes),
             Source::KeyJson(pointer) => {
-                let Some(key) = record.key.as_deref() else {
+                let Some(bytes) = record.key.as_deref() else {
                     return Ok(None);
                 };
-                if key_json.is_none() {
-                    *key_json = Some(self.parse_key(key, column)?);
+                if key.is_none() {
+                    *key = Some(self.parse_key(bytes, column)?);
                 }
-                key_json
-                    .as_ref()
-                    .and_then(|k| k.pointer(pointer))
-                    .map(Input::Json)
+                match key.as_ref() {
+                    Some(Parsed::Avro(decoded)) => {
+                        return typed_input(decoded, &column.source, column, ReasonCode::BadAvro)
+                            .unwrap_or(Ok(None));
+                    }
+                    Some(Parsed::Protobuf(decoded)) => {
+                        return typed_input(
+                            decoded,
+                            &column.source,
+                            column,
+                            ReasonCode::BadProtobuf,
+                        )
+                        .unwrap_or(Ok(None));
+                    }
+                    parsed => parsed
+                        .and_then(Parsed::whole)
+                        .and_then(|k| k.pointer(pointer))
+                        .map(Input::Json),
+                }
             }
             Source::Header(name) => record
                 .headers
@@ -384,27 +420,27 @@ impl Decoder {
         })
     }
 
-    /// The record key as JSON, under the same limits as values.
-    fn parse_key(&self, key: &[u8], column: &Column) -> Result<Value, Rejection> {
-        let bad = |what: String| {
-            Rejection::new(
+    /// The record key in the route's `key_format` (as JSON, or decoded with its writer
+    /// schema), under the same limits as values.
+    fn parse_key(&self, key: &[u8], column: &Column) -> Result<Parsed, Rejection> {
+        let about = format!("record key for column `{}` ({})", column.name, column.field);
+        if key.len() > self.max_record_bytes {
+            return Err(Rejection::new(
                 ReasonCode::BadValue,
                 format!(
-                    "record key for column `{}` ({}): {what}",
-                    column.name, column.field
+                    "{about}: {} bytes, above sink.max_record_bytes = {}",
+                    key.len(),
+                    self.max_record_bytes
                 ),
-            )
-        };
-        if key.len() > self.max_record_bytes {
-            return Err(bad(format!(
-                "{} bytes, above sink.max_record_bytes = {}",
-                key.len(),
-                self.max_record_bytes
-            )));
+            ));
         }
-        let text = std::str::from_utf8(key).map_err(|e| bad(format!("not UTF-8: {e}")))?;
-        self.check_shape(key)?;
-        serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))
+        if let (Some(format), Some(schemas)) = (self.route.key_format.framed(), &self.schemas) {
+            return self
+                .parse_framed(schemas, format, key, false)
+                .map_err(|r| Rejection::new(r.code, format!("{about}: {}", r.reason)));
+        }
+        let bad = |_, what: String| Rejection::new(ReasonCode::BadValue, format!("{about}: {what}"));
+        self.parse_json(key, None, false, bad)
     }
 
     fn parse(&self, record: &Record) -> Result<Parsed, Rejection> {
@@ -430,19 +466,20 @@ impl Decoder {
                 ),
             ));
         }
-        if let Some(schemas) = &self.schemas {
-            return self.parse_framed(schemas, bytes);
+        if let Some(schemas) = self.schemas.as_ref().filter(|_| self.route.format.framed()) {
+            return self.parse_framed(schemas, self.route.format, bytes, self.reads_object);
         }
-        self.parse_json(bytes, self.picks.as_ref(), Rejection::new)
+        self.parse_json(bytes, self.picks.as_ref(), self.reads_object, Rejection::new)
     }
 
     /// JSON text as far as `picks` need it (all of it without), refused as `refuse`
-    /// says: not UTF-8 or not JSON with its code and why; anything but an object when the
-    /// route reads fields of one.
+    /// says: not UTF-8 or not JSON with its code and why; anything but an object when
+    /// `object` is needed (the route reads fields of the value).
     fn parse_json(
         &self,
         bytes: &[u8],
         picks: Option<&Picks>,
+        object: bool,
         refuse: impl Fn(ReasonCode, String) -> Rejection,
     ) -> Result<Parsed, Rejection> {
         let text = std::str::from_utf8(bytes)
@@ -450,15 +487,15 @@ impl Decoder {
         self.check_shape(text.as_bytes())?;
         // serde_json skips this whitespace before a value; anything but an object goes the
         // whole way, to be refused as it always was.
-        let object = text
+        let is_object = text
             .trim_start_matches([' ', '\n', '\t', '\r'])
             .starts_with('{');
         let parsed = match picks {
-            Some(picks) if object => pick::parse(text, &picks.names),
+            Some(picks) if is_object => pick::parse(text, &picks.names),
             _ => serde_json::from_str(text).map(Parsed::Whole),
         };
         match parsed {
-            Ok(Parsed::Whole(other)) if self.reads_object && !other.is_object() => {
+            Ok(Parsed::Whole(other)) if object && !other.is_object() => {
                 Err(Rejection::new(
                     ReasonCode::NotObject,
                     format!("JSON value is {}, not an object", json_kind(&other)),
@@ -469,13 +506,16 @@ impl Decoder {
         }
     }
 
-    /// A value in the Confluent wire format, decoded with its writer schema.
+    /// A value (or key) in the Confluent wire format of `format`, decoded with its
+    /// writer schema; a JSON one must be an `object` when that is needed.
     fn parse_framed(
         &self,
         schemas: &framed::SchemaCache,
+        format: ValueFormat,
         bytes: &[u8],
+        object: bool,
     ) -> Result<Parsed, Rejection> {
-        let (id, schema, payload) = framed::writer(schemas, self.route.format, bytes)
+        let (id, schema, payload) = framed::writer(schemas, format, bytes)
             .map_err(|failure| match failure {
                 framed::Failure::NotFramed(why) => Rejection::new(ReasonCode::NotFramed, why),
                 framed::Failure::UnknownSchema(why) => {
@@ -494,7 +534,7 @@ impl Decoder {
                     Rejection::new(ReasonCode::BadJsonSchema, format!("schema id {id}: {why}"))
                 };
                 // Validation needs the whole value.
-                let parsed = self.parse_json(payload, None, |_, why| bad(why))?;
+                let parsed = self.parse_json(payload, None, object, |_, why| bad(why))?;
                 if let Parsed::Whole(value) = &parsed {
                     schema.validate(value).map_err(|why| {
                         bad(format!("the value is not valid under its schema: {why}"))
@@ -621,16 +661,17 @@ trait Addressed {
     fn input<'a>(&'a self, part: Self::Part<'a>) -> Result<value::Input<'a>, String>;
 }
 
-/// The input of `column` from `decoded`, refused with `code`; `None` for a column that
-/// reads the record rather than its value.
+/// The input of `column` from `decoded` (its value, or its key for `@key_json:`) as
+/// `source` addresses it, refused with `code`; `None` for a source that reads the record.
 fn typed_input<'a, D: Addressed>(
     decoded: &'a D,
+    source: &Source,
     column: &Column,
     code: ReasonCode,
 ) -> Option<Result<Option<value::Input<'a>>, Rejection>> {
-    let part = match &column.source {
+    let part = match source {
         Source::Field(name) => decoded.field(name),
-        Source::Pointer(pointer) => decoded.pointer(pointer),
+        Source::Pointer(pointer) | Source::KeyJson(pointer) => decoded.pointer(pointer),
         Source::Value => Some(decoded.whole()),
         _ => return None,
     };

@@ -4,13 +4,18 @@
 //! `scripts/registry-fixtures`), their schemas served by a registry each test starts
 //! (`dev::registry`: `GET /schemas/ids/{id}`, with `?format=serialized` for Protobuf).
 
+use std::time::Duration;
+
 use kafka_pg_ingest::pipeline::Pipeline;
 use serde_json::{Value, json};
 use sqlx::AssertSqlSafe;
 
-use crate::avro::{assert_probe, land_fixture, probe_json, registry, registry_sink, route};
+use crate::avro::{
+    assert_probe, land_fixture, probe_json, registry, registry_sink, route, same_instant,
+};
 use crate::fixture::{confluent_json_schema, confluent_protobuf};
 use crate::helpers::*;
+use crate::routes::{Msg, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn confluent_serialized_protobuf_of_two_schema_versions_lands_with_well_known_types() {
@@ -187,5 +192,87 @@ async fn json_schema_values_land_and_invalid_ones_are_dead_letters_naming_what_f
         3,
         "one request per schema id, 77 included"
     );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn protobuf_keys_are_read_through_key_json_and_their_schemas_fetched_once() {
+    let db = TestDb::new().await;
+    let fixture = confluent_protobuf();
+    let registry = registry(&fixture).await;
+    let kafka = TestKafka::new(1);
+    exec(
+        &db.pool,
+        "CREATE SCHEMA probes; CREATE TABLE probes.keyed (
+           url text NOT NULL, at timestamptz NOT NULL, region text, note text NOT NULL,
+           kafka_topic text NOT NULL, kafka_partition int4 NOT NULL, kafka_offset int8 NOT NULL,
+           UNIQUE (kafka_topic, kafka_partition, kafka_offset))",
+    )
+    .await;
+    let yaml = format!(
+        "schema_registry:\n  url: {}\nroutes:\n  - topic: {}\n    table: probes.keyed\n    \
+         key_format: protobuf\n    columns:\n      \
+         - {{ column: url, field: \"@key_json:/url\", type: text }}\n      \
+         - {{ column: at, field: \"@key_json:/request_timestamp\", type: timestamptz }}\n      \
+         - {{ column: region, field: \"@key_json:/region\", type: text }}\n      \
+         - {{ column: note, field: note, type: text }}\n      \
+         - {{ column: kafka_topic, field: \"@topic\", type: text }}\n      \
+         - {{ column: kafka_partition, field: \"@partition\", type: int4 }}\n      \
+         - {{ column: kafka_offset, field: \"@offset\", type: int8 }}\n",
+        registry.url, kafka.topic
+    );
+    let config = kafka.config_with_yaml(&db, &yaml).expect("route loads");
+    // Keys are the fixture's framed messages; values are JSON.
+    let msg = |key: Vec<u8>, i: usize| Msg {
+        key: Some(key),
+        value: Some(json!({ "note": format!("n{i}") }).to_string().into_bytes()),
+        ..Msg::default()
+    };
+    let mut msgs: Vec<Msg> = (0..50)
+        .map(|i| msg(fixture.records[i].0.clone(), i))
+        .collect();
+    let mut unknown = fixture.records[0].0.clone();
+    unknown[1..5].copy_from_slice(&99u32.to_be_bytes());
+    msgs.push(msg(b"plain-text-key".to_vec(), 50));
+    msgs.push(msg(unknown, 51));
+    send(&kafka, &kafka.topic, &msgs);
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    drive_until_caught_up(&mut pipeline, &db.pool, &kafka, 52, Duration::from_secs(60)).await;
+    pipeline.close().await;
+    let rows: Vec<Value> = sqlx::query_scalar(
+        "SELECT json_build_object('url', url, 'at', at, 'region', region, 'note', note)
+         FROM probes.keyed ORDER BY kafka_offset",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("rows");
+    // One row per offset of the 50 valid records, in offset order.
+    assert_eq!(rows.len(), 50);
+    for (i, (row, (_, expected))) in rows.iter().zip(&fixture.records).enumerate() {
+        assert_eq!(row["url"], expected["url"], "{row}");
+        assert!(
+            same_instant(&row["at"], &expected["request_timestamp"]),
+            "{row}"
+        );
+        // Version 2 keys carry a region; version 1 keys have no such field.
+        let region = expected.get("region").cloned().unwrap_or(Value::Null);
+        assert_eq!(row["region"], region, "{row}");
+        assert_eq!(row["note"], json!(format!("n{i}")));
+    }
+    let reasons: Vec<(String, String)> =
+        sqlx::query_as("SELECT reason_code, reason FROM ingest.dead_letters ORDER BY \"offset\"")
+            .fetch_all(&db.pool)
+            .await
+            .expect("dead letters");
+    let codes: Vec<&str> = reasons.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(codes, ["not_framed", "unknown_schema"]);
+    assert!(
+        reasons
+            .iter()
+            .all(|(_, r)| r.starts_with("record key for column `url`")),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].1.contains("schema id 99"), "{reasons:?}");
+    assert_eq!(registry.requests(), 3, "ids 1, 2 and 99, each once");
     db.drop().await;
 }
