@@ -36,9 +36,11 @@ fn main() -> anyhow::Result<()> {
     let routes = Routes::new(&config)?;
     let schema = WriterSchema::parse(SCHEMA_ID, "AVRO", sample::WEBSITE_METRIC_AVRO, &[])
         .map_err(anyhow::Error::msg)?;
-    routes
-        .schemas()
-        .insert(SCHEMA_ID, Lookup::Found(Arc::new(schema)));
+    routes.schemas().insert(
+        SCHEMA_ID,
+        ValueFormat::Avro,
+        Lookup::Found(Arc::new(schema)),
+    );
     report("Avro", &routes, &avro)
 }
 

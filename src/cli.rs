@@ -186,6 +186,35 @@ pub(crate) struct SchemaArgs {
     /// first partitions.
     #[arg(long, requires = "partition_by")]
     pub partman: bool,
+    /// Map each route of a registry format from the latest schema of its subject
+    /// (`{topic}-value`) at `schema_registry.url`: one column per top-level field, typed
+    /// after it. The columns are printed as comments, to paste into the configuration.
+    #[arg(long)]
+    pub from_registry: bool,
+}
+
+/// The columns of each route as YAML in SQL comments (`schema --from-registry`).
+fn mapping_comment(config: &crate::config::Config) -> String {
+    let mut out = String::new();
+    let mut write = |key: &str, columns: &[crate::config::ColumnMapping]| {
+        out.push_str(&format!("-- {key}.columns:\n"));
+        for c in columns {
+            out.push_str(&format!(
+                "--   - {{ column: {}, field: {}, type: {}{} }}\n",
+                serde_json::Value::from(c.column.as_str()),
+                serde_json::Value::from(c.field.as_str()),
+                c.kind.sql_name(),
+                if c.required { ", required: true" } else { "" }
+            ));
+        }
+    };
+    if config.routes.is_empty() {
+        write("sink", &config.sink.columns);
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        write(&format!("routes[{i}]"), &route.columns);
+    }
+    out
 }
 
 /// Flags of `dlq retry`.
@@ -456,7 +485,12 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             Ok(())
         }
         Tool::Schema(args) => {
-            let config = args.routed.load()?;
+            let mut config = args.routed.load()?;
+            if args.from_registry {
+                config = crate::registry::columns_from_latest(&config)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            }
             let routes = crate::routes::Routes::new(&config)?;
             let partition_by = args.partition_by.map(|column| store::schema::PartitionBy {
                 column,
@@ -466,6 +500,9 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             let now = chrono::Utc::now().naive_utc();
             let ddl = store::schema::create_statements(routes.iter(), partition_by.as_ref(), now)
                 .map_err(anyhow::Error::msg)?;
+            if args.from_registry {
+                print!("{}", mapping_comment(&config));
+            }
             print!("{ddl}");
             Ok(())
         }

@@ -16,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::{SchemaRegistryConfig, ValueFormat};
+use crate::config::{ColumnMapping, Config, SchemaRegistryConfig, ValueFormat};
 use crate::decode::framed::{Lookup, Referenced, SchemaCache, WriterSchema};
 use crate::record::Record;
 use crate::retry::ErrorClass;
@@ -33,6 +33,92 @@ pub fn schema_ids<'a>(
         .filter_map(|r| Some(decoders.get(routes.route_of(&r.topic)?)?.schema_ids(r)))
         .flatten()
         .collect()
+}
+
+/// The largest registry answer read: a schema larger than this is not one to decode with.
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// The most schemas one schema may reference, directly or not.
+const MAX_REFERENCES: usize = 256;
+
+/// A response's body, read whole unless it passes [`MAX_ANSWER_BYTES`] (`None`).
+async fn read_bounded(mut response: reqwest::Response) -> reqwest::Result<Option<Vec<u8>>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// `config` with the value columns of each route of a registry format (the implicit one,
+/// or each of `routes` naming a topic) taken from the latest schema of its subject
+/// (`{topic}-value`, the default naming): one column per top-level field, named and typed
+/// after it, then the route's columns of record metadata (`@...`, the coordinates among
+/// them) as configured. What `schema --from-registry` prints.
+pub async fn columns_from_latest(config: &Config) -> Result<Config, String> {
+    let registry = Registry::new(
+        &config.schema_registry,
+        Arc::default(),
+        Counter::default(),
+    )?;
+    let mut config = config.clone();
+    if config.routes.is_empty() {
+        let sink = &config.sink;
+        if sink.format.framed() {
+            let topic = config.kafka.topics.first();
+            let mut mapped = latest_columns(&registry, sink.format, topic, "kafka.topics").await?;
+            mapped.extend(sink.columns.iter().filter(|c| c.field.starts_with('@')).cloned());
+            config.sink.columns = mapped;
+        }
+        return Ok(config);
+    }
+    for (i, route) in config.routes.iter_mut().enumerate() {
+        if !route.format.framed() {
+            continue;
+        }
+        let key = format!("routes[{i}]");
+        let mut mapped = latest_columns(&registry, route.format, route.topic.as_ref(), &key).await?;
+        mapped.extend(route.columns.iter().filter(|c| c.field.starts_with('@')).cloned());
+        route.columns = mapped;
+    }
+    Ok(config)
+}
+
+/// A column for each top-level field of the latest schema under `{topic}-value`; `key`
+/// names the configuration that lacks the topic.
+async fn latest_columns(
+    registry: &Registry,
+    format: ValueFormat,
+    topic: Option<&String>,
+    key: &str,
+) -> Result<Vec<ColumnMapping>, String> {
+    let topic = topic.ok_or_else(|| {
+        format!("{key}: name a topic, whose subject `{{topic}}-value` holds the schema")
+    })?;
+    let subject = format!("{topic}-value");
+    let schema = match registry.latest(&subject, format).await {
+        Ok(Lookup::Found(schema)) => schema,
+        Ok(Lookup::Unknown(why, _)) => return Err(format!("subject {subject}: {why}")),
+        Err(e) => return Err(format!("subject {subject}: {e}")),
+    };
+    let fields = schema
+        .fields()
+        .map_err(|e| format!("subject {subject}: {e}"))?;
+    Ok(fields
+        .into_iter()
+        .map(|f| ColumnMapping {
+            column: f.name.clone(),
+            field: f.name,
+            kind: f.kind,
+            required: f.required,
+            default: None,
+            coerce: false,
+            format: None,
+        })
+        .collect())
 }
 
 /// Why the registry gave no answer to act on.
@@ -56,6 +142,9 @@ impl RegistryError {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SchemaBody {
+    /// Given by `GET /subjects/.../versions/...`.
+    #[serde(default)]
+    id: Option<u32>,
     schema: String,
     /// Absent for Avro.
     #[serde(default)]
@@ -160,18 +249,18 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let mut missing: Vec<(u32, ValueFormat)> = ids
             .into_iter()
-            .filter(|(id, _)| self.cache.get(*id).is_none())
+            .filter(|(id, format)| self.cache.get(*id, *format).is_none())
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        missing.sort_unstable_by_key(|(id, _)| *id);
-        missing.dedup_by_key(|(id, _)| *id);
+        missing.sort_unstable_by_key(|(id, format)| (*id, format.name()));
+        missing.dedup();
         let _one = self.fetching.lock().await;
         for (id, format) in missing {
-            if self.cache.get(id).is_none() {
+            if self.cache.get(id, format).is_none() {
                 let lookup = self.fetch(id, format).await?;
-                self.cache.insert(id, lookup);
+                self.cache.insert(id, format, lookup);
             }
         }
         Ok(())
@@ -184,18 +273,42 @@ impl Registry {
                 "schema id {id} is beyond what a registry numbers (2^31 - 1)"
             )));
         }
+        self.schema(&format!("/schemas/ids/{id}"), id, format)
+            .await
+    }
+
+    /// The latest schema registered under `subject` (for `schema --from-registry`), read
+    /// as `format` needs it.
+    pub async fn latest(
+        &self,
+        subject: &str,
+        format: ValueFormat,
+    ) -> Result<Lookup, RegistryError> {
+        let path = format!("/subjects/{}/versions/latest", encode_path(subject));
+        self.schema(&path, 0, format).await
+    }
+
+    /// The schema at `path` (schema `id`, or 0 for the id the answer names), with what it
+    /// references.
+    async fn schema(
+        &self,
+        path: &str,
+        id: u32,
+        format: ValueFormat,
+    ) -> Result<Lookup, RegistryError> {
         // Protobuf schemas are read as serialized descriptors, not .proto text, which
         // would take a compiler.
         let query = match format {
             ValueFormat::Protobuf => "?format=serialized",
             _ => "",
         };
-        let body = match self.get(&format!("/schemas/ids/{id}{query}")).await? {
+        let body = match self.get(&format!("{path}{query}")).await? {
             Answer::Found(body) => body,
             Answer::Missing(why) => {
                 return Ok(Lookup::unknown(format!("schema id {id}: {why}")));
             }
         };
+        let id = if id == 0 { body.id.unwrap_or(0) } else { id };
         let kind = body.schema_type.as_deref().unwrap_or("AVRO");
         let mut references = Vec::new();
         if let Err(why) = self
@@ -224,6 +337,11 @@ impl Registry {
             let key = (reference.subject.clone(), reference.version);
             if seen.contains(&key) {
                 continue;
+            }
+            if seen.len() >= MAX_REFERENCES {
+                return Ok(Err(format!(
+                    "it references more than {MAX_REFERENCES} schemas"
+                )));
             }
             seen.push(key);
             let path = format!(
@@ -281,13 +399,20 @@ impl Registry {
             };
             let status = response.status();
             match status.as_u16() {
-                200 => match response.json::<SchemaBody>().await {
-                    Ok(body) => return Ok(Answer::Found(body)),
-                    // An answer read whole that is no schema is the registry's word; one
-                    // cut off on the way is no answer.
-                    Err(e) if e.is_decode() => {
+                // An answer read whole that is no schema (or too large to be one) is the
+                // registry's word; one cut off on the way is no answer.
+                200 => match read_bounded(response).await {
+                    Ok(Some(bytes)) => {
+                        return Ok(match serde_json::from_slice::<SchemaBody>(&bytes) {
+                            Ok(body) => Answer::Found(body),
+                            Err(e) => {
+                                Answer::Missing(format!("the registry's answer is no schema: {e}"))
+                            }
+                        });
+                    }
+                    Ok(None) => {
                         return Ok(Answer::Missing(format!(
-                            "the registry's answer is no schema: {e}"
+                            "the registry's answer is above {MAX_ANSWER_BYTES} bytes"
                         )));
                     }
                     Err(e) => failures.push(format!("{url}{path}: {e}")),
@@ -356,4 +481,74 @@ pub(crate) fn encode_path(segment: &str) -> String {
             other => format!("%{other:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A server on 127.0.0.1 that answers every request with `head` and then `body`
+    /// (`repeat` times), then closes the connection; its base URL.
+    async fn answering(head: String, body: &'static [u8], repeat: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let url = format!("http://{}", listener.local_addr().expect("an address"));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let head = head.clone();
+                tokio::spawn(async move {
+                    let mut request = [0; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    for _ in 0..repeat {
+                        if socket.write_all(body).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn registry(url: String) -> Registry {
+        let config = SchemaRegistryConfig {
+            url: Some(url),
+            username: None,
+            password: None,
+            ca_location: None,
+            timeout_ms: 2_000,
+        };
+        Registry::new(&config, Arc::default(), Counter::default()).expect("a client")
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_off_on_the_way_is_transient_and_decides_nothing() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+        let registry = registry(answering(head.to_owned(), br#"{"schema": "#, 1).await);
+        let err = registry
+            .resolve([(1, ValueFormat::Avro)])
+            .await
+            .expect_err("no answer");
+        assert_eq!(err.class, ErrorClass::Transient, "{err}");
+        assert!(registry.cache.get(1, ValueFormat::Avro).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_answer_above_the_bound_is_an_unknown_schema_not_a_memory_cost() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: identity\r\nConnection: close\r\n\r\n";
+        let chunk: &'static [u8] = &[b' '; 1 << 16];
+        let repeat = MAX_ANSWER_BYTES / chunk.len() + 2;
+        let registry = registry(answering(head.to_owned(), chunk, repeat).await);
+        registry
+            .resolve([(1, ValueFormat::Avro)])
+            .await
+            .expect("an answer");
+        let Some(Lookup::Unknown(why, _)) = registry.cache.get(1, ValueFormat::Avro) else {
+            panic!("unknown")
+        };
+        assert!(why.contains("above"), "{why}");
+    }
 }

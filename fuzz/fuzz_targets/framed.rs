@@ -38,7 +38,7 @@ fn decoder(format: ValueFormat, fixture: fixture::Confluent) -> Decoder {
     for (id, text) in fixture.schemas {
         let schema = WriterSchema::parse(id, &fixture.schema_type, &text, &[])
             .expect("the schema parses");
-        routes.schemas().insert(id, Lookup::Found(Arc::new(schema)));
+        routes.schemas().insert(id, format, Lookup::Found(Arc::new(schema)));
     }
     routes.decoders()[0].clone()
 }

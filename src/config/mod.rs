@@ -90,7 +90,7 @@ pub struct SchemaRegistryConfig {
 
 /// How a route's record values are encoded.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum ValueFormat {

@@ -18,7 +18,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 
 use super::Addressed;
-use super::framed::{Referenced, float, in_years, pointer_tokens};
+use super::framed::{Field, Referenced, float, in_years, pointer_tokens};
+use crate::config::ColumnType;
 use super::value::Input;
 
 /// An Avro writer schema, ready to decode with.
@@ -82,6 +83,34 @@ impl AvroSchema {
             0 => Ok(value),
             n => Err(format!("{n} bytes left over after the datum")),
         }
+    }
+
+    /// The fields of the record the schema is.
+    pub(super) fn fields(&self) -> Result<Vec<Field>, String> {
+        let Schema::Record(record) = self.resolve(self.schema) else {
+            return Err("the schema is not a record".to_owned());
+        };
+        Ok(record
+            .fields
+            .iter()
+            .map(|field| {
+                // ["null", T] is T or NULL.
+                let (schema, required) = match self.resolve(&field.schema) {
+                    Schema::Union(union) if union.is_nullable() => {
+                        match union.variants().iter().filter(|v| **v != Schema::Null).collect::<Vec<_>>()[..] {
+                            [only] => (self.resolve(only), false),
+                            _ => (&field.schema, false),
+                        }
+                    }
+                    other => (other, true),
+                };
+                Field {
+                    name: field.name.clone(),
+                    kind: column_type(schema),
+                    required,
+                }
+            })
+            .collect())
     }
 
     /// `schema` itself, or the named schema it refers to.
@@ -247,6 +276,30 @@ impl Addressed for Decoded {
         })
     }
 
+}
+
+/// The column type that holds values of `schema` (named ones resolved).
+fn column_type(schema: &Schema) -> ColumnType {
+    match schema {
+        Schema::Boolean => ColumnType::Bool,
+        Schema::Int => ColumnType::Int4,
+        Schema::Long => ColumnType::Int8,
+        Schema::Float => ColumnType::Float4,
+        Schema::Double => ColumnType::Float8,
+        Schema::String | Schema::Enum(_) | Schema::Null => ColumnType::Text,
+        Schema::Bytes | Schema::Fixed(_) => ColumnType::Bytea,
+        Schema::Decimal(_) | Schema::BigDecimal => ColumnType::Numeric,
+        Schema::Uuid(_) => ColumnType::Uuid,
+        Schema::Date => ColumnType::Date,
+        Schema::TimeMillis | Schema::TimeMicros => ColumnType::Interval,
+        Schema::TimestampMillis
+        | Schema::TimestampMicros
+        | Schema::TimestampNanos
+        | Schema::LocalTimestampMillis
+        | Schema::LocalTimestampMicros
+        | Schema::LocalTimestampNanos => ColumnType::Timestamptz,
+        _ => ColumnType::Jsonb,
+    }
 }
 
 /// A time of day as `H:MM:SS.ffffff` (what an `interval` or `text` column takes).

@@ -15,6 +15,7 @@ use chrono::{Datelike, NaiveDate};
 use serde_json::Value;
 
 use super::avro::AvroSchema;
+use crate::config::ColumnType;
 use super::json_schema::JsonSchema;
 use super::protobuf::ProtoSchema;
 use crate::config::ValueFormat;
@@ -62,6 +63,17 @@ impl WriterSchema {
         }
     }
 
+    /// The top-level fields of the schema's record (for Protobuf, of its first
+    /// message; for JSON Schema, the properties of its object), each with the column type
+    /// that holds it, as `schema --from-registry` prints them.
+    pub fn fields(&self) -> Result<Vec<Field>, String> {
+        match self {
+            Self::Avro(schema) => schema.fields(),
+            Self::Protobuf(schema) => Ok(schema.fields()),
+            Self::JsonSchema(schema) => schema.fields(),
+        }
+    }
+
     /// The registry's name of its type.
     fn kind(&self) -> &'static str {
         match self {
@@ -80,10 +92,21 @@ impl WriterSchema {
     }
 }
 
-/// Writer schemas by id, as the registry answered.
+/// A top-level field of a schema and the column type that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub kind: ColumnType,
+    /// Whether every value has it (not nullable, not optional).
+    pub required: bool,
+}
+
+/// Writer schemas by id and the format they were asked for in (a Protobuf one is
+/// fetched as a serialized descriptor, the others as text: a route of another format
+/// carrying the same id gets its own answer), as the registry answered.
 #[derive(Debug, Default)]
 pub struct SchemaCache {
-    entries: RwLock<HashMap<u32, Lookup>>,
+    entries: RwLock<HashMap<(u32, ValueFormat), Lookup>>,
 }
 
 /// What the registry said of a schema id.
@@ -106,21 +129,22 @@ impl Lookup {
 const UNKNOWN_FOR: Duration = Duration::from_secs(30);
 
 impl SchemaCache {
-    /// What the registry said of `id`, unless it said "unknown" too long ago.
-    pub fn get(&self, id: u32) -> Option<Lookup> {
+    /// What the registry said of `id` asked for in `format`, unless it said "unknown"
+    /// too long ago.
+    pub fn get(&self, id: u32, format: ValueFormat) -> Option<Lookup> {
         self.entries
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&id)
+            .get(&(id, format))
             .filter(|l| !matches!(l, Lookup::Unknown(_, at) if at.elapsed() > UNKNOWN_FOR))
             .cloned()
     }
 
-    pub fn insert(&self, id: u32, lookup: Lookup) {
+    pub fn insert(&self, id: u32, format: ValueFormat, lookup: Lookup) {
         self.entries
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(id, lookup);
+            .insert((id, format), lookup);
     }
 }
 
@@ -156,7 +180,7 @@ pub(super) fn writer<'a>(
             None => "value is empty".to_owned(),
         }));
     };
-    match cache.get(id) {
+    match cache.get(id, format) {
         Some(Lookup::Found(schema)) if schema.format() == format => Ok((id, schema, &bytes[5..])),
         Some(Lookup::Found(schema)) => Err(Failure::UnknownSchema(format!(
             "schema id {id} is a {} schema, and the route reads {}",
@@ -212,7 +236,10 @@ mod tests {
     fn a_schema_of_another_format_than_the_routes_is_unknown() {
         let cache = SchemaCache::default();
         let schema = WriterSchema::parse(3, "JSON", r#"{"type": "object"}"#, &[]).expect("parses");
-        cache.insert(3, Lookup::Found(Arc::new(schema)));
+        let schema = Arc::new(schema);
+        // The registry's answer to either route: the JSON schema.
+        cache.insert(3, ValueFormat::JsonSchema, Lookup::Found(schema.clone()));
+        cache.insert(3, ValueFormat::Avro, Lookup::Found(schema));
         let framed = [0, 0, 0, 0, 3, b'{', b'}'];
         assert!(writer(&cache, ValueFormat::JsonSchema, &framed).is_ok());
         let Err(Failure::UnknownSchema(why)) = writer(&cache, ValueFormat::Avro, &framed) else {

@@ -6,15 +6,17 @@ use std::fmt;
 
 use serde_json::Value;
 
-use super::framed::Referenced;
+use super::framed::{Field, Referenced};
+use crate::config::ColumnType;
 
 /// The base URI of a schema without an `$id`, against which a reference's relative name
 /// resolves (the validator's default).
 const ROOT: &str = "json-schema:///";
 
-/// A JSON Schema, compiled.
+/// A JSON Schema, compiled, and its text parsed.
 pub struct JsonSchema {
     validator: jsonschema::Validator,
+    schema: Value,
 }
 
 impl fmt::Debug for JsonSchema {
@@ -30,7 +32,11 @@ impl JsonSchema {
     pub fn parse(text: &str, references: &[Referenced]) -> Result<Self, String> {
         let schema: Value =
             serde_json::from_str(text).map_err(|e| format!("the schema is not JSON: {e}"))?;
-        let mut options = jsonschema::options();
+        // Patterns in the regex crate's dialect (linear time, no look-around or
+        // backreferences, which a schema using them is refused for): a backtracking
+        // engine lets one hostile pattern cost seconds per string.
+        let mut options =
+            jsonschema::options().with_pattern_options(jsonschema::PatternOptions::regex());
         let registry;
         if !references.is_empty() {
             let mut builder = jsonschema::Registry::new();
@@ -51,7 +57,47 @@ impl JsonSchema {
             options = options.with_registry(&registry);
         }
         let validator = options.offline().build(&schema).map_err(|e| e.to_string())?;
-        Ok(Self { validator })
+        Ok(Self { validator, schema })
+    }
+
+    /// The properties of the object the schema describes, each with the column type of
+    /// its JSON type (`["null", T]` is T or NULL; a string of format `date-time` or
+    /// `date` is an instant or a date; anything else, or several types, `jsonb`).
+    pub(super) fn fields(&self) -> Result<Vec<Field>, String> {
+        let properties = self.schema["properties"]
+            .as_object()
+            .ok_or("the schema has no properties of an object")?;
+        let required: Vec<&str> = self.schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        Ok(properties
+            .iter()
+            .map(|(name, property)| {
+                let types: Vec<&str> = match &property["type"] {
+                    Value::String(t) => vec![t.as_str()],
+                    Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+                    _ => Vec::new(),
+                };
+                let nullable = types.contains(&"null");
+                let kind: Vec<&str> = types.into_iter().filter(|t| *t != "null").collect();
+                let kind = match (kind.as_slice(), property["format"].as_str()) {
+                    (["string"], Some("date-time")) => ColumnType::Timestamptz,
+                    (["string"], Some("date")) => ColumnType::Date,
+                    (["string"], Some("uuid")) => ColumnType::Uuid,
+                    (["string"], _) => ColumnType::Text,
+                    (["integer"], _) => ColumnType::Int8,
+                    (["number"], _) => ColumnType::Float8,
+                    (["boolean"], _) => ColumnType::Bool,
+                    _ => ColumnType::Jsonb,
+                };
+                Field {
+                    name: name.clone(),
+                    kind,
+                    required: required.contains(&name.as_str()) && !nullable,
+                }
+            })
+            .collect())
     }
 
     /// Whether `value` is valid under the schema; the first failure, and where, when not.
@@ -104,5 +150,7 @@ mod tests {
             assert!(JsonSchema::parse(text, &[]).is_err(), "{text}");
         }
         assert!(JsonSchema::parse("{not json", &[]).is_err());
+        // A backreference needs a backtracking engine, which is not used.
+        assert!(JsonSchema::parse(r#"{"pattern": "^(a+)+\\1$"}"#, &[]).is_err());
     }
 }

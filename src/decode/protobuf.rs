@@ -18,13 +18,13 @@ use chrono::DateTime;
 use prost_reflect::prost::Message as _;
 use prost_reflect::prost_types::FileDescriptorProto;
 use prost_reflect::{
-    DescriptorPool, DynamicMessage, Kind, MapKey, MessageDescriptor, ReflectMessage as _,
-    SerializeOptions, Value,
+    DescriptorPool, DynamicMessage, Kind, MapKey, MessageDescriptor, ReflectMessage as _, Value,
 };
 use serde_json::Value as Json;
 
 use super::Addressed;
-use super::framed::{Referenced, float, in_years, pointer_tokens};
+use super::framed::{Field, Referenced, float, in_years, pointer_tokens};
+use crate::config::ColumnType;
 use super::value::Input;
 
 /// The most message indexes a value may carry: a path deeper than any schema nests.
@@ -77,12 +77,56 @@ impl ProtoSchema {
         file.name = Some(name.clone());
         pool.add_file_descriptor_proto(file)
             .map_err(|e| e.to_string())?;
+        check_map_entries(&pool)?;
         let file = pool.get_file_by_name(&name).ok_or("the schema's file is missing")?;
         let messages: Vec<MessageDescriptor> = file.messages().collect();
         if messages.is_empty() {
             return Err("the schema defines no message".to_owned());
         }
         Ok(Self { messages })
+    }
+
+    /// The fields of the schema's first message.
+    pub(super) fn fields(&self) -> Vec<Field> {
+        self.messages[0]
+            .fields()
+            .map(|field| {
+                let kind = field.kind();
+                let wrapped = match &kind {
+                    Kind::Message(m) => m.full_name().strip_prefix("google.protobuf."),
+                    _ => None,
+                };
+                let column = match (field.is_list() || field.is_map(), &kind, wrapped) {
+                    (true, ..) => ColumnType::Jsonb,
+                    (_, _, Some("Timestamp")) => ColumnType::Timestamptz,
+                    (_, _, Some("Duration")) => ColumnType::Interval,
+                    (_, _, Some("DoubleValue")) => ColumnType::Float8,
+                    (_, _, Some("FloatValue")) => ColumnType::Float4,
+                    (_, _, Some("Int64Value" | "UInt32Value")) => ColumnType::Int8,
+                    (_, _, Some("Int32Value")) => ColumnType::Int4,
+                    (_, _, Some("UInt64Value")) => ColumnType::Numeric,
+                    (_, _, Some("BoolValue")) => ColumnType::Bool,
+                    (_, _, Some("StringValue")) => ColumnType::Text,
+                    (_, _, Some("BytesValue")) => ColumnType::Bytea,
+                    (_, Kind::Double, _) => ColumnType::Float8,
+                    (_, Kind::Float, _) => ColumnType::Float4,
+                    (_, Kind::Int32 | Kind::Sint32 | Kind::Sfixed32, _) => ColumnType::Int4,
+                    (_, Kind::Int64 | Kind::Sint64 | Kind::Sfixed64, _) => ColumnType::Int8,
+                    (_, Kind::Uint32 | Kind::Fixed32, _) => ColumnType::Int8,
+                    (_, Kind::Uint64 | Kind::Fixed64, _) => ColumnType::Numeric,
+                    (_, Kind::Bool, _) => ColumnType::Bool,
+                    (_, Kind::String | Kind::Enum(_), _) => ColumnType::Text,
+                    (_, Kind::Bytes, _) => ColumnType::Bytea,
+                    (_, Kind::Message(_), _) => ColumnType::Jsonb,
+                };
+                Field {
+                    name: field.name().to_owned(),
+                    kind: column,
+                    // Unset, a field with presence is NULL; a proto3 scalar its default.
+                    required: !field.supports_presence(),
+                }
+            })
+            .collect()
     }
 
     /// Decodes a payload: message indexes, then the message they name.
@@ -112,6 +156,41 @@ impl ProtoSchema {
         DynamicMessage::decode(message.clone(), rest)
             .map_err(|e| format!("not a {} message: {e}", message.full_name()))
     }
+}
+
+/// Refuses a map entry message without its key (field 1, of a kind a map key may have) and
+/// value (field 2), each singular: the descriptor pool does not check them, and decoding
+/// a map of such an entry would panic.
+fn check_map_entries(pool: &DescriptorPool) -> Result<(), String> {
+    for entry in pool.all_messages().filter(MessageDescriptor::is_map_entry) {
+        let key = entry.get_field(1).filter(|k| {
+            !k.is_list()
+                && matches!(
+                    k.kind(),
+                    Kind::Int32
+                        | Kind::Int64
+                        | Kind::Uint32
+                        | Kind::Uint64
+                        | Kind::Sint32
+                        | Kind::Sint64
+                        | Kind::Fixed32
+                        | Kind::Fixed64
+                        | Kind::Sfixed32
+                        | Kind::Sfixed64
+                        | Kind::Bool
+                        | Kind::String
+                )
+        });
+        let value = entry.get_field(2).filter(|v| !v.is_list());
+        if key.is_none() || value.is_none() || entry.fields().len() != 2 {
+            return Err(format!(
+                "map entry {} does not have a key (field 1, an integer, bool or string) and a \
+                 value (field 2) alone",
+                entry.full_name()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the message indexes that start a payload: a count, then that many indexes, each
@@ -161,13 +240,6 @@ pub(super) fn decode(schema: &ProtoSchema, id: u32, payload: &[u8]) -> Result<De
         .map_err(|e| format!("value does not decode under schema id {id}: {e}"))?;
     Ok(Decoded { message })
 }
-
-/// The proto3 JSON mapping with field names as written, 64-bit integers as numbers and
-/// every field present (a default is a value, as on the wire).
-const JSON: SerializeOptions = SerializeOptions::new()
-    .use_proto_field_name(true)
-    .stringify_64_bit_integers(false)
-    .skip_default_fields(false);
 
 impl Addressed for Decoded {
     type Part<'a> = Part<'a>;
@@ -251,33 +323,49 @@ fn child<'a>(part: Part<'a>, token: &str) -> Option<Part<'a>> {
 /// A message as a column's input: well-known types as what they stand for, any other
 /// as JSON.
 fn message_input(message: &DynamicMessage) -> Result<Input<'_>, String> {
+    well_known(message).unwrap_or_else(|| message_json(message).map(Input::Owned))
+}
+
+/// A well-known type as what it stands for; `None` for another message.
+fn well_known(message: &DynamicMessage) -> Option<Result<Input<'_>, String>> {
     let descriptor = message.descriptor();
     let name = descriptor.full_name();
     let seconds_nanos = || match (
         message.get_field_by_number(1).as_deref(),
         message.get_field_by_number(2).as_deref(),
     ) {
-        (Some(&Value::I64(seconds)), Some(&Value::I32(nanos))) => Ok((seconds, nanos)),
-        _ => Err(format!("a {name} without seconds and nanos")),
+        // Both hold the same sign (a Timestamp's nanos never negative), below a second.
+        (Some(&Value::I64(seconds)), Some(&Value::I32(nanos)))
+            if nanos.abs() < 1_000_000_000 && (seconds.signum() * i64::from(nanos.signum())) >= 0 =>
+        {
+            Ok((seconds, nanos))
+        }
+        _ => Err(format!("a {name} without seconds and nanos in range")),
     };
-    Ok(match name {
+    Some(Ok(match name {
         "google.protobuf.Timestamp" => {
-            let (seconds, nanos) = seconds_nanos()?;
-            Input::Timestamp(
-                u32::try_from(nanos)
-                    .ok()
-                    .and_then(|nanos| DateTime::from_timestamp(seconds, nanos))
-                    .filter(|t| in_years(t.date_naive()))
-                    .ok_or_else(|| {
-                        format!("Timestamp {seconds} s {nanos} ns is outside years 1 to 9999")
-                    })?,
-            )
+            let (seconds, nanos) = match seconds_nanos() {
+                Ok(both) => both,
+                Err(e) => return Some(Err(e)),
+            };
+            match u32::try_from(nanos)
+                .ok()
+                .and_then(|nanos| DateTime::from_timestamp(seconds, nanos))
+                .filter(|t| in_years(t.date_naive()))
+            {
+                Some(ts) => Input::Timestamp(ts),
+                None => {
+                    return Some(Err(format!(
+                        "Timestamp {seconds} s {nanos} ns is outside years 1 to 9999"
+                    )));
+                }
+            }
         }
         // A number of seconds, which an interval column takes (to the microsecond).
-        "google.protobuf.Duration" => {
-            let (seconds, nanos) = seconds_nanos()?;
-            Input::Owned(float(seconds as f64 + f64::from(nanos) / 1e9))
-        }
+        "google.protobuf.Duration" => match seconds_nanos() {
+            Ok((seconds, nanos)) => Input::Owned(float(seconds as f64 + f64::from(nanos) / 1e9)),
+            Err(e) => return Some(Err(e)),
+        },
         "google.protobuf.DoubleValue"
         | "google.protobuf.FloatValue"
         | "google.protobuf.Int64Value"
@@ -287,14 +375,16 @@ fn message_input(message: &DynamicMessage) -> Result<Input<'_>, String> {
         | "google.protobuf.BoolValue"
         | "google.protobuf.StringValue"
         | "google.protobuf.BytesValue" => {
-            let field = descriptor
-                .get_field(1)
-                .ok_or_else(|| format!("a {name} without its value"))?;
-            input(Part::Field(message.get_field(&field), field.kind()))?
+            let Some(field) = descriptor.get_field(1) else {
+                return Some(Err(format!("a {name} without its value")));
+            };
+            return Some(input(Part::Field(message.get_field(&field), field.kind())));
         }
-        _ => Input::Owned(message_json(message)?),
-    })
+        _ => return None,
+    }))
 }
+
+
 
 /// A value that borrows nothing as a column's input.
 fn scalar_input(value: &Value, kind: &Kind) -> Result<Input<'static>, String> {
@@ -307,11 +397,30 @@ fn scalar_input(value: &Value, kind: &Kind) -> Result<Input<'static>, String> {
     })
 }
 
-/// A message in the proto3 JSON mapping (see [`JSON`]).
+/// A message as JSON: an object of the fields it holds (by their names as written; a
+/// proto3 scalar at its default is left out, as the proto3 JSON mapping does), well-known
+/// types as what they stand for (a `Timestamp` as RFC 3339 text, a `Duration` as
+/// seconds, a wrapper as its value). An `Any` stays a message of a type URL and bytes:
+/// expanding it would decode bytes no depth limit has seen. Its size follows the
+/// message's, as every field written costs bytes on the wire.
 fn message_json(message: &DynamicMessage) -> Result<Json, String> {
-    message
-        .serialize_with_options(serde_json::value::Serializer, &JSON)
-        .map_err(|e| e.to_string())
+    Ok(match well_known(message).transpose()? {
+        Some(Input::Timestamp(ts)) => {
+            Json::String(ts.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        }
+        Some(Input::Str(s)) => Json::String(s.to_owned()),
+        Some(Input::Bytes(b)) => Json::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        Some(Input::Int(n)) => Json::from(n),
+        Some(Input::Json(json)) => json.clone(),
+        Some(Input::Owned(json)) => json,
+        Some(other) => return Err(format!("a well-known type read as {other:?}")),
+        None => Json::Object(
+            message
+                .fields()
+                .map(|(field, value)| Ok((field.name().to_owned(), json(value, &field.kind())?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
 }
 
 /// A value of type `kind` as JSON: enums by name, bytes as base64, maps as objects.
@@ -411,6 +520,123 @@ mod tests {
             ..Default::default()
         };
         base64::engine::general_purpose::STANDARD.encode(file.encode_to_vec())
+    }
+
+    /// A base64 descriptor of `t.proto` (importing the well-known types) with `messages`.
+    fn file_text(messages: Vec<DescriptorProto>) -> String {
+        let file = FileDescriptorProto {
+            name: Some("t.proto".to_owned()),
+            package: Some("t".to_owned()),
+            syntax: Some("proto3".to_owned()),
+            dependency: vec![
+                "google/protobuf/any.proto".to_owned(),
+                "google/protobuf/timestamp.proto".to_owned(),
+                "google/protobuf/wrappers.proto".to_owned(),
+            ],
+            message_type: messages,
+            ..Default::default()
+        };
+        base64::engine::general_purpose::STANDARD.encode(file.encode_to_vec())
+    }
+
+    fn message_field(name: &str, number: i32, type_name: &str) -> FieldDescriptorProto {
+        FieldDescriptorProto {
+            name: Some(name.to_owned()),
+            number: Some(number),
+            label: Some(field_descriptor_proto::Label::Optional as i32),
+            r#type: Some(field_descriptor_proto::Type::Message as i32),
+            type_name: Some(type_name.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    /// `bytes` as a length-delimited field `number`.
+    fn delimited(number: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        prost_reflect::prost::encoding::encode_varint(number << 3 | 2, &mut out);
+        prost_reflect::prost::encoding::encode_varint(bytes.len() as u64, &mut out);
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn a_map_entry_without_a_proper_key_refuses_the_schema() {
+        let mut key = message_field("key", 1, "");
+        key.r#type = Some(field_descriptor_proto::Type::Float as i32);
+        key.type_name = None;
+        let mut value = key.clone();
+        value.name = Some("value".to_owned());
+        value.number = Some(2);
+        let mut map = message_field("m", 1, ".t.M.E");
+        map.label = Some(field_descriptor_proto::Label::Repeated as i32);
+        let text = file_text(vec![DescriptorProto {
+            name: Some("M".to_owned()),
+            field: vec![map],
+            nested_type: vec![DescriptorProto {
+                name: Some("E".to_owned()),
+                field: vec![key, value],
+                options: Some(prost_reflect::prost_types::MessageOptions {
+                    map_entry: Some(true),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]);
+        let err = ProtoSchema::parse(4, &text, &[]).expect_err("a float map key");
+        assert!(err.contains("map entry t.M.E"), "{err}");
+    }
+
+    #[test]
+    fn well_known_types_read_as_what_they_stand_for_and_any_is_not_expanded() {
+        let text = file_text(vec![DescriptorProto {
+            name: Some("W".to_owned()),
+            field: vec![
+                message_field("any", 1, ".google.protobuf.Any"),
+                message_field("d", 2, ".google.protobuf.DoubleValue"),
+                message_field("at", 3, ".google.protobuf.Timestamp"),
+            ],
+            ..Default::default()
+        }]);
+        let schema = ProtoSchema::parse(5, &text, &[]).expect("parses");
+        // An Any holding Anys 20,000 deep: its bytes are kept, not decoded again.
+        let mut nested: Vec<u8> = Vec::new();
+        for _ in 0..20_000 {
+            let mut any = delimited(1, b"type.googleapis.com/google.protobuf.Any");
+            any.extend(delimited(2, &nested));
+            nested = any;
+        }
+        let nan = [0x09, 0, 0, 0, 0, 0, 0, 0xf8, 0x7f];
+        let mut payload = vec![0];
+        payload.extend(delimited(1, &nested));
+        payload.extend(delimited(2, &nan));
+        let decoded = decode(&schema, 5, &payload).expect("decodes");
+        let Ok(Input::Owned(whole)) = decoded.input(decoded.whole()) else {
+            panic!("the whole message is JSON")
+        };
+        assert_eq!(whole["any"]["type_url"], "type.googleapis.com/google.protobuf.Any");
+        assert!(whole["any"]["value"].is_string(), "bytes stay base64");
+        // NaN reads the same whole or alone: text, which no numeric column takes.
+        assert_eq!(whole["d"], "NaN");
+        let Ok(Input::Owned(d)) = decoded.input(decoded.field("d").expect("d")) else {
+            panic!("a double")
+        };
+        assert_eq!(d, "NaN");
+        // A Timestamp's nanos must be below a second.
+        for (seconds, nanos) in [(59_i64, 1_500_000_000_i32), (1, -5)] {
+            let mut at = Vec::new();
+            at.push(0x08);
+            prost_reflect::prost::encoding::encode_varint(seconds as u64, &mut at);
+            at.push(0x10);
+            prost_reflect::prost::encoding::encode_varint(nanos as i64 as u64, &mut at);
+            let mut payload = vec![0];
+            payload.extend(delimited(3, &at));
+            let decoded = decode(&schema, 5, &payload).expect("decodes");
+            let err = decoded
+                .input(decoded.field("at").expect("at"))
+                .expect_err("nanos out of range");
+            assert!(err.contains("in range"), "{err}");
+        }
     }
 
     fn decoded(schema: &ProtoSchema, payload: &[u8]) -> Result<Decoded, String> {

@@ -541,7 +541,7 @@ fn registry_fixture(format: ValueFormat, fixture: fixture::Confluent) -> (Decode
             .expect("the schema parses");
         routes
             .schemas()
-            .insert(*id, framed::Lookup::Found(Arc::new(schema)));
+            .insert(*id, format, framed::Lookup::Found(Arc::new(schema)));
     }
     let values = fixture.records.into_iter().map(|(bytes, _)| bytes).collect();
     (routes.decoders()[0].clone(), values)

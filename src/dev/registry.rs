@@ -2,7 +2,8 @@
 //! the tests'): schemas registered under a subject (`POST /subjects/{subject}/versions`
 //! with the schema's text and `schemaType`, answering the id: the same text the same id),
 //! writer schemas by id (`GET /schemas/ids/{id}` with their `schemaType`, a 404 with
-//! error code 40403 for an id it does not hold), counting the `GET`s, and a switch that
+//! error code 40403 for an id it does not hold), a subject's latest version
+//! (`GET /subjects/{subject}/versions/latest`), counting the `GET`s, and a switch that
 //! makes it answer 503 (an outage). It keeps schemas in memory only, and serves each as
 //! it was registered: a Protobuf schema must be registered as a serialized descriptor
 //! (as Confluent's serializers do), which is what `?format=serialized` asks for.
@@ -44,6 +45,8 @@ struct Stored {
 #[derive(Clone)]
 struct Served {
     schemas: Arc<RwLock<HashMap<u32, Stored>>>,
+    /// Each subject's versions: the ids registered under it, in order.
+    subjects: Arc<RwLock<HashMap<String, Vec<u32>>>>,
     requests: Arc<AtomicU64>,
     down: Arc<AtomicBool>,
 }
@@ -77,8 +80,38 @@ fn answer(status: StatusCode, body: &serde_json::Value) -> impl IntoResponse + u
     )
 }
 
-/// Registers a schema (any subject): its id, the existing one for a text it holds.
-async fn register(State(served): State<Served>, body: String) -> impl IntoResponse {
+/// The latest version registered under a subject.
+async fn latest(State(served): State<Served>, Path(subject): Path<String>) -> impl IntoResponse {
+    served.requests.fetch_add(1, Ordering::SeqCst);
+    // In the order `register` takes them.
+    let schemas = served.schemas.read().unwrap_or_else(|p| p.into_inner());
+    let subjects = served.subjects.read().unwrap_or_else(|p| p.into_inner());
+    let found = subjects.get(&subject).and_then(|versions| {
+        let id = *versions.last()?;
+        Some((versions.len(), id, schemas.get(&id)?))
+    });
+    let (status, body) = match found {
+        Some((version, id, stored)) => (
+            StatusCode::OK,
+            json!({
+                "subject": subject, "version": version, "id": id,
+                "schema": stored.text, "schemaType": stored.schema_type,
+            }),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            json!({"error_code": 40401, "message": "Subject not found"}),
+        ),
+    };
+    answer(status, &body)
+}
+
+/// Registers a schema under a subject: its id, the existing one for a text it holds.
+async fn register(
+    State(served): State<Served>,
+    Path(subject): Path<String>,
+    body: String,
+) -> impl IntoResponse {
     let body = serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default();
     let Some(text) = body["schema"].as_str() else {
         let refusal = json!({"error_code": 42201, "message": "no schema in the request"});
@@ -97,6 +130,11 @@ async fn register(State(served): State<Served>, body: String) -> impl IntoRespon
             id
         }
     };
+    let mut subjects = served.subjects.write().unwrap_or_else(|p| p.into_inner());
+    let versions = subjects.entry(subject).or_default();
+    if !versions.contains(&id) {
+        versions.push(id);
+    }
     answer(StatusCode::OK, &json!({ "id": id }))
 }
 
@@ -113,6 +151,7 @@ impl DevRegistry {
             .collect();
         let served = Served {
             schemas: Arc::new(RwLock::new(schemas)),
+            subjects: Arc::default(),
             requests: Arc::new(AtomicU64::new(0)),
             down: Arc::new(AtomicBool::new(false)),
         };
@@ -122,6 +161,10 @@ impl DevRegistry {
             .route(
                 "/subjects/{subject}/versions",
                 axum::routing::post(register),
+            )
+            .route(
+                "/subjects/{subject}/versions/latest",
+                axum::routing::get(latest),
             )
             .with_state(served);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

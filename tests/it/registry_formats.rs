@@ -4,8 +4,10 @@
 //! `scripts/registry-fixtures`), their schemas served by a registry each test starts
 //! (`dev::registry`: `GET /schemas/ids/{id}`, with `?format=serialized` for Protobuf).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use kafka_pg_ingest::dev::registry::DevRegistry;
 use kafka_pg_ingest::pipeline::Pipeline;
 use serde_json::{Value, json};
 use sqlx::AssertSqlSafe;
@@ -275,4 +277,149 @@ async fn protobuf_keys_are_read_through_key_json_and_their_schemas_fetched_once(
     assert!(reasons[1].1.contains("schema id 99"), "{reasons:?}");
     assert_eq!(registry.requests(), 3, "ids 1, 2 and 99, each once");
     db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schema_from_registry_maps_the_latest_schema_of_each_format_and_its_table_takes_the_stream()
+{
+    use kafka_pg_ingest::config::ValueFormat;
+    use kafka_pg_ingest::dev::registry::register_website_metric;
+    use kafka_pg_ingest::sample::{Framer, website_metric};
+    use rand::SeedableRng;
+    // (column, type) the latest website-metrics schema of each format maps to.
+    let text = "text";
+    // Avro and Protobuf alike: the fields in their order, typed by their types.
+    let typed = [
+        ("request_timestamp", "timestamp with time zone"),
+        ("url", text),
+        ("ip_address", text),
+        ("resp_time", text),
+        ("resp_status_code", "integer"),
+        ("pattern_found", "boolean"),
+        ("service_name", text),
+        ("comment", text),
+    ];
+    for (format, expected) in [
+        (ValueFormat::Avro, typed),
+        (ValueFormat::Protobuf, typed),
+        (
+            ValueFormat::JsonSchema,
+            // A JSON object's properties come in name order.
+            [
+                ("comment", text),
+                ("ip_address", text),
+                ("pattern_found", "boolean"),
+                ("request_timestamp", text),
+                ("resp_status_code", "bigint"),
+                ("resp_time", text),
+                ("service_name", text),
+                ("url", text),
+            ],
+        ),
+    ] {
+        let db = TestDb::new().await;
+        let kafka = TestKafka::new(1);
+        let registry = DevRegistry::start("AVRO", HashMap::new())
+            .await
+            .expect("the registry serves");
+        let id = register_website_metric(&registry.url, &kafka.topic, format)
+            .await
+            .expect("registers");
+        let route = |columns: &str| {
+            format!(
+                "schema_registry:\n  url: {}\nroutes:\n  - topic: {}\n    table: probes.latest\n    \
+                 format: {}\n    columns:\n{columns}",
+                registry.url,
+                kafka.topic,
+                format.name()
+            )
+        };
+        // Value columns are replaced; the coordinates stay as configured.
+        let placeholder = "      - { column: c, field: c, type: text }\n      \
+                           - { column: kafka_topic, field: \"@topic\", type: text }\n      \
+                           - { column: kafka_partition, field: \"@partition\", type: int4 }\n      \
+                           - { column: kafka_offset, field: \"@offset\", type: int8 }\n";
+        let path = std::env::temp_dir().join(format!("kpi-latest-{}.yaml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, route(placeholder)).expect("writable");
+        let output = tokio::task::block_in_place(|| {
+            std::process::Command::new(BINARY)
+                .args(["schema", "--from-registry", "--config"])
+                .arg(&path)
+                .output()
+                .expect("the binary runs")
+        });
+        let _ = std::fs::remove_file(&path);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        exec(&db.pool, "CREATE SCHEMA probes").await;
+        exec(&db.pool, &stdout).await;
+        let columns: Vec<(String, String)> = sqlx::query_as(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+             WHERE table_schema = 'probes' AND table_name = 'latest' ORDER BY ordinal_position",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .expect("columns");
+        let mut wanted: Vec<(String, String)> = expected
+            .iter()
+            .map(|(c, t)| ((*c).to_owned(), (*t).to_owned()))
+            .collect();
+        for (c, t) in [
+            ("kafka_topic", text),
+            ("kafka_partition", "integer"),
+            ("kafka_offset", "bigint"),
+        ] {
+            wanted.push((c.to_owned(), t.to_owned()));
+        }
+        assert_eq!(columns, wanted, "{format:?}: {stdout}");
+
+        // The printed columns, pasted into the route, take the stream.
+        let pasted: String = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("--   "))
+            .map(|l| format!("      {l}\n"))
+            .collect();
+        let config = kafka
+            .config_with_yaml(&db, &route(&pasted))
+            .expect("the pasted route loads");
+        let framer = Framer::new(format, id)
+            .expect("encodes")
+            .expect("a registry format");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let payloads = (0..100)
+            .map(|i| {
+                Some(
+                    framer
+                        .encode(&website_metric(i, &mut rng))
+                        .expect("encodes"),
+                )
+            })
+            .collect();
+        kafka.produce(payloads);
+        let mut pipeline = Pipeline::connect(config).await.expect("starts");
+        drive_until_caught_up(
+            &mut pipeline,
+            &db.pool,
+            &kafka,
+            100,
+            Duration::from_secs(60),
+        )
+        .await;
+        pipeline.close().await;
+        let landed: i64 = scalar(
+            &db.pool,
+            "SELECT count(DISTINCT comment) FROM probes.latest WHERE url LIKE 'https://%'",
+        )
+        .await;
+        assert_eq!(landed, 100, "{format:?}");
+        assert_eq!(
+            scalar(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await,
+            0
+        );
+        db.drop().await;
+    }
 }
