@@ -473,6 +473,16 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             let config = args.load()?;
             let pool = store::connect_pool(&config).await?;
             let checked = store::Store::for_pool(pool, &config).await?;
+            if checked.routes().read_registry() {
+                let problems = crate::registry::check_latest(&config, checked.routes())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                anyhow::ensure!(
+                    problems.is_empty(),
+                    "the mapping does not fit the registry's latest schemas:\n  {}",
+                    problems.join("\n  ")
+                );
+            }
             for route in checked.routes().iter() {
                 println!(
                     "ok: {} ({} -> {}), mode {:?}",

@@ -16,8 +16,9 @@ use prometheus_client::metrics::counter::Counter;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::{ColumnMapping, Config, SchemaRegistryConfig, ValueFormat};
-use crate::decode::framed::{Lookup, Referenced, SchemaCache, WriterSchema};
+use crate::config::{ColumnMapping, ColumnType, Config, SchemaRegistryConfig, ValueFormat};
+use crate::decode::framed::{Field, Lookup, Referenced, SchemaCache, WriterSchema};
+use crate::route::Source;
 use crate::record::Record;
 use crate::retry::ErrorClass;
 use crate::routes::Routes;
@@ -87,14 +88,71 @@ pub async fn columns_from_latest(config: &Config) -> Result<Config, String> {
     Ok(config)
 }
 
-/// A column for each top-level field of the latest schema under `{topic}-value`; `key`
-/// names the configuration that lacks the topic.
-async fn latest_columns(
+/// What `check` finds wrong between each route of a registry format (naming a topic)
+/// and the latest schema of its subject: a column reading a top-level field the schema
+/// does not have, or one of a type its values cannot take. Empty when all fit.
+pub async fn check_latest(config: &Config, routes: &Routes) -> Result<Vec<String>, String> {
+    let registry = Registry::new(&config.schema_registry, Arc::default(), Counter::default())?;
+    let mut problems = Vec::new();
+    // A regex route's subjects are not known until its topics are.
+    for route in routes.iter().filter(|r| r.format.framed() && r.named_topic().is_some()) {
+        let topic = route.named_topic();
+        let fields = latest_fields(&registry, route.format, topic, &route.key).await?;
+        let subject = format!("{}-value", topic.map_or("", String::as_str));
+        for column in &route.columns {
+            let name = match &column.source {
+                Source::Field(name) => name.as_str(),
+                Source::Pointer(pointer) => pointer
+                    .strip_prefix('/')
+                    .and_then(|p| p.split('/').next())
+                    .unwrap_or_default(),
+                _ => continue,
+            };
+            let name = name.replace("~1", "/").replace("~0", "~");
+            match fields.iter().find(|f| f.name == name) {
+                None => problems.push(format!(
+                    "{}: column `{}` reads `{name}`, which the latest schema of {subject} does \
+                     not have (its fields: {})",
+                    route.key,
+                    column.name,
+                    fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+                )),
+                Some(field) if !takes(column.kind, field.kind) => problems.push(format!(
+                    "{}: column `{}` is {}, and `{name}` of the latest schema of {subject} \
+                     holds {} values",
+                    route.key,
+                    column.name,
+                    column.kind.sql_name(),
+                    field.kind.sql_name()
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Whether a column of type `column` takes the values of a field whose own column type is
+/// `field`: the same kind of value (any number for a number, an instant or date for
+/// either); text and jsonb take anything, and a text field may hold what parses.
+fn takes(column: ColumnType, field: ColumnType) -> bool {
+    use ColumnType::*;
+    let class = |t: ColumnType| match t {
+        Int2 | Int4 | Int8 | Float4 | Float8 | Numeric => 1,
+        Timestamptz | Date => 2,
+        other => 3 + other as u8,
+    };
+    matches!(column, Text | Jsonb) || field == Text || class(column) == class(field)
+}
+
+/// The top-level fields of the latest schema under `{topic}-value`; `key` names the
+/// configuration that lacks the topic.
+async fn latest_fields(
     registry: &Registry,
     format: ValueFormat,
     topic: Option<&String>,
     key: &str,
-) -> Result<Vec<ColumnMapping>, String> {
+) -> Result<Vec<Field>, String> {
     let topic = topic.ok_or_else(|| {
         format!("{key}: name a topic, whose subject `{{topic}}-value` holds the schema")
     })?;
@@ -104,9 +162,18 @@ async fn latest_columns(
         Ok(Lookup::Unknown(why, _)) => return Err(format!("subject {subject}: {why}")),
         Err(e) => return Err(format!("subject {subject}: {e}")),
     };
-    let fields = schema
-        .fields()
-        .map_err(|e| format!("subject {subject}: {e}"))?;
+    schema.fields().map_err(|e| format!("subject {subject}: {e}"))
+}
+
+/// A column for each top-level field of the latest schema under `{topic}-value`; `key`
+/// names the configuration that lacks the topic.
+async fn latest_columns(
+    registry: &Registry,
+    format: ValueFormat,
+    topic: Option<&String>,
+    key: &str,
+) -> Result<Vec<ColumnMapping>, String> {
+    let fields = latest_fields(registry, format, topic, key).await?;
     Ok(fields
         .into_iter()
         .map(|f| ColumnMapping {

@@ -183,6 +183,14 @@ impl Route {
     }
 
     /// Where the route reads from, for messages.
+    /// The first topic the route names; `None` for a regex route.
+    pub fn named_topic(&self) -> Option<&String> {
+        match &self.topics {
+            Topics::Named(names) => names.first(),
+            Topics::Matching(..) => None,
+        }
+    }
+
     pub fn topics_label(&self) -> String {
         match &self.topics {
             Topics::Named(names) => names.join(","),

@@ -279,9 +279,26 @@ async fn protobuf_keys_are_read_through_key_json_and_their_schemas_fetched_once(
     db.drop().await;
 }
 
+/// Runs the binary's `args` with `yaml` as its configuration, against `db`.
+fn tool(db: &TestDb, args: &[&str], yaml: &str) -> std::process::Output {
+    let path = std::env::temp_dir().join(format!("kpi-tool-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, yaml).expect("writable");
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(BINARY)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .args(["--database-url", &db.url])
+            .output()
+            .expect("the binary runs")
+    });
+    let _ = std::fs::remove_file(&path);
+    output
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn schema_from_registry_maps_the_latest_schema_of_each_format_and_its_table_takes_the_stream()
-{
+async fn schema_from_registry_maps_each_formats_latest_schema_its_table_takes_the_stream_and_check_finds_misfits()
+ {
     use kafka_pg_ingest::config::ValueFormat;
     use kafka_pg_ingest::dev::registry::register_website_metric;
     use kafka_pg_ingest::sample::{Framer, website_metric};
@@ -339,16 +356,7 @@ async fn schema_from_registry_maps_the_latest_schema_of_each_format_and_its_tabl
                            - { column: kafka_topic, field: \"@topic\", type: text }\n      \
                            - { column: kafka_partition, field: \"@partition\", type: int4 }\n      \
                            - { column: kafka_offset, field: \"@offset\", type: int8 }\n";
-        let path = std::env::temp_dir().join(format!("kpi-latest-{}.yaml", uuid::Uuid::new_v4()));
-        std::fs::write(&path, route(placeholder)).expect("writable");
-        let output = tokio::task::block_in_place(|| {
-            std::process::Command::new(BINARY)
-                .args(["schema", "--from-registry", "--config"])
-                .arg(&path)
-                .output()
-                .expect("the binary runs")
-        });
-        let _ = std::fs::remove_file(&path);
+        let output = tool(&db, &["schema", "--from-registry"], &route(placeholder));
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         assert!(
             output.status.success(),
