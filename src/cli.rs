@@ -193,6 +193,23 @@ pub(crate) struct SchemaArgs {
     pub from_registry: bool,
 }
 
+/// `text` as a YAML double-quoted scalar of printable ASCII only: anything else escaped
+/// (`\uXXXX`, `\UXXXXXXXX`), so no parser folds or refuses a character of a name.
+fn yaml_quoted(text: &str) -> String {
+    let mut out = String::from('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            ' '..='~' => out.push(c),
+            c if u32::from(c) <= 0xffff => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push_str(&format!("\\U{:08x}", u32::from(c))),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// The columns of each route as YAML in SQL comments (`schema --from-registry`).
 fn mapping_comment(config: &crate::config::Config) -> String {
     let mut out = String::new();
@@ -201,8 +218,8 @@ fn mapping_comment(config: &crate::config::Config) -> String {
         for c in columns {
             out.push_str(&format!(
                 "--   - {{ column: {}, field: {}, type: {}{} }}\n",
-                serde_json::Value::from(c.column.as_str()),
-                serde_json::Value::from(c.field.as_str()),
+                yaml_quoted(&c.column),
+                yaml_quoted(&c.field),
                 c.kind.sql_name(),
                 if c.required { ", required: true" } else { "" }
             ));
@@ -744,4 +761,30 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     tokio::time::sleep(Duration::from_secs(30)).await;
     tracing::error!("shutdown took longer than 30 s; exiting");
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_names_parse_back_as_written() {
+        for name in [
+            "plain",
+            "a \"quoted\" \\ name",
+            "next\u{85}line",
+            "del\u{7f}",
+            "\u{fffe}",
+            "日本",
+            "😀",
+            "@timestamp",
+            "new\nline: yes",
+        ] {
+            let yaml = format!("{{ column: {} }}", yaml_quoted(name));
+            assert!(yaml.is_ascii(), "{yaml}");
+            let parsed: std::collections::HashMap<String, String> =
+                serde_yaml_ng::from_str(&yaml).expect("parses");
+            assert_eq!(parsed["column"], name, "{yaml}");
+        }
+    }
 }

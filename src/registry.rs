@@ -18,7 +18,8 @@ use serde::Deserialize;
 
 use crate::config::{ColumnMapping, ColumnType, Config, SchemaRegistryConfig, ValueFormat};
 use crate::decode::framed::{Field, Lookup, Referenced, SchemaCache, WriterSchema};
-use crate::route::Source;
+use crate::decode::framed::pointer_tokens;
+use crate::route::{Column, Source, TimeFormat};
 use crate::record::Record;
 use crate::retry::ErrorClass;
 use crate::routes::Routes;
@@ -70,8 +71,17 @@ pub async fn columns_from_latest(config: &Config) -> Result<Config, String> {
         let sink = &config.sink;
         if sink.format.framed() {
             let topic = config.kafka.topics.first();
-            let mut mapped = latest_columns(&registry, sink.format, topic, "kafka.topics").await?;
-            mapped.extend(sink.columns.iter().filter(|c| c.field.starts_with('@')).cloned());
+            let kept: Vec<ColumnMapping> =
+                sink.columns.iter().filter(|c| c.field.starts_with('@')).cloned().collect();
+            let sc = &sink.source_columns;
+            let taken: Vec<&str> = kept
+                .iter()
+                .map(|c| c.column.as_str())
+                .chain([sc.topic.as_str(), sc.partition.as_str(), sc.offset.as_str()])
+                .collect();
+            let mut mapped =
+                latest_columns(&registry, sink.format, topic, "kafka.topics", &taken).await?;
+            mapped.extend(kept);
             config.sink.columns = mapped;
         }
         return Ok(config);
@@ -80,9 +90,13 @@ pub async fn columns_from_latest(config: &Config) -> Result<Config, String> {
         if !route.format.framed() {
             continue;
         }
-        let key = format!("routes[{i}]");
-        let mut mapped = latest_columns(&registry, route.format, route.topic.as_ref(), &key).await?;
-        mapped.extend(route.columns.iter().filter(|c| c.field.starts_with('@')).cloned());
+        let key = format!("routes[{i}].topic");
+        let kept: Vec<ColumnMapping> =
+            route.columns.iter().filter(|c| c.field.starts_with('@')).cloned().collect();
+        let taken: Vec<&str> = kept.iter().map(|c| c.column.as_str()).collect();
+        let mut mapped =
+            latest_columns(&registry, route.format, route.topic.as_ref(), &key, &taken).await?;
+        mapped.extend(kept);
         route.columns = mapped;
     }
     Ok(config)
@@ -100,16 +114,20 @@ pub async fn check_latest(config: &Config, routes: &Routes) -> Result<Vec<String
         let fields = latest_fields(&registry, route.format, topic, &route.key).await?;
         let subject = format!("{}-value", topic.map_or("", String::as_str));
         for column in &route.columns {
-            let name = match &column.source {
-                Source::Field(name) => name.as_str(),
-                Source::Pointer(pointer) => pointer
-                    .strip_prefix('/')
-                    .and_then(|p| p.split('/').next())
-                    .unwrap_or_default(),
+            // A field, or the first step of a pointer (whose type is checked only when
+            // it is the whole pointer).
+            let (name, whole) = match &column.source {
+                Source::Field(name) => (name.clone(), true),
+                Source::Pointer(pointer) => match pointer_tokens(pointer).as_deref() {
+                    Some([first, rest @ ..]) => (first.clone(), rest.is_empty()),
+                    _ => continue,
+                },
                 _ => continue,
             };
-            let name = name.replace("~1", "/").replace("~0", "~");
-            match fields.iter().find(|f| f.name == name) {
+            let found = fields
+                .iter()
+                .find(|f| f.name == name || f.json_name.as_deref() == Some(name.as_str()));
+            match found {
                 None => problems.push(format!(
                     "{}: column `{}` reads `{name}`, which the latest schema of {subject} does \
                      not have (its fields: {})",
@@ -117,7 +135,7 @@ pub async fn check_latest(config: &Config, routes: &Routes) -> Result<Vec<String
                     column.name,
                     fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
                 )),
-                Some(field) if !takes(column.kind, field.kind) => problems.push(format!(
+                Some(field) if whole && !takes(column, field.kind) => problems.push(format!(
                     "{}: column `{}` is {}, and `{name}` of the latest schema of {subject} \
                      holds {} values",
                     route.key,
@@ -132,17 +150,25 @@ pub async fn check_latest(config: &Config, routes: &Routes) -> Result<Vec<String
     Ok(problems)
 }
 
-/// Whether a column of type `column` takes the values of a field whose own column type is
-/// `field`: the same kind of value (any number for a number, an instant or date for
-/// either); text and jsonb take anything, and a text field may hold what parses.
-fn takes(column: ColumnType, field: ColumnType) -> bool {
+/// Whether `column` takes the values of a field whose own column type is `field`: the
+/// same kind of value (any number for a number, an instant or date for either, a number
+/// for an epoch timestamp or an interval's seconds); text and jsonb columns take
+/// anything, and a text or jsonb field (of several types) may hold what the column reads.
+fn takes(column: &Column, field: ColumnType) -> bool {
     use ColumnType::*;
-    let class = |t: ColumnType| match t {
-        Int2 | Int4 | Int8 | Float4 | Float8 | Numeric => 1,
-        Timestamptz | Date => 2,
-        other => 3 + other as u8,
-    };
-    matches!(column, Text | Jsonb) || field == Text || class(column) == class(field)
+    let number = matches!(field, Int2 | Int4 | Int8 | Float4 | Float8 | Numeric);
+    let epoch = matches!(
+        column.format,
+        TimeFormat::EpochS | TimeFormat::EpochMs | TimeFormat::EpochUs
+    );
+    match column.kind {
+        Text | Jsonb => true,
+        _ if matches!(field, Text | Jsonb) => true,
+        Int2 | Int4 | Int8 | Float4 | Float8 | Numeric => number,
+        Timestamptz | Date => matches!(field, Timestamptz | Date) || (number && epoch),
+        Interval => field == Interval || number,
+        other => field == other,
+    }
 }
 
 /// The top-level fields of the latest schema under `{topic}-value`; `key` names the
@@ -165,20 +191,32 @@ async fn latest_fields(
     schema.fields().map_err(|e| format!("subject {subject}: {e}"))
 }
 
-/// A column for each top-level field of the latest schema under `{topic}-value`; `key`
-/// names the configuration that lacks the topic.
+/// A column for each top-level field of the latest schema under `{topic}-value`, named
+/// after it unless `taken` holds the name (then `{name}_value`); `key` names the
+/// configuration that lacks the topic.
 async fn latest_columns(
     registry: &Registry,
     format: ValueFormat,
     topic: Option<&String>,
     key: &str,
+    taken: &[&str],
 ) -> Result<Vec<ColumnMapping>, String> {
     let fields = latest_fields(registry, format, topic, key).await?;
     Ok(fields
         .into_iter()
         .map(|f| ColumnMapping {
-            column: f.name.clone(),
-            field: f.name,
+            column: if taken.contains(&f.name.as_str()) {
+                format!("{}_value", f.name)
+            } else {
+                f.name.clone()
+            },
+            // A name that reads as metadata (`@timestamp`) or a pointer, or none, is
+            // addressed as the pointer to it.
+            field: if f.name.is_empty() || f.name.starts_with(['@', '/']) {
+                format!("/{}", f.name.replace('~', "~0").replace('/', "~1"))
+            } else {
+                f.name
+            },
             kind: f.kind,
             required: f.required,
             default: None,
@@ -508,8 +546,13 @@ impl Registry {
                         ),
                     });
                 }
-                404 => match response.json::<ErrorBody>().await {
-                    Ok(ErrorBody {
+                404 => match read_bounded(response)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|b| serde_json::from_slice::<ErrorBody>(&b).ok())
+                {
+                    Some(ErrorBody {
                         error_code: 40400..=40499,
                         message,
                     }) => missing = Some(format!("not found ({message})")),
@@ -588,6 +631,37 @@ mod tests {
             timeout_ms: 2_000,
         };
         Registry::new(&config, Arc::default(), Counter::default()).expect("a client")
+    }
+
+    #[test]
+    fn check_takes_what_a_column_reads_from_a_fields_values() {
+        use ColumnType::*;
+        let column = |kind: ColumnType, format: TimeFormat| Column {
+            name: "c".to_owned(),
+            field: "f".to_owned(),
+            source: Source::Field("f".to_owned()),
+            kind,
+            required: false,
+            default: None,
+            coerce: false,
+            format,
+        };
+        let iso = || TimeFormat::Iso8601;
+        for (kind, format, field, fits) in [
+            (Int8, iso(), Int4, true),
+            (Numeric, iso(), Float8, true),
+            (Bool, iso(), Int4, false),
+            (Bool, iso(), Text, true),
+            (Int4, iso(), Jsonb, true),
+            (Text, iso(), Bytea, true),
+            (Timestamptz, iso(), Date, true),
+            (Timestamptz, iso(), Int8, false),
+            (Timestamptz, TimeFormat::EpochMs, Int8, true),
+            (Interval, iso(), Float8, true),
+            (Uuid, iso(), Bytea, false),
+        ] {
+            assert_eq!(takes(&column(kind, format), field), fits, "{kind:?} of {field:?}");
+        }
     }
 
     #[tokio::test]

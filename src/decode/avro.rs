@@ -106,6 +106,7 @@ impl AvroSchema {
                 };
                 Field {
                     name: field.name.clone(),
+                    json_name: None,
                     kind: column_type(schema),
                     required,
                 }

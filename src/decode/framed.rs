@@ -96,6 +96,8 @@ impl WriterSchema {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {
     pub name: String,
+    /// Another name a column may read it by (a Protobuf field's JSON name).
+    pub json_name: Option<String>,
     pub kind: ColumnType,
     /// Whether every value has it (not nullable, not optional).
     pub required: bool,
@@ -196,7 +198,7 @@ pub(super) fn writer<'a>(
 
 /// The tokens of a JSON pointer (`/a/b~1c/0` -> `a`, `b/c`, `0`); `None` for text that
 /// is not one. The empty pointer has no tokens: it is the whole value.
-pub(super) fn pointer_tokens(pointer: &str) -> Option<Vec<String>> {
+pub(crate) fn pointer_tokens(pointer: &str) -> Option<Vec<String>> {
     if pointer.is_empty() {
         return Some(Vec::new());
     }

@@ -62,7 +62,8 @@ impl JsonSchema {
 
     /// The properties of the object the schema describes, each with the column type of
     /// its JSON type (`["null", T]` is T or NULL; a string of format `date-time` or
-    /// `date` is an instant or a date; anything else, or several types, `jsonb`).
+    /// `date` is an instant or a date; a number `numeric`; anything else, or several
+    /// types, `jsonb`).
     pub(super) fn fields(&self) -> Result<Vec<Field>, String> {
         let properties = self.schema["properties"]
             .as_object()
@@ -87,12 +88,14 @@ impl JsonSchema {
                     (["string"], Some("uuid")) => ColumnType::Uuid,
                     (["string"], _) => ColumnType::Text,
                     (["integer"], _) => ColumnType::Int8,
-                    (["number"], _) => ColumnType::Float8,
+                    // Exact: a float8 would round a long decimal.
+                    (["number"], _) => ColumnType::Numeric,
                     (["boolean"], _) => ColumnType::Bool,
                     _ => ColumnType::Jsonb,
                 };
                 Field {
                     name: name.clone(),
+                    json_name: None,
                     kind,
                     required: required.contains(&name.as_str()) && !nullable,
                 }

@@ -198,7 +198,7 @@ impl Decoder {
     pub fn new(sink: &SinkConfig, route: Route, schemas: &Arc<framed::SchemaCache>) -> Self {
         let framed = route.format.framed() || route.key_format.framed().is_some();
         let schemas = framed.then(|| schemas.clone());
-        if route.format == ValueFormat::Avro {
+        if route.format == ValueFormat::Avro || route.key_format.framed() == Some(ValueFormat::Avro) {
             // apache-avro reserves what a datum's length prefixes claim, up to this
             // (process-wide, 512 MiB unless set): a record of a few bytes claiming
             // millions of items would otherwise reserve that much. Items decode to

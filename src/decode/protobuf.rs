@@ -78,6 +78,7 @@ impl ProtoSchema {
         pool.add_file_descriptor_proto(file)
             .map_err(|e| e.to_string())?;
         check_map_entries(&pool)?;
+        check_names(&pool)?;
         let file = pool.get_file_by_name(&name).ok_or("the schema's file is missing")?;
         let messages: Vec<MessageDescriptor> = file.messages().collect();
         if messages.is_empty() {
@@ -121,6 +122,7 @@ impl ProtoSchema {
                 };
                 Field {
                     name: field.name().to_owned(),
+                    json_name: Some(field.json_name().to_owned()),
                     kind: column,
                     // Unset, a field with presence is NULL; a proto3 scalar its default.
                     required: !field.supports_presence(),
@@ -193,6 +195,22 @@ fn check_map_entries(pool: &DescriptorPool) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a field or enum value name longer than [`MAX_NAME_BYTES`].
+fn check_names(pool: &DescriptorPool) -> Result<(), String> {
+    let fields = pool
+        .all_messages()
+        .flat_map(|m| m.fields().map(|f| f.name().len()).collect::<Vec<_>>());
+    let values = pool
+        .all_enums()
+        .flat_map(|e| e.values().map(|v| v.name().len()).collect::<Vec<_>>());
+    match fields.chain(values).max() {
+        Some(longest) if longest > MAX_NAME_BYTES => Err(format!(
+            "a name of {longest} bytes, above {MAX_NAME_BYTES}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Reads the message indexes that start a payload: a count, then that many indexes, each
 /// a zigzag varint; a count of 0 stands for the one index 0 (the first message).
 fn message_indexes(rest: &mut &[u8]) -> Result<Vec<usize>, String> {
@@ -222,6 +240,30 @@ fn message_indexes(rest: &mut &[u8]) -> Result<Vec<usize>, String> {
 #[derive(Debug)]
 pub(super) struct Decoded {
     message: DynamicMessage,
+    /// The payload's length, which bounds the JSON made of it.
+    payload_bytes: usize,
+}
+
+/// The longest field or enum value name a schema may have: with a 1-byte enum item, the
+/// JSON of a message grows by its name per byte of the wire.
+const MAX_NAME_BYTES: usize = 256;
+
+/// How much JSON a message may still become: 64 bytes per byte of its payload (a field
+/// name of tens of bytes per two-byte field; proto3 defaults left out), and 64 KiB more.
+struct Budget(std::cell::Cell<usize>);
+
+impl Budget {
+    fn new(payload_bytes: usize) -> Self {
+        Self(std::cell::Cell::new(payload_bytes.saturating_mul(64) + (64 << 10)))
+    }
+
+    fn spend(&self, bytes: usize) -> Result<(), String> {
+        let left = self.0.get().checked_sub(bytes).ok_or_else(|| {
+            "its JSON would be over 64 times the message's size, which is not written".to_owned()
+        })?;
+        self.0.set(left);
+        Ok(())
+    }
 }
 
 /// A part of a decoded message.
@@ -238,7 +280,10 @@ pub(super) fn decode(schema: &ProtoSchema, id: u32, payload: &[u8]) -> Result<De
     let message = schema
         .decode(payload)
         .map_err(|e| format!("value does not decode under schema id {id}: {e}"))?;
-    Ok(Decoded { message })
+    Ok(Decoded {
+        message,
+        payload_bytes: payload.len(),
+    })
 }
 
 impl Addressed for Decoded {
@@ -262,20 +307,20 @@ impl Addressed for Decoded {
 
     /// Also refuses a `Timestamp` outside years 1 to 9999.
     fn input<'a>(&'a self, part: Part<'a>) -> Result<Input<'a>, String> {
-        input(part)
+        input(part, &Budget::new(self.payload_bytes))
     }
 }
 
-fn input(part: Part<'_>) -> Result<Input<'_>, String> {
+fn input<'a>(part: Part<'a>, budget: &Budget) -> Result<Input<'a>, String> {
     Ok(match part {
-        Part::Message(message) => message_input(message)?,
+        Part::Message(message) => message_input(message, budget)?,
         Part::Field(Cow::Borrowed(value), kind) => match value {
             Value::String(s) => Input::Str(s),
             Value::Bytes(b) => Input::Bytes(b),
-            Value::Message(message) => message_input(message)?,
-            other => scalar_input(other, &kind)?,
+            Value::Message(message) => message_input(message, budget)?,
+            other => scalar_input(other, &kind, budget)?,
         },
-        Part::Field(Cow::Owned(value), kind) => scalar_input(&value, &kind)?,
+        Part::Field(Cow::Owned(value), kind) => scalar_input(&value, &kind, budget)?,
     })
 }
 
@@ -322,12 +367,15 @@ fn child<'a>(part: Part<'a>, token: &str) -> Option<Part<'a>> {
 
 /// A message as a column's input: well-known types as what they stand for, any other
 /// as JSON.
-fn message_input(message: &DynamicMessage) -> Result<Input<'_>, String> {
-    well_known(message).unwrap_or_else(|| message_json(message).map(Input::Owned))
+fn message_input<'a>(message: &'a DynamicMessage, budget: &Budget) -> Result<Input<'a>, String> {
+    well_known(message, budget).unwrap_or_else(|| message_json(message, budget).map(Input::Owned))
 }
 
 /// A well-known type as what it stands for; `None` for another message.
-fn well_known(message: &DynamicMessage) -> Option<Result<Input<'_>, String>> {
+fn well_known<'a>(
+    message: &'a DynamicMessage,
+    budget: &Budget,
+) -> Option<Result<Input<'a>, String>> {
     let descriptor = message.descriptor();
     let name = descriptor.full_name();
     let seconds_nanos = || match (
@@ -378,7 +426,7 @@ fn well_known(message: &DynamicMessage) -> Option<Result<Input<'_>, String>> {
             let Some(field) = descriptor.get_field(1) else {
                 return Some(Err(format!("a {name} without its value")));
             };
-            return Some(input(Part::Field(message.get_field(&field), field.kind())));
+            return Some(input(Part::Field(message.get_field(&field), field.kind()), budget));
         }
         _ => return None,
     }))
@@ -387,13 +435,13 @@ fn well_known(message: &DynamicMessage) -> Option<Result<Input<'_>, String>> {
 
 
 /// A value that borrows nothing as a column's input.
-fn scalar_input(value: &Value, kind: &Kind) -> Result<Input<'static>, String> {
+fn scalar_input(value: &Value, kind: &Kind, budget: &Budget) -> Result<Input<'static>, String> {
     Ok(match value {
         Value::I32(n) => Input::Int(i64::from(*n)),
         Value::I64(n) => Input::Int(*n),
         Value::U32(n) => Input::Int(i64::from(*n)),
         Value::U64(n) => i64::try_from(*n).map_or(Input::Owned(Json::from(*n)), Input::Int),
-        other => Input::Owned(json(other, kind)?),
+        other => Input::Owned(json(other, kind, budget)?),
     })
 }
 
@@ -403,8 +451,8 @@ fn scalar_input(value: &Value, kind: &Kind) -> Result<Input<'static>, String> {
 /// seconds, a wrapper as its value). An `Any` stays a message of a type URL and bytes:
 /// expanding it would decode bytes no depth limit has seen. Its size follows the
 /// message's, as every field written costs bytes on the wire.
-fn message_json(message: &DynamicMessage) -> Result<Json, String> {
-    Ok(match well_known(message).transpose()? {
+fn message_json(message: &DynamicMessage, budget: &Budget) -> Result<Json, String> {
+    Ok(match well_known(message, budget).transpose()? {
         Some(Input::Timestamp(ts)) => {
             Json::String(ts.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
         }
@@ -417,14 +465,26 @@ fn message_json(message: &DynamicMessage) -> Result<Json, String> {
         None => Json::Object(
             message
                 .fields()
-                .map(|(field, value)| Ok((field.name().to_owned(), json(value, &field.kind())?)))
+                .map(|(field, value)| {
+                    budget.spend(field.name().len() + 4)?;
+                    Ok((field.name().to_owned(), json(value, &field.kind(), budget)?))
+                })
                 .collect::<Result<_, String>>()?,
         ),
     })
 }
 
 /// A value of type `kind` as JSON: enums by name, bytes as base64, maps as objects.
-fn json(value: &Value, kind: &Kind) -> Result<Json, String> {
+fn json(value: &Value, kind: &Kind, budget: &Budget) -> Result<Json, String> {
+    budget.spend(match value {
+        Value::String(s) => s.len() + 2,
+        Value::Bytes(b) => b.len() * 4 / 3 + 4,
+        Value::EnumNumber(n) => match kind {
+            Kind::Enum(e) => e.get_value(*n).map_or(12, |v| v.name().len() + 2),
+            _ => 12,
+        },
+        _ => 8,
+    })?;
     Ok(match value {
         Value::Bool(b) => Json::Bool(*b),
         Value::I32(n) => Json::from(*n),
@@ -441,11 +501,11 @@ fn json(value: &Value, kind: &Kind) -> Result<Json, String> {
                 .map_or_else(|| Json::from(*n), |v| Json::String(v.name().to_owned())),
             _ => Json::from(*n),
         },
-        Value::Message(message) => message_json(message)?,
+        Value::Message(message) => message_json(message, budget)?,
         Value::List(items) => Json::Array(
             items
                 .iter()
-                .map(|item| json(item, kind))
+                .map(|item| json(item, kind, budget))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Map(entries) => {
@@ -465,7 +525,8 @@ fn json(value: &Value, kind: &Kind) -> Result<Json, String> {
                             MapKey::U32(n) => n.to_string(),
                             MapKey::U64(n) => n.to_string(),
                         };
-                        Ok((key, json(value, &value_kind)?))
+                        budget.spend(key.len() + 4)?;
+                        Ok((key, json(value, &value_kind, budget)?))
                     })
                     .collect::<Result<_, String>>()?,
             )
@@ -637,6 +698,52 @@ mod tests {
                 .expect_err("nanos out of range");
             assert!(err.contains("in range"), "{err}");
         }
+    }
+
+    #[test]
+    fn long_names_are_refused_and_json_stays_within_its_budget() {
+        use prost_reflect::prost_types::{EnumDescriptorProto, EnumValueDescriptorProto};
+        let schema = |name_bytes: usize| {
+            let mut codes = message_field("codes", 1, ".t.E");
+            codes.r#type = Some(field_descriptor_proto::Type::Enum as i32);
+            codes.label = Some(field_descriptor_proto::Label::Repeated as i32);
+            let file = FileDescriptorProto {
+                name: Some("t.proto".to_owned()),
+                package: Some("t".to_owned()),
+                syntax: Some("proto3".to_owned()),
+                message_type: vec![DescriptorProto {
+                    name: Some("M".to_owned()),
+                    field: vec![codes],
+                    ..Default::default()
+                }],
+                enum_type: vec![EnumDescriptorProto {
+                    name: Some("E".to_owned()),
+                    value: vec![EnumValueDescriptorProto {
+                        name: Some("E".repeat(name_bytes)),
+                        number: Some(0),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let text = base64::engine::general_purpose::STANDARD.encode(file.encode_to_vec());
+            ProtoSchema::parse(6, &text, &[])
+        };
+        let err = schema(1 << 20).expect_err("a 1 MiB name");
+        assert!(err.contains("above 256"), "{err}");
+        let schema = schema(200).expect("a 200-byte name");
+        // 200,000 packed items of one byte each: 40 MB of names from 200 kB.
+        let mut payload = vec![0];
+        payload.extend(delimited(1, &vec![0; 200_000]));
+        let decoded = decode(&schema, 6, &payload).expect("decodes");
+        let err = decoded.input(decoded.whole()).expect_err("over budget");
+        assert!(err.contains("64 times"), "{err}");
+        // A few such items are fine.
+        let mut payload = vec![0];
+        payload.extend(delimited(1, &[0; 10]));
+        let decoded = decode(&schema, 6, &payload).expect("decodes");
+        assert!(decoded.input(decoded.whole()).is_ok());
     }
 
     fn decoded(schema: &ProtoSchema, payload: &[u8]) -> Result<Decoded, String> {
