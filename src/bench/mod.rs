@@ -567,7 +567,7 @@ async fn measure_worker(
     if let Some(url) = registry {
         command.env("KAFKA_PG_INGEST__SCHEMA_REGISTRY__URL", url);
         if !routed {
-            command.env("KAFKA_PG_INGEST__SINK__FORMAT", "avro");
+            command.env("KAFKA_PG_INGEST__SINK__FORMAT", options.format.name());
         }
     }
     if routed {
