@@ -32,6 +32,7 @@ impl JsonSchema {
     pub fn parse(text: &str, references: &[Referenced]) -> Result<Self, String> {
         let schema: Value =
             serde_json::from_str(text).map_err(|e| format!("the schema is not JSON: {e}"))?;
+        check_ref_paths(&schema)?;
         // Patterns in the regex crate's dialect (linear time, no look-around or
         // backreferences, which a schema using them is refused for): a backtracking
         // engine lets one hostile pattern cost seconds per string.
@@ -116,6 +117,97 @@ impl JsonSchema {
     }
 }
 
+/// The most ways validation may reach one subschema through `$ref`s: each way is walked
+/// for every value, and the validator caches nothing.
+const MAX_REF_PATHS: u64 = 10_000;
+
+/// The most local `$ref`s a schema may hold.
+const MAX_REFS: usize = 2_000;
+
+/// Refuses a schema whose local `$ref`s (`#/...`) multiply: two refs to a definition that
+/// holds two refs to the next, 40 times over, is a few kilobytes of schema and 2^40
+/// evaluations per value. Counts, for each location, the ways to reach it from the root
+/// through refs (a ref back into what refers to it, a recursive schema, counts once:
+/// there the value's depth bounds the walk).
+fn check_ref_paths(schema: &Value) -> Result<(), String> {
+    // Every local ref: where it stands, and the location it points at.
+    let mut refs: Vec<(String, String)> = Vec::new();
+    collect_refs(schema, &mut String::new(), &mut refs);
+    // Counting costs refs squared.
+    if refs.len() > MAX_REFS {
+        return Err(format!("it holds more than {MAX_REFS} $refs"));
+    }
+    // Ways to reach `location`, memoised; `visiting` breaks cycles.
+    fn ways(
+        location: &str,
+        refs: &[(String, String)],
+        memo: &mut std::collections::HashMap<String, u64>,
+        visiting: &mut Vec<String>,
+    ) -> u64 {
+        if let Some(&n) = memo.get(location) {
+            return n;
+        }
+        if visiting.iter().any(|v| v == location) {
+            return 1;
+        }
+        visiting.push(location.to_owned());
+        // Reached as part of the root's tree, and through each ref pointing at it or at
+        // a location containing it.
+        let mut n: u64 = 1;
+        for (at, target) in refs {
+            let inside = location == target
+                || location.strip_prefix(target.as_str()).is_some_and(|r| r.starts_with('/'));
+            if inside {
+                n = n.saturating_add(ways(at, refs, memo, visiting));
+            }
+        }
+        visiting.pop();
+        memo.insert(location.to_owned(), n);
+        n
+    }
+    let mut memo = std::collections::HashMap::new();
+    for (_, target) in &refs {
+        let n = ways(target, &refs, &mut memo, &mut Vec::new());
+        if n > MAX_REF_PATHS {
+            return Err(format!(
+                "its $refs reach {target} in more than {MAX_REF_PATHS} ways, each walked for \
+                 every value"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Appends each local `$ref` under `value` (at JSON pointer `at`): where it stands, and
+/// the pointer it names.
+fn collect_refs(value: &Value, at: &mut String, refs: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(target) = map.get("$ref").and_then(Value::as_str)
+                && let Some(pointer) = target.strip_prefix('#')
+            {
+                refs.push((at.clone(), pointer.to_owned()));
+            }
+            for (key, inner) in map {
+                let len = at.len();
+                at.push('/');
+                at.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                collect_refs(inner, at, refs);
+                at.truncate(len);
+            }
+        }
+        Value::Array(items) => {
+            for (i, inner) in items.iter().enumerate() {
+                let len = at.len();
+                at.push_str(&format!("/{i}"));
+                collect_refs(inner, at, refs);
+                at.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -153,6 +245,27 @@ mod tests {
             assert!(JsonSchema::parse(text, &[]).is_err(), "{text}");
         }
         assert!(JsonSchema::parse("{not json", &[]).is_err());
+        // Refs that multiply: 40 levels of two refs to the next.
+        let mut defs = serde_json::Map::new();
+        for i in 0..40 {
+            let next = format!("#/$defs/l{}", i + 1);
+            defs.insert(
+                format!("l{i}"),
+                json!({"allOf": [{"$ref": next}, {"$ref": next}]}),
+            );
+        }
+        defs.insert("l40".to_owned(), json!({"type": "integer"}));
+        let dag = json!({"$ref": "#/$defs/l0", "$defs": defs}).to_string();
+        let err = JsonSchema::parse(&dag, &[]).expect_err("2^40 ways");
+        assert!(err.contains("ways"), "{err}");
+        // A recursive schema (a tree) and ordinary shared definitions are fine.
+        let tree = r##"{"$defs": {"node": {"type": "object", "properties": {
+            "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+            "$ref": "#/$defs/node"}"##;
+        JsonSchema::parse(tree, &[]).expect("a recursive schema");
+        let shared = r##"{"$defs": {"id": {"type": "integer"}}, "properties": {
+            "a": {"$ref": "#/$defs/id"}, "b": {"$ref": "#/$defs/id"}}}"##;
+        JsonSchema::parse(shared, &[]).expect("shared definitions");
         // A backreference needs a backtracking engine, which is not used.
         assert!(JsonSchema::parse(r#"{"pattern": "^(a+)+\\1$"}"#, &[]).is_err());
     }
