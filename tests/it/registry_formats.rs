@@ -131,10 +131,10 @@ async fn json_schema_values_land_and_invalid_ones_are_dead_letters_naming_what_f
     let kafka = TestKafka::new(1);
     let mut payloads = fixture.payloads();
     let framed = |id: u32, json: &str| {
-        let mut bytes = vec![0];
-        bytes.extend_from_slice(&id.to_be_bytes());
-        bytes.extend_from_slice(json.as_bytes());
-        Some(bytes)
+        Some(kafka_pg_ingest::sample::website_metric_json_schema(
+            json.as_bytes(),
+            id,
+        ))
     };
     let invalid = r#"{"request_timestamp": "2026-12-01 00:00:00", "url": "u", "resp_status_code": 42, "pattern_found": true, "comment": "x"}"#;
     payloads.insert(10, framed(1, invalid));
