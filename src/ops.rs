@@ -149,13 +149,14 @@ pub async fn rewind(
     let routes = Routes::new(config)?;
     if let Some(route) = routes.route_of(topic).map(|i| routes.decoders()[i].route())
         && route.mode == WriteMode::Upsert
-        && route.source_version().is_none()
+        && !route.orders_versions()
     {
         bail!(
             "route {} ({} -> {}) upserts without recording where a row came from, so a replay \
-             would write older records of a key over newer ones: map columns from @partition and \
-             @offset (and @topic, for a route reading several topics) in the route; re-read \
-             records older than a row then leave it as it is",
+             would write older records of a key over newer ones: set `version:` to a column \
+             ordering a key's versions, or map columns from @partition and @offset (and @topic, \
+             for a route reading several topics) in the route; re-read records older than a row \
+             then leave it as it is",
             route.key,
             route.topics_label(),
             route.table

@@ -4,7 +4,7 @@
 use regex::Regex;
 use serde_json::Value;
 
-use crate::config::{ColumnType, KeyFormat, ValueFormat, WriteMode};
+use crate::config::{ColumnType, Envelope, KeyFormat, OnTruncate, ValueFormat, WriteMode};
 
 /// Where a column's value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,10 @@ pub enum Source {
     Topic,
     Partition,
     Offset,
+    /// A Debezium event's `op` (c, r, u, d).
+    Op,
+    /// A JSON pointer into a Debezium event's `source` block (`@source:/lsn`).
+    EventMeta(String),
 }
 
 impl Source {
@@ -46,20 +50,26 @@ impl Source {
             None if meta == "topic" => Ok(Self::Topic),
             None if meta == "partition" => Ok(Self::Partition),
             None if meta == "offset" => Ok(Self::Offset),
+            None if meta == "op" => Ok(Self::Op),
+            Some(("source", p)) if p.starts_with('/') => Ok(Self::EventMeta(p.to_owned())),
             Some(("key_json", p)) if p.is_empty() || p.starts_with('/') => {
                 Ok(Self::KeyJson(p.to_owned()))
             }
             Some(("header", name)) if !name.is_empty() => Ok(Self::Header(name.to_owned())),
             _ => Err(format!(
                 "`{field}` is not a source: give a field name, a JSON pointer (/a/b/0), @value, \
-                 @key, @key_json:/pointer, @header:name, @timestamp, @topic, @partition or @offset"
+                 @key, @key_json:/pointer, @header:name, @timestamp, @topic, @partition, @offset, or \
+                 with envelope: debezium @op or @source:/pointer"
             )),
         }
     }
 
     /// Whether the value comes from the record's value, which a tombstone lacks.
     pub fn reads_value(&self) -> bool {
-        matches!(self, Self::Field(_) | Self::Pointer(_) | Self::Value)
+        matches!(
+            self,
+            Self::Field(_) | Self::Pointer(_) | Self::Value | Self::Op | Self::EventMeta(_)
+        )
     }
 
     /// The object keys this source reads from the value, outermost first.
@@ -126,6 +136,10 @@ pub struct Route {
     pub format: ValueFormat,
     /// How record keys are encoded (what `@key_json:` reads).
     pub key_format: KeyFormat,
+    pub envelope: Envelope,
+    pub on_truncate: OnTruncate,
+    /// The column ordering versions of a key, for an upsert.
+    pub version: Option<String>,
     pub columns: Vec<Column>,
     pub(crate) topics: Topics,
 }
@@ -175,6 +189,13 @@ impl Route {
             partition: find(Source::Partition)?,
             offset: find(Source::Offset)?,
         })
+    }
+
+    /// Whether an upsert can tell an older record of a key from a newer one: by its
+    /// `version` column, or by the source coordinates within a partition. A replay or a
+    /// re-drive into one that cannot would put older versions over newer ones.
+    pub fn orders_versions(&self) -> bool {
+        self.version.is_some() || self.source_version().is_some()
     }
 
     /// Whether `column` belongs to the upsert key.

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use regex::Regex;
 
 use crate::config::{
-    ColumnMapping, ColumnType, Config, ConfigError, RouteConfig, SinkConfig,
-    WriteMode, invalid,
+    ColumnMapping, ColumnType, Config, ConfigError, Envelope, OnTruncate, RouteConfig,
+    SinkConfig, ValueFormat, WriteMode, invalid,
 };
 use crate::decode::Decoder;
 use crate::decode::framed::SchemaCache;
@@ -60,12 +60,149 @@ impl Route {
             delete_on_tombstone: config.delete_on_tombstone,
             format: config.format,
             key_format: config.key_format,
+            envelope: config.envelope,
+            on_truncate: config.on_truncate,
+            version: config.version.clone(),
             columns,
             topics,
             key,
         };
         route.check_mode()?;
+        route.check_envelope()?;
+        route.check_version()?;
         Ok(route)
+    }
+
+    fn check_envelope(&self) -> Result<(), ConfigError> {
+        let key = &self.key;
+        if self.envelope == Envelope::None {
+            if self.on_truncate != OnTruncate::Ignore {
+                return Err(invalid(
+                    &format!("{key}.on_truncate"),
+                    "applies to Debezium events only: set envelope: debezium",
+                ));
+            }
+            if let Some(column) = self
+                .columns
+                .iter()
+                .find(|c| matches!(c.source, Source::Op | Source::EventMeta(_)))
+            {
+                return Err(invalid(
+                    &format!("{key}.columns"),
+                    format!(
+                        "column `{}` reads `{}`, which only a Debezium event has: set envelope: debezium",
+                        column.name, column.field
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if self.mode != WriteMode::Upsert {
+            return Err(invalid(
+                &format!("{key}.envelope"),
+                "debezium needs mode: upsert with the table's key in `key` (a change event \
+                 writes or deletes the row of its key)",
+            ));
+        }
+        if self.format != ValueFormat::Json {
+            return Err(invalid(
+                &format!("{key}.envelope"),
+                format!(
+                    "debezium reads JSON values (Kafka Connect's JsonConverter, with or without \
+                     schemas), not format: {}",
+                    self.format.name()
+                ),
+            ));
+        }
+        if self.delete_on_tombstone {
+            return Err(invalid(
+                &format!("{key}.delete_on_tombstone"),
+                "does not apply with envelope: debezium: a delete event (op d) deletes its key, \
+                 and the tombstone after it is skipped",
+            ));
+        }
+        if self.on_truncate == OnTruncate::Truncate {
+            // A truncate comes without a key, on any partition: Kafka orders it against
+            // nothing else, so only the version says which rows it removes.
+            if self.version.is_none() {
+                return Err(invalid(
+                    &format!("{key}.on_truncate"),
+                    "truncate needs `version:` (e.g. a column from @source:/lsn): a truncate \
+                     event deletes the rows older than itself, which only the version tells \
+                     across partitions and replays",
+                ));
+            }
+            if !matches!(&self.topics, Topics::Named(names) if names.len() == 1) {
+                return Err(invalid(
+                    &format!("{key}.on_truncate"),
+                    "truncate needs a route reading one topic: one table's truncate event must \
+                     not empty rows another topic wrote",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_version(&self) -> Result<(), ConfigError> {
+        let key = &self.key;
+        let Some(name) = &self.version else {
+            return Ok(());
+        };
+        let at = format!("{key}.version");
+        if self.mode != WriteMode::Upsert {
+            return Err(invalid(&at, "orders the versions of a key: it needs mode: upsert"));
+        }
+        let Some(column) = self.columns.iter().find(|c| &c.name == name) else {
+            return Err(invalid(&at, format!("names `{name}`, which is not a mapped column")));
+        };
+        if self.is_key(name) {
+            return Err(invalid(
+                &at,
+                format!("names `{name}`, a key column: the version must be another column"),
+            ));
+        }
+        if self.delete_on_tombstone && column.source.reads_value() {
+            return Err(invalid(
+                &at,
+                format!(
+                    "names `{name}`, which reads the value ({}), but a tombstone that deletes has \
+                     none: map it from @key_json:/pointer or @header:name",
+                    column.field
+                ),
+            ));
+        }
+        if self.envelope == Envelope::Debezium
+            && matches!(column.source, Source::Field(_) | Source::Pointer(_) | Source::Value)
+        {
+            return Err(invalid(
+                &at,
+                format!(
+                    "names `{name}`, which reads the row image ({}), but a delete's `before` holds \
+                     only the key (REPLICA IDENTITY DEFAULT): take the version from the event, \
+                     e.g. field: \"@source:/lsn\"",
+                    column.field
+                ),
+            ));
+        }
+        if !matches!(
+            column.kind,
+            ColumnType::Int2
+                | ColumnType::Int4
+                | ColumnType::Int8
+                | ColumnType::Numeric
+                | ColumnType::Timestamptz
+                | ColumnType::Date
+        ) {
+            return Err(invalid(
+                &at,
+                format!(
+                    "names `{name}` of type {}: a version must compare as a number or a time \
+                     (int2, int4, int8, numeric, timestamptz or date)",
+                    column.kind.sql_name()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_mode(&self) -> Result<(), ConfigError> {
@@ -280,6 +417,9 @@ fn implicit(config: &Config) -> Result<Route, ConfigError> {
         delete_on_tombstone: false,
         format: sink.format,
         key_format: sink.key_format,
+        envelope: Envelope::None,
+        on_truncate: OnTruncate::Ignore,
+        version: None,
         columns: sink.columns.clone(),
     };
     let mut keys: Vec<String> = (0..sink.columns.len())
@@ -442,6 +582,8 @@ mod tests {
         let key_col = "      - { column: id, field: \"@key\", type: int8, coerce: true }\n";
         let value_col = "      - { column: id, field: id, type: int8 }\n";
         let extra = |column: &str| format!("{COORDINATES}      - {column}\n");
+        let debezium = "topic: a\n    table: s.t\n    mode: upsert\n    key: [id]\n    envelope: debezium";
+        let lsn = "      - { column: v, field: \"@source:/lsn\", type: int8 }\n";
         let cases = [
             (
                 route("topic: a\n    table: nodot", COORDINATES),
@@ -519,6 +661,63 @@ mod tests {
                 ),
                 "`a` is already routed by routes[0]",
             ),
+            (
+                route("topic: a\n    table: s.t\n    envelope: debezium", &extra("{ column: x, field: x, type: text }")),
+                "`routes[0].envelope` debezium needs mode: upsert",
+            ),
+            (
+                format!(
+                    "schema_registry: {{ url: http://127.0.0.1:1 }}\n{}",
+                    route(&format!("{debezium}\n    format: avro"), value_col)
+                ),
+                "not format: avro",
+            ),
+            (
+                route(&format!("{debezium}\n    delete_on_tombstone: true"), value_col),
+                "routes[0].delete_on_tombstone",
+            ),
+            (
+                route(&format!("{debezium}\n    on_truncate: truncate"), value_col),
+                "`routes[0].on_truncate` truncate needs `version:`",
+            ),
+            (
+                route(
+                    "topic_regex: 'a.*'\n    table: s.t\n    mode: upsert\n    key: [id]\n    \
+                     envelope: debezium\n    on_truncate: truncate\n    version: v",
+                    &format!("{value_col}{lsn}"),
+                ),
+                "truncate needs a route reading one topic",
+            ),
+            (
+                route("topic: a\n    table: s.t\n    on_truncate: truncate", COORDINATES),
+                "routes[0].on_truncate",
+            ),
+            (
+                route("topic: a\n    table: s.t", &extra("{ column: x, field: \"@op\", type: text }")),
+                "only a Debezium event has",
+            ),
+            (
+                route(&format!("{debezium}\n    version: nope"), value_col),
+                "`routes[0].version` names `nope`",
+            ),
+            (
+                route(&format!("{debezium}\n    version: id"), value_col),
+                "a key column",
+            ),
+            (
+                route(
+                    &format!("{debezium}\n    version: v"),
+                    &format!("{value_col}      - {{ column: v, field: v, type: int8 }}\n"),
+                ),
+                "reads the row image",
+            ),
+            (
+                route(
+                    &format!("{debezium}\n    version: v"),
+                    &format!("{value_col}      - {{ column: v, field: \"@source:/sequence\", type: text }}\n"),
+                ),
+                "a version must compare as a number or a time",
+            ),
         ];
         for (yaml, expected) in cases {
             let err = load(&yaml).expect_err(&yaml).to_string();
@@ -541,6 +740,11 @@ mod tests {
                 "examples/routes/events.yaml",
                 WriteMode::Insert,
                 "events.clicks",
+            ),
+            (
+                "examples/routes/customers.yaml",
+                WriteMode::Upsert,
+                "dbserver1.inventory.customers",
             ),
         ] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);

@@ -36,9 +36,11 @@ fn decoder(format: ValueFormat, fixture: fixture::Confluent) -> Decoder {
     config.sink.format = format;
     let routes = Routes::new(&config).expect("the built-in route is valid");
     for (id, text) in fixture.schemas {
-        let schema = WriterSchema::parse(id, &fixture.schema_type, &text, &[])
-            .expect("the schema parses");
-        routes.schemas().insert(id, format, Lookup::Found(Arc::new(schema)));
+        let schema =
+            WriterSchema::parse(id, &fixture.schema_type, &text, &[]).expect("the schema parses");
+        routes
+            .schemas()
+            .insert(id, format, Lookup::Found(Arc::new(schema)));
     }
     routes.decoders()[0].clone()
 }

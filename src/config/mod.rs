@@ -408,8 +408,41 @@ pub struct RouteConfig {
     /// How record keys are encoded (what `@key_json:` columns read).
     #[serde(default)]
     pub key_format: KeyFormat,
+    /// `debezium`: each value is a Debezium change event (for `mode: upsert`).
+    #[serde(default)]
+    pub envelope: Envelope,
+    /// What a Debezium truncate event does to the table.
+    #[serde(default)]
+    pub on_truncate: OnTruncate,
+    /// For `mode: upsert`: a mapped column whose value orders the versions of a key
+    /// (e.g. one from `@source:/lsn`); an older version never replaces a newer one.
+    #[serde(default)]
+    pub version: Option<String>,
     /// One entry per mapped column.
     pub columns: Vec<ColumnMapping>,
+}
+
+/// What a record value holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Envelope {
+    /// The row itself.
+    #[default]
+    None,
+    /// A Debezium change event: `op` says what it does; columns read its row image.
+    Debezium,
+}
+
+/// What a Debezium truncate event (`op: t`) does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTruncate {
+    /// Nothing: the record only advances its offset.
+    #[default]
+    Ignore,
+    /// Deletes every row of the target table, in the batch's transaction, after the
+    /// batch's earlier records and before its later ones.
+    Truncate,
 }
 
 /// How a route writes its rows.

@@ -304,7 +304,7 @@ fn column_type(schema: &Schema) -> ColumnType {
 }
 
 /// A time of day as `H:MM:SS.ffffff` (what an `interval` or `text` column takes).
-fn time_of_day(micros: i64) -> Result<Value, String> {
+pub(super) fn time_of_day(micros: i64) -> Result<Value, String> {
     if !(0..86_400_000_000).contains(&micros) {
         return Err(format!("time of day {micros} µs is outside the day"));
     }
@@ -318,7 +318,7 @@ fn time_of_day(micros: i64) -> Result<Value, String> {
 }
 
 /// Avro's days since the Unix epoch as a date.
-fn date(days: i32) -> Result<NaiveDate, String> {
+pub(super) fn date(days: i32) -> Result<NaiveDate, String> {
     DateTime::from_timestamp(i64::from(days) * 86_400, 0)
         .map(|t| t.date_naive())
         .filter(|d| in_years(*d))
@@ -328,21 +328,32 @@ fn date(days: i32) -> Result<NaiveDate, String> {
 /// The instant of a timestamp logical type (local timestamps taken as UTC: they carry
 /// no zone); `None` for a value of another type.
 fn instant(value: &Avro) -> Result<Option<DateTime<Utc>>, String> {
-    let (ts, n, unit) = match *value {
-        Avro::TimestampMillis(ms) | Avro::LocalTimestampMillis(ms) => {
-            (DateTime::from_timestamp_millis(ms), ms, "ms")
-        }
-        Avro::TimestampMicros(us) | Avro::LocalTimestampMicros(us) => {
-            (DateTime::from_timestamp_micros(us), us, "µs")
-        }
-        Avro::TimestampNanos(ns) | Avro::LocalTimestampNanos(ns) => {
-            (Some(DateTime::from_timestamp_nanos(ns)), ns, "ns")
-        }
+    let (n, unit) = match *value {
+        Avro::TimestampMillis(ms) | Avro::LocalTimestampMillis(ms) => (ms, EpochUnit::Millis),
+        Avro::TimestampMicros(us) | Avro::LocalTimestampMicros(us) => (us, EpochUnit::Micros),
+        Avro::TimestampNanos(ns) | Avro::LocalTimestampNanos(ns) => (ns, EpochUnit::Nanos),
         _ => return Ok(None),
     };
+    epoch_instant(n, unit).map(Some)
+}
+
+/// The unit of a count since the Unix epoch.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum EpochUnit {
+    Millis,
+    Micros,
+    Nanos,
+}
+
+/// `n` `unit`s after the Unix epoch, within years 1 to 9999.
+pub(super) fn epoch_instant(n: i64, unit: EpochUnit) -> Result<DateTime<Utc>, String> {
+    let (ts, name) = match unit {
+        EpochUnit::Millis => (DateTime::from_timestamp_millis(n), "ms"),
+        EpochUnit::Micros => (DateTime::from_timestamp_micros(n), "µs"),
+        EpochUnit::Nanos => (Some(DateTime::from_timestamp_nanos(n)), "ns"),
+    };
     ts.filter(|t| in_years(t.date_naive()))
-        .map(Some)
-        .ok_or_else(|| format!("timestamp {n} {unit} from the epoch is outside years 1 to 9999"))
+        .ok_or_else(|| format!("timestamp {n} {name} from the epoch is outside years 1 to 9999"))
 }
 
 /// Exact decimal text of a decimal at its schema's scale; its unscaled bytes may hold no
@@ -366,7 +377,7 @@ fn decimal(part: Part<'_>) -> Result<String, String> {
 
 /// `unscaled` (an integer's text, maybe signed) with its last `scale` digits after the
 /// decimal point.
-fn with_scale(unscaled: &str, scale: usize) -> String {
+pub(super) fn with_scale(unscaled: &str, scale: usize) -> String {
     let (sign, digits) = match unscaled.strip_prefix('-') {
         Some(digits) => ("-", digits),
         None => ("", unscaled),

@@ -6,6 +6,7 @@
 //! it), so a valid record costs no row allocation.
 
 pub mod avro;
+mod debezium;
 pub mod framed;
 pub mod json_schema;
 pub mod protobuf;
@@ -19,7 +20,7 @@ use serde_json::Value;
 pub use value::CopyFormat;
 pub(crate) use value::encode_value;
 
-use crate::config::{ColumnType, SinkConfig, ValueFormat, WriteMode};
+use crate::config::{ColumnType, Envelope, OnTruncate, SinkConfig, ValueFormat, WriteMode};
 use crate::record::Record;
 use crate::route::{Column, Route, Source};
 
@@ -75,11 +76,13 @@ pub enum ReasonCode {
     BadProtobuf,
     /// The value is not JSON, or not valid under its JSON Schema.
     BadJsonSchema,
+    /// A Debezium change event without a known `op` or the row image its op needs.
+    BadEnvelope,
 }
 
 impl ReasonCode {
     /// Every code.
-    pub const ALL: [ReasonCode; 23] = [
+    pub const ALL: [ReasonCode; 24] = [
         Self::Tombstone,
         Self::Empty,
         Self::TooLarge,
@@ -103,6 +106,7 @@ impl ReasonCode {
         Self::BadAvro,
         Self::BadProtobuf,
         Self::BadJsonSchema,
+        Self::BadEnvelope,
     ];
 
     /// The code as stored in `ingest.dead_letters.reason_code`.
@@ -131,6 +135,7 @@ impl ReasonCode {
             Self::BadAvro => "bad_avro",
             Self::BadProtobuf => "bad_protobuf",
             Self::BadJsonSchema => "bad_json_schema",
+            Self::BadEnvelope => "bad_envelope",
         }
     }
 }
@@ -206,11 +211,15 @@ impl Decoder {
             apache_avro::util::max_allocation_bytes(sink.max_record_bytes.saturating_mul(64));
         }
         let sources = || route.columns.iter().map(|c| &c.source);
-        let reads_value = sources().any(Source::reads_value);
+        // A change event is read whole: its op decides which image the columns read.
+        let envelope = route.envelope == Envelope::Debezium;
+        let reads_value = envelope || sources().any(Source::reads_value);
         let reads_key = sources().any(|s| matches!(s, Source::KeyJson(_)));
-        let only_fields = sources().all(|s| !s.reads_value() || matches!(s, Source::Field(_)));
+        let only_fields = !envelope
+            && sources().all(|s| !s.reads_value() || matches!(s, Source::Field(_)));
         Self {
-            reads_object: sources().any(|s| matches!(s, Source::Field(_) | Source::Pointer(_))),
+            reads_object: envelope
+                || sources().any(|s| matches!(s, Source::Field(_) | Source::Pointer(_))),
             reads_value,
             reads_key,
             picks: (reads_value && only_fields).then(|| Picks::new(&route)),
@@ -266,10 +275,14 @@ impl Decoder {
         self.route.columns.iter().map(|c| c.name.as_str())
     }
 
-    /// Appends one COPY text line (or COPY BINARY tuple) for `record` to `out`, or leaves
-    /// `out` as it was and says why not. An upsert route's row ends with one more field:
-    /// whether the record deletes its key (true, a tombstone) or writes it.
-    pub fn decode_into(&self, record: &Record, out: &mut Vec<u8>) -> Result<(), Rejection> {
+    /// Appends one COPY text line (or COPY BINARY tuple) for `record` to `out` and says
+    /// true; says false when the record writes nothing (a Debezium tombstone, or a
+    /// truncate under `on_truncate: ignore`); or leaves `out` as it was and says why not.
+    /// An upsert route's row ends with one more field: whether the record deletes its key
+    /// (true: a tombstone, a Debezium delete) or writes it. A Debezium route's has two
+    /// more before that: the columns that keep their stored value (`,2,5,`: Debezium did
+    /// not read them), and whether the record truncates the table.
+    pub fn decode_into(&self, record: &Record, out: &mut Vec<u8>) -> Result<bool, Rejection> {
         let mark = out.len();
         let result = self.encode(record, out);
         if result.is_err() {
@@ -278,39 +291,116 @@ impl Decoder {
         result
     }
 
-    fn encode(&self, record: &Record, out: &mut Vec<u8>) -> Result<(), Rejection> {
+    fn encode(&self, record: &Record, out: &mut Vec<u8>) -> Result<bool, Rejection> {
         let route = &self.route;
-        let deletes = route.delete_on_tombstone && record.value.is_none();
-        let value = if self.reads_value && !deletes {
+        let envelope = route.envelope == Envelope::Debezium;
+        if envelope && record.value.is_none() {
+            // The tombstone after a delete, for log compaction: the delete did the work.
+            return Ok(false);
+        }
+        let tombstone_deletes = route.delete_on_tombstone && record.value.is_none();
+        let value = if self.reads_value && !tombstone_deletes {
             Some(self.parse(record)?)
         } else {
             None
         };
+        let change = match (envelope, &value) {
+            (true, Some(Parsed::Whole(v))) => Some(
+                debezium::Change::read(v)
+                    .map_err(|why| Rejection::new(ReasonCode::BadEnvelope, why))?,
+            ),
+            _ => None,
+        };
+        let action = change.as_ref().map(|c| c.action);
+        let truncates = action == Some(debezium::Action::Truncate);
+        if truncates && route.on_truncate == OnTruncate::Ignore {
+            return Ok(false);
+        }
+        let deletes = tombstone_deletes || action == Some(debezium::Action::Delete);
         let mut key = None;
+        // `,i,j,`: the columns Debezium left unread.
+        let mut unchanged = String::new();
         let format = self.format;
         if format == CopyFormat::Binary {
-            let fields = route.columns.len() + usize::from(route.mode == WriteMode::Upsert);
+            let flags = match route.mode {
+                WriteMode::Upsert if envelope => 3,
+                WriteMode::Upsert => 1,
+                WriteMode::Insert => 0,
+            };
+            let fields = route.columns.len() + flags;
             out.extend_from_slice(&(fields as i16).to_be_bytes());
         }
         for (i, column) in route.columns.iter().enumerate() {
             if i > 0 && format == CopyFormat::Text {
                 out.push(b'\t');
             }
-            // A delete needs its key, and its coordinates to be ordered against the
-            // row's (see `Route::source_version`); the rest stays NULL.
-            let position = matches!(
-                column.source,
-                Source::Topic | Source::Partition | Source::Offset
-            );
-            if deletes && !route.is_key(&column.name) && !position {
+            // A delete needs its key, and its coordinates or version to be ordered
+            // against the row's (see `Route::source_version`); the rest stays NULL. A
+            // truncate needs its version only.
+            let version = route.version.as_ref() == Some(&column.name);
+            let orders = version
+                || matches!(
+                    column.source,
+                    Source::Topic | Source::Partition | Source::Offset
+                );
+            if truncates && !version || deletes && !route.is_key(&column.name) && !orders {
                 push_null(format, out);
                 continue;
             }
-            match self.input(i, column, record, value.as_ref(), &mut key)? {
+            let input = match &change {
+                Some(change) if column.source.reads_value() => {
+                    let mut read = change
+                        .input(column, None)
+                        .map_err(|why| value::bad(column, &why))?;
+                    // A delete's `before` may lack its key: it is then the record key's
+                    // (read as JSON; one that is not leaves the key missing).
+                    let absent = read
+                        .as_ref()
+                        .is_none_or(|r| matches!(r, debezium::Read::Input(i) if i.is_null()));
+                    if deletes && absent && route.is_key(&column.name) {
+                        if key.is_none()
+                            && let Some(bytes) = record.key.as_deref()
+                        {
+                            key = self.parse_key(bytes, column).ok();
+                        }
+                        let record_key = key
+                            .as_ref()
+                            .and_then(Parsed::whole)
+                            .map(|k| debezium::unwrap(k).0);
+                        read = change
+                            .input(column, record_key)
+                            .map_err(|why| value::bad(column, &why))?;
+                    }
+                    match read {
+                        Some(debezium::Read::Unavailable) if route.is_key(&column.name) => {
+                            return Err(Rejection::new(
+                                ReasonCode::BadEnvelope,
+                                format!(
+                                    "key column `{}` holds Debezium's placeholder for an unread value",
+                                    column.name
+                                ),
+                            ));
+                        }
+                        Some(debezium::Read::Unavailable) => {
+                            if unchanged.is_empty() {
+                                unchanged.push(',');
+                            }
+                            unchanged.push_str(&format!("{i},"));
+                            push_null(format, out);
+                            continue;
+                        }
+                        Some(debezium::Read::Input(input)) => Some(input),
+                        None => None,
+                    }
+                }
+                _ => self.input(i, column, record, value.as_ref(), &mut key)?,
+            };
+            match input {
                 Some(input) if !input.is_null() => value::encode(column, input, format, out)?,
                 _ => match &column.default {
                     Some(default) => value::encode_value(column, default, format, out)?,
-                    None if column.required || route.is_key(&column.name) => {
+                    // The version orders every write and delete: one without is refused.
+                    None if column.required || route.is_key(&column.name) || version => {
                         return Err(Rejection::new(
                             ReasonCode::MissingField,
                             format!(
@@ -323,20 +413,17 @@ impl Decoder {
                 },
             }
         }
-        match (route.mode, format) {
-            (WriteMode::Upsert, CopyFormat::Text) => {
-                out.extend_from_slice(if deletes { b"\tt" } else { b"\tf" });
+        if route.mode == WriteMode::Upsert {
+            if envelope {
+                push_field(format, out, (!unchanged.is_empty()).then_some(unchanged.as_bytes()));
+                push_flag(format, out, truncates);
             }
-            (WriteMode::Upsert, CopyFormat::Binary) => {
-                out.extend_from_slice(&1i32.to_be_bytes());
-                out.push(u8::from(deletes));
-            }
-            (WriteMode::Insert, _) => {}
+            push_flag(format, out, deletes);
         }
         if format == CopyFormat::Text {
             out.push(b'\n');
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The value of `column` (the route's `index`th) in `record`; `None` when absent.
@@ -417,6 +504,8 @@ impl Decoder {
             Source::Topic => Some(Input::Str(&record.topic)),
             Source::Partition => Some(Input::Int(record.partition.into())),
             Source::Offset => Some(Input::Int(record.offset)),
+            // Only a Debezium route maps these, and reads them from its change event.
+            Source::Op | Source::EventMeta(_) => None,
         })
     }
 
@@ -944,6 +1033,35 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 /// Appends a NULL field.
+/// Appends a trailing field of raw bytes that need no escaping (or NULL) to a row.
+fn push_field(format: CopyFormat, out: &mut Vec<u8>, field: Option<&[u8]>) {
+    let Some(bytes) = field else {
+        if format == CopyFormat::Text {
+            out.push(b'\t');
+        }
+        return push_null(format, out);
+    };
+    match format {
+        CopyFormat::Text => {
+            out.push(b'\t');
+            out.extend_from_slice(bytes);
+        }
+        CopyFormat::Binary => {
+            out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// Appends a trailing boolean field to a row.
+fn push_flag(format: CopyFormat, out: &mut Vec<u8>, flag: bool) {
+    let text: &[u8] = if flag { b"t" } else { b"f" };
+    match format {
+        CopyFormat::Text => push_field(format, out, Some(text)),
+        CopyFormat::Binary => push_field(format, out, Some(&[u8::from(flag)])),
+    }
+}
+
 fn push_null(format: CopyFormat, out: &mut Vec<u8>) {
     match format {
         CopyFormat::Text => out.extend_from_slice(b"\\N"),

@@ -253,7 +253,7 @@ fn arbitrary_bytes_never_panic_and_always_decide() {
             .collect();
         let mut out = Vec::new();
         match d.decode_into(&record(Some(&bytes)), &mut out) {
-            Ok(()) => assert!(out.ends_with(b"\n")),
+            Ok(written) => assert!(written && out.ends_with(b"\n")),
             Err(_) => assert!(out.is_empty()),
         }
     }
@@ -360,7 +360,7 @@ impl BothWays {
         let run = |d: &Decoder| {
             let mut out = Vec::new();
             d.decode_into(&record(Some(value.as_bytes())), &mut out)
-                .map(|()| String::from_utf8(out).expect("COPY text is UTF-8"))
+                .map(|_| String::from_utf8(out).expect("COPY text is UTF-8"))
         };
         let result = run(&self.picking);
         assert_eq!(result, run(&self.whole), "{value}");
@@ -668,4 +668,248 @@ fn sample_probes_framed_in_each_format_decode_to_the_json_probes_row() {
             .expect_err("a value cut short");
         assert_eq!(rejection.code.as_str(), framer.cut_short_reason(), "{format:?}");
     }
+}
+
+/// A decoder of one Debezium route with these YAML column mappings (and `extra` route
+/// keys).
+fn debezium(columns: &str, extra: &str) -> Decoder {
+    let yaml = format!(
+        "routes:\n  - topic: t\n    table: m.t\n    mode: upsert\n    key: [id]\n    \
+         envelope: debezium\n{extra}    columns:\n{columns}"
+    );
+    let path = std::env::temp_dir().join(format!("kpi-dbz-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, yaml).expect("temp file");
+    let config = Config::load(Some(&path), Vec::new(), &Overrides::default());
+    let _ = std::fs::remove_file(&path);
+    let config = config.expect("route loads");
+    let routes = crate::routes::Routes::new(&config).expect("route is valid");
+    routes.decoders()[0].clone()
+}
+
+fn decode_event(d: &Decoder, key: Option<&str>, value: Option<&str>) -> Result<Option<String>, Rejection> {
+    let record = Record {
+        key: key.map(|k| k.as_bytes().to_vec()),
+        ..record(value.map(str::as_bytes))
+    };
+    let mut out = Vec::new();
+    let written = d.decode_into(&record, &mut out)?;
+    Ok(written.then(|| String::from_utf8(out).expect("COPY text")))
+}
+
+#[test]
+fn debezium_logical_types_are_read_by_their_field_schema() {
+    let d = debezium(
+        "      - { column: id, field: id, type: int4 }
+      - { column: t, field: t, type: text }
+      - { column: ns, field: ns, type: timestamptz }
+      - { column: ms, field: ms, type: timestamptz }
+      - { column: dur, field: dur, type: interval }
+      - { column: geo, field: geo, type: bytea }
+      - { column: bits, field: bits, type: bytea }
+      - { column: vs, field: vs, type: numeric }
+      - { column: day, field: day, type: date }
+      - { column: doc, field: doc, type: jsonb }
+      - { column: lsn, field: \"@source:/lsn\", type: int8 }
+      - { column: op, field: \"@op\", type: text }\n",
+        "",
+    );
+    let field = |name: &str, kind: &str, logical: &str| {
+        serde_json::json!({"field": name, "type": kind, "name": logical, "optional": true})
+    };
+    let fields = serde_json::json!([
+        {"field": "id", "type": "int32"},
+        field("t", "int64", "io.debezium.time.MicroTime"),
+        field("ns", "int64", "io.debezium.time.NanoTimestamp"),
+        field("ms", "int64", "org.apache.kafka.connect.data.Timestamp"),
+        field("dur", "int64", "io.debezium.time.MicroDuration"),
+        field("geo", "struct", "io.debezium.data.geometry.Point"),
+        field("bits", "bytes", "io.debezium.data.Bits"),
+        field("vs", "struct", "io.debezium.data.VariableScaleDecimal"),
+        field("day", "int32", "io.debezium.time.Date"),
+        field("doc", "string", "io.debezium.data.Json"),
+    ]);
+    let event = serde_json::json!({
+        "schema": {"type": "struct", "fields": [
+            {"field": "before", "type": "struct", "fields": fields},
+            {"field": "after", "type": "struct", "fields": fields},
+        ]},
+        "payload": {"op": "u", "source": {"lsn": 77}, "before": null, "after": {
+            "id": 1, "t": 34_200_000_001_i64, "ns": 1_700_000_000_123_456_789_i64,
+            "ms": 1_700_000_000_123_i64, "dur": 90_500_000, "geo": {"x": 1.0, "y": 2.0,
+            "wkb": "AQE=", "srid": null}, "bits": "Bw==", "vs": {"scale": 3, "value": "/w=="},
+            "day": -1, "doc": "{\"a\": [1, 2.5]}"}}
+    });
+    let line = decode_event(&d, None, Some(&event.to_string())).expect("decodes");
+    assert_eq!(
+        line.as_deref(),
+        Some(
+            "1\t9:30:00.000001\t2023-11-14 22:13:20.123456+00\t2023-11-14 22:13:20.123000+00\t\
+             0:01:30.500000\t\\\\x0101\t\\\\x07\t-0.001\t1969-12-31\t{\"a\":[1,2.5]}\t77\tu\t\\N\tf\tf\n"
+        )
+    );
+    // The same value without its schema: the column types decide. A timestamptz column
+    // reads a number by its `format` (iso8601 here): the nanoseconds are refused, naming
+    // the column.
+    let bare = event["payload"].to_string();
+    let err = decode_event(&d, None, Some(&bare)).unwrap_err();
+    assert_eq!(err.code, ReasonCode::BadTimestamp);
+    assert!(err.reason.contains("column `ns`"), "{}", err.reason);
+}
+
+#[test]
+fn debezium_ops_decide_what_a_line_does() {
+    let columns = "      - { column: id, field: id, type: int4 }
+      - { column: note, field: note, type: text }
+      - { column: lsn, field: \"@source:/lsn\", type: int8 }\n";
+    let d = debezium(columns, "    version: lsn\n");
+    let event = |op: &str, before: &str, after: &str| {
+        format!(r#"{{"op": "{op}", "before": {before}, "after": {after}, "source": {{"lsn": 9}}}}"#)
+    };
+    // A placeholder: the column keeps its value (index 1), the field is NULL.
+    let toast = event("u", "null", r#"{"id": 5, "note": "__debezium_unavailable_value"}"#);
+    assert_eq!(
+        decode_event(&d, None, Some(&toast)).unwrap().as_deref(),
+        Some("5\t\\N\t9\t,1,\tf\tf\n")
+    );
+    // A delete keeps the key and the version; its key from the record key when `before`
+    // is null (wrapped with schemas or not).
+    let delete = event("d", "null", "null");
+    for key in [r#"{"id": 6}"#, r#"{"schema": {}, "payload": {"id": 6}}"#] {
+        assert_eq!(
+            decode_event(&d, Some(key), Some(&delete)).unwrap().as_deref(),
+            Some("6\t\\N\t9\t\\N\tf\tt\n"),
+            "{key}"
+        );
+    }
+    let err = decode_event(&d, None, Some(&delete)).unwrap_err();
+    assert_eq!(err.code, ReasonCode::MissingField, "{}", err.reason);
+    // A tombstone and an ignored truncate write nothing; a kept truncate writes a line.
+    assert_eq!(decode_event(&d, Some(r#"{"id": 6}"#), None).unwrap(), None);
+    let truncate = r#"{"op": "t", "source": {"lsn": 10}}"#;
+    assert_eq!(decode_event(&d, None, Some(truncate)).unwrap(), None);
+    // A kept truncate writes its version only.
+    let kept = debezium(columns, "    version: lsn\n    on_truncate: truncate\n");
+    assert_eq!(
+        decode_event(&kept, None, Some(truncate)).unwrap().as_deref(),
+        Some("\\N\t\\N\t10\t\\N\tt\tf\n")
+    );
+    // Without its version, a change is refused.
+    let unversioned = r#"{"op": "c", "after": {"id": 1}, "source": {}}"#;
+    let err = decode_event(&d, None, Some(unversioned)).unwrap_err();
+    assert_eq!(err.code, ReasonCode::MissingField, "{}", err.reason);
+    // A delete whose key is not JSON and whose `before` has it reads `before`.
+    let with_before = event("d", r#"{"id": 8}"#, "null");
+    assert_eq!(
+        decode_event(&d, Some("not json"), Some(&with_before)).unwrap().as_deref(),
+        Some("8\t\\N\t9\t\\N\tf\tt\n")
+    );
+    let placeholder_key = event("c", "null", r#"{"id": "__debezium_unavailable_value"}"#);
+    let err = decode_event(&d, None, Some(&placeholder_key)).unwrap_err();
+    assert_eq!(err.code, ReasonCode::BadEnvelope, "{}", err.reason);
+}
+
+/// `v` with one node (picked by `rng`) replaced by a value that may not fit there.
+fn mangle(v: &mut Value, rng: &mut impl rand::Rng) {
+    let mut nodes = 0;
+    count_nodes(v, &mut nodes);
+    let mut pick = rng.random_range(0..nodes);
+    let replacement = match rng.random_range(0..12) {
+        0 => Value::Null,
+        1 => serde_json::json!(i64::MAX),
+        2 => serde_json::json!(-1),
+        3 => serde_json::json!(1.5e300),
+        4 => serde_json::json!("__debezium_unavailable_value"),
+        5 => serde_json::json!("////////////////////////////"),
+        6 => serde_json::json!({"scale": 99999, "value": "AQ=="}),
+        7 => serde_json::json!([]),
+        8 => serde_json::json!("d"),
+        9 => serde_json::json!({"wkb": 7}),
+        10 => serde_json::json!("t"),
+        _ => serde_json::json!("not a date"),
+    };
+    replace_node(v, &mut pick, replacement);
+}
+
+fn count_nodes(v: &Value, n: &mut usize) {
+    *n += 1;
+    match v {
+        Value::Object(o) => o.values().for_each(|c| count_nodes(c, n)),
+        Value::Array(a) => a.iter().for_each(|c| count_nodes(c, n)),
+        _ => {}
+    }
+}
+
+fn replace_node(v: &mut Value, pick: &mut usize, with: Value) -> bool {
+    if *pick == 0 {
+        *v = with;
+        return true;
+    }
+    *pick -= 1;
+    match v {
+        Value::Object(o) => o.values_mut().any(|c| replace_node(c, pick, with.clone())),
+        Value::Array(a) => a.iter_mut().any(|c| replace_node(c, pick, with.clone())),
+        _ => false,
+    }
+}
+
+#[test]
+fn mangled_debezium_events_decode_or_reject_cleanly() {
+    use rand::{Rng, SeedableRng};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/debezium-route.yaml");
+    let config = Config::load(Some(std::path::Path::new(path)), Vec::new(), &Overrides::default())
+        .expect("route loads");
+    let routes = crate::routes::Routes::new(&config).expect("route is valid");
+    let d = routes.decoders()[0].clone();
+    // The mapped columns, then unread columns, truncate and delete.
+    let fields = d.column_names().count() + 3;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+    let fixtures = [
+        include_str!("../../tests/fixtures/debezium-postgres.jsonl"),
+        include_str!("../../tests/fixtures/debezium-postgres-plain.jsonl"),
+    ];
+    let mut outcomes = [0usize; 3];
+    for line in fixtures.iter().flat_map(|f| f.lines()) {
+        let event: Value = serde_json::from_str(line).expect("fixture line");
+        for round in 0..300 {
+            let mut value = event["value"].clone();
+            let mut key = event["key"].clone();
+            if round > 0 {
+                for _ in 0..rng.random_range(1..4) {
+                    if rng.random_bool(0.8) && !value.is_null() {
+                        mangle(&mut value, &mut rng);
+                    } else if !key.is_null() {
+                        mangle(&mut key, &mut rng);
+                    }
+                }
+            }
+            let bytes = |v: &Value| (!v.is_null()).then(|| v.to_string().into_bytes());
+            let mut record = record(None);
+            record.value = bytes(&value);
+            record.key = bytes(&key);
+            if round % 7 == 3
+                && let Some(v) = record.value.as_mut()
+            {
+                v.truncate(rng.random_range(0..v.len()));
+            }
+            let before = b"earlier\tline\n";
+            let mut out = before.to_vec();
+            let result = d.decode_into(&record, &mut out);
+            match &result {
+                Ok(false) => assert_eq!(out, before, "a record that writes nothing adds nothing"),
+                _ => invariants::assert_decided(
+                    before,
+                    &out,
+                    fields,
+                    result.as_ref().err().map(|e| e.reason.as_str()),
+                ),
+            }
+            outcomes[match result {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(_) => 2,
+            }] += 1;
+        }
+    }
+    // Every outcome is reached: the mangling reaches past the envelope.
+    assert!(outcomes.iter().all(|&n| n > 100), "{outcomes:?}");
 }

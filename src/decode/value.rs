@@ -35,6 +35,8 @@ pub(super) enum Input<'a> {
     Uuid(uuid::Uuid),
     /// A value made for the column (an Avro record as JSON, say).
     Owned(Value),
+    /// Bytes made for the column (decoded from base64, say).
+    ByteVec(Vec<u8>),
 }
 
 impl Input<'_> {
@@ -129,12 +131,13 @@ pub(super) fn encode(
             _ => return encode_value(column, &Value::String(uuid.to_string()), format, out),
         },
         Input::Owned(v) => return encode_value(column, &v, format, out),
+        Input::ByteVec(b) => return encode(column, Input::Bytes(&b), format, out),
     };
     typed.write(format, out);
     Ok(())
 }
 
-fn bad(column: &Column, what: &str) -> Rejection {
+pub(super) fn bad(column: &Column, what: &str) -> Rejection {
     Rejection::new(
         column.kind.bad_value_code(),
         format!(
@@ -440,7 +443,7 @@ fn timestamp(column: &Column, v: &Value) -> Option<DateTime<Utc>> {
 }
 
 /// Whether `text` is a plain decimal number, as Postgres `numeric` reads it.
-fn is_decimal(text: &str) -> bool {
+pub(super) fn is_decimal(text: &str) -> bool {
     let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
     let (mantissa, exponent) = match digits.split_once(['e', 'E']) {
         Some((m, e)) => (m, Some(e.strip_prefix(['-', '+']).unwrap_or(e))),

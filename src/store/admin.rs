@@ -303,16 +303,14 @@ impl Store {
         // Back to indexes of `records`, then the superseded ones.
         let mut failed: Vec<(usize, Rejection)> =
             rejects.into_iter().map(|(i, r)| (kept[i], r)).collect();
-        failed.extend(superseded.into_iter().map(|(i, offset)| {
-            let r = &records[i];
+        failed.extend(superseded.into_iter().map(|(i, newer)| {
             (
                 i,
                 Rejection::new(
                     ReasonCode::Superseded,
                     format!(
-                        "the row of this record's key was written from a later record of {}/{} (offset {offset}); \
-                         re-driving it would put an older version over a newer one",
-                        r.topic, r.partition
+                        "the row of this record's key holds a newer version ({newer}); \
+                         re-driving it would put an older version over a newer one"
                     ),
                 ),
             )
@@ -363,7 +361,7 @@ impl Store {
                 None => unrouted.push(&letter.topic),
                 Some(i) => {
                     let route = &self.routes.decoders()[i].route();
-                    if route.mode == WriteMode::Upsert && route.source_version().is_none() {
+                    if route.mode == WriteMode::Upsert && !route.orders_versions() {
                         blind.push(format!(
                             "{} ({} -> {})",
                             route.key,
@@ -391,9 +389,10 @@ impl Store {
             return Err(StoreError::Fatal(format!(
                 "route(s) {} upsert without recording where a row came from, so a re-driven \
                  record could overwrite a row written from a later record of its key; nothing \
-                 was changed. Map columns from @partition and @offset (and @topic, for a route reading \
-                 several topics) in the route (records \
-                 older than the row then stay as superseded dead letters)",
+                 was changed. Set `version:` to a column ordering a key's versions, or map \
+                 columns from @partition and @offset (and @topic, for a route reading several \
+                 topics) in the route (records older than the row then stay as superseded dead \
+                 letters)",
                 blind.join(", ")
             )));
         }
@@ -401,12 +400,12 @@ impl Store {
     }
 
     /// The records of `batch` (by index) whose upsert would put an older version over a
-    /// newer one, each with the offset that wrote the row.
+    /// newer one, each with what makes the row newer.
     async fn superseded(
         &self,
         conn: &mut PgConnection,
         batch: &Batch,
-    ) -> Result<Vec<(usize, i64)>, StoreError> {
+    ) -> Result<Vec<(usize, String)>, StoreError> {
         let mut found = Vec::new();
         for (part, sql) in batch.parts.iter().zip(&self.sql) {
             let Some(check) = sql.upsert.as_ref().and_then(|u| u.superseded.as_ref()) else {
@@ -418,7 +417,7 @@ impl Store {
             let lines: Vec<Vec<Option<String>>> = part.lines().map(copy_fields).collect();
             let numbers: Vec<i32> = (0..lines.len() as i32).collect();
             let mut query =
-                sqlx::query_as::<_, (i32, i64)>(sqlx::AssertSqlSafe(check.select.clone()))
+                sqlx::query_as::<_, (i32, String)>(sqlx::AssertSqlSafe(check.select.clone()))
                     .bind(numbers);
             for &field in &check.fields {
                 let texts: Vec<Option<String>> = lines
@@ -433,7 +432,7 @@ impl Store {
                 .map_err(db("find superseded dead letters"))?;
             found.extend(
                 rows.into_iter()
-                    .map(|(line, offset)| (part.rows[line as usize].record, offset)),
+                    .map(|(line, newer)| (part.rows[line as usize].record, newer)),
             );
         }
         Ok(found)

@@ -168,10 +168,11 @@ impl Batch {
             };
             let part = &mut parts[route];
             match decoders[route].decode_into(record, &mut part.copy_data) {
-                Ok(()) => part.rows.push(RowRef {
+                Ok(true) => part.rows.push(RowRef {
                     end: part.copy_data.len(),
                     record: index,
                 }),
+                Ok(false) => {}
                 Err(rejection) => rejects.push((index, rejection)),
             }
         }
@@ -693,7 +694,7 @@ async fn insert_new_keys(
     if !upsert.direct.due() {
         return Ok(None);
     }
-    let Some(lines) = without_delete_flag(data) else {
+    let Some(lines) = without_flags(data, upsert.plain_end) else {
         return Ok(None);
     };
     sqlx::raw_sql("SAVEPOINT direct")
@@ -720,13 +721,14 @@ async fn insert_new_keys(
     Ok(None)
 }
 
-/// The COPY text lines of an upsert route without their last field (the delete flag),
-/// or `None` when a line deletes its key. A line ends at its raw newline: COPY text
-/// escapes the ones inside values.
-fn without_delete_flag(data: &[u8]) -> Option<Vec<u8>> {
+/// The COPY text lines of an upsert route without their flags, or `None` when a line
+/// does more than write its key (its flags are not `plain_end`: it deletes, truncates,
+/// or keeps a stored value). A line ends at its raw newline: COPY text escapes the ones
+/// inside values.
+fn without_flags(data: &[u8], plain_end: &[u8]) -> Option<Vec<u8>> {
     let mut lines = Vec::with_capacity(data.len());
     for line in data.split_inclusive(|&b| b == b'\n') {
-        let fields = line.strip_suffix(b"\tf\n")?;
+        let fields = line.strip_suffix(plain_end)?;
         lines.extend_from_slice(fields);
         lines.push(b'\n');
     }
@@ -1049,13 +1051,22 @@ mod tests {
     }
 
     #[test]
-    fn upsert_lines_lose_their_delete_flag_unless_one_deletes() {
+    fn upsert_lines_lose_their_flags_unless_one_does_more_than_write() {
         let lines = b"1\ta\\tb\\n\tf\n2\t\\N\tf\n";
         assert_eq!(
-            without_delete_flag(lines).as_deref(),
+            without_flags(lines, b"\tf\n").as_deref(),
             Some(&b"1\ta\\tb\\n\n2\t\\N\n"[..])
         );
-        assert_eq!(without_delete_flag(b"1\ta\tf\n2\t\\N\tt\n"), None);
+        assert_eq!(without_flags(b"1\ta\tf\n2\t\\N\tt\n", b"\tf\n"), None);
+        // A Debezium route's lines: unread columns, truncate, delete.
+        let plain = b"\t\\N\tf\tf\n";
+        assert_eq!(
+            without_flags(b"1\ta\t\\N\tf\tf\n", plain).as_deref(),
+            Some(&b"1\ta\n"[..])
+        );
+        for other in [&b"1\t\\N\t,1,\tf\tf\n"[..], b"\\N\t\\N\t\\N\tt\tf\n", b"1\t\\N\t\\N\tf\tt\n"] {
+            assert_eq!(without_flags(other, plain), None);
+        }
     }
 
     #[test]

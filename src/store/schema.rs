@@ -6,7 +6,7 @@
 use sqlx::PgPool;
 
 use super::{StoreError, db, quote_ident};
-use crate::config::{ColumnType, WriteMethod, WriteMode};
+use crate::config::{ColumnType, Envelope, OnTruncate, WriteMethod, WriteMode};
 use crate::decode::CopyFormat;
 use crate::route::{Route, Source};
 
@@ -67,12 +67,13 @@ pub(super) const COLUMN_TYPES_CHECK: &str = "SELECT count(*) FROM pg_attribute a
        ON a.attname::text = e.name AND a.atttypid::int8 = e.oid \
      WHERE a.attrelid = to_regclass($3) AND a.attnum > 0 AND NOT a.attisdropped";
 
-/// Finds the lines of an upsert route (re-driven dead letters) whose key's row was
-/// written from a later offset of the same partition.
+/// Finds the lines of an upsert route (re-driven dead letters) whose key's row holds a
+/// higher `version`, or was written from a later offset of the same partition.
 #[derive(Debug, Clone)]
 pub(super) struct SupersededSql {
     /// Takes `$1` line numbers and, per entry of `fields`, the text of that field of
-    /// each line; returns the superseded line numbers with the offset that wrote the row.
+    /// each line; returns the superseded line numbers, each with what makes its key's
+    /// row newer (its version, or the offset that wrote it).
     pub select: String,
     /// Indexes (in the route's columns) of the fields bound after `$1`.
     pub fields: Vec<usize>,
@@ -102,6 +103,8 @@ pub(super) struct UpsertSql {
     pub copy_direct: Option<String>,
     /// When the next batches try `copy_direct`; shared by the route's lanes.
     pub direct: std::sync::Arc<super::commit::DirectTries>,
+    /// How a line that writes its key with nothing more to do ends (its flags).
+    pub plain_end: &'static [u8],
     pub create_staging: String,
     /// Deletes tombstoned keys, upserts the rest, empties the staging table.
     pub apply: String,
@@ -109,9 +112,21 @@ pub(super) struct UpsertSql {
     pub superseded: Option<SupersededSql>,
 }
 
-/// Staging columns after the mapped ones: the delete flag, then the line's position.
+/// Staging columns after the mapped ones: a Debezium route's columns left unread
+/// (`,2,5,`) and truncate flag, the delete flag, then the line's position.
+const UNCHANGED: &str = "\"kafka_pg_ingest.unchanged\"";
+const TRUNCATE_FLAG: &str = "\"kafka_pg_ingest.truncate\"";
 const DELETE_FLAG: &str = "\"kafka_pg_ingest.delete\"";
 const SEQUENCE: &str = "\"kafka_pg_ingest.seq\"";
+
+/// The flags a staged line ends with (see `Decoder::decode_into`).
+fn flag_columns(route: &Route) -> String {
+    if route.envelope == Envelope::Debezium {
+        format!("{UNCHANGED}, {TRUNCATE_FLAG}, {DELETE_FLAG}")
+    } else {
+        DELETE_FLAG.to_owned()
+    }
+}
 
 /// One column of a live table.
 #[derive(Debug, sqlx::FromRow)]
@@ -295,6 +310,16 @@ async fn inspect(
                             "{label}: {table} is partitioned by a column outside the upsert key, \
                              which a tombstone does not carry: set delete_on_tombstone: false, or \
                              partition by a key column"
+                        ));
+                    }
+                    if route.envelope == Envelope::Debezium && index.columns.len() > key.len() {
+                        // A delete carries only the key, and an update may move the row
+                        // to another partition: both need the row found by key alone.
+                        problems.push(format!(
+                            "{label}: {table} is partitioned by a column outside the upsert key: \
+                             a Debezium delete carries only the key, and an update that changes \
+                             the partition column would leave the old row behind. Partition by a \
+                             key column (or mirror into an unpartitioned table)"
                         ));
                     }
                     conflict = index.columns;
@@ -568,7 +593,10 @@ fn statements(route: &Route, index: usize, inspected: Inspected, method: WriteMe
         WriteMode::Upsert => {
             let staging = format!("pg_temp.kafka_pg_ingest_upsert_{index}");
             RouteSql {
-                copy: format!("COPY {staging} ({columns}, {DELETE_FLAG}) FROM STDIN{options}"),
+                copy: format!(
+                    "COPY {staging} ({columns}, {}) FROM STDIN{options}",
+                    flag_columns(route)
+                ),
                 types,
                 copy_relations: vec![format!("kafka_pg_ingest_upsert_{index}")],
                 insert: None,
@@ -624,7 +652,14 @@ impl ReplaySql {
 /// key: unless the row came from a later offset of the same partition (and topic, when
 /// mapped). A replay, a re-drive or a producer out of order then never puts an older
 /// version over a newer one; across partitions Kafka gives no order, and the line wins.
+///
+/// With `version:` set, the line may unless the row holds a higher version (a row
+/// without a version takes any line; a line without one changes no row that has one).
 fn not_older(route: &Route, s: &str) -> Option<String> {
+    if let Some(version) = &route.version {
+        let v = quote_ident(version);
+        return Some(format!("coalesce({s}.{v} >= t.{v}, t.{v} IS NULL)"));
+    }
     let v = route.source_version()?;
     let same = |column: &str| {
         let c = quote_ident(column);
@@ -651,9 +686,13 @@ impl UpsertSql {
         conflict: &[String],
     ) -> Self {
         let key = quoted_list(conflict.iter().map(String::as_str));
-        // The last line of each key decides it; the sequence numbers lines in COPY order.
+        // The last line of each key decides it (of its highest version, with `version:`);
+        // the sequence numbers lines in COPY order.
+        let newest = route.version.as_deref().map_or_else(String::new, |v| {
+            format!("{} DESC NULLS LAST, ", quote_ident(v))
+        });
         let last = format!(
-            "(SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, {SEQUENCE} DESC) s"
+            "(SELECT DISTINCT ON ({key}) * FROM {staging} ORDER BY {key}, {newest}{SEQUENCE} DESC) s"
         );
         let updates: Vec<String> = route
             .columns
@@ -668,8 +707,24 @@ impl UpsertSql {
                 format!("DO UPDATE SET {} WHERE {newer}", updates.join(", "))
             }
         };
+        let envelope = route.envelope == Envelope::Debezium;
         let mut apply = String::new();
-        if route.delete_on_tombstone {
+        if let (OnTruncate::Truncate, Some(version)) = (route.on_truncate, &route.version) {
+            // A truncate deletes the rows, and drops the batch's lines, of versions up to
+            // its own: later ones (from other partitions too) stay, and a replay of it
+            // deletes nothing written after it.
+            let v = quote_ident(version);
+            let upto = format!("(SELECT max({v}) FROM {staging} WHERE {TRUNCATE_FLAG})");
+            apply.push_str(&format!(
+                "DELETE FROM {table} t WHERE EXISTS (SELECT FROM {staging} WHERE {TRUNCATE_FLAG}) \
+                   AND coalesce(t.{v} <= {upto}, true); \
+                 DELETE FROM {staging} WHERE {TRUNCATE_FLAG} OR {v} <= {upto}; "
+            ));
+        }
+        if envelope {
+            apply.push_str(&keep_unread(route, table, staging, conflict));
+        }
+        if route.delete_on_tombstone || envelope {
             let matches = route
                 .key_columns
                 .iter()
@@ -685,14 +740,27 @@ impl UpsertSql {
             "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM {last} \
              WHERE NOT s.{DELETE_FLAG} ON CONFLICT ({key}) {action}; DELETE FROM {staging}"
         ));
+        let (flags, lookup) = if envelope {
+            // Unread values are looked up by key among the batch's earlier lines.
+            let name = staging.trim_start_matches("pg_temp.");
+            (
+                format!("NULL::text AS {UNCHANGED}, false AS {TRUNCATE_FLAG}, "),
+                format!(
+                    "; CREATE INDEX IF NOT EXISTS {name}_key ON {staging} ({key}, {SEQUENCE})"
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         Self {
             copy_direct: direct.then(|| format!("COPY {table} ({columns}) FROM STDIN")),
             direct: std::sync::Arc::default(),
+            plain_end: if envelope { b"\t\\N\tf\tf\n" } else { b"\tf\n" },
             create_staging: format!(
                 "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS \
-                 SELECT {columns}, false AS {DELETE_FLAG} FROM {table} WITH NO DATA; \
+                 SELECT {columns}, {flags}false AS {DELETE_FLAG} FROM {table} WITH NO DATA; \
                  ALTER TABLE {staging} ADD COLUMN IF NOT EXISTS {SEQUENCE} \
-                 int8 GENERATED ALWAYS AS IDENTITY"
+                 int8 GENERATED ALWAYS AS IDENTITY{lookup}"
             ),
             apply,
             superseded: SupersededSql::new(route, table, conflict),
@@ -700,14 +768,64 @@ impl UpsertSql {
     }
 }
 
+/// Fills in the columns a Debezium event left unread (an unchanged TOASTed value) in
+/// each staged line: from the latest earlier line of its key in the batch that has the
+/// column, else from the row in the table (NULL without one). The later upsert then
+/// writes what the row held, never the placeholder.
+fn keep_unread(route: &Route, table: &str, staging: &str, conflict: &[String]) -> String {
+    let matching = |a: &str, b: &str| {
+        conflict
+            .iter()
+            .map(|k| format!("{a}.{0} = {b}.{0}", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let (earlier, in_table) = (matching("p", "s"), matching("t", "s"));
+    let sets: Vec<String> = route
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| !conflict.contains(&c.name))
+        .map(|(i, c)| {
+            let c = quote_ident(&c.name);
+            let has = format!(
+                "{staging} p WHERE {earlier} AND p.{SEQUENCE} < s.{SEQUENCE} \
+                 AND NOT p.{DELETE_FLAG} AND position(',{i},' IN coalesce(p.{UNCHANGED}, '')) = 0"
+            );
+            format!(
+                "{c} = CASE WHEN position(',{i},' IN s.{UNCHANGED}) = 0 THEN s.{c} \
+                 WHEN EXISTS (SELECT FROM {has}) \
+                 THEN (SELECT p.{c} FROM {has} ORDER BY p.{SEQUENCE} DESC LIMIT 1) \
+                 ELSE (SELECT t.{c} FROM {table} t WHERE {in_table}) END"
+            )
+        })
+        .collect();
+    if sets.is_empty() {
+        return String::new();
+    }
+    format!(
+        "UPDATE {staging} s SET {} WHERE s.{UNCHANGED} IS NOT NULL; ",
+        sets.join(", ")
+    )
+}
+
 impl SupersededSql {
     fn new(route: &Route, table: &str, conflict: &[String]) -> Option<Self> {
-        let version = route.source_version()?;
+        // What orders a key's versions: the `version` column, else the offset within one
+        // partition (and topic).
+        let (order, same): (&str, Vec<&str>) = match (&route.version, route.source_version()) {
+            (Some(version), _) => (version, Vec::new()),
+            (None, Some(source)) => (
+                source.offset,
+                std::iter::once(source.partition).chain(source.topic).collect(),
+            ),
+            (None, None) => return None,
+        };
         let index = |name: &str| route.columns.iter().position(|c| c.name == name);
         let mut names: Vec<&str> = conflict.iter().map(String::as_str).collect();
-        names.push(version.partition);
-        names.push(version.offset);
-        names.extend(version.topic);
+        let keys = names.len();
+        names.push(order);
+        names.extend(&same);
         let fields: Vec<usize> = names.iter().filter_map(|n| index(n)).collect();
         // Each field arrives as its COPY text and is cast to the mapped type.
         let value = |i: usize| {
@@ -718,32 +836,28 @@ impl SupersededSql {
             .map(|i| format!("${}::text[]", i + 2))
             .collect();
         let aliases: Vec<String> = (0..fields.len()).map(|i| format!("f{i}")).collect();
-        let keys = conflict.len();
         let mut matches: Vec<String> = (0..keys)
             .map(|i| format!("t.{} = {}", quote_ident(names[i]), value(i)))
             .collect();
-        matches.push(format!(
-            "t.{} = {}",
-            quote_ident(version.partition),
-            value(keys)
-        ));
-        if version.topic.is_some() {
-            matches.push(format!(
-                "t.{} = {}",
-                quote_ident(names[keys + 2]),
-                value(keys + 2)
-            ));
+        for (j, name) in same.iter().enumerate() {
+            matches.push(format!("t.{} = {}", quote_ident(name), value(keys + 1 + j)));
         }
-        matches.push(format!(
-            "t.{} > {}",
-            quote_ident(version.offset),
-            value(keys + 1)
-        ));
+        let order = quote_ident(order);
+        // A row of the same version counts as newer: a version may be shared by changes
+        // (a transaction's `ts_ms`), and a re-drive must not undo a later one.
+        let (newer, found) = if route.version.is_some() {
+            (">=", format!("'version ' || t.{order}::text"))
+        } else {
+            (
+                ">",
+                format!("'written from offset ' || t.{order}::text || ' of the same partition'"),
+            )
+        };
+        matches.push(format!("t.{order} {newer} {}", value(keys)));
         Some(Self {
             select: format!(
-                "SELECT u.line, t.{offset}::int8 FROM unnest($1::int4[], {arrays}) AS u(line, {aliases}) \
+                "SELECT u.line, {found} FROM unnest($1::int4[], {arrays}) AS u(line, {aliases}) \
                  JOIN {table} t ON {matches}",
-                offset = quote_ident(version.offset),
                 arrays = arrays.join(", "),
                 aliases = aliases.join(", "),
                 matches = matches.join(" AND "),

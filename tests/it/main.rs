@@ -5,6 +5,7 @@ mod avro;
 mod binary;
 mod chaos;
 mod core;
+mod debezium;
 mod deploy;
 mod edges;
 mod faults;
