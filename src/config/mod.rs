@@ -440,8 +440,8 @@ pub enum OnTruncate {
     /// Nothing: the record only advances its offset.
     #[default]
     Ignore,
-    /// Deletes every row of the target table, in the batch's transaction, after the
-    /// batch's earlier records and before its later ones.
+    /// Deletes the rows of the target table whose `version` is below the truncate's, in
+    /// the batch's transaction, and the batch's records before it.
     Truncate,
 }
 

@@ -254,9 +254,10 @@ fn convert<'a>(
 }
 
 /// A value without a logical type, read as its column's type needs: a `date` takes days
-/// since the epoch, a `numeric` decimal text (`decimal.handling.mode=string`), and a
-/// `jsonb` column of an event without schema the JSON a text holds (Debezium's `Json`).
-/// Anything else is read as on any route (a `bytea` takes base64 text).
+/// since the epoch, a `numeric` decimal text (`decimal.handling.mode=string`); in an
+/// event without schema, a `jsonb` column the JSON a text holds (Debezium's `Json`) and
+/// an `interval` column microseconds (`MicroDuration`, `MicroTime`). Anything else is
+/// read as on any route (a `bytea` takes base64 text).
 fn by_column<'a>(column: &Column, v: &'a Value, schema_less: bool) -> Result<Input<'a>, String> {
     Ok(match (column.kind, v) {
         (ColumnType::Date, Value::Number(n)) => match n.as_i64() {
@@ -267,6 +268,12 @@ fn by_column<'a>(column: &Column, v: &'a Value, schema_less: bool) -> Result<Inp
             Input::Decimal(text.clone())
         }
         (ColumnType::Jsonb, Value::String(_)) if schema_less => json_text(v),
+        // Debezium's durations and times of day are microseconds; an interval column
+        // takes seconds.
+        (ColumnType::Interval, Value::Number(n)) if schema_less => match n.as_i64() {
+            Some(micros) => Input::Owned(super::framed::float(micros as f64 / 1_000_000.0)),
+            None => Input::Json(v),
+        },
         _ => Input::Json(v),
     })
 }

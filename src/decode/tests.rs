@@ -754,6 +754,20 @@ fn debezium_logical_types_are_read_by_their_field_schema() {
     let err = decode_event(&d, None, Some(&bare)).unwrap_err();
     assert_eq!(err.code, ReasonCode::BadTimestamp);
     assert!(err.reason.contains("column `ns`"), "{}", err.reason);
+    // Without schema, an interval column reads Debezium's microseconds, a date column
+    // days, a numeric column decimal text.
+    let d = debezium(
+        "      - { column: id, field: id, type: int4 }
+      - { column: dur, field: dur, type: interval }
+      - { column: day, field: day, type: date }
+      - { column: n, field: n, type: numeric }\n",
+        "",
+    );
+    let bare = r#"{"op": "r", "after": {"id": 2, "dur": 90500000, "day": 19000, "n": "-0.50"}}"#;
+    assert_eq!(
+        decode_event(&d, None, Some(bare)).unwrap().as_deref(),
+        Some("2\t0:01:30.500000\t2022-01-08\t-0.50\t\\N\tf\tf\n")
+    );
 }
 
 #[test]

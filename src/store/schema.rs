@@ -710,15 +710,18 @@ impl UpsertSql {
         let envelope = route.envelope == Envelope::Debezium;
         let mut apply = String::new();
         if let (OnTruncate::Truncate, Some(version)) = (route.on_truncate, &route.version) {
-            // A truncate deletes the rows, and drops the batch's lines, of versions up to
-            // its own: later ones (from other partitions too) stay, and a replay of it
-            // deletes nothing written after it.
+            // A truncate deletes the rows of versions below its own, and drops the
+            // batch's lines before it: later ones (from other partitions too) stay, and a
+            // replay of it deletes nothing written after it. A version it shares (a
+            // transaction's `ts_ms`) orders by Kafka order within the batch, and keeps the
+            // rows of earlier batches: losing none beats deleting all.
             let v = quote_ident(version);
             let upto = format!("(SELECT max({v}) FROM {staging} WHERE {TRUNCATE_FLAG})");
             apply.push_str(&format!(
                 "DELETE FROM {table} t WHERE EXISTS (SELECT FROM {staging} WHERE {TRUNCATE_FLAG}) \
-                   AND coalesce(t.{v} <= {upto}, true); \
-                 DELETE FROM {staging} WHERE {TRUNCATE_FLAG} OR {v} <= {upto}; "
+                   AND coalesce(t.{v} < {upto}, true); \
+                 DELETE FROM {staging} s WHERE {TRUNCATE_FLAG} OR EXISTS (SELECT FROM {staging} x \
+                   WHERE x.{TRUNCATE_FLAG} AND (s.{v} < x.{v} OR s.{v} = x.{v} AND s.{SEQUENCE} < x.{SEQUENCE})); "
             ));
         }
         if envelope {

@@ -558,3 +558,51 @@ async fn a_mirror_partitioned_outside_its_key_is_refused_at_startup() {
     assert_nothing_claimed(&db.pool).await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_sharing_its_version_with_the_reload_after_it_keeps_the_reload() {
+    // `BEGIN; TRUNCATE; INSERT ..; COMMIT` at the source: one `ts_ms` for all its events.
+    for batch in [1, 100] {
+        let db = TestDb::new().await;
+        let kafka = TestKafka::new(1);
+        exec(&db.pool, ACCOUNTS).await;
+        let route = accounts_route(&kafka.topic, true)
+            .replace("\"@source:/lsn\"", "\"@source:/ts_ms\"")
+            .replace(
+                "    version: lsn",
+                "    version: lsn\n    on_truncate: truncate",
+            );
+        let yaml = format!("batch: {{ max_records: {batch} }}\n{route}");
+        let config = kafka.config_with_yaml(&db, &yaml).expect("route loads");
+        let event = |id: i32, ts: i64| {
+            let after = json!({"id": id, "name": format!("n{id}"), "amount": "1.00", "note": ""});
+            Msg {
+                key: Some(json!({"id": id}).to_string().into_bytes()),
+                value: Some(
+                    json!({"op": "c", "after": after, "source": {"ts_ms": ts}})
+                        .to_string()
+                        .into_bytes(),
+                ),
+                ..Msg::default()
+            }
+        };
+        let truncate = Msg {
+            value: Some(br#"{"op": "t", "source": {"ts_ms": 300}}"#.to_vec()),
+            ..Msg::default()
+        };
+        let msgs = [
+            event(1, 100),
+            event(2, 200),
+            truncate,
+            event(3, 300),
+            event(4, 300),
+        ];
+        send(&kafka, &kafka.topic, &msgs);
+        let mut pipeline = Pipeline::connect(config).await.expect("starts");
+        drive_until_caught_up(&mut pipeline, &db.pool, &kafka, 5, Duration::from_secs(60)).await;
+        pipeline.close().await;
+        let ids: Vec<i32> = accounts(&db.pool).await.into_keys().collect();
+        assert_eq!(ids, vec![3, 4], "batches of {batch}");
+        db.drop().await;
+    }
+}
