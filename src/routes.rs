@@ -12,7 +12,7 @@ use regex::Regex;
 
 use crate::config::{
     ColumnMapping, ColumnType, Config, ConfigError, Envelope, OnTruncate, RouteConfig,
-    SinkConfig, ValueFormat, WriteMode, invalid,
+    SinkConfig, WriteMode, invalid,
 };
 use crate::decode::Decoder;
 use crate::decode::framed::SchemaCache;
@@ -102,16 +102,6 @@ impl Route {
                 &format!("{key}.envelope"),
                 "debezium needs mode: upsert with the table's key in `key` (a change event \
                  writes or deletes the row of its key)",
-            ));
-        }
-        if self.format != ValueFormat::Json {
-            return Err(invalid(
-                &format!("{key}.envelope"),
-                format!(
-                    "debezium reads JSON values (Kafka Connect's JsonConverter, with or without \
-                     schemas), not format: {}",
-                    self.format.name()
-                ),
             ));
         }
         if self.delete_on_tombstone {
@@ -664,13 +654,6 @@ mod tests {
             (
                 route("topic: a\n    table: s.t\n    envelope: debezium", &extra("{ column: x, field: x, type: text }")),
                 "`routes[0].envelope` debezium needs mode: upsert",
-            ),
-            (
-                format!(
-                    "schema_registry: {{ url: http://127.0.0.1:1 }}\n{}",
-                    route(&format!("{debezium}\n    format: avro"), value_col)
-                ),
-                "not format: avro",
             ),
             (
                 route(&format!("{debezium}\n    delete_on_tombstone: true"), value_col),

@@ -267,6 +267,13 @@ fn by_column<'a>(column: &Column, v: &'a Value, schema_less: bool) -> Result<Inp
         (ColumnType::Numeric, Value::String(text)) if is_decimal(text) => {
             Input::Decimal(text.clone())
         }
+        // A VariableScaleDecimal of an event without Connect schema (Avro's record).
+        (ColumnType::Numeric, Value::Object(o)) if o.len() == 2 => {
+            match (o.get("scale").and_then(Value::as_u64), o.get("value")) {
+                (Some(scale), Some(value)) => Input::Decimal(decimal(value, scale)?),
+                _ => Input::Json(v),
+            }
+        }
         (ColumnType::Jsonb, Value::String(_)) if schema_less => json_text(v),
         // Debezium's durations and times of day are microseconds; an interval column
         // takes seconds.

@@ -304,8 +304,14 @@ impl Decoder {
         } else {
             None
         };
-        let change = match (envelope, &value) {
-            (true, Some(Parsed::Whole(v))) => Some(
+        // A registry format's event, as JSON (with no Connect schema: its column types
+        // decide how values are read).
+        let framed_event = match (envelope, &value) {
+            (true, Some(parsed)) => as_json(parsed)?,
+            _ => None,
+        };
+        let change = match (envelope, framed_event.as_ref().or(value.as_ref().and_then(Parsed::whole))) {
+            (true, Some(v)) => Some(
                 debezium::Change::read(v)
                     .map_err(|why| Rejection::new(ReasonCode::BadEnvelope, why))?,
             ),
@@ -318,6 +324,8 @@ impl Decoder {
         }
         let deletes = tombstone_deletes || action == Some(debezium::Action::Delete);
         let mut key = None;
+        // A Debezium delete's record key as JSON, read when `before` lacks the key.
+        let mut key_json = None;
         // `,i,j,`: the columns Debezium left unread.
         let mut unchanged = String::new();
         let format = self.format;
@@ -358,15 +366,15 @@ impl Decoder {
                         .as_ref()
                         .is_none_or(|r| matches!(r, debezium::Read::Input(i) if i.is_null()));
                     if deletes && absent && route.is_key(&column.name) {
-                        if key.is_none()
+                        if key_json.is_none()
                             && let Some(bytes) = record.key.as_deref()
                         {
-                            key = self.parse_key(bytes, column).ok();
+                            key_json = self.parse_key(bytes, column).ok().and_then(|k| match k {
+                                Parsed::Whole(v) => Some(v),
+                                framed => as_json(&framed).ok().flatten(),
+                            });
                         }
-                        let record_key = key
-                            .as_ref()
-                            .and_then(Parsed::whole)
-                            .map(|k| debezium::unwrap(k).0);
+                        let record_key = key_json.as_ref().map(|k| debezium::unwrap(k).0);
                         read = change
                             .input(column, record_key)
                             .map_err(|why| value::bad(column, &why))?;
@@ -748,6 +756,26 @@ trait Addressed {
     fn whole(&self) -> Self::Part<'_>;
     /// A part as a column's input, or why its value cannot be one.
     fn input<'a>(&'a self, part: Self::Part<'a>) -> Result<value::Input<'a>, String>;
+}
+
+/// A value decoded in a registry format as JSON (records and messages as objects);
+/// `None` for JSON, which is JSON already.
+fn as_json(parsed: &Parsed) -> Result<Option<Value>, Rejection> {
+    fn whole<D: Addressed>(decoded: &D, code: ReasonCode) -> Result<Option<Value>, Rejection> {
+        match decoded.input(decoded.whole()) {
+            Ok(value::Input::Owned(v)) => Ok(Some(v)),
+            Ok(_) => Err(Rejection::new(
+                ReasonCode::BadEnvelope,
+                "a Debezium event must be a record (message)",
+            )),
+            Err(why) => Err(Rejection::new(code, why)),
+        }
+    }
+    match parsed {
+        Parsed::Avro(decoded) => whole(decoded, ReasonCode::BadAvro),
+        Parsed::Protobuf(decoded) => whole(decoded, ReasonCode::BadProtobuf),
+        Parsed::Whole(_) | Parsed::Fields(_) => Ok(None),
+    }
 }
 
 /// The input of `column` from `decoded` (its value, or its key for `@key_json:`) as

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
+use kafka_pg_ingest::dev::registry::DevRegistry;
 use kafka_pg_ingest::ops::{self, RewindTarget};
 use kafka_pg_ingest::pipeline::Pipeline;
 use kafka_pg_ingest::store::admin::DeadLetterFilter;
@@ -605,4 +606,119 @@ async fn a_truncate_sharing_its_version_with_the_reload_after_it_keeps_the_reloa
         assert_eq!(ids, vec![3, 4], "batches of {batch}");
         db.drop().await;
     }
+}
+
+/// The envelope of `mirror.accounts` events as Debezium's AvroConverter writes it: the
+/// row image a record in a union with null, `source` a record, Connect's Decimal an Avro
+/// decimal.
+const ACCOUNTS_AVRO: &str = r#"{"type": "record", "name": "Envelope",
+ "namespace": "dbserver1.mirror.accounts", "fields": [
+  {"name": "before", "type": ["null", {"type": "record", "name": "Value", "fields": [
+    {"name": "id", "type": "int"},
+    {"name": "name", "type": ["null", "string"], "default": null},
+    {"name": "amount", "type": ["null", {"type": "bytes", "logicalType": "decimal",
+      "precision": 12, "scale": 2}], "default": null},
+    {"name": "note", "type": ["null", "string"], "default": null}]}], "default": null},
+  {"name": "after", "type": ["null", "Value"], "default": null},
+  {"name": "source", "type": {"type": "record", "name": "Source",
+    "namespace": "io.debezium.connector.postgresql", "fields": [
+      {"name": "lsn", "type": ["null", "long"], "default": null}]}},
+  {"name": "op", "type": "string"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_debezium_events_mirror_through_the_registry() {
+    use apache_avro::types::Value as Avro;
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(1);
+    exec(&db.pool, ACCOUNTS).await;
+    let registry = DevRegistry::start("AVRO", [(9, ACCOUNTS_AVRO.to_owned())].into())
+        .await
+        .expect("the registry serves");
+    let route = accounts_route(&kafka.topic, true).replace(
+        "    envelope: debezium",
+        "    envelope: debezium\n    format: avro",
+    );
+    let yaml = format!("schema_registry: {{ url: {} }}\n{route}", registry.url);
+    let config = kafka.config_with_yaml(&db, &yaml).expect("route loads");
+    let schema = apache_avro::Schema::parse_str(ACCOUNTS_AVRO).expect("schema");
+    let image = |id: i32, name: &str, cents: i64, note: Option<&str>| {
+        let amount =
+            apache_avro::Decimal::from(num_bigint::BigInt::from(cents).to_signed_bytes_be());
+        Avro::Union(
+            1,
+            Box::new(Avro::Record(vec![
+                ("id".into(), Avro::Int(id)),
+                (
+                    "name".into(),
+                    Avro::Union(1, Box::new(Avro::String(name.into()))),
+                ),
+                (
+                    "amount".into(),
+                    Avro::Union(1, Box::new(Avro::Decimal(amount))),
+                ),
+                (
+                    "note".into(),
+                    match note {
+                        Some(n) => Avro::Union(1, Box::new(Avro::String(n.into()))),
+                        None => Avro::Union(0, Box::new(Avro::Null)),
+                    },
+                ),
+            ])),
+        )
+    };
+    let null = || Avro::Union(0, Box::new(Avro::Null));
+    let event = |op: &str, before: Avro, after: Avro, lsn: i64| {
+        let value = Avro::Record(vec![
+            ("before".into(), before),
+            ("after".into(), after),
+            (
+                "source".into(),
+                Avro::Record(vec![(
+                    "lsn".into(),
+                    Avro::Union(1, Box::new(Avro::Long(lsn))),
+                )]),
+            ),
+            ("op".into(), Avro::String(op.into())),
+        ]);
+        // The Confluent wire format: magic byte 0, schema id 9.
+        let mut bytes = vec![0, 0, 0, 0, 9];
+        let datum = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .expect("writer")
+            .write_value_to_vec(value)
+            .expect("encodes");
+        bytes.extend(datum);
+        Msg {
+            key: Some(b"k".to_vec()),
+            value: Some(bytes),
+            ..Msg::default()
+        }
+    };
+    let msgs = [
+        event("r", null(), image(1, "one", 150, Some("long note")), 10),
+        event("c", null(), image(2, "two", -7, None), 11),
+        event(
+            "u",
+            null(),
+            image(1, "uno", 12345, Some("__debezium_unavailable_value")),
+            12,
+        ),
+        // A delete: `before` holds the key only; the record key is not JSON.
+        event("d", image(2, "", 0, None), null(), 13),
+    ];
+    send(&kafka, &kafka.topic, &msgs);
+    let mut pipeline = Pipeline::connect(config).await.expect("starts");
+    drive_until_caught_up(&mut pipeline, &db.pool, &kafka, 4, Duration::from_secs(60)).await;
+    pipeline.close().await;
+    let letters: Vec<String> =
+        sqlx::query_scalar("SELECT reason_code || ': ' || reason FROM ingest.dead_letters")
+            .fetch_all(&db.pool)
+            .await
+            .expect("letters");
+    assert!(letters.is_empty(), "{letters:?}");
+    let want: Accounts = [(1, ("uno".into(), "123.45".into(), "long note".into(), 12))].into();
+    assert_eq!(accounts(&db.pool).await, want);
+    let letters = scalar(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await;
+    assert_eq!(letters, 0);
+    db.drop().await;
 }
