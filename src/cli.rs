@@ -63,6 +63,14 @@ pub(crate) enum Tool {
     /// Dead letters: list, show, re-drive into the table, purge.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Print a completion script for SHELL to stdout, e.g.
+    /// `kafka-pg-ingest completions bash > /etc/bash_completion.d/kafka-pg-ingest`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout, or write one page per command into --out-dir.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -458,7 +466,9 @@ impl Cli {
             Some(Command::Tool(Tool::Schema(a))) => a.routed.common.log_format,
             Some(Command::Tool(Tool::Demo(a))) => a.log_format,
             Some(Command::Tool(Tool::Offsets(_) | Tool::Dlq(_))) => LogFormat::Text,
-            Some(Command::Tool(Tool::Bench(_) | Tool::Dev(_))) => LogFormat::Text,
+            Some(Command::Tool(
+                Tool::Bench(_) | Tool::Dev(_) | Tool::Completions { .. } | Tool::Man { .. },
+            )) => LogFormat::Text,
             None => self.run.ops.common.log_format,
         }
     }
@@ -502,11 +512,11 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
             }
             for route in checked.routes().iter() {
                 println!(
-                    "ok: {} ({} -> {}), mode {:?}",
+                    "ok: {} ({} -> {}), mode {}",
                     route.key,
                     route.topics_label(),
                     route.table,
-                    route.mode
+                    route.mode.name()
                 );
             }
             Ok(())
@@ -531,6 +541,26 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
                 print!("{}", mapping_comment(&config));
             }
             print!("{ddl}");
+            Ok(())
+        }
+        Tool::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let name = command.get_name().to_owned();
+            clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
+            Ok(())
+        }
+        Tool::Man { out_dir } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("create {}", dir.display()))?;
+                    clap_mangen::generate_to(command, &dir)
+                        .with_context(|| format!("write man pages into {}", dir.display()))?;
+                    println!("man pages written to {}", dir.display());
+                }
+                None => clap_mangen::Man::new(command).render(&mut std::io::stdout())?,
+            }
             Ok(())
         }
         Tool::Bench(args) => {

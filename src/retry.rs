@@ -151,7 +151,7 @@ mod tests {
         let config = RetryConfig {
             initial_delay_ms: 100,
             max_delay_ms: 1000,
-            claim_limit_secs: 1,
+            claim_limit_secs: Some(1),
         };
         let delays: Vec<Duration> = backoff(&config).take(12).collect();
         assert_eq!(delays.len(), 12, "never runs out");

@@ -291,9 +291,15 @@ pub struct RetryConfig {
     pub initial_delay_ms: u64,
     /// Cap of the delay, in milliseconds.
     pub max_delay_ms: u64,
-    /// How long a claim on assignment is retried before the worker gives up.
-    pub claim_limit_secs: u64,
+    /// How long a claim on assignment is retried before the worker gives up; unset,
+    /// 60 s, or half of `max.poll.interval.ms` when that is shorter.
+    #[serde(default)]
+    pub claim_limit_secs: Option<u64>,
 }
+
+/// The claim limit when `retry.claim_limit_secs` is not set (and the poll interval
+/// allows it).
+const DEFAULT_CLAIM_LIMIT: Duration = Duration::from_secs(60);
 
 /// The target table and how a record maps onto it.
 #[derive(Debug, Clone, Deserialize)]
@@ -458,6 +464,16 @@ pub enum WriteMode {
     /// A record replaces the row with the same `key` (insert or update); the last record
     /// of a key in a batch wins.
     Upsert,
+}
+
+impl WriteMode {
+    /// The name the configuration gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Insert => "insert",
+            Self::Upsert => "upsert",
+        }
+    }
 }
 
 /// Column types the decoder validates and encodes.
@@ -896,7 +912,8 @@ impl Config {
             return Err(invalid(
                 "retry.claim_limit_secs",
                 format!(
-                    "must be below max.poll.interval.ms ({} ms), or the group evicts a worker while it claims",
+                    "must be below max.poll.interval.ms ({} ms), or the group evicts a worker while it claims; \
+                     lower it, or leave it unset to follow the poll interval",
                     poll_interval.as_millis()
                 ),
             ));
@@ -1005,7 +1022,11 @@ impl Config {
 
     /// How long a claim is retried.
     pub fn claim_limit(&self) -> Duration {
-        Duration::from_secs(self.retry.claim_limit_secs)
+        // Half the poll interval leaves the other half to the batch a rebalance waits on.
+        self.retry.claim_limit_secs.map_or_else(
+            || DEFAULT_CLAIM_LIMIT.min(self.max_poll_interval() / 2),
+            Duration::from_secs,
+        )
     }
 
     /// The database URL with any password replaced, for logs.
@@ -1222,6 +1243,27 @@ mod tests {
             "batch:\n  max_wait_ms: 9000\nkafka:\n  options:\n    max.poll.interval.ms: '10000'\n";
         let err = load_yaml(yaml, vec![]).unwrap_err();
         assert!(err.to_string().contains("batch.max_wait_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_claim_limit_follows_a_short_poll_interval_unless_set() {
+        let short = "kafka:\n  options:\n    max.poll.interval.ms: '10000'\n";
+        let c = load_yaml(short, vec![]).expect("one option is enough");
+        assert_eq!(c.claim_limit(), Duration::from_secs(5));
+        let c = load_yaml("{}", vec![]).expect("defaults load");
+        assert_eq!(c.claim_limit(), Duration::from_secs(60));
+        let err = load_yaml(
+            short,
+            vec![("KAFKA_PG_INGEST__RETRY__CLAIM_LIMIT_SECS", "10")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("retry.claim_limit_secs"), "{err}");
+        let c = load_yaml(
+            short,
+            vec![("KAFKA_PG_INGEST__RETRY__CLAIM_LIMIT_SECS", "3")],
+        )
+        .expect("a set limit below the interval");
+        assert_eq!(c.claim_limit(), Duration::from_secs(3));
     }
 
     #[test]

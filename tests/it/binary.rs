@@ -390,3 +390,35 @@ async fn kafka_sasl_password_never_appears_at_trace_and_a_failed_authentication_
     assert_eq!(stored_group_total(&db.pool, &kafka.group).await, 0);
     db.drop().await;
 }
+
+#[test]
+fn completions_and_man_pages_are_generated_from_the_command_line() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let output = run_binary(&["completions", shell], &[]);
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        for word in ["offsets", "rewind", "dlq", "to-earliest"] {
+            assert!(script.contains(word), "{shell} completes `{word}`");
+        }
+    }
+    let output = run_binary(&["completions", "tcsh"], &[]);
+    assert!(!output.status.success(), "an unknown shell is refused");
+
+    let output = run_binary(&["man"], &[]);
+    let page = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && page.starts_with(".ie"), "{page}");
+    assert!(page.contains("exactly once"), "{page}");
+    let dir = std::env::temp_dir().join(format!("kpi-man-{}", uuid::Uuid::new_v4()));
+    let output = run_binary(&["man", "--out-dir", dir.to_str().expect("UTF-8")], &[]);
+    assert!(output.status.success());
+    for page in [
+        "kafka-pg-ingest.1",
+        "kafka-pg-ingest-offsets-rewind.1",
+        "kafka-pg-ingest-dlq-retry.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page} is a man page");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
