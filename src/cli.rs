@@ -83,6 +83,9 @@ pub(crate) enum OffsetsCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Do not ask the broker for watermarks (LOW, HIGH and LAG stay empty).
+        #[arg(long)]
+        no_watermarks: bool,
     },
     /// Move a group's stored offsets so workers read again from there. Prints the plan
     /// and changes nothing without --yes. Safe while workers run.
@@ -654,9 +657,13 @@ fn print_report<T: serde::Serialize>(
 
 async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
     match command {
-        OffsetsCommand::Show { ops, json } => {
+        OffsetsCommand::Show {
+            ops,
+            json,
+            no_watermarks,
+        } => {
             let config = ops.load()?;
-            let statuses = ops::show(&config, ops.group.as_deref()).await?;
+            let statuses = ops::show(&config, ops.group.as_deref(), !no_watermarks).await?;
             print_report(json, &statuses, |s| ops::format_offsets(s))?;
         }
         OffsetsCommand::Rewind(args) => {

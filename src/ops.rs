@@ -31,26 +31,65 @@ pub struct OffsetStatus {
 }
 
 /// The stored offsets of `group` (every group when `None`) with the broker's view.
-pub async fn show(config: &Config, group: Option<&str>) -> anyhow::Result<Vec<OffsetStatus>> {
+pub async fn show(
+    config: &Config,
+    group: Option<&str>,
+    watermarks: bool,
+) -> anyhow::Result<Vec<OffsetStatus>> {
     let pool = store::connect_pool(config).await?;
     let rows = admin::offset_rows(&pool, group, None).await?;
-    let client = kafka::metadata_client(config)?;
-    Ok(tokio::task::block_in_place(|| {
+    let client = watermarks.then(|| kafka::metadata_client(config)).transpose()?;
+    tokio::task::block_in_place(|| {
         rows.into_iter()
             .map(|row| {
-                let marks = client
-                    .fetch_watermarks(&row.topic, row.partition, BROKER_TIMEOUT)
-                    .ok();
+                let marks = match &client {
+                    Some(client) => {
+                        match client.fetch_watermarks(&row.topic, row.partition, BROKER_TIMEOUT) {
+                            Ok(marks) => Some(marks),
+                            // A broker that does not answer answers no other partition:
+                            // one wait, not one per row.
+                            Err(e) if unreachable(&e) => bail!(
+                                "the broker ({}) gave no watermarks within {} s: {e}; \
+                                 pass --no-watermarks to show the stored offsets alone",
+                                config.kafka.brokers,
+                                BROKER_TIMEOUT.as_secs()
+                            ),
+                            Err(e) => {
+                                eprintln!(
+                                    "warning: no watermarks for {}/{}: {e}",
+                                    row.topic, row.partition
+                                );
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
                 let lag = marks.map(|(low, high)| (high - row.next_offset.unwrap_or(low)).max(0));
-                OffsetStatus {
+                Ok(OffsetStatus {
                     low: marks.map(|m| m.0),
                     high: marks.map(|m| m.1),
                     lag,
                     row,
-                }
+                })
             })
             .collect()
-    }))
+    })
+}
+
+/// Whether a broker request failed for want of a broker (none reachable, no answer in
+/// time), not for what it asked.
+fn unreachable(err: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            Code::OperationTimedOut
+                | Code::AllBrokersDown
+                | Code::BrokerTransportFailure
+                | Code::RequestTimedOut
+        )
+    )
 }
 
 /// The text table of `offsets show`.

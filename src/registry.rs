@@ -16,7 +16,9 @@ use prometheus_client::metrics::counter::Counter;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::{ColumnMapping, ColumnType, Config, SchemaRegistryConfig, ValueFormat};
+use crate::config::{
+    ColumnMapping, ColumnType, Config, Envelope, SchemaRegistryConfig, ValueFormat,
+};
 use crate::decode::framed::{Field, Lookup, Referenced, SchemaCache, WriterSchema};
 use crate::decode::framed::pointer_tokens;
 use crate::route::{Column, Source, TimeFormat};
@@ -90,6 +92,14 @@ pub async fn columns_from_latest(config: &Config) -> Result<Config, String> {
         if !route.format.framed() {
             continue;
         }
+        if route.envelope == Envelope::Debezium {
+            // The schema's top-level fields are the envelope's, not the row's.
+            return Err(format!(
+                "routes[{i}] reads Debezium events: its columns are the row image inside the \
+                 envelope, which --from-registry does not map; write them by hand (see the \
+                 README, Mirroring a database with Debezium)"
+            ));
+        }
         let key = format!("routes[{i}].topic");
         let kept: Vec<ColumnMapping> =
             route.columns.iter().filter(|c| c.field.starts_with('@')).cloned().collect();
@@ -109,7 +119,11 @@ pub async fn check_latest(config: &Config, routes: &Routes) -> Result<Vec<String
     let registry = Registry::new(&config.schema_registry, Arc::default(), Counter::default())?;
     let mut problems = Vec::new();
     // A regex route's subjects are not known until its topics are.
-    for route in routes.iter().filter(|r| r.format.framed() && r.named_topic().is_some()) {
+    // A Debezium route's columns read the row image, not the envelope's top-level
+    // fields this compares with.
+    for route in routes.iter().filter(|r| {
+        r.format.framed() && r.named_topic().is_some() && r.envelope == Envelope::None
+    }) {
         let topic = route.named_topic();
         let fields = latest_fields(&registry, route.format, topic, &route.key).await?;
         let subject = format!("{}-value", topic.map_or("", String::as_str));

@@ -12,7 +12,7 @@ use regex::Regex;
 
 use crate::config::{
     ColumnMapping, ColumnType, Config, ConfigError, Envelope, OnTruncate, RouteConfig,
-    SinkConfig, WriteMode, invalid,
+    SinkConfig, ValueFormat, WriteMode, invalid,
 };
 use crate::decode::Decoder;
 use crate::decode::framed::SchemaCache;
@@ -109,6 +109,14 @@ impl Route {
                 &format!("{key}.delete_on_tombstone"),
                 "does not apply with envelope: debezium: a delete event (op d) deletes its key, \
                  and the tombstone after it is skipped",
+            ));
+        }
+        if self.format == ValueFormat::Protobuf {
+            // proto3 leaves zero values out of a message, which a row image cannot tell
+            // from NULL, and Connect's decimals become messages of their own.
+            return Err(invalid(
+                &format!("{key}.envelope"),
+                "debezium reads JSON, JSON Schema or Avro events, not format: protobuf",
             ));
         }
         if self.on_truncate == OnTruncate::Truncate {
@@ -658,6 +666,13 @@ mod tests {
             (
                 route(&format!("{debezium}\n    delete_on_tombstone: true"), value_col),
                 "routes[0].delete_on_tombstone",
+            ),
+            (
+                format!(
+                    "schema_registry: {{ url: http://127.0.0.1:1 }}\n{}",
+                    route(&format!("{debezium}\n    format: protobuf"), value_col)
+                ),
+                "not format: protobuf",
             ),
             (
                 route(&format!("{debezium}\n    on_truncate: truncate"), value_col),

@@ -214,7 +214,8 @@ impl Decoder {
         // A change event is read whole: its op decides which image the columns read.
         let envelope = route.envelope == Envelope::Debezium;
         let reads_value = envelope || sources().any(Source::reads_value);
-        let reads_key = sources().any(|s| matches!(s, Source::KeyJson(_)));
+        // A Debezium delete may read its key from the record key.
+        let reads_key = envelope || sources().any(|s| matches!(s, Source::KeyJson(_)));
         let only_fields = !envelope
             && sources().all(|s| !s.reads_value() || matches!(s, Source::Field(_)));
         Self {
@@ -369,10 +370,16 @@ impl Decoder {
                         if key_json.is_none()
                             && let Some(bytes) = record.key.as_deref()
                         {
-                            key_json = self.parse_key(bytes, column).ok().and_then(|k| match k {
-                                Parsed::Whole(v) => Some(v),
-                                framed => as_json(&framed).ok().flatten(),
-                            });
+                            key_json = match self.parse_key(bytes, column) {
+                                Ok(Parsed::Whole(v)) => Some(v),
+                                Ok(framed) => as_json(&framed)?,
+                                // A key in a registry format must decode; a plain one
+                                // may be no JSON (a string key), leaving the key missing.
+                                Err(refused) if route.key_format.framed().is_some() => {
+                                    return Err(refused);
+                                }
+                                Err(_) => None,
+                            };
                         }
                         let record_key = key_json.as_ref().map(|k| debezium::unwrap(k).0);
                         read = change

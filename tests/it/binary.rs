@@ -422,3 +422,44 @@ fn completions_and_man_pages_are_generated_from_the_command_line() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_show_without_a_broker_fails_in_one_timeout_unless_told_to_skip_watermarks() {
+    let db = TestDb::new().await;
+    exec(
+        &db.pool,
+        "INSERT INTO ingest.offsets (consumer_group, topic, partition, next_offset, epoch, owner) \
+         SELECT 'g', 't', p, 5, 1, 'w' FROM generate_series(0, 7) p",
+    )
+    .await;
+    let args = [
+        "offsets",
+        "show",
+        "--brokers",
+        "127.0.0.1:1",
+        "--database-url",
+        &db.url,
+    ];
+    let started = Instant::now();
+    let output = tokio::task::block_in_place(|| run_binary(&args, &[]));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("--no-watermarks"), "{stderr}");
+    // One broker timeout (10 s), not one per partition (80 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let output = tokio::task::block_in_place(|| {
+        run_binary(&[&args[..], &["--no-watermarks"]].concat(), &[])
+    });
+    assert!(output.status.success());
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        shown.lines().filter(|l| l.starts_with("g ")).count(),
+        8,
+        "{shown}"
+    );
+    db.drop().await;
+}

@@ -631,12 +631,17 @@ async fn avro_debezium_events_mirror_through_the_registry() {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(1);
     exec(&db.pool, ACCOUNTS).await;
-    let registry = DevRegistry::start("AVRO", [(9, ACCOUNTS_AVRO.to_owned())].into())
-        .await
-        .expect("the registry serves");
+    let key_schema =
+        r#"{"type": "record", "name": "Key", "fields": [{"name": "id", "type": "int"}]}"#;
+    let registry = DevRegistry::start(
+        "AVRO",
+        [(9, ACCOUNTS_AVRO.to_owned()), (10, key_schema.to_owned())].into(),
+    )
+    .await
+    .expect("the registry serves");
     let route = accounts_route(&kafka.topic, true).replace(
         "    envelope: debezium",
-        "    envelope: debezium\n    format: avro",
+        "    envelope: debezium\n    format: avro\n    key_format: avro",
     );
     let yaml = format!("schema_registry: {{ url: {} }}\n{route}", registry.url);
     let config = kafka.config_with_yaml(&db, &yaml).expect("route loads");
@@ -705,10 +710,27 @@ async fn avro_debezium_events_mirror_through_the_registry() {
         ),
         // A delete: `before` holds the key only; the record key is not JSON.
         event("d", image(2, "", 0, None), null(), 13),
+        event("c", null(), image(3, "three", 300, None), 14),
+        // A delete without `before`: the key comes from the Avro record key.
+        Msg {
+            key: Some({
+                let key = apache_avro::Schema::parse_str(key_schema).expect("key schema");
+                let mut framed = vec![0, 0, 0, 0, 10];
+                framed.extend(
+                    apache_avro::writer::datum::GenericDatumWriter::builder(&key)
+                        .build()
+                        .expect("writer")
+                        .write_value_to_vec(Avro::Record(vec![("id".into(), Avro::Int(3))]))
+                        .expect("encodes"),
+                );
+                framed
+            }),
+            ..event("d", null(), null(), 15)
+        },
     ];
     send(&kafka, &kafka.topic, &msgs);
     let mut pipeline = Pipeline::connect(config).await.expect("starts");
-    drive_until_caught_up(&mut pipeline, &db.pool, &kafka, 4, Duration::from_secs(60)).await;
+    drive_until_caught_up(&mut pipeline, &db.pool, &kafka, 6, Duration::from_secs(60)).await;
     pipeline.close().await;
     let letters: Vec<String> =
         sqlx::query_scalar("SELECT reason_code || ': ' || reason FROM ingest.dead_letters")
