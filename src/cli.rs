@@ -159,7 +159,7 @@ pub(crate) struct DlqFilterArgs {
     #[arg(long, value_name = "NAME")]
     pub topic: Option<String>,
     /// Only dead letters that last failed at or after this time (RFC 3339).
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub since: Option<DateTime<Utc>>,
 }
 
@@ -281,9 +281,9 @@ pub(crate) struct RewindArgs {
     /// Move to this offset (kept within the broker's watermarks).
     #[arg(long, value_name = "N", group = "target")]
     pub to_offset: Option<i64>,
-    /// Move to the first record at or after this time (RFC 3339), by the broker's
-    /// offsets-for-times.
-    #[arg(long, value_name = "TIME", group = "target")]
+    /// Move to the first record at or after this time (RFC 3339, e.g.
+    /// 2026-11-29T14:00:00Z), by the broker's offsets-for-times.
+    #[arg(long, value_name = "TIME", group = "target", value_parser = parse_time)]
     pub to_time: Option<DateTime<Utc>>,
     /// Move to the oldest record the broker still has.
     #[arg(long, group = "target")]
@@ -641,6 +641,15 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
     }
 }
 
+/// An RFC 3339 time, or an error showing one.
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            format!("`{text}` is not an RFC 3339 time ({e}): give e.g. 2026-11-29T14:00:00Z")
+        })
+}
+
 /// Prints `value` as pretty JSON when `json`, else as the text `text` makes of it.
 fn print_report<T: serde::Serialize>(
     json: bool,
@@ -711,7 +720,9 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Show { ops, id, json } => {
             let config = ops.load()?;
             let letter = ops::show_dead_letter(&config, id).await?;
-            print_report(json, &letter, ops::format_dead_letter)?;
+            print_report(json, &ops::ShownDeadLetter::from(&letter), |shown| {
+                ops::format_dead_letter(shown.letter)
+            })?;
         }
         DlqCommand::Retry(RetryArgs {
             ops,
@@ -728,8 +739,13 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 ..DeadLetterFilter::default()
             };
             let done = ops::retry_dead_letters(&config, &filter).await?;
+            let counted = if done.still_failing > 0 {
+                " (their attempts counted, their reasons updated)"
+            } else {
+                ""
+            };
             println!(
-                "{} moved into {}, {} still failing (attempts + 1)",
+                "{} moved into {}, {} still failing{counted}",
                 done.moved, done.tables, done.still_failing
             );
         }

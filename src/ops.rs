@@ -171,6 +171,9 @@ pub struct RewindPlan {
     /// Leave rows already in the table instead of replacing them with re-read records.
     pub keep: bool,
     pub moves: Vec<PlannedMove>,
+    /// Targets the broker's watermarks moved (an offset beyond the end, say).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub applied: bool,
 }
 
@@ -221,10 +224,23 @@ pub async fn rewind(
     }
     let client = kafka::metadata_client(config)?;
     let targets = tokio::task::block_in_place(|| resolve(&client, topic, &rows, target))?;
+    let notes = rows
+        .iter()
+        .zip(&targets)
+        .filter_map(|(row, &(to, wanted))| {
+            (wanted != to).then(|| {
+                let side = if wanted > to { "high" } else { "low" };
+                format!(
+                    "partition {}: offset {wanted} lies beyond the broker's {side} watermark: moving to {to}",
+                    row.partition
+                )
+            })
+        })
+        .collect();
     let mut moves: Vec<PlannedMove> = rows
         .iter()
         .zip(targets)
-        .map(|(row, to)| PlannedMove::new(row.partition, row.next_offset, to))
+        .map(|(row, (to, _))| PlannedMove::new(row.partition, row.next_offset, to))
         .collect();
     if apply {
         let wanted: Vec<(i32, i64)> = moves.iter().map(|m| (m.partition, m.to)).collect();
@@ -240,17 +256,19 @@ pub async fn rewind(
         topic: topic.to_owned(),
         keep,
         moves,
+        notes,
         applied: apply,
     })
 }
 
-/// The target offset of each row, kept within the broker's watermarks.
+/// The target offset of each row, kept within the broker's watermarks, with the offset
+/// wanted before that.
 fn resolve(
     client: &BaseConsumer,
     topic: &str,
     rows: &[OffsetRow],
     target: RewindTarget,
-) -> anyhow::Result<Vec<i64>> {
+) -> anyhow::Result<Vec<(i64, i64)>> {
     let times = match target {
         RewindTarget::Time(at) => {
             let mut list = TopicPartitionList::new();
@@ -290,7 +308,7 @@ fn resolve(
                     }
                 }
             };
-            Ok(wanted.clamp(low, high))
+            Ok((wanted.clamp(low, high), wanted))
         })
         .collect()
 }
@@ -373,8 +391,9 @@ pub fn format_plan(plan: &RewindPlan) -> String {
     } else {
         "nothing changed: add --yes to apply"
     };
+    let notes: String = plan.notes.iter().map(|n| format!("{n}\n")).collect();
     format!(
-        "rewind of topic {} for group {} ({mode})\n{}{total} records will be read again\n{status}\n",
+        "rewind of topic {} for group {} ({mode})\n{}{notes}{total} records will be read again\n{status}\n",
         plan.topic,
         plan.group,
         table(&["PARTITION", "FROM", "TO", "RE-READ"], rows)
@@ -385,6 +404,8 @@ pub fn format_plan(plan: &RewindPlan) -> String {
 #[derive(Debug, Serialize)]
 pub struct DeadLetterListing {
     pub counts: Vec<(String, i64)>,
+    /// How many dead letters the filter matches (`dead_letters` holds at most the limit).
+    pub total: i64,
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -394,8 +415,10 @@ pub async fn list_dead_letters(
     limit: i64,
 ) -> anyhow::Result<DeadLetterListing> {
     let pool = store::connect_pool(config).await?;
+    let counts = admin::dead_letter_counts(&pool, filter).await?;
     Ok(DeadLetterListing {
-        counts: admin::dead_letter_counts(&pool, filter).await?,
+        total: counts.iter().map(|(_, n)| n).sum(),
+        counts,
         dead_letters: admin::dead_letters(&pool, filter, limit).await?,
     })
 }
@@ -421,8 +444,17 @@ pub fn format_listing(listing: &DeadLetterListing) -> String {
             ]
         })
         .collect();
+    let shown = listing.dead_letters.len() as i64;
+    let more = if shown < listing.total {
+        format!(
+            "showing the oldest {shown} of {}; pass --limit N (or --reason, --topic, --since) to see others\n",
+            listing.total
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{}\n{}",
+        "{}\n{}{more}",
         table(&["REASON", "COUNT"], counts),
         table(
             &[
@@ -453,6 +485,39 @@ pub async fn show_dead_letter(config: &Config, id: i64) -> anyhow::Result<DeadLe
 }
 
 /// A dead letter in full: the value as text when it is UTF-8, else hex.
+/// A dead letter as `dlq show --json` prints it: with its key and value.
+#[derive(Debug, Serialize)]
+pub struct ShownDeadLetter<'a> {
+    #[serde(flatten)]
+    pub letter: &'a DeadLetter,
+    pub key: Option<ShownBytes>,
+    pub value: Option<ShownBytes>,
+}
+
+/// Raw bytes: as text when they are UTF-8, and always as base64.
+#[derive(Debug, Serialize)]
+pub struct ShownBytes {
+    pub utf8: Option<String>,
+    pub base64: String,
+}
+
+impl<'a> From<&'a DeadLetter> for ShownDeadLetter<'a> {
+    fn from(letter: &'a DeadLetter) -> Self {
+        use base64::Engine;
+        let shown = |bytes: &Option<Vec<u8>>| {
+            bytes.as_deref().map(|b| ShownBytes {
+                utf8: std::str::from_utf8(b).ok().map(str::to_owned),
+                base64: base64::engine::general_purpose::STANDARD.encode(b),
+            })
+        };
+        Self {
+            letter,
+            key: shown(&letter.key),
+            value: shown(&letter.value),
+        }
+    }
+}
+
 pub fn format_dead_letter(d: &DeadLetter) -> String {
     let bytes = |b: &Option<Vec<u8>>| match b.as_deref().map(std::str::from_utf8) {
         None => "(null)".to_owned(),

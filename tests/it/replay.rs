@@ -148,6 +148,31 @@ async fn rewind_by_offset_on_a_live_worker_replaces_re_read_rows_and_lands_the_s
         plan.contains("1200 records will be read again") && plan.contains("nothing changed"),
         "{plan}"
     );
+    // An offset beyond the end is moved to it, and the plan says so.
+    let beyond = [
+        "--topic",
+        &kafka.topic,
+        "--to-offset",
+        "99999999",
+        "--partition",
+        "0",
+    ];
+    let plan = cli(&[&["offsets", "rewind"], &target[..], &beyond[..]].concat());
+    assert!(
+        plan.contains(
+            "partition 0: offset 99999999 lies beyond the broker's high watermark: moving to 600"
+        ),
+        "{plan}"
+    );
+    // A time that is not RFC 3339 is refused with an example.
+    let output = Command::new(BINARY)
+        .args([&["offsets", "rewind"], &target[..]].concat())
+        .args(["--topic", &kafka.topic, "--to-time", "yesterday"])
+        .output()
+        .expect("binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("e.g. 2026-11-29T14:00:00Z"), "{stderr}");
     assert_eq!(
         stored_total(&db.pool, &kafka.group, &kafka.topic).await,
         1_200
@@ -350,6 +375,24 @@ async fn dead_letters_of_a_too_strict_table_are_re_driven_after_the_constraint_i
         shown.contains("<html>") && shown.contains("attempts:        2"),
         "{shown}"
     );
+    // JSON shows the value too: as text when UTF-8, always as base64.
+    let shown = cli(&[
+        "dlq",
+        "show",
+        &id.to_string(),
+        "--json",
+        "--database-url",
+        &db.url,
+    ]);
+    let letter: serde_json::Value = serde_json::from_str(&shown).expect("JSON letter");
+    let text = letter["value"]["utf8"].as_str().expect("UTF-8 value");
+    assert!(text.contains("<html>"), "{shown}");
+    assert!(letter["value"]["base64"].is_string(), "{shown}");
+    // A listing cut by --limit says how many there are.
+    let cut = cli(&["dlq", "list", "--limit", "1", "--database-url", &db.url]);
+    assert!(cut.contains("showing the oldest 1 of 3"), "{cut}");
+    let whole = cli(&["dlq", "list", "--database-url", &db.url]);
+    assert!(!whole.contains("showing the oldest"), "{whole}");
 
     // Purging counts first, deletes only with --yes, and only what is old enough.
     let url = ["--database-url", db.url.as_str()];
