@@ -227,14 +227,13 @@ pub async fn rewind(
     let notes = rows
         .iter()
         .zip(&targets)
-        .filter_map(|(row, &(to, wanted))| {
-            (wanted != to).then(|| {
-                let side = if wanted > to { "high" } else { "low" };
-                format!(
-                    "partition {}: offset {wanted} lies beyond the broker's {side} watermark: moving to {to}",
-                    row.partition
-                )
-            })
+        .filter(|(_, (to, wanted))| wanted != to)
+        .map(|(row, &(to, wanted))| {
+            let side = if wanted > to { "high" } else { "low" };
+            format!(
+                "partition {}: offset {wanted} lies beyond the broker's {side} watermark: moving to {to}",
+                row.partition
+            )
         })
         .collect();
     let mut moves: Vec<PlannedMove> = rows
