@@ -175,11 +175,24 @@ pub(crate) struct RoutedArgs {
 
 impl RoutedArgs {
     fn load(&self) -> anyhow::Result<Config> {
-        self.common.load(Overrides {
-            topics: self.topics.clone(),
-            ..Overrides::default()
-        })
+        self.common
+            .load(Overrides {
+                topics: self.topics.clone(),
+                ..Overrides::default()
+            })
+            .map(answering)
     }
+}
+
+/// How long a command an operator waits on retries an unreachable database.
+const COMMAND_CONNECT_RETRY_SECS: u64 = 5;
+
+/// `config` for a command an operator waits on: a database that does not answer is
+/// said so in seconds, not after the worker's patient retries.
+fn answering(mut config: Config) -> Config {
+    let retry = &mut config.postgres.connect_retry_secs;
+    *retry = (*retry).min(COMMAND_CONNECT_RETRY_SECS);
+    config
 }
 
 /// Flags of `schema`.
@@ -306,12 +319,14 @@ impl OpsArgs {
 
     /// The configuration with `topics` as `--topic` of `run` gives them.
     fn load_with_topics(&self, topics: Vec<String>) -> anyhow::Result<Config> {
-        self.common.load(Overrides {
-            brokers: self.brokers.clone(),
-            group: self.group.clone(),
-            topics,
-            ..Overrides::default()
-        })
+        self.common
+            .load(Overrides {
+                brokers: self.brokers.clone(),
+                group: self.group.clone(),
+                topics,
+                ..Overrides::default()
+            })
+            .map(answering)
     }
 }
 

@@ -106,7 +106,8 @@ pub fn format_offsets(statuses: &[OffsetStatus]) -> String {
                 opt(s.low),
                 opt(s.high),
                 opt(s.lag),
-                s.row.owner.clone(),
+                // A worker that exited cleanly left its partitions unowned.
+                if s.row.owner.is_empty() { "-".to_owned() } else { s.row.owner.clone() },
                 s.row.epoch.to_string(),
                 s.row.updated_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
                 opt(s.row.replay_until),

@@ -353,6 +353,9 @@ impl Pipeline {
             }
         }
         self.mirror_offsets();
+        if let Err(e) = self.store.release(&self.owner).await {
+            tracing::warn!(error = %e, "could not clear this worker from the offset rows it owned; they keep its name until claimed");
+        }
         if let Some(consumer) = self.consumer.take() {
             leave_group(consumer);
         }

@@ -38,6 +38,25 @@ pub struct StoredOffset {
 }
 
 impl Store {
+    /// Clears `owner` from the offset rows it still holds, at a clean exit, so that
+    /// `offsets show` tells a live owner from a gone one. A row another worker claimed
+    /// since names that worker and stays; the epoch stays, so the fencing is as before.
+    pub async fn release(&self, owner: &str) -> Result<u64, StoreError> {
+        self.bounded("release the claimed partitions", async |conn| {
+            sqlx::query(
+                "UPDATE ingest.offsets SET owner = '', updated_at = now() \
+                 WHERE consumer_group = $1 AND owner = $2",
+            )
+            .bind(&self.group)
+            .bind(owner)
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(db("release the claimed partitions"))
+        })
+        .await
+    }
+
     /// Claims partitions for `owner` in one statement: creates missing rows, bumps the
     /// epoch of existing ones (fencing any previous owner) and returns where to start.
     /// Each partition comes with the least epoch its claim may take (0 for any): a

@@ -463,3 +463,25 @@ async fn offsets_show_without_a_broker_fails_in_one_timeout_unless_told_to_skip_
     );
     db.drop().await;
 }
+
+#[test]
+fn check_against_an_unreachable_database_fails_in_seconds() {
+    let started = Instant::now();
+    let output = run_binary(
+        &[
+            "check",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/x",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot reach Postgres"), "{stderr}");
+    // The worker's own patience (postgres.connect_retry_secs, 60 s) is not a check's.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -173,7 +173,6 @@ async fn batch_mixing_valid_and_every_kind_of_bad_record_commits_all_in_one_tran
         Duration::from_secs(60),
     )
     .await;
-    pipeline.close().await;
 
     let reasons: Vec<String> =
         sqlx::query_scalar("SELECT reason_code FROM ingest.dead_letters ORDER BY \"offset\"")
@@ -231,6 +230,9 @@ async fn batch_mixing_valid_and_every_kind_of_bad_record_commits_all_in_one_tran
         1,
         "rows, dead letters and offset advance share one transaction"
     );
+    // Closed after: a clean exit clears the owner from the offset rows, in a transaction
+    // of its own.
+    pipeline.close().await;
     db.drop().await;
 }
 

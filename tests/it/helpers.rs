@@ -387,7 +387,22 @@ pub async fn ingest_all_and_assert_exactly_once(
         Duration::from_secs(120),
     )
     .await;
+    let owner = pipeline.owner().to_owned();
+    let owned = || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM ingest.offsets WHERE owner = $1")
+            .bind(&owner)
+            .fetch_one(&db.pool)
+    };
+    assert!(
+        owned().await.expect("owners") > 0,
+        "the worker owned its partitions"
+    );
     pipeline.close().await;
+    assert_eq!(
+        owned().await.expect("owners"),
+        0,
+        "a clean exit leaves no partition owned"
+    );
     assert_landed_once(db, kafka, valid, dead).await;
 }
 
