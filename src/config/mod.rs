@@ -812,6 +812,15 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(addr) = &self.run.metrics_addr {
+            let port = addr.rsplit_once(':').filter(|(host, _)| !host.is_empty());
+            if port.is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+                return Err(invalid(
+                    "run.metrics_addr",
+                    format!("`{addr}` is not HOST:PORT (--metrics-addr), e.g. 0.0.0.0:9090"),
+                ));
+            }
+        }
         if self.kafka.brokers.trim().is_empty() {
             return Err(invalid(
                 "kafka.brokers",
@@ -1243,6 +1252,18 @@ mod tests {
             "batch:\n  max_wait_ms: 9000\nkafka:\n  options:\n    max.poll.interval.ms: '10000'\n";
         let err = load_yaml(yaml, vec![]).unwrap_err();
         assert!(err.to_string().contains("batch.max_wait_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_metrics_address_without_a_port_is_refused_before_anything_starts() {
+        for bad in ["localhost", ":9090", "localhost:http", "[::1]"] {
+            let err = load_yaml(&format!("run:\n  metrics_addr: '{bad}'\n"), vec![]).unwrap_err();
+            assert!(err.to_string().contains("run.metrics_addr"), "{bad}: {err}");
+        }
+        for good in ["localhost:9090", "0.0.0.0:0", "[::1]:9090"] {
+            load_yaml(&format!("run:\n  metrics_addr: '{good}'\n"), vec![])
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
     }
 
     #[test]

@@ -280,14 +280,19 @@ async fn second_joins_first_leaves(assignment_strategy: &str) {
         || async { progress().await >= produced },
     )
     .await;
-    second.stop().await;
-
-    assert_landed_once(&db, &kafka, produced, 0).await;
     assert_eq!(
         owners(&db.pool, &kafka).await,
-        vec![second_owner],
+        vec![second_owner.clone()],
         "the second worker took over every partition"
     );
+    second.stop().await;
+    assert_eq!(
+        owners(&db.pool, &kafka).await,
+        vec![String::new()],
+        "its clean exit left no partition owned"
+    );
+
+    assert_landed_once(&db, &kafka, produced, 0).await;
     let first_rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ingest.offsets WHERE owner = $1")
             .bind(&first_owner)
