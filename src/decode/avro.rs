@@ -371,13 +371,19 @@ fn decimal(part: Part<'_>) -> Result<String, String> {
             schema.precision
         ));
     }
-    let unscaled = num_bigint::BigInt::from_signed_bytes_be(&bytes).to_string();
-    Ok(with_scale(&unscaled, schema.scale))
+    Ok(decimal_text(&bytes, schema.scale))
+}
+
+/// Exact decimal text of big-endian two's complement unscaled `bytes` at `scale` (how
+/// Avro and Kafka Connect write decimals).
+pub(super) fn decimal_text(bytes: &[u8], scale: usize) -> String {
+    let unscaled = num_bigint::BigInt::from_signed_bytes_be(bytes).to_string();
+    with_scale(&unscaled, scale)
 }
 
 /// `unscaled` (an integer's text, maybe signed) with its last `scale` digits after the
 /// decimal point.
-pub(super) fn with_scale(unscaled: &str, scale: usize) -> String {
+fn with_scale(unscaled: &str, scale: usize) -> String {
     let (sign, digits) = match unscaled.strip_prefix('-') {
         Some(digits) => ("-", digits),
         None => ("", unscaled),

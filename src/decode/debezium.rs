@@ -12,7 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value};
 
-use super::avro::{EpochUnit, date, epoch_instant, time_of_day, with_scale};
+use super::avro::{EpochUnit, date, decimal_text, epoch_instant, time_of_day};
 use super::value::{Input, is_decimal};
 use crate::config::ColumnType;
 use crate::route::{Column, Source};
@@ -213,11 +213,8 @@ fn convert<'a>(
         "io.debezium.time.NanoTimestamp" => {
             Input::Timestamp(epoch_instant(int()?, EpochUnit::Nanos)?)
         }
-        // Microseconds (Debezium counts a month as 30.4375 days); an interval column
-        // takes seconds.
-        "io.debezium.time.MicroDuration" => Input::Owned(super::framed::float(
-            int()? as f64 / 1_000_000.0,
-        )),
+        // Debezium counts a month as 30.4375 days.
+        "io.debezium.time.MicroDuration" => seconds(int()?),
         "org.apache.kafka.connect.data.Decimal" => {
             let scale = schema
                 .pointer("/parameters/scale")
@@ -275,14 +272,18 @@ fn by_column<'a>(column: &Column, v: &'a Value, schema_less: bool) -> Result<Inp
             }
         }
         (ColumnType::Jsonb, Value::String(_)) if schema_less => json_text(v),
-        // Debezium's durations and times of day are microseconds; an interval column
-        // takes seconds.
+        // Debezium's durations and times of day are microseconds.
         (ColumnType::Interval, Value::Number(n)) if schema_less => match n.as_i64() {
-            Some(micros) => Input::Owned(super::framed::float(micros as f64 / 1_000_000.0)),
+            Some(micros) => seconds(micros),
             None => Input::Json(v),
         },
         _ => Input::Json(v),
     })
+}
+
+/// Microseconds as the seconds an interval column takes.
+fn seconds(micros: i64) -> Input<'static> {
+    Input::Owned(super::framed::float(micros as f64 / 1_000_000.0))
 }
 
 fn days(n: i64) -> Result<i32, String> {
@@ -320,8 +321,7 @@ fn decimal(v: &Value, scale: u64) -> Result<String, String> {
             bytes.len()
         ));
     }
-    let unscaled = num_bigint::BigInt::from_signed_bytes_be(&bytes).to_string();
-    Ok(with_scale(&unscaled, scale as usize))
+    Ok(decimal_text(&bytes, scale as usize))
 }
 
 #[cfg(test)]

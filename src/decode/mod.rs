@@ -1067,21 +1067,15 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Appends a NULL field.
 /// Appends a trailing field of raw bytes that need no escaping (or NULL) to a row.
 fn push_field(format: CopyFormat, out: &mut Vec<u8>, field: Option<&[u8]>) {
-    let Some(bytes) = field else {
-        if format == CopyFormat::Text {
-            out.push(b'\t');
-        }
-        return push_null(format, out);
-    };
-    match format {
-        CopyFormat::Text => {
-            out.push(b'\t');
-            out.extend_from_slice(bytes);
-        }
-        CopyFormat::Binary => {
+    if format == CopyFormat::Text {
+        out.push(b'\t');
+    }
+    match (field, format) {
+        (None, _) => push_null(format, out),
+        (Some(bytes), CopyFormat::Text) => out.extend_from_slice(bytes),
+        (Some(bytes), CopyFormat::Binary) => {
             out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
             out.extend_from_slice(bytes);
         }
@@ -1097,6 +1091,7 @@ fn push_flag(format: CopyFormat, out: &mut Vec<u8>, flag: bool) {
     }
 }
 
+/// Appends a NULL field.
 fn push_null(format: CopyFormat, out: &mut Vec<u8>) {
     match format {
         CopyFormat::Text => out.extend_from_slice(b"\\N"),

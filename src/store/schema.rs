@@ -728,12 +728,7 @@ impl UpsertSql {
             apply.push_str(&keep_unread(route, table, staging, conflict));
         }
         if route.delete_on_tombstone || envelope {
-            let matches = route
-                .key_columns
-                .iter()
-                .map(|k| format!("t.{0} = s.{0}", quote_ident(k)))
-                .collect::<Vec<_>>()
-                .join(" AND ");
+            let matches = same_key(&route.key_columns, "t", "s");
             let newer = not_older(route, "s").map_or_else(String::new, |c| format!(" AND {c}"));
             apply.push_str(&format!(
                 "DELETE FROM {table} t USING {last} WHERE s.{DELETE_FLAG} AND {matches}{newer}; "
@@ -771,19 +766,20 @@ impl UpsertSql {
     }
 }
 
+/// The condition that rows `a` and `b` have the same values in `key`.
+fn same_key(key: &[String], a: &str, b: &str) -> String {
+    key.iter()
+        .map(|k| format!("{a}.{0} = {b}.{0}", quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// Fills in the columns a Debezium event left unread (an unchanged TOASTed value) in
 /// each staged line: from the latest earlier line of its key in the batch that has the
 /// column, else from the row in the table (NULL without one). The later upsert then
 /// writes what the row held, never the placeholder.
 fn keep_unread(route: &Route, table: &str, staging: &str, conflict: &[String]) -> String {
-    let matching = |a: &str, b: &str| {
-        conflict
-            .iter()
-            .map(|k| format!("{a}.{0} = {b}.{0}", quote_ident(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
-    let (earlier, in_table) = (matching("p", "s"), matching("t", "s"));
+    let (earlier, in_table) = (same_key(conflict, "p", "s"), same_key(conflict, "t", "s"));
     let sets: Vec<String> = route
         .columns
         .iter()
