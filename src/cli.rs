@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Layers, Overrides};
 use crate::dev::LocalDatabase;
 use crate::store::admin::DeadLetterFilter;
 use crate::telemetry::{self, LogFormat};
@@ -33,7 +33,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Consume and ingest until stopped (SIGINT/SIGTERM) or --cycles polls have run.
+    /// Consume and ingest until stopped (SIGINT/SIGTERM) or --cycles polls have run
+    /// since the first claim.
     Run(RunArgs),
     #[command(flatten)]
     Tool(Tool),
@@ -63,6 +64,10 @@ pub(crate) enum Tool {
     /// Dead letters: list, show, re-drive into the table, purge.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Print the effective configuration (built-in defaults, then --config, environment
+    /// variables and flags, as `run` layers them) as YAML with secrets masked; exit
+    /// non-zero naming the key and its layer when one is invalid.
+    Config(ConfigArgs),
     /// Print a completion script for SHELL to stdout, e.g.
     /// `kafka-pg-ingest completions bash > /etc/bash_completion.d/kafka-pg-ingest`.
     Completions { shell: clap_complete::Shell },
@@ -379,7 +384,8 @@ pub(crate) struct RunArgs {
     /// Topic to consume; repeat for several.
     #[arg(long = "topic", value_name = "NAME")]
     pub topics: Vec<String>,
-    /// Number of poll cycles, then exit 0 (unlimited when absent).
+    /// Number of poll cycles from the first claim of a partition, then exit 0
+    /// (unlimited when absent; joining the group is not counted).
     #[arg(long, value_name = "N")]
     pub cycles: Option<u64>,
     /// Seconds to pause after a poll that returned nothing.
@@ -391,6 +397,32 @@ pub(crate) struct RunArgs {
     /// Serve /metrics, /healthz and /readyz on HOST:PORT.
     #[arg(long, env = "METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+}
+
+/// Flags of `config`.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ConfigArgs {
+    /// The flags of `run`, layered as `run` layers them.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// End each key with a comment naming where its value came from.
+    #[arg(long)]
+    pub origin: bool,
+}
+
+impl RunArgs {
+    /// What these flags set.
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            brokers: self.ops.brokers.clone(),
+            group: self.ops.group.clone(),
+            topics: self.topics.clone(),
+            sleep_secs: self.sleep,
+            kafka_options: self.kafka_options.clone(),
+            metrics_addr: self.metrics_addr.clone(),
+            database_url: None,
+        }
+    }
 }
 
 /// Flags of `demo`.
@@ -484,12 +516,29 @@ impl Cli {
             Some(Command::Tool(Tool::Schema(a))) => a.routed.common.log_format,
             Some(Command::Tool(Tool::Demo(a))) => a.log_format,
             Some(Command::Tool(Tool::Offsets(_) | Tool::Dlq(_))) => LogFormat::Text,
+            Some(Command::Tool(Tool::Config(a))) => a.run.ops.common.log_format,
             Some(Command::Tool(
                 Tool::Bench(_) | Tool::Dev(_) | Tool::Completions { .. } | Tool::Man { .. },
             )) => LogFormat::Text,
             None => self.run.ops.common.log_format,
         }
     }
+}
+
+/// An error with its causes, each cause left out when the text before already says it
+/// (errors that print their source, as most of std's and the crates' do).
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Runs the parsed command.
@@ -559,6 +608,15 @@ async fn execute_tool(tool: Tool) -> anyhow::Result<()> {
                 print!("{}", mapping_comment(&config));
             }
             print!("{ddl}");
+            Ok(())
+        }
+        Tool::Config(args) => {
+            let common = &args.run.ops.common;
+            let mut overrides = args.run.overrides();
+            overrides.database_url = common.database_url.clone();
+            let layers = Layers::read(common.config.as_deref(), std::env::vars(), &overrides)?;
+            crate::checked(layers.config()?)?;
+            print!("{}", layers.render(args.origin));
             Ok(())
         }
         Tool::Completions { shell } => {
@@ -784,15 +842,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, format: LogFormat) -> anyhow::Result<()> {
-    let config = args.ops.common.load(Overrides {
-        brokers: args.ops.brokers,
-        group: args.ops.group,
-        topics: args.topics,
-        sleep_secs: args.sleep,
-        kafka_options: args.kafka_options,
-        metrics_addr: args.metrics_addr,
-        database_url: None,
-    })?;
+    let config = args.ops.common.load(args.overrides())?;
     let telemetry = telemetry::init(format, Some(&config))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -834,6 +884,22 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_that_prints_its_source_says_it_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let read = crate::config::ConfigError::Read {
+            path: "x.yaml".into(),
+            source: io,
+        };
+        let error = anyhow::Error::new(read).context("loading the configuration");
+        let text = error_text(&error);
+        assert_eq!(text.matches("entity not found").count(), 1, "{text}");
+        assert!(
+            text.starts_with("loading the configuration: cannot read config file x.yaml"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn quoted_names_parse_back_as_written() {

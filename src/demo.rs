@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Overrides;
 use crate::pipeline::Pipeline;
+use crate::progress::Progress;
 use crate::sample;
 
 /// What the demo found in Postgres at the end.
@@ -85,6 +86,7 @@ pub async fn run(database_url: &str, messages: u64, partitions: i32) -> anyhow::
     let shutdown = CancellationToken::new();
     let deadline = started + Duration::from_secs(120);
     let mut landed = 0u64;
+    let mut progress = Progress::new("records ingested", produced);
     while landed < produced {
         if Instant::now() > deadline {
             bail!("demo did not catch up within 120 s ({landed} of {produced} records)");
@@ -93,8 +95,10 @@ pub async fn run(database_url: &str, messages: u64, partitions: i32) -> anyhow::
             pipeline.step(&shutdown).await?
         {
             landed += records as u64;
+            progress.set(landed);
         }
     }
+    progress.finish();
     let elapsed = started.elapsed();
     let pool = pipeline.store().pool().clone();
     let group = pipeline.store().group().to_owned();

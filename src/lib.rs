@@ -66,8 +66,8 @@ macro_rules! inner_rooms {
 }
 
 inner_rooms!(
-    bench, decode, demo, dev, kafka, ops, pipeline, record, registry, retry, route, routes, sample,
-    security, store, telemetry,
+    bench, decode, demo, dev, kafka, ops, pipeline, progress, record, registry, retry, route,
+    routes, sample, security, store, telemetry,
 );
 
 pub use pipeline::{Latencies, PipelineError, Stats, run};
@@ -86,7 +86,11 @@ pub fn load_config(
     env: impl IntoIterator<Item = (String, String)>,
     overrides: &config::Overrides,
 ) -> Result<config::Config, config::ConfigError> {
-    let config = config::Config::load(file, env, overrides)?;
+    checked(config::Config::load(file, env, overrides)?)
+}
+
+/// `config` once checked for what the typed data alone cannot say (see [`load_config`]).
+pub fn checked(config: config::Config) -> Result<config::Config, config::ConfigError> {
     security::validate(&config)?;
     routes::Routes::new(&config)?;
     Ok(config)

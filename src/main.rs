@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,19 +1,21 @@
 //! Operator commands: `offsets show|rewind` and `dlq list|show|retry|purge`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::{Config, WriteMode};
-use crate::kafka;
+use crate::kafka::{self, Inspector};
 use crate::record::hex;
 use crate::routes::Routes;
 use crate::store::admin::{self, DeadLetter, DeadLetterFilter, OffsetRow};
 use crate::store::{self, Store};
+use crate::telemetry::outage::Outage;
 
 /// How long one broker metadata request may take.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,7 +40,7 @@ pub async fn show(
 ) -> anyhow::Result<Vec<OffsetStatus>> {
     let pool = store::connect_pool(config).await?;
     let rows = admin::offset_rows(&pool, group, None).await?;
-    let client = watermarks.then(|| kafka::metadata_client(config)).transpose()?;
+    let client = watermarks.then(|| kafka::metadata_client(config, Arc::new(Outage::new("Kafka")))).transpose()?;
     tokio::task::block_in_place(|| {
         rows.into_iter()
             .map(|row| {
@@ -223,7 +225,7 @@ pub async fn rewind(
     if rows.is_empty() {
         bail!("group `{group}` has no stored offsets for topic `{topic}`");
     }
-    let client = kafka::metadata_client(config)?;
+    let client = kafka::metadata_client(config, Arc::new(Outage::new("Kafka")))?;
     let targets = tokio::task::block_in_place(|| resolve(&client, topic, &rows, target))?;
     let notes = rows
         .iter()
@@ -264,7 +266,7 @@ pub async fn rewind(
 /// The target offset of each row, kept within the broker's watermarks, with the offset
 /// wanted before that.
 fn resolve(
-    client: &BaseConsumer,
+    client: &Inspector,
     topic: &str,
     rows: &[OffsetRow],
     target: RewindTarget,
@@ -317,7 +319,7 @@ fn resolve(
 /// when none is), by binary search over the records; timestamps are taken as
 /// non-decreasing, as producer create times are.
 fn first_offset_at(
-    client: &BaseConsumer,
+    client: &Inspector,
     topic: &str,
     partition: i32,
     (low, high): (i64, i64),
@@ -339,7 +341,7 @@ fn first_offset_at(
 
 /// The offset and timestamp (ms) of the first record at or after `offset`.
 fn record_at(
-    client: &BaseConsumer,
+    client: &Inspector,
     topic: &str,
     partition: i32,
     offset: i64,

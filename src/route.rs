@@ -95,6 +95,19 @@ pub enum TimeFormat {
     Pattern(String),
 }
 
+impl std::fmt::Display for TimeFormat {
+    /// As a column's `format` names it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Iso8601 => f.write_str("iso8601"),
+            Self::EpochS => f.write_str("epoch_s"),
+            Self::EpochMs => f.write_str("epoch_ms"),
+            Self::EpochUs => f.write_str("epoch_us"),
+            Self::Pattern(p) => write!(f, "`{p}`"),
+        }
+    }
+}
+
 /// One mapped column, resolved.
 #[derive(Debug, Clone)]
 pub struct Column {

@@ -40,6 +40,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use crate::config::{Config, Overrides, ValueFormat, WriteMode};
 use crate::dev::registry::DevRegistry;
 use crate::dev::reaped::Reaped;
+use crate::progress::Progress;
 use crate::record::Record;
 use crate::routes::Routes;
 use crate::sample;
@@ -176,12 +177,12 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} {:?} messages over {} partitions, batch size {}, worker mode {:?}{}, {}{} runs (naive: {} messages)",
+            "{} {} messages over {} partitions, batch size {}, worker mode {}{}, {}{} runs (naive: {} messages)",
             self.messages,
-            self.format,
+            self.format.name(),
             self.partitions,
             self.batch_size,
-            self.mode,
+            self.mode.name(),
             if self.updates { " (updates)" } else { "" },
             if self.partitioned {
                 "tables partitioned by day, "
@@ -620,6 +621,7 @@ async fn measure_worker(
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut claimed: Option<(Instant, i64)> = None;
     let mut peak_rss = 0;
+    let mut progress = Progress::new("records ingested", total as u64);
     loop {
         let (partitions, stored, slowest): (i64, i64, i64) = sqlx::query_as(
             "SELECT count(*), coalesce(sum(next_offset), 0)::int8, coalesce(min(next_offset), 0)::int8 \
@@ -641,6 +643,7 @@ async fn measure_worker(
         if partitions > 0 && claimed.is_none() {
             claimed = Some((Instant::now(), stored));
         }
+        progress.set(stored as u64);
         if stored >= total {
             break;
         }
@@ -657,6 +660,7 @@ async fn measure_worker(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let done = Instant::now();
+    progress.finish();
     feeder.await??;
     let cpu_s = process::cpu_seconds(pid).unwrap_or(f64::NAN);
     // Its backends, found by the ports of its connections (a backend its pool closed

@@ -642,22 +642,43 @@ pub struct Overrides {
     pub metrics_addr: Option<String>,
 }
 
-impl Config {
-    /// Builds the configuration from all layers and checks its keys against each other.
-    /// What needs more than the data (the files the security keys name, the routes) is
-    /// checked by `crate::load_config`, which every entry point loads through.
-    pub fn load(
+/// The configuration tree merged from every layer, with the layer each key came from.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    tree: Value,
+    /// Dotted key paths a layer above the defaults set, with that layer; a list is set
+    /// whole, a map key by key.
+    origins: BTreeMap<String, String>,
+}
+
+/// The layer of keys no file, variable or flag set.
+const DEFAULTS: &str = "built-in defaults";
+
+impl Layers {
+    /// Merges the built-in defaults, `file`, the environment variables among `env` and
+    /// the flags in `overrides`.
+    pub fn read(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
-        let mut tree = parse_yaml(DEFAULT_YAML, "built-in defaults")?;
+        let mut layers = Self {
+            tree: parse_yaml(DEFAULT_YAML, DEFAULTS)?,
+            origins: BTreeMap::new(),
+        };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.display().to_string(),
                 source,
             })?;
-            merge(&mut tree, parse_yaml(&text, &path.display().to_string())?);
+            let origin = format!("file {}", path.display());
+            let over = parse_yaml(&text, &path.display().to_string())?;
+            let mut leaves = Vec::new();
+            leaf_paths(&over, String::new(), &mut leaves);
+            for leaf in leaves {
+                layers.origins.insert(leaf, origin.clone());
+            }
+            merge(&mut layers.tree, over);
         }
         for (name, value) in env {
             // `NAME_FILE=path` gives a variable's value from a file (container secrets);
@@ -685,7 +706,16 @@ impl Config {
                 // Only as DATABASE_URL_FILE: DATABASE_URL itself is the --database-url flag.
                 vec!["postgres".to_owned(), "url".to_owned()]
             } else if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
-                rest.split("__").map(str::to_lowercase).collect()
+                let mut keys: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+                // A shell cannot export a name with dots: librdkafka's properties, all
+                // dotted, are written with `_` for `.`.
+                if let [section, options, property] = keys.as_mut_slice()
+                    && section == "kafka"
+                    && options == "options"
+                {
+                    *property = property.replace('_', ".");
+                }
+                keys
             } else if let Some(key) = name
                 .strip_prefix("OTEL_")
                 .map(str::to_lowercase)
@@ -695,40 +725,210 @@ impl Config {
             } else {
                 continue;
             };
-            set_path(&mut tree, &keys, value).map_err(|problem| invalid(&name, problem))?;
+            let origin = format!("environment variable {name}");
+            layers
+                .set(&keys, value, origin)
+                .map_err(|problem| invalid(&name, problem))?;
         }
-        let mut config: Config =
-            serde_yaml_ng::from_value(tree).map_err(|e| ConfigError::Parse {
-                origin: "merged layers".into(),
-                message: e.to_string(),
-            })?;
-        config.apply(overrides);
-        config.validate()?;
+        for (keys, value, flag) in overrides.settings() {
+            let origin = format!("flag {flag}");
+            layers
+                .set(&keys, value, origin)
+                .map_err(|problem| invalid(flag, problem))?;
+        }
+        Ok(layers)
+    }
+
+    fn set(&mut self, keys: &[String], value: Value, origin: String) -> Result<(), String> {
+        set_path(&mut self.tree, keys, value)?;
+        self.origins.insert(keys.join("."), origin);
+        Ok(())
+    }
+
+    /// The layer that set `key` (a dotted path, with `[i]` for list items).
+    pub fn origin(&self, key: &str) -> &str {
+        self.origins
+            .iter()
+            .rev()
+            .find(|(path, _)| {
+                key.strip_prefix(path.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            })
+            .map_or(DEFAULTS, |(_, origin)| origin)
+    }
+
+    /// The configuration these layers give, its keys checked against each other. A
+    /// value of the wrong type or a relation that cannot work names the key and the
+    /// layer that set it.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(self.tree.clone()).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Parse {
+                origin: self.origin(&key).to_owned(),
+                message: format!("`{key}`: {}", e.inner()),
+            }
+        })?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, problem } if self.origin(&key) != DEFAULTS => {
+                let problem = format!("{problem} (set by {})", self.origin(&key));
+                ConfigError::Invalid { key, problem }
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
-    fn apply(&mut self, o: &Overrides) {
-        if let Some(b) = &o.brokers {
-            self.kafka.brokers = b.clone();
+    /// The merged configuration as YAML, secrets masked; with `origins`, each key ends
+    /// with a comment naming the layer that set it.
+    pub fn render(&self, origins: bool) -> String {
+        let mut tree = self.tree.clone();
+        mask_secrets(&mut tree);
+        let mut out = String::new();
+        if let Value::Mapping(map) = &tree {
+            self.render_map(map, "", 0, origins, &mut out);
         }
-        if let Some(url) = &o.database_url {
-            self.postgres.url = SecretString::from(url.clone());
+        out
+    }
+
+    fn render_map(&self, map: &Mapping, path: &str, depth: usize, origins: bool, out: &mut String) {
+        let indent = "  ".repeat(depth);
+        for (key, value) in map {
+            let key = key
+                .as_str()
+                .map_or_else(|| format!("{key:?}"), str::to_owned);
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            let name = serde_yaml_ng::to_string(&Value::String(key)).unwrap_or_default();
+            let name = name.trim_end();
+            let comment = if origins {
+                format!("  # {}", self.origin(&here))
+            } else {
+                String::new()
+            };
+            match value {
+                Value::Mapping(inner) if !inner.is_empty() => {
+                    out.push_str(&format!("{indent}{name}:\n"));
+                    self.render_map(inner, &here, depth + 1, origins, out);
+                }
+                _ => {
+                    let text = serde_yaml_ng::to_string(value).unwrap_or_default();
+                    let text = text.trim_end();
+                    let list = matches!(value, Value::Sequence(items) if !items.is_empty());
+                    if list || text.contains('\n') {
+                        out.push_str(&format!("{indent}{name}:{comment}\n"));
+                        for line in text.lines() {
+                            out.push_str(&format!("{indent}  {line}\n"));
+                        }
+                    } else {
+                        out.push_str(&format!("{indent}{name}: {text}{comment}\n"));
+                    }
+                }
+            }
         }
-        if let Some(g) = &o.group {
-            self.kafka.group = g.clone();
+    }
+}
+
+/// Every leaf key path of a tree (a list is a leaf: lists replace).
+fn leaf_paths(value: &Value, path: String, out: &mut Vec<String>) {
+    match value {
+        Value::Mapping(map) if !map.is_empty() => {
+            for (key, inner) in map {
+                let key = key
+                    .as_str()
+                    .map_or_else(|| format!("{key:?}"), str::to_owned);
+                let here = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
+                leaf_paths(inner, here, out);
+            }
         }
-        if !o.topics.is_empty() {
-            self.kafka.topics = o.topics.clone();
+        _ if !path.is_empty() => out.push(path),
+        _ => {}
+    }
+}
+
+/// Masks passwords and the passwords of URLs, wherever they are in a tree.
+fn mask_secrets(value: &mut Value) {
+    if let Value::Mapping(map) = value {
+        for (key, inner) in map.iter_mut() {
+            let key = key.as_str().unwrap_or_default();
+            match inner {
+                Value::String(text) if key.ends_with("password") => *text = "***".into(),
+                Value::String(text) if key == "url" => *text = mask_url(text),
+                _ => mask_secrets(inner),
+            }
         }
-        if let Some(s) = o.sleep_secs {
-            self.run.sleep_secs = s;
+    }
+}
+
+impl Overrides {
+    /// The keys these flags set, with their values and the flag (or its variable).
+    fn settings(&self) -> Vec<(Vec<String>, Value, &'static str)> {
+        let text = |s: &String| Value::String(s.clone());
+        let keys = |path: &[&str]| path.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+        let mut settings = Vec::new();
+        if let Some(b) = &self.brokers {
+            settings.push((
+                keys(&["kafka", "brokers"]),
+                text(b),
+                "--brokers (or KAFKA_BROKERS)",
+            ));
         }
-        if let Some(addr) = &o.metrics_addr {
-            self.run.metrics_addr = Some(addr.clone());
+        if let Some(url) = &self.database_url {
+            settings.push((
+                keys(&["postgres", "url"]),
+                text(url),
+                "--database-url (or DATABASE_URL)",
+            ));
         }
-        for (k, v) in &o.kafka_options {
-            self.kafka.options.insert(k.clone(), v.clone());
+        if let Some(g) = &self.group {
+            settings.push((keys(&["kafka", "group"]), text(g), "--group"));
         }
+        if !self.topics.is_empty() {
+            let topics = self.topics.iter().map(text).collect();
+            settings.push((
+                keys(&["kafka", "topics"]),
+                Value::Sequence(topics),
+                "--topic",
+            ));
+        }
+        if let Some(s) = self.sleep_secs {
+            settings.push((keys(&["run", "sleep_secs"]), Value::from(s), "--sleep"));
+        }
+        if let Some(addr) = &self.metrics_addr {
+            settings.push((
+                keys(&["run", "metrics_addr"]),
+                text(addr),
+                "--metrics-addr (or METRICS_ADDR)",
+            ));
+        }
+        for (k, v) in &self.kafka_options {
+            // A property's own dots are not key separators.
+            settings.push((
+                keys(&["kafka", "options", k.as_str()]),
+                text(v),
+                "--kafka-option",
+            ));
+        }
+        settings
+    }
+}
+
+impl Config {
+    /// Builds the configuration from all layers and checks its keys against each other.
+    /// What needs more than the data (the files the security keys name, the routes) is
+    /// checked by `crate::load_config`, which every entry point loads through.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        Layers::read(file, env, overrides)?.config()
     }
 
     /// Refuses relations between keys that cannot work, saying which key to change.
@@ -1292,12 +1492,20 @@ mod tests {
         let yaml = "kafka:\n  options:\n    session.timeout.ms: 6000\n    check.crcs: true\n";
         let c = load_yaml(
             yaml,
-            vec![("KAFKA_PG_INGEST__KAFKA__OPTIONS__FETCH.WAIT.MAX.MS", "50")],
+            vec![
+                ("KAFKA_PG_INGEST__KAFKA__OPTIONS__FETCH.WAIT.MAX.MS", "50"),
+                // The form a shell can export: `_` for the dots.
+                (
+                    "KAFKA_PG_INGEST__KAFKA__OPTIONS__MAX_POLL_INTERVAL_MS",
+                    "10000",
+                ),
+            ],
         )
         .expect("loads");
         assert_eq!(c.kafka.options["session.timeout.ms"], "6000");
         assert_eq!(c.kafka.options["check.crcs"], "true");
         assert_eq!(c.kafka.options["fetch.wait.max.ms"], "50");
+        assert_eq!(c.kafka.options["max.poll.interval.ms"], "10000");
     }
 
     #[test]

@@ -141,8 +141,10 @@ pub(super) fn bad(column: &Column, what: &str) -> Rejection {
     Rejection::new(
         column.kind.bad_value_code(),
         format!(
-            "field `{}` for column `{}` ({:?}): {what}",
-            column.field, column.name, column.kind
+            "field `{}` for column `{}` ({}): {what}",
+            column.field,
+            column.name,
+            column.kind.sql_name()
         ),
     )
 }
@@ -226,7 +228,7 @@ fn typed<'a>(column: &Column, v: &'a Value) -> Result<Typed<'a>, Rejection> {
         ),
         ColumnType::Timestamptz => Typed::Timestamp(timestamp(column, v).ok_or_else(|| {
             bad(&format!(
-                "`{v}` is not a timestamp in format {:?}",
+                "`{v}` is not a timestamp in format {}",
                 column.format
             ))
         })?),

@@ -27,6 +27,7 @@ use super::freeze::{client_ports, freeze_in_transaction};
 use super::proxy::Proxy;
 use super::reaped::Reaped;
 use super::{LocalDatabase, ProduceOptions, Produced, produce_gated};
+use crate::progress::Progress;
 
 /// Flags of `dev chaos`.
 #[derive(Debug, Clone, clap::Args)]
@@ -288,11 +289,14 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Summary> {
     // Last: until the new log grows past the stored offsets nothing lands, so a fault
     // after it (a freeze inside a commit, say) would find no commit to hit.
     faults.push(Fault::TopicRecreate);
+    let mut progress = Progress::new("faults injected", faults.len() as u64);
     for fault in faults {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
         rig.restart_exited()?;
         rig.inject(fault, &mut rng, &producer).await?;
+        progress.add(1);
     }
+    progress.finish();
 
     let produced = producer.await.context("the producer thread failed")??;
     rig.summary.valid = produced.valid;

@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rdkafka::producer::{BaseProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
+use crate::progress::Progress;
 use crate::sample::{self, SampleProducer};
 
 pub mod chaos;
@@ -217,6 +218,7 @@ pub fn produce_gated(options: &ProduceOptions, gate: &Gate) -> anyhow::Result<Pr
         .rate
         .map_or(10_000, |r| ((r / 10.0).ceil() as u64).max(1));
     let started = Instant::now();
+    let mut progress = Progress::new("records produced", options.count);
     let mut id = 0;
     while id < options.count {
         gate.pass();
@@ -235,11 +237,13 @@ pub fn produce_gated(options: &ProduceOptions, gate: &Gate) -> anyhow::Result<Pr
         }
         producer.send(payloads)?;
         id += n;
+        progress.set(id);
         if let Some(rate) = options.rate {
             let due = Duration::from_secs_f64(id as f64 / rate);
             std::thread::sleep(due.saturating_sub(started.elapsed()));
         }
     }
+    progress.finish();
     Ok(produced)
 }
 

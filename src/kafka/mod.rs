@@ -20,6 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtoc
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 pub use record::to_record;
@@ -29,6 +30,7 @@ use crate::retry::{self, ErrorClass};
 use crate::security;
 use crate::store::{Claim, Gap, Store, StoreError};
 use crate::telemetry::metrics::{Health, Metrics};
+use crate::telemetry::outage::{Outage, Outages};
 use start::Start;
 
 /// A partition: topic and number.
@@ -120,7 +122,7 @@ pub struct IngestContext {
     assignments: Assignments,
     orphans: Mutex<HashMap<TopicPartition, Orphan>>,
     /// Reads watermarks, in no group.
-    inspector: BaseConsumer,
+    inspector: Inspector,
     fatal: Mutex<Option<String>>,
     observers: Observers,
 }
@@ -132,6 +134,7 @@ pub struct Observers {
     pub health: Arc<Health>,
     /// High watermarks from librdkafka's statistics, for lag.
     pub high_watermarks: Arc<Mutex<HashMap<TopicPartition, i64>>>,
+    pub outages: Outages,
 }
 
 impl IngestContext {
@@ -149,7 +152,7 @@ impl IngestContext {
     }
 
     /// The metadata client of this consumer's brokers.
-    pub fn inspector(&self) -> &BaseConsumer {
+    pub fn inspector(&self) -> &Inspector {
         &self.inspector
     }
 
@@ -183,12 +186,16 @@ impl IngestContext {
                 .runtime
                 .block_on(self.store.claim(&self.owner, &partitions))
             {
-                Ok(claims) => return Ok(claims),
+                Ok(claims) => {
+                    self.observers.outages.postgres.recovered();
+                    return Ok(claims);
+                }
                 Err(e) if e.class() == ErrorClass::Transient => {
                     let Some(delay) = retry::next_delay(&mut delays, started, limit) else {
                         return Err(e);
                     };
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "claim failed, retrying");
+                    tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "claim failed, retrying");
+                    self.observers.outages.postgres.failed(&format_args!("claiming partitions: {e}"));
                     std::thread::sleep(delay);
                 }
                 Err(e) => return Err(e),
@@ -275,7 +282,8 @@ impl IngestContext {
                     // A row without an offset gets the start stored before any record
                     // of it is handed on.
                     let store = claim.next_offset.is_none();
-                    planned.push((tp, claim.epoch, next, fetch, gap, store));
+                    let note = start_note(claim.next_offset.is_some(), resume_at(&tp).is_some(), self.reset);
+                    planned.push((tp, claim.epoch, next, fetch, gap, store, note));
                 }
                 Start::Unknown => retry_soon.push((tp, claim.epoch)),
                 Start::Lost(loss) => return Err(loss.to_string()),
@@ -298,15 +306,22 @@ impl IngestContext {
             },
         };
         let mut fetch_from = Vec::new();
+        let mut started: Vec<(&str, String)> = Vec::new();
         let mut assignments = self.assignments.lock();
         let mut orphans = self.orphans();
-        for (tp, epoch, next, fetch, gap, store) in planned {
+        for (tp, epoch, next, fetch, gap, store, note) in planned {
             if store && !stored.contains(&tp) {
                 retry_soon.push((tp, epoch));
                 continue;
             }
-            tracing::info!(topic = %tp.0, partition = tp.1, next_offset = next, fetch_from = fetch, epoch,
-                first_claim = store, "claimed partition");
+            tracing::debug!(topic = %tp.0, partition = tp.1, next_offset = next, fetch_from = fetch, epoch,
+                first_claim = store, "claimed partition ({note})");
+            // One line per kind of start, not per partition: a rebalance of hundreds of
+            // partitions stays a few lines.
+            match started.iter_mut().find(|(n, _)| *n == note) {
+                Some((_, list)) => list.push_str(&format!(", {}/{}@{next}", tp.0, tp.1)),
+                None => started.push((note, format!("{}/{}@{next}", tp.0, tp.1))),
+            }
             if let Some(gap) = &gap {
                 tracing::warn!(topic = %tp.0, partition = tp.1, from = gap.from, to = gap.to,
                     reason = gap.kind.as_str(), "offsets the broker no longer has are skipped (kafka.on_data_loss: skip)");
@@ -323,6 +338,10 @@ impl IngestContext {
                 },
             );
             fetch_from.push((tp, Offset::Offset(fetch)));
+        }
+        for (note, partitions) in started {
+            let count = partitions.matches('@').count();
+            tracing::info!(partitions = %partitions, "claimed {count} partition(s): {note}");
         }
         for (tp, epoch) in retry_soon {
             tracing::warn!(topic = %tp.0, partition = tp.1, "no start for a claimed partition yet; claiming it again shortly");
@@ -422,8 +441,12 @@ impl ClientContext for IngestContext {
                 tracing::error!(error = %error, reason, "{hint}; stopping");
                 self.set_fatal(format!("{hint}: {reason}"));
             }
-            None => tracing::error!(error = %error, reason, "librdkafka error"),
+            None => self.observers.outages.kafka.failed(&format_args!("{reason} ({error})")),
         }
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        librdkafka_log(&self.observers.outages.kafka, level, fac, log_message);
     }
 
     /// librdkafka's periodic statistics (`statistics.interval.ms`): group state for
@@ -434,6 +457,9 @@ impl ClientContext for IngestContext {
             .as_ref()
             .is_some_and(|g| g.state == "up" && g.join_state == "steady");
         self.observers.health.set_in_group(up);
+        if brokers_up(&statistics) {
+            self.observers.outages.kafka.recovered();
+        }
         let mut marks = self
             .observers
             .high_watermarks
@@ -483,12 +509,85 @@ impl ConsumerContext for IngestContext {
     }
 }
 
+/// Where a claimed partition starts and why, for its log line: at its stored offset,
+/// where this worker stood before its row vanished, or per `kafka.auto_offset_reset`.
+fn start_note(stored: bool, resumed: bool, reset: OffsetReset) -> &'static str {
+    match (stored, resumed, reset) {
+        (true, ..) => "resuming at the stored offsets",
+        (false, true, _) => "their offset rows had no offset; resuming where this worker stood",
+        (false, false, OffsetReset::Earliest) => {
+            "no stored offsets; starting at the oldest record the broker still has \
+             (kafka.auto_offset_reset: earliest)"
+        }
+        (false, false, OffsetReset::Latest) => {
+            "no stored offsets; starting at the end of each partition: records already on \
+             the broker are not ingested (kafka.auto_offset_reset: latest)"
+        }
+    }
+}
+
+/// Whether librdkafka is connected to a broker it learned of and to every such broker
+/// it uses (one never used stays `INIT`).
+fn brokers_up(statistics: &Statistics) -> bool {
+    let mut learned = statistics
+        .brokers
+        .values()
+        .filter(|b| b.source == "learned")
+        .map(|b| b.state.as_str())
+        .peekable();
+    learned.peek().is_some()
+        && learned.clone().any(|s| s == "UP")
+        && learned.all(|s| s == "UP" || s == "INIT")
+}
+
+/// A line of librdkafka's log. Connection failures, repeated on every reconnect
+/// attempt, count toward the Kafka outage instead of a line each; the rest is
+/// logged at its own level.
+fn librdkafka_log(outage: &Outage, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel::*;
+    // FAIL: a connection failed (a warning or worse) or was closed (information: idle
+    // connections are closed too); COMMITFAIL: the advisory mirror of offsets to Kafka
+    // found no coordinator.
+    match level {
+        Emerg | Alert | Critical | Error | Warning
+            if matches!(fac, "FAIL" | "ERROR" | "REQTMOUT" | "COMMITFAIL") =>
+        {
+            outage.failed(&message)
+        }
+        Notice | Info if fac == "FAIL" => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+        Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
 /// The worker's consumer type.
 pub type IngestConsumer = BaseConsumer<IngestContext>;
 
+/// The context of metadata clients: their librdkafka errors count toward `outage`.
+pub struct InspectorContext {
+    outage: Arc<Outage>,
+}
+
+impl ClientContext for InspectorContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        librdkafka_log(&self.outage, level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.outage.failed(&format_args!("{reason} ({error})"));
+    }
+}
+
+impl ConsumerContext for InspectorContext {}
+
+/// A client for broker metadata only.
+pub type Inspector = BaseConsumer<InspectorContext>;
+
 /// A client for broker metadata only (watermarks, offsets for times): the worker's
-/// connection settings, in no group.
-pub fn metadata_client(config: &Config) -> Result<BaseConsumer, KafkaError> {
+/// connection settings, in no group. Its connection failures count toward `outage`.
+pub fn metadata_client(config: &Config, outage: Arc<Outage>) -> Result<Inspector, KafkaError> {
     let mut client = ClientConfig::new();
     connection(&mut client, config);
     // librdkafka wants a group even to assign partitions; this one never joins or commits.
@@ -502,7 +601,7 @@ pub fn metadata_client(config: &Config) -> Result<BaseConsumer, KafkaError> {
             ),
         )
         .set("enable.auto.commit", "false")
-        .create()
+        .create_with_context(InspectorContext { outage })
 }
 
 /// Where the brokers are and how to reach them: bootstrap servers, `kafka.options`, and
@@ -541,10 +640,9 @@ pub fn subscribe(
                 .to_string(),
         )
         .set("fetch.queue.backoff.ms", "20");
-    if config.run.metrics_addr.is_some() {
-        // Statistics feed /readyz (group state) and the lag gauges (high watermarks).
-        client.set("statistics.interval.ms", "1000");
-    }
+    // Statistics feed /readyz (group state), the lag gauges (high watermarks) and the
+    // end of a Kafka outage (brokers connected again).
+    client.set("statistics.interval.ms", "1000");
     connection(&mut client, config);
     // Set last (config also refuses them in kafka.options). Kafka's offsets are advisory
     // here; a position out of the broker's range is an error for the loop to judge
@@ -564,7 +662,7 @@ pub fn subscribe(
         claim_limit: config.claim_limit(),
         assignments,
         orphans: Mutex::new(HashMap::new()),
-        inspector: metadata_client(config)?,
+        inspector: metadata_client(config, observers.outages.kafka.clone())?,
         fatal: Mutex::new(None),
         observers,
     };

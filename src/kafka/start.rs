@@ -11,9 +11,9 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 
-use super::TopicPartition;
+use super::{Inspector, TopicPartition};
 use crate::config::{OffsetReset, OnDataLoss};
 use crate::store::{Gap, GapKind};
 
@@ -176,7 +176,7 @@ pub fn plan(
 /// The low and high watermarks of each partition the broker answered for within
 /// `limit` in all.
 pub fn watermarks(
-    client: &BaseConsumer,
+    client: &Inspector,
     partitions: &[TopicPartition],
     limit: Duration,
 ) -> HashMap<TopicPartition, (i64, i64)> {

@@ -92,6 +92,11 @@ impl Pipeline {
             }
         }
         drop(polls);
+        if records > 0 {
+            // Records came: Kafka works (statistics say so too, once a second, even
+            // on a quiet topic).
+            self.observers.outages.kafka.recovered();
+        }
         // Ahead of what is still pending: they came before it.
         for entry in held.into_iter().rev() {
             self.pending.push_front(entry);
@@ -149,7 +154,7 @@ impl Pipeline {
             }
             Err(e) => {
                 // librdkafka recovers from broker errors by itself; they are reported here.
-                tracing::warn!(error = %e, "Kafka consumer error");
+                self.observers.outages.kafka.failed(&e);
                 None
             }
         }

@@ -190,10 +190,10 @@ impl Pipeline {
         tracing::info!(
             owner = %owner,
             group = %config.kafka.group,
-            topics = ?store.routes().subscription(),
+            topics = %store.routes().subscription().join(","),
             lanes,
             database = %config.database_url_masked(),
-            "worker started"
+            "worker started; joining the group, then claiming the partitions it assigns"
         );
         Ok(Self {
             traced: config.otel.exporter_otlp_endpoint.is_some(),

@@ -14,6 +14,7 @@ use tracing::Span;
 
 use super::Pipeline;
 use crate::decode::ReasonCode;
+use crate::kafka::TopicPartition;
 use crate::store::{Batch, Isolation};
 use crate::telemetry::metrics::{PartitionLabel, ReasonLabel};
 use crate::telemetry::spans;
@@ -32,6 +33,7 @@ impl Pipeline {
         (rows, dead_letters): (u64, u64),
         isolation: Option<Isolation>,
     ) {
+        self.observers.outages.postgres.recovered();
         self.stats.batches += 1;
         self.stats.rows += rows;
         self.stats.dead_letters += dead_letters;
@@ -110,24 +112,36 @@ impl Pipeline {
         }
     }
 
-    /// Sets `next_offset` and `lag` of every owned partition; retracts the others.
-    pub(super) fn export_partition_gauges(&mut self) {
-        let metrics = &self.observers.metrics;
+    /// Each owned partition with its next offset and, once librdkafka's statistics gave
+    /// the partition's end, its lag.
+    pub(super) fn stored_lags(&self) -> Vec<(TopicPartition, i64, Option<i64>)> {
         let marks = self
             .observers
             .high_watermarks
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        self.assignments
+            .lock()
+            .iter()
+            .map(|(tp, state)| {
+                let next = state.next_offset;
+                (tp.clone(), next, marks.get(tp).map(|high| (high - next).max(0)))
+            })
+            .collect()
+    }
+
+    /// Sets `next_offset` and `lag` of every owned partition; retracts the others.
+    pub(super) fn export_partition_gauges(&mut self) {
+        let metrics = &self.observers.metrics;
         let mut exported = Vec::new();
-        for ((topic, partition), state) in self.assignments.lock().iter() {
+        for ((topic, partition), next, lag) in self.stored_lags() {
             let label = PartitionLabel {
-                topic: topic.clone(),
-                partition: i64::from(*partition),
+                topic,
+                partition: i64::from(partition),
             };
-            let next = state.next_offset;
             metrics.next_offset.get_or_create(&label).set(next);
-            if let Some(high) = marks.get(&(topic.clone(), *partition)) {
-                metrics.lag.get_or_create(&label).set((high - next).max(0));
+            if let Some(lag) = lag {
+                metrics.lag.get_or_create(&label).set(lag);
             }
             exported.push(label);
         }

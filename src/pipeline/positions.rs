@@ -46,7 +46,11 @@ impl Pipeline {
         match self.read_rows(partitions, false).await {
             Ok(rows) => self.reposition(&claims, rows),
             Err(e) if e.class() == crate::retry::ErrorClass::Transient => {
-                tracing::warn!(error = %e, "cannot read the rows of fenced partitions; they wait until they can be re-positioned");
+                // They wait until they can be re-positioned.
+                self.observers
+                    .outages
+                    .postgres
+                    .failed(&format_args!("reading the rows of fenced partitions: {e}"));
             }
             Err(e) => return Err(e.into()),
         }
@@ -64,7 +68,10 @@ impl Pipeline {
                 if e.class() != crate::retry::ErrorClass::Transient {
                     return Err(e.into());
                 }
-                tracing::warn!(error = %e, "checking stored offsets failed; checking again later");
+                self.observers
+                    .outages
+                    .postgres
+                    .failed(&format_args!("checking stored offsets: {e}"));
             }
             self.claim_orphans()?;
         }
@@ -100,6 +107,7 @@ impl Pipeline {
         let rows = self
             .read_rows(held.iter().map(|(tp, _)| tp.clone()).collect(), false)
             .await?;
+        self.observers.outages.postgres.recovered();
         // Compared with what this worker held when it read them (a claim while the read
         // polled is judged by the next maintenance).
         let moved: Vec<(TopicPartition, i64)> = held

@@ -7,7 +7,7 @@
 //! leaves the group.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +15,42 @@ use tokio_util::sync::CancellationToken;
 use super::{IngestConsumer, Pipeline, PipelineError, StepOutcome};
 use crate::config::Config;
 use crate::telemetry::http::{self, Endpoints};
+
+/// How often the loop logs its progress at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// Where the last progress line counted from.
+struct Progress {
+    at: Instant,
+    rows: u64,
+    dead_letters: u64,
+}
+
+impl Pipeline {
+    /// Logs the rows and dead letters landed since `last`, their rate, and the lag of
+    /// the partitions held; nothing when nothing landed and nothing waits.
+    fn log_progress(&self, last: &mut Progress) {
+        let now = Instant::now();
+        let secs = now.duration_since(last.at).as_secs_f64().max(1e-3);
+        let rows = self.stats.rows - last.rows;
+        let dead_letters = self.stats.dead_letters - last.dead_letters;
+        let positions = self.stored_lags();
+        let partitions = positions.len();
+        let lag: i64 = positions.iter().filter_map(|p| p.2).sum();
+        *last = Progress {
+            at: now,
+            rows: self.stats.rows,
+            dead_letters: self.stats.dead_letters,
+        };
+        if rows + dead_letters == 0 && lag == 0 {
+            return;
+        }
+        let rows_per_s = (rows as f64 / secs).round() as u64;
+        tracing::info!(rows, dead_letters, rows_per_s, partitions, lag,
+            "progress: {rows} rows and {dead_letters} dead letters in {secs:.0} s ({rows_per_s} rows/s); \
+             {partitions} partitions held, {lag} records behind");
+    }
+}
 
 /// Counters of a pipeline's life, for reports and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,7 +122,8 @@ pub(super) fn leave_group(consumer: IngestConsumer) {
     }
 }
 
-/// Runs the loop until `shutdown` is cancelled or `cycles` steps have run.
+/// Runs the loop until `shutdown` is cancelled or `cycles` steps have run since this
+/// worker first held a partition.
 pub async fn run(
     config: Config,
     cycles: Option<u64>,
@@ -121,12 +158,24 @@ pub async fn run(
         None => None,
     };
     let mut done = 0u64;
+    let mut progress = Progress {
+        at: Instant::now(),
+        rows: 0,
+        dead_letters: 0,
+    };
     let result = loop {
+        if progress.at.elapsed() >= PROGRESS_EVERY {
+            pipeline.log_progress(&mut progress);
+        }
         if shutdown.is_cancelled() || cycles.is_some_and(|c| done >= c) {
             break Ok(());
         }
-        done += 1;
-        match pipeline.step(&shutdown).await {
+        let step = pipeline.step(&shutdown).await;
+        // Cycles count from the first claim: joining the group takes polls too.
+        if done > 0 || !pipeline.assignments.lock().is_empty() {
+            done += 1;
+        }
+        match step {
             Ok(StepOutcome::Idle) if !sleep.is_zero() => {
                 tokio::select! {
                     () = tokio::time::sleep(sleep) => {}

@@ -19,6 +19,7 @@ use crate::record::Record;
 use crate::retry::{self, ErrorClass};
 use crate::store::{Batch, CommitOutcome, PartitionRange, StoreError, StoredOffset};
 use crate::telemetry::metrics::ClassLabel;
+use crate::telemetry::outage::Outage;
 use crate::telemetry::spans;
 
 /// How long a commit may run, counted from the last poll, before the loop starts
@@ -241,13 +242,24 @@ impl Pipeline {
                 StoreError::Fatal(format!("the schema registry task failed: {e}"))
             })?;
             match resolved {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.observers.outages.registry.recovered();
+                    return Ok(());
+                }
                 Err(e) => {
                     let class = e.class;
                     self.wait_or_fail(e.into(), class, &mut delays, shutdown)
                         .await?;
                 }
             }
+        }
+    }
+
+    /// The dependency a batch's transient failure comes from.
+    fn outage_of(&self, err: &PipelineError) -> &Outage {
+        match err {
+            PipelineError::Registry(_) => &self.observers.outages.registry,
+            _ => &self.observers.outages.postgres,
         }
     }
 
@@ -271,7 +283,8 @@ impl Pipeline {
             class: class.as_str().to_owned(),
         };
         self.observers.metrics.retries.get_or_create(&label).inc();
-        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, class = class.as_str(), "transient failure, retrying batch");
+        tracing::debug!(error = %err, retry_in_ms = delay.as_millis() as u64, class = class.as_str(), "transient failure, retrying batch");
+        self.outage_of(&err).failed(&format_args!("writing a batch: {err}"));
         let until = Instant::now() + delay;
         self.poll_paused(|| Instant::now() >= until, Some(shutdown));
         if shutdown.is_cancelled() {

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::retry::{self, ErrorClass};
 use crate::routes::Routes;
 use crate::security;
+use crate::telemetry::outage::Outage;
 use schema::RouteSql;
 
 /// `application_name` of the connections of the operator commands, and the start of the
@@ -208,6 +209,7 @@ pub async fn connect_pool_as(
     let limit = Duration::from_secs(config.postgres.connect_retry_secs);
     let started = Instant::now();
     let mut delays = retry::backoff(&config.retry);
+    let outage = Outage::new("Postgres");
     let (host, port) = (options.get_host().to_owned(), options.get_port());
     let pool_options = PgPoolOptions::new()
         .max_connections(config.postgres.max_connections)
@@ -235,7 +237,10 @@ pub async fn connect_pool_as(
             Err(e) => Err(e),
         };
         match attempt {
-            Ok(pool) => return Ok(pool),
+            Ok(pool) => {
+                outage.recovered();
+                return Ok(pool);
+            }
             Err(e) if retry::classify(&e) == ErrorClass::Transient => {
                 let Some(delay) = retry::next_delay(&mut delays, started, limit) else {
                     return Err(StoreError::Fatal(format!(
@@ -245,12 +250,11 @@ pub async fn connect_pool_as(
                         config.postgres.connect_retry_secs
                     )));
                 };
-                tracing::warn!(
-                    error = %e,
-                    retry_in_ms = delay.as_millis() as u64,
-                    url = %config.database_url_masked(),
-                    "Postgres unreachable at startup, retrying"
-                );
+                tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "connecting failed, retrying");
+                outage.failed(&format_args!(
+                    "connecting to {}: {e}",
+                    config.database_url_masked()
+                ));
                 tokio::time::sleep(delay).await;
             }
             Err(e) => {

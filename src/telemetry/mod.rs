@@ -125,4 +125,5 @@ fn tracer_provider(config: &Config) -> anyhow::Result<Option<SdkTracerProvider>>
 
 pub mod http;
 pub mod metrics;
+pub mod outage;
 pub mod spans;

@@ -161,6 +161,116 @@ fn bad_config_exits_non_zero_with_a_message_naming_the_key() {
 }
 
 #[test]
+fn config_prints_the_effective_configuration_with_each_keys_layer_and_secrets_masked() {
+    let path = std::env::temp_dir().join(format!("kpi-layers-{}.yaml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &path,
+        "batch:\n  max_records: 777\nkafka:\n  group: from-file\n",
+    )
+    .expect("write config");
+    let file = path.to_str().expect("utf-8 path");
+    let output = run_binary(
+        &[
+            "config",
+            "--origin",
+            "--config",
+            file,
+            "--brokers",
+            "10.0.0.1:9092",
+            "--database-url",
+            "postgres://ingest:hunter2@db.example:5432/metrics",
+            "--kafka-option",
+            "fetch.wait.max.ms=50",
+        ],
+        &[
+            ("KAFKA_PG_INGEST__RETRY__MAX_DELAY_MS", "4321"),
+            (
+                "KAFKA_PG_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS",
+                "6000",
+            ),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("no `{key}` in:\n{stdout}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        line("max_records"),
+        format!("max_records: 777  # file {file}")
+    );
+    assert_eq!(line("group"), format!("group: from-file  # file {file}"));
+    assert_eq!(
+        line("max_delay_ms"),
+        "max_delay_ms: 4321  # environment variable KAFKA_PG_INGEST__RETRY__MAX_DELAY_MS"
+    );
+    assert_eq!(
+        line("session.timeout.ms"),
+        "session.timeout.ms: 6000  # environment variable KAFKA_PG_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS"
+    );
+    assert_eq!(
+        line("fetch.wait.max.ms"),
+        "fetch.wait.max.ms: '50'  # flag --kafka-option"
+    );
+    assert_eq!(
+        line("brokers"),
+        "brokers: 10.0.0.1:9092  # flag --brokers (or KAFKA_BROKERS)"
+    );
+    assert!(
+        line("max_wait_ms").ends_with("# built-in defaults"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("hunter2"),
+        "the password is masked: {stdout}"
+    );
+    assert!(line("url").contains("ingest:***@db.example"), "{stdout}");
+
+    // Without --origin: the same values, no comments, and YAML that loads back.
+    let plain = run_binary(&["config", "--config", file], &[]);
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&plain.stdout);
+    assert!(plain.status.success());
+    assert!(!text.contains(" # "), "{text}");
+    let back: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("valid YAML");
+    assert_eq!(
+        back["batch"]["max_records"],
+        serde_yaml_ng::Value::from(777)
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_names_its_key_and_the_layer_that_set_it() {
+    let output = run_binary(
+        &["config"],
+        &[("KAFKA_PG_INGEST__BATCH__MAX_RECORDS", "lots")],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        output.stdout.is_empty(),
+        "nothing printed for an invalid configuration"
+    );
+    assert!(stderr.contains("`batch.max_records`"), "{stderr}");
+    assert!(
+        stderr.contains("environment variable KAFKA_PG_INGEST__BATCH__MAX_RECORDS"),
+        "{stderr}"
+    );
+
+    let output = run_binary(&["config", "--sleep=-1"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("run.sleep_secs"), "{stderr}");
+    assert!(stderr.contains("flag --sleep"), "{stderr}");
+}
+
+#[test]
 fn unreachable_database_at_startup_is_retried_with_backoff_then_exits_non_zero() {
     // Port 1 on loopback: nothing listens, the connection is refused at once.
     let started = Instant::now();
@@ -172,15 +282,18 @@ fn unreachable_database_at_startup_is_retried_with_backoff_then_exits_non_zero()
         ],
         &[
             ("KAFKA_PG_INGEST__POSTGRES__CONNECT_RETRY_SECS", "3"),
-            ("RUST_LOG", "warn"),
+            ("RUST_LOG", "warn,kafka_pg_ingest::store=debug"),
         ],
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    let retries = stderr
-        .matches("Postgres unreachable at startup, retrying")
-        .count();
+    let retries = stderr.matches("connecting failed, retrying").count();
     assert!(retries >= 3, "retried with backoff: {stderr}");
+    assert_eq!(
+        stderr.matches("Postgres failing; retrying").count(),
+        1,
+        "the outage is one line, its retries debug lines: {stderr}"
+    );
     assert!(
         stderr.contains("postgres.connect_retry_secs = 3"),
         "{stderr}"

@@ -17,6 +17,7 @@ mod isolation;
 mod kafka_tls;
 mod lanes;
 mod migrations;
+mod outages;
 mod partitions;
 mod pki;
 mod positions;
