@@ -525,13 +525,13 @@ impl Cli {
     }
 }
 
-/// An error with its causes, each cause left out when the text before already says it
-/// (errors that print their source, as most of std's and the crates' do).
+/// An error with its causes, each cause left out when the text before already ends
+/// with it (errors that print their source, as most of std's and the crates' do).
 pub fn error_text(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
         let cause = cause.to_string();
-        if !text.contains(&cause) {
+        if !text.ends_with(&cause) {
             if !text.is_empty() {
                 text.push_str(": ");
             }

@@ -87,3 +87,12 @@ impl Progress {
             "{what}: {done}/{total} ({percent:.0}%), {rate:.0}/s, {left}");
     }
 }
+
+impl Drop for Progress {
+    /// Work that ended early (an error) leaves no bar behind.
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

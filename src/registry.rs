@@ -96,8 +96,8 @@ pub async fn columns_from_latest(config: &Config) -> Result<Config, String> {
             // The schema's top-level fields are the envelope's, not the row's.
             return Err(format!(
                 "routes[{i}] reads Debezium events: its columns are the row image inside the \
-                 envelope, which --from-registry does not map; write them by hand (see the \
-                 README, Mirroring a database with Debezium)"
+                 envelope, which --from-registry does not map; write them by hand (see \
+                 docs/mapping.md, Mirroring a database with Debezium)"
             ));
         }
         let key = format!("routes[{i}].topic");

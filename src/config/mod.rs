@@ -741,7 +741,11 @@ impl Layers {
 
     fn set(&mut self, keys: &[String], value: Value, origin: String) -> Result<(), String> {
         set_path(&mut self.tree, keys, value)?;
-        self.origins.insert(keys.join("."), origin);
+        // What this layer replaced whole came from it, not from the layers below.
+        let path = keys.join(".");
+        let below = format!("{path}.");
+        self.origins.retain(|key, _| !key.starts_with(&below));
+        self.origins.insert(path, origin);
         Ok(())
     }
 
@@ -858,7 +862,8 @@ fn mask_secrets(value: &mut Value) {
         for (key, inner) in map.iter_mut() {
             let key = key.as_str().unwrap_or_default();
             match inner {
-                Value::String(text) if key.ends_with("password") => *text = "***".into(),
+                Value::Null => {}
+                _ if key.ends_with("password") => *inner = Value::String("***".into()),
                 Value::String(text) if key == "url" => *text = mask_url(text),
                 _ => mask_secrets(inner),
             }
@@ -1249,14 +1254,36 @@ pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
+    // The userinfo ends at the last `@` before the path, query or fragment (a password
+    // may hold an unencoded `/`, so the last `@` of all counts when there is one).
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (before, query) = rest.split_at(end);
+    let (userinfo, tail) = match before.rsplit_once('@') {
+        Some((userinfo, host)) => (Some(userinfo), host),
+        None => (None, before),
+    };
+    let userinfo = match userinfo {
+        Some(info) => match info.split_once(':') {
+            Some((user, _)) => format!("{user}:***@"),
+            None => format!("{info}@"),
         },
-        None => url.to_owned(),
-    }
+        None => String::new(),
+    };
+    // `?password=...` is a password too (libpq and sqlx take one).
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _))
+                if key
+                    .trim_start_matches(['?', '#'])
+                    .eq_ignore_ascii_case("password") =>
+            {
+                format!("{key}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{userinfo}{tail}{}", query.join("&"))
 }
 
 /// A map whose values may be any YAML scalar, each kept as its text.
@@ -1375,6 +1402,79 @@ mod tests {
         with_yaml_file(yaml, |file| {
             Config::load(Some(file), env, &Overrides::default())
         })
+    }
+
+    /// The keys the typed configuration accepts below `path`, found by probing: an
+    /// unknown key in a section is refused naming every field the section takes; any
+    /// other outcome makes `path` a leaf (a value, a list, or a map of free keys).
+    fn accepted_keys(path: &[String], out: &mut Vec<String>) {
+        let mut tree = parse_yaml(DEFAULT_YAML, DEFAULTS).expect("defaults parse");
+        let mut node = &mut tree;
+        for key in path {
+            if !node.is_mapping() {
+                *node = Value::Mapping(Mapping::new());
+            }
+            let map = node.as_mapping_mut().expect("a map");
+            node = map.entry(Value::String(key.clone())).or_insert(Value::Null);
+        }
+        if !node.is_mapping() {
+            *node = Value::Mapping(Mapping::new());
+        }
+        let probe = Value::String("__probe__".into());
+        node.as_mapping_mut()
+            .expect("a map")
+            .insert(probe, Value::from(1));
+        let message = match serde_path_to_error::deserialize::<_, Config>(tree) {
+            Ok(_) => String::new(),
+            Err(e) => e.inner().to_string(),
+        };
+        let Some(expected) = message.strip_prefix("unknown field `__probe__`, expected ") else {
+            out.push(path.join("."));
+            return;
+        };
+        for field in expected.split('`').skip(1).step_by(2) {
+            let mut inner = path.to_vec();
+            inner.push(field.to_owned());
+            accepted_keys(&inner, out);
+        }
+    }
+
+    #[test]
+    fn the_configuration_reference_documents_every_key_the_code_accepts_and_no_other() {
+        let reference = include_str!("../../docs/configuration.md");
+        let documented: Vec<&str> = reference
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split(" | ").next())
+            .flat_map(|cell| cell.split(", "))
+            .map(|key| key.trim_matches('`'))
+            .collect();
+        let mut accepted = Vec::new();
+        accepted_keys(&[], &mut accepted);
+        assert!(accepted.len() > 50, "probing found the keys: {accepted:?}");
+        // A documented section covers the keys below it (`sink.source_columns`).
+        let covered = |key: &str| {
+            documented
+                .iter()
+                .any(|d| key == *d || key.starts_with(&format!("{d}.")))
+        };
+        let undocumented: Vec<&String> = accepted.iter().filter(|k| !covered(k)).collect();
+        assert!(
+            undocumented.is_empty(),
+            "keys missing from docs/configuration.md: {undocumented:?}"
+        );
+        let unknown: Vec<&&str> = documented
+            .iter()
+            .filter(|d| {
+                !accepted
+                    .iter()
+                    .any(|k| k == *d || k.starts_with(&format!("{d}.")))
+            })
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "documented keys the code does not accept: {unknown:?}"
+        );
     }
 
     #[test]
@@ -1625,10 +1725,24 @@ mod tests {
 
     #[test]
     fn password_is_masked_and_debug_hides_the_url() {
-        assert_eq!(
-            mask_url("postgres://app:s3cret@db:5432/x"),
-            "postgres://app:***@db:5432/x"
-        );
+        for (url, masked) in [
+            (
+                "postgres://app:s3cret@db:5432/x",
+                "postgres://app:***@db:5432/x",
+            ),
+            (
+                "postgres://app:s3/cr@t@db/x?sslmode=require",
+                "postgres://app:***@db/x?sslmode=require",
+            ),
+            (
+                "postgres://db/x?user=app&password=s3cret&sslmode=disable",
+                "postgres://db/x?user=app&password=***&sslmode=disable",
+            ),
+            ("postgres://db:5432/x", "postgres://db:5432/x"),
+            ("http://registry:8081", "http://registry:8081"),
+        ] {
+            assert_eq!(mask_url(url), masked, "{url}");
+        }
         let c = Config::load(
             None,
             vec![(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
@@ -35,6 +35,9 @@ use start::Start;
 
 /// A partition: topic and number.
 pub type TopicPartition = (String, i32);
+
+/// How long without a failure, with a broker connected, ends a Kafka outage.
+const KAFKA_QUIET: Duration = Duration::from_secs(5);
 
 /// How long the watermark reads of one claim may take in all.
 const CLAIM_WATERMARKS_LIMIT: Duration = Duration::from_secs(5);
@@ -441,7 +444,7 @@ impl ClientContext for IngestContext {
                 tracing::error!(error = %error, reason, "{hint}; stopping");
                 self.set_fatal(format!("{hint}: {reason}"));
             }
-            None => self.observers.outages.kafka.failed(&format_args!("{reason} ({error})")),
+            None => report_error(&self.observers.outages.kafka, &error, reason),
         }
     }
 
@@ -458,7 +461,9 @@ impl ClientContext for IngestContext {
             .is_some_and(|g| g.state == "up" && g.join_state == "steady");
         self.observers.health.set_in_group(up);
         if brokers_up(&statistics) {
-            self.observers.outages.kafka.recovered();
+            // Connected, and no failure for a while: a broker of several still down keeps
+            // reporting failures.
+            self.observers.outages.kafka.quiet_for(KAFKA_QUIET);
         }
         let mut marks = self
             .observers
@@ -526,18 +531,36 @@ fn start_note(stored: bool, resumed: bool, reset: OffsetReset) -> &'static str {
     }
 }
 
-/// Whether librdkafka is connected to a broker it learned of and to every such broker
-/// it uses (one never used stays `INIT`).
+/// Whether librdkafka holds a connection to a broker it learned of.
 fn brokers_up(statistics: &Statistics) -> bool {
-    let mut learned = statistics
+    statistics
         .brokers
         .values()
-        .filter(|b| b.source == "learned")
-        .map(|b| b.state.as_str())
-        .peekable();
-    learned.peek().is_some()
-        && learned.clone().any(|s| s == "UP")
-        && learned.all(|s| s == "UP" || s == "INIT")
+        .any(|b| b.source == "learned" && b.state == "UP")
+}
+
+/// Whether a librdkafka error says a broker cannot be reached: an outage, retried by
+/// librdkafka itself. Any other error is logged as it comes.
+pub fn unreachable(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::BrokerNotAvailable
+            | RDKafkaErrorCode::NetworkException
+    )
+}
+
+/// A librdkafka error event: a broker out of reach counts toward the Kafka outage, any
+/// other error is an ERROR line of its own.
+fn report_error(outage: &Outage, error: &KafkaError, reason: &str) {
+    match error.rdkafka_error_code() {
+        Some(code) if unreachable(code) => outage.failed(&format_args!("{reason} ({error})")),
+        _ => tracing::error!(error = %error, reason, "librdkafka error"),
+    }
 }
 
 /// A line of librdkafka's log. Connection failures, repeated on every reconnect
@@ -576,7 +599,7 @@ impl ClientContext for InspectorContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        self.outage.failed(&format_args!("{reason} ({error})"));
+        report_error(&self.outage, &error, reason);
     }
 }
 

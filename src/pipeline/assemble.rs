@@ -92,11 +92,6 @@ impl Pipeline {
             }
         }
         drop(polls);
-        if records > 0 {
-            // Records came: Kafka works (statistics say so too, once a second, even
-            // on a quiet topic).
-            self.observers.outages.kafka.recovered();
-        }
         // Ahead of what is still pending: they came before it.
         for entry in held.into_iter().rev() {
             self.pending.push_front(entry);
@@ -152,9 +147,11 @@ impl Pipeline {
                 self.range_check = Some((Instant::now(), None));
                 None
             }
+            // The context's error callback has counted it toward the outage already.
+            Err(e) if e.rdkafka_error_code().is_some_and(kafka::unreachable) => None,
             Err(e) => {
                 // librdkafka recovers from broker errors by itself; they are reported here.
-                self.observers.outages.kafka.failed(&e);
+                tracing::warn!(error = %e, "Kafka consumer error");
                 None
             }
         }

@@ -33,7 +33,7 @@ impl Pipeline {
         (rows, dead_letters): (u64, u64),
         isolation: Option<Isolation>,
     ) {
-        self.observers.outages.postgres.recovered();
+        self.observers.outages.commits.recovered();
         self.stats.batches += 1;
         self.stats.rows += rows;
         self.stats.dead_letters += dead_letters;

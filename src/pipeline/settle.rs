@@ -255,11 +255,11 @@ impl Pipeline {
         }
     }
 
-    /// The dependency a batch's transient failure comes from.
-    fn outage_of(&self, err: &PipelineError) -> &Outage {
+    /// The dependency a batch's transient failure comes from, and what failed.
+    fn outage_of(&self, err: &PipelineError) -> (&Outage, &'static str) {
         match err {
-            PipelineError::Registry(_) => &self.observers.outages.registry,
-            _ => &self.observers.outages.postgres,
+            PipelineError::Registry(_) => (&self.observers.outages.registry, "fetching writer schemas"),
+            _ => (&self.observers.outages.commits, "committing a batch"),
         }
     }
 
@@ -284,7 +284,8 @@ impl Pipeline {
         };
         self.observers.metrics.retries.get_or_create(&label).inc();
         tracing::debug!(error = %err, retry_in_ms = delay.as_millis() as u64, class = class.as_str(), "transient failure, retrying batch");
-        self.outage_of(&err).failed(&format_args!("writing a batch: {err}"));
+        let (outage, what) = self.outage_of(&err);
+        outage.failed(&format_args!("{what}: {err}"));
         let until = Instant::now() + delay;
         self.poll_paused(|| Instant::now() >= until, Some(shutdown));
         if shutdown.is_cancelled() {

@@ -21,8 +21,9 @@ pub struct Outage {
 
 #[derive(Debug, Default)]
 struct State {
-    /// The first failure of the current outage.
+    /// The first and the latest failure of the current outage.
     since: Option<Instant>,
+    last: Option<Instant>,
     /// When the last line about failures was written.
     said: Option<Instant>,
     /// Failures of the current outage, and those since the last line.
@@ -37,7 +38,9 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct Outages {
     pub kafka: Arc<Outage>,
+    /// Reads and claims; a commit can fail where they work (a full disk, a timeout).
     pub postgres: Arc<Outage>,
+    pub commits: Arc<Outage>,
     pub registry: Arc<Outage>,
 }
 
@@ -46,6 +49,7 @@ impl Default for Outages {
         Self {
             kafka: Arc::new(Outage::new("Kafka")),
             postgres: Arc::new(Outage::new("Postgres")),
+            commits: Arc::new(Outage::new("Batch commits")),
             registry: Arc::new(Outage::new("the schema registry")),
         }
     }
@@ -67,6 +71,7 @@ impl State {
     fn failed(&mut self, now: Instant) -> Option<Line> {
         self.failures += 1;
         self.unsaid += 1;
+        self.last = Some(now);
         let quiet = self.said.is_some_and(|said| now < said + REPEAT);
         let line = match self.since {
             None => {
@@ -90,12 +95,19 @@ impl State {
 
     fn recovered(&mut self, now: Instant) -> Option<Line> {
         let since = self.since.take()?;
+        self.last = None;
         let failures = std::mem::take(&mut self.failures);
         self.unsaid = 0;
-        std::mem::take(&mut self.announced).then(|| Line::Working {
+        let line = std::mem::take(&mut self.announced).then(|| Line::Working {
             down: now.duration_since(since),
             failures,
-        })
+        });
+        if line.is_some() {
+            // A failure right after the end (a stale pooled connection) is counted, not
+            // told: it would be a start and an end a moment apart.
+            self.said = Some(now);
+        }
+        line
     }
 }
 
@@ -132,12 +144,28 @@ impl Outage {
 
     /// Reports that the dependency works: ends the current outage, if any.
     pub fn recovered(&self) {
-        let line = self.state().recovered(Instant::now());
+        self.end(|_| true);
+    }
+
+    /// Reports that the dependency seems to work: ends the current outage if no failure
+    /// came for `quiet`.
+    pub fn quiet_for(&self, quiet: Duration) {
+        self.end(|state| state.last.is_none_or(|last| last.elapsed() >= quiet));
+    }
+
+    fn end(&self, over: impl FnOnce(&State) -> bool) {
+        let line = {
+            let mut state = self.state();
+            if !over(&state) {
+                return;
+            }
+            state.recovered(Instant::now())
+        };
         if let Some(Line::Working { down, failures }) = line {
             let what = self.what;
             let down_ms = down.as_millis() as u64;
             tracing::info!(dependency = what, down_ms, failures,
-                "{what} working again after {:.1} s ({failures} failures)", down.as_secs_f64());
+                "{what} working again after {:.1} s ({failures} failures reported)", down.as_secs_f64());
         }
     }
 }
@@ -179,7 +207,8 @@ mod tests {
             lines.extend(state.failed(at(start, s)));
             lines.extend(state.recovered(at(start, s + 1)));
         }
-        // A start and an end at 0, 30, 60 and 90 s; the turns between are counted only.
+        // A start at 0 s, its end at 1 s; the next start is the first failure 30 s after
+        // that end (32 s), and so on: the turns between are counted only.
         assert_eq!(lines.len(), 8, "{lines:?}");
         assert!(lines.iter().step_by(2).all(|l| *l == Line::Failing));
     }
@@ -194,5 +223,7 @@ mod tests {
             Some(Line::Working { down: Duration::from_secs(2), failures: 1 })
         );
         assert_eq!(state.recovered(at(start, 3)), None, "working without a failure says nothing");
+        assert_eq!(state.failed(at(start, 4)), None, "a failure right after an end is counted");
+        assert_eq!(state.recovered(at(start, 5)), None, "and so is its end");
     }
 }

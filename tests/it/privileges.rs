@@ -1,5 +1,5 @@
 //! Least privilege: a worker role holding only the grants of `deploy/grants.sql` (the
-//! README's "Least privilege" section) ingests and replays exactly once, and without one
+//! "Least privilege" section of docs/security.md) ingests and replays exactly once, and without one
 //! of them it stops with a permission error instead of losing a record.
 
 use std::time::{Duration, Instant};
