@@ -36,6 +36,16 @@ use start::Start;
 /// A partition: topic and number.
 pub type TopicPartition = (String, i32);
 
+/// Partitions as `topic/partition`, comma-separated: one text field in a log line, not
+/// a debug dump.
+pub fn partition_list<'a>(partitions: impl IntoIterator<Item = (&'a str, i32)>) -> String {
+    let listed: Vec<String> = partitions
+        .into_iter()
+        .map(|(topic, partition)| format!("{topic}/{partition}"))
+        .collect();
+    listed.join(", ")
+}
+
 /// How long without a failure, with a broker connected, ends a Kafka outage.
 const KAFKA_QUIET: Duration = Duration::from_secs(5);
 
@@ -420,7 +430,8 @@ impl IngestContext {
             orphans.remove(tp);
         }
         drop((assignments, orphans));
-        tracing::info!(partitions = ?partitions, "partitions revoked");
+        tracing::info!(partitions = %partition_list(partitions.iter().map(|tp| (tp.0.as_str(), tp.1))),
+            "partitions revoked");
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
             _ => consumer.unassign(),

@@ -17,7 +17,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Pipeline, PipelineError};
 use crate::config::OnDataLoss;
-use crate::kafka::TopicPartition;
+use crate::kafka::{self, TopicPartition};
 use crate::kafka::start::{self, DataLoss};
 
 /// How long the watermark reads of one range check may take in all.
@@ -232,7 +232,8 @@ impl Pipeline {
         };
         match result {
             Ok(()) => {
-                tracing::info!(partitions = ?wanted, "fetching restarted");
+                let partitions = kafka::partition_list(wanted.iter().map(|(tp, _)| (tp.0.as_str(), tp.1)));
+                tracing::info!(partitions = %partitions, "fetching restarted");
                 self.forget_pending(&restarted);
             }
             Err(e) => {

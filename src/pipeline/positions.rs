@@ -16,7 +16,7 @@ use rdkafka::consumer::Consumer;
 
 use super::fetch::assigned_partitions;
 use super::{Pipeline, PipelineError};
-use crate::kafka::{ClaimPatience, ClaimRequest, Orphan, PartitionState, TopicPartition};
+use crate::kafka::{self, ClaimPatience, ClaimRequest, Orphan, PartitionState, TopicPartition};
 use crate::store::{PartitionRange, StoreError, StoredOffset};
 
 /// How often partitions are checked against their stored rows and orphans claimed.
@@ -232,7 +232,7 @@ impl Pipeline {
         if wanted.is_empty() {
             return Ok(());
         }
-        tracing::info!(partitions = ?wanted.iter().map(|r| &r.partition).collect::<Vec<_>>(),
+        tracing::info!(partitions = %kafka::partition_list(wanted.iter().map(|r| (r.partition.0.as_str(), r.partition.1))),
             "claiming partitions assigned here but not held");
         let starts =
             tokio::task::block_in_place(|| consumer.context().claim(&wanted, ClaimPatience::Once))

@@ -144,7 +144,7 @@ impl Pipeline {
                     return Ok((outcome, all_fenced));
                 }
                 Ok(CommitOutcome::Fenced(fenced)) => {
-                    tracing::info!(partitions = ?fenced.iter().map(|r| (&r.topic, r.partition)).collect::<Vec<_>>(),
+                    tracing::info!(partitions = %crate::kafka::partition_list(fenced.iter().map(|r| (r.topic.as_str(), r.partition))),
                         "partitions of the batch were claimed anew or moved since it was built; they did not commit");
                     self.stats.fenced += fenced.len() as u64;
                     self.observers

@@ -114,6 +114,7 @@ async fn run_cycles(brokers: &str, database_url: &str, group: &str, topic: &str)
     }
     let mut env = test_env();
     env.push(("KAFKA_PG_INGEST__BATCH__MAX_WAIT_MS".into(), "100".into()));
+    env.push(("LOG_FORMAT".into(), "json".into()));
     tokio::task::spawn_blocking(move || {
         Command::new(BINARY)
             .args(&args)
@@ -320,6 +321,53 @@ async fn cycles_flag_runs_that_many_polls_then_exits_zero_with_its_batches_commi
         String::from_utf8_lossy(&output.stderr)
     );
     assert_landed_once(&db, &kafka, 100, 0).await;
+
+    // The same worker's JSON log (LOG_FORMAT): one object per line, counts as numbers,
+    // partitions as text, no debug dumps of Rust values, no source file paths.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let line = |message: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .unwrap_or_else(|| panic!("no `{message}` line in {stderr}"))
+    };
+    assert_eq!(line("worker stopped")["fields"]["rows"], 100, "{stderr}");
+    assert_eq!(
+        line("worker started")["fields"]["topics"],
+        kafka.topic.as_str()
+    );
+    let claimed = line("claimed 2 partition(s): no stored offsets")["fields"]["partitions"]
+        .as_str()
+        .expect("partitions as text");
+    let mut claimed: Vec<&str> = claimed.split(", ").collect();
+    claimed.sort_unstable();
+    let topic = &kafka.topic;
+    assert_eq!(
+        claimed,
+        [format!("{topic}/0@0"), format!("{topic}/1@0")],
+        "{stderr}"
+    );
+    for l in &lines {
+        let text = l.to_string();
+        assert!(!text.contains("log.file"), "{text}");
+        for value in l["fields"].as_object().expect("fields").values() {
+            let value = value.as_str().unwrap_or_default();
+            assert!(
+                !(value.starts_with("Some(")
+                    || value.starts_with("[(")
+                    || value.starts_with("[\"")),
+                "a debug dump: {text}"
+            );
+        }
+    }
     db.drop().await;
 }
 
