@@ -885,6 +885,97 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 mod tests {
     use super::*;
 
+    /// The documentation's pages, each with its name.
+    const DOCS: [(&str, &str); 9] = [
+        ("README.md", include_str!("../README.md")),
+        ("docs/guarantees.md", include_str!("../docs/guarantees.md")),
+        (
+            "docs/configuration.md",
+            include_str!("../docs/configuration.md"),
+        ),
+        ("docs/mapping.md", include_str!("../docs/mapping.md")),
+        ("docs/security.md", include_str!("../docs/security.md")),
+        ("docs/operations.md", include_str!("../docs/operations.md")),
+        (
+            "docs/observability.md",
+            include_str!("../docs/observability.md"),
+        ),
+        (
+            "docs/performance.md",
+            include_str!("../docs/performance.md"),
+        ),
+        (
+            "docs/development.md",
+            include_str!("../docs/development.md"),
+        ),
+    ];
+
+    /// The command lines of this binary a page shows: each line of a code block that
+    /// runs it (continued lines joined), and each inline code span that runs it with a
+    /// flag (a bare `kafka-pg-ingest dev chaos` in prose may be a name). Usage synopses
+    /// (`[--flag]`, `a|b`, `...`) are left out; so are comments, `&`, pipes and
+    /// redirections after the command.
+    fn shown_commands(page: &str) -> Vec<String> {
+        let mut commands = Vec::new();
+        let mut prose = String::new();
+        let mut in_block = false;
+        let mut pending = String::new();
+        for line in page.lines() {
+            if line.trim_start().starts_with("```") {
+                in_block = !in_block;
+                continue;
+            }
+            if !in_block {
+                prose.push_str(line);
+                prose.push(' ');
+                continue;
+            }
+            let line = line.split(" #").next().unwrap_or_default().trim_end();
+            match line.strip_suffix('\\') {
+                Some(head) => pending.push_str(head),
+                None => {
+                    pending.push_str(line);
+                    commands.extend(command_of(&std::mem::take(&mut pending)));
+                }
+            }
+        }
+        for span in prose.split('`').skip(1).step_by(2) {
+            if span.contains(" --") {
+                commands.extend(command_of(span));
+            }
+        }
+        commands
+    }
+
+    /// The arguments after the binary's name in `text`, if it runs the binary.
+    fn command_of(text: &str) -> Option<String> {
+        let start = [
+            "kafka-pg-ingest ",
+            "cargo run -- ",
+            "cargo run --release -- ",
+        ]
+        .iter()
+        .filter_map(|p| text.find(p).map(|i| i + p.len()))
+        .min()?;
+        let args = text[start..].split(['|', '>', '&']).next()?.trim();
+        let synopsis = args.contains('[') || args.contains("...") || args.contains('(');
+        (!synopsis && !args.is_empty()).then(|| args.to_owned())
+    }
+
+    #[test]
+    fn every_command_the_docs_show_parses_against_the_command_line() {
+        let mut checked = 0;
+        for (page, text) in DOCS {
+            for args in shown_commands(text) {
+                let words = args.split_whitespace().map(|w| w.trim_matches('"'));
+                let parsed = Cli::try_parse_from(std::iter::once("kafka-pg-ingest").chain(words));
+                assert!(parsed.is_ok(), "{page}: `{args}`: {}", parsed.unwrap_err());
+                checked += 1;
+            }
+        }
+        assert!(checked > 30, "found the commands: {checked}");
+    }
+
     #[test]
     fn an_error_that_prints_its_source_says_it_once() {
         let io = std::io::Error::from(std::io::ErrorKind::NotFound);
