@@ -604,7 +604,7 @@ const OTEL_KEYS: [&str; 6] = [
 ];
 
 /// librdkafka properties the exactly-once protocol sets itself, with what to use instead.
-const PROTOCOL_OPTIONS: [(&str, &str); 7] = [
+const PROTOCOL_OPTIONS: [(&str, &str); 8] = [
     ("group.id", "use kafka.group or --group"),
     ("bootstrap.servers", "use kafka.brokers or --brokers"),
     (
@@ -627,6 +627,11 @@ const PROTOCOL_OPTIONS: [(&str, &str); 7] = [
     (
         "enable.partition.eof",
         "the worker does not use end-of-partition events",
+    ),
+    (
+        "statistics.interval.ms",
+        "the worker reads librdkafka's statistics once a second for /readyz, the lag gauges \
+         and the end of a Kafka outage",
     ),
 ];
 
@@ -1249,41 +1254,38 @@ impl Config {
     }
 }
 
-/// Replaces the password of a URL with `***`.
+/// Replaces the password of a URL with `***`, and the value of every query parameter
+/// whose name ends in `password`. Fails closed: the userinfo runs to the last `@`,
+/// whatever a password holds (`/`, `?`, `#`, `@`), so an `@` later in the URL masks more
+/// than needed, never less.
 pub fn mask_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
     };
-    // The userinfo ends at the last `@` before the path, query or fragment (a password
-    // may hold an unencoded `/`, so the last `@` of all counts when there is one).
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let (before, query) = rest.split_at(end);
-    let (userinfo, tail) = match before.rsplit_once('@') {
-        Some((userinfo, host)) => (Some(userinfo), host),
-        None => (None, before),
-    };
-    let userinfo = match userinfo {
-        Some(info) => match info.split_once(':') {
-            Some((user, _)) => format!("{user}:***@"),
-            None => format!("{info}@"),
+    let masked = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{after}"),
+            None => rest.to_owned(),
         },
-        None => String::new(),
+        None => rest.to_owned(),
     };
-    // `?password=...` is a password too (libpq and sqlx take one).
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _))
-                if key
-                    .trim_start_matches(['?', '#'])
-                    .eq_ignore_ascii_case("password") =>
-            {
-                format!("{key}=***")
-            }
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{scheme}://{userinfo}{tail}{}", query.join("&"))
+    let masked = match masked.split_once('?') {
+        Some((head, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.to_ascii_lowercase().ends_with("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{head}?{}", pairs.join("&"))
+        }
+        None => masked,
+    };
+    format!("{scheme}{masked}")
 }
 
 /// A map whose values may be any YAML scalar, each kept as its text.
@@ -1623,6 +1625,7 @@ mod tests {
             ("isolation.level", "read_uncommitted", "read_committed"),
             ("topic.auto.offset.reset", "earliest", "kafka.on_data_loss"),
             ("metadata.broker.list", "h:1", "kafka.brokers"),
+            ("statistics.interval.ms", "0", "the end of a Kafka outage"),
         ] {
             let yaml = format!("kafka:\n  options:\n    {option}: {value}\n");
             let err = load_yaml(&yaml, vec![]).unwrap_err().to_string();
@@ -1739,6 +1742,17 @@ mod tests {
                 "postgres://db/x?user=app&password=***&sslmode=disable",
             ),
             ("postgres://db:5432/x", "postgres://db:5432/x"),
+            ("postgres://app:pa#ss@db/x", "postgres://app:***@db/x"),
+            ("postgres://app:p@ss#1@db", "postgres://app:***@db"),
+            (
+                "postgres://db/x?password=s3cr@t",
+                "postgres://db/x?password=***",
+            ),
+            (
+                "postgres://db/x?sslpassword=s3cret",
+                "postgres://db/x?sslpassword=***",
+            ),
+            ("app:s3cret@db/x", "app:***@db/x"),
             ("http://registry:8081", "http://registry:8081"),
         ] {
             assert_eq!(mask_url(url), masked, "{url}");

@@ -46,6 +46,9 @@ pub fn partition_list<'a>(partitions: impl IntoIterator<Item = (&'a str, i32)>) 
     listed.join(", ")
 }
 
+/// How long a revoke may spend clearing this worker from the offset rows.
+const RELEASE_LIMIT: Duration = Duration::from_secs(1);
+
 /// How long without a failure, with a broker connected, ends a Kafka outage.
 const KAFKA_QUIET: Duration = Duration::from_secs(5);
 
@@ -417,6 +420,24 @@ impl IngestContext {
         }
     }
 
+    /// Clears this worker from the offset rows of `held` partitions just revoked, within
+    /// [`RELEASE_LIMIT`]: the callback holds up polling meanwhile. Skipped while Postgres
+    /// is failing; the next claim of each row names its owner anyway.
+    fn release_revoked(&self, held: &[(TopicPartition, i64)]) {
+        if held.is_empty() || self.observers.outages.postgres.failing() {
+            return;
+        }
+        let release = self.store.release_revoked(&self.owner, held);
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(RELEASE_LIMIT, release).await })
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not clear this worker from revoked partitions' rows"),
+            Err(_) => tracing::debug!("clearing this worker from revoked partitions' rows took too long; left to the next claim"),
+        }
+    }
+
     fn on_revoke(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -425,13 +446,17 @@ impl IngestContext {
     ) {
         let mut assignments = self.assignments.lock();
         let mut orphans = self.orphans();
+        let mut held = Vec::new();
         for tp in partitions {
-            assignments.remove(tp);
+            if let Some(state) = assignments.remove(tp) {
+                held.push((tp.clone(), state.epoch));
+            }
             orphans.remove(tp);
         }
         drop((assignments, orphans));
         tracing::info!(partitions = %partition_list(partitions.iter().map(|tp| (tp.0.as_str(), tp.1))),
             "partitions revoked");
+        self.release_revoked(&held);
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
             _ => consumer.unassign(),
@@ -542,12 +567,18 @@ fn start_note(stored: bool, resumed: bool, reset: OffsetReset) -> &'static str {
     }
 }
 
-/// Whether librdkafka holds a connection to a broker it learned of.
+/// Whether librdkafka holds a connection to a broker it learned of, and no such broker
+/// is down or reconnecting (one it has no use for stays `INIT`). librdkafka repeats an
+/// identical failure only every 30 s: a broker of several down that long must not
+/// look like one that works.
 fn brokers_up(statistics: &Statistics) -> bool {
-    statistics
+    let learned: Vec<&str> = statistics
         .brokers
         .values()
-        .any(|b| b.source == "learned" && b.state == "UP")
+        .filter(|b| b.source == "learned")
+        .map(|b| b.state.as_str())
+        .collect();
+    learned.contains(&"UP") && learned.iter().all(|s| matches!(*s, "UP" | "INIT"))
 }
 
 /// Whether a librdkafka error says a broker cannot be reached: an outage, retried by
@@ -570,6 +601,9 @@ pub fn unreachable(code: RDKafkaErrorCode) -> bool {
 fn report_error(outage: &Outage, error: &KafkaError, reason: &str) {
     match error.rdkafka_error_code() {
         Some(code) if unreachable(code) => outage.failed(&format_args!("{reason} ({error})")),
+        // A position outside the broker's log: the loop checks the watermarks and
+        // `kafka.on_data_loss` decides, saying so.
+        Some(RDKafkaErrorCode::AutoOffsetReset) => tracing::debug!(error = %error, reason, "librdkafka error"),
         _ => tracing::error!(error = %error, reason, "librdkafka error"),
     }
 }
@@ -580,14 +614,13 @@ fn report_error(outage: &Outage, error: &KafkaError, reason: &str) {
 fn librdkafka_log(outage: &Outage, level: RDKafkaLogLevel, fac: &str, message: &str) {
     use RDKafkaLogLevel::*;
     // FAIL: a connection failed (a warning or worse) or was closed (information: idle
-    // connections are closed too); COMMITFAIL: the advisory mirror of offsets to Kafka
-    // found no coordinator.
+    // connections are closed too). COMMITFAIL: the advisory mirror of offsets to Kafka
+    // failed (no coordinator, a rebalance under way); Postgres holds the offsets.
     match level {
-        Emerg | Alert | Critical | Error | Warning
-            if matches!(fac, "FAIL" | "ERROR" | "REQTMOUT" | "COMMITFAIL") =>
-        {
+        Emerg | Alert | Critical | Error | Warning if matches!(fac, "FAIL" | "ERROR" | "REQTMOUT") => {
             outage.failed(&message)
         }
+        _ if fac == "COMMITFAIL" => tracing::debug!(target: "librdkafka", fac, "{message}"),
         Notice | Info if fac == "FAIL" => tracing::debug!(target: "librdkafka", fac, "{message}"),
         Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
         Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
@@ -674,10 +707,10 @@ pub fn subscribe(
                 .to_string(),
         )
         .set("fetch.queue.backoff.ms", "20");
-    // Statistics feed /readyz (group state), the lag gauges (high watermarks) and the
-    // end of a Kafka outage (brokers connected again).
-    client.set("statistics.interval.ms", "1000");
     connection(&mut client, config);
+    // Statistics feed /readyz (group state), the lag gauges (high watermarks) and the
+    // end of a Kafka outage (brokers connected again); config refuses the option.
+    client.set("statistics.interval.ms", "1000");
     // Set last (config also refuses them in kafka.options). Kafka's offsets are advisory
     // here; a position out of the broker's range is an error for the loop to judge
     // (kafka.on_data_loss), never a silent jump; aborted transactions are never read.

@@ -33,7 +33,9 @@ impl Pipeline {
         (rows, dead_letters): (u64, u64),
         isolation: Option<Isolation>,
     ) {
+        // A commit that went through answers for reads too.
         self.observers.outages.commits.recovered();
+        self.observers.outages.postgres.recovered();
         self.stats.batches += 1;
         self.stats.rows += rows;
         self.stats.dead_letters += dead_letters;

@@ -57,6 +57,38 @@ impl Store {
         .await
     }
 
+    /// Clears `owner` from the rows of partitions revoked from it, where it still holds
+    /// them at the epoch of its claim (a row another worker claimed since is theirs), so
+    /// `offsets show` tells a live owner from a past one. Commits never read the owner:
+    /// a batch of such a partition still in flight commits or is fenced by its epoch.
+    pub async fn release_revoked(
+        &self,
+        owner: &str,
+        partitions: &[((String, i32), i64)],
+    ) -> Result<u64, StoreError> {
+        let topics: Vec<&str> = partitions.iter().map(|((t, _), _)| t.as_str()).collect();
+        let parts: Vec<i32> = partitions.iter().map(|((_, p), _)| *p).collect();
+        let epochs: Vec<i64> = partitions.iter().map(|(_, e)| *e).collect();
+        self.bounded("release revoked partitions", async |conn| {
+            sqlx::query(
+                "UPDATE ingest.offsets AS o SET owner = '', updated_at = now() \
+                 FROM unnest($3::text[], $4::int4[], $5::int8[]) AS r(topic, partition, epoch) \
+                 WHERE o.consumer_group = $1 AND o.owner = $2 AND o.topic = r.topic \
+                   AND o.partition = r.partition AND o.epoch = r.epoch",
+            )
+            .bind(&self.group)
+            .bind(owner)
+            .bind(&topics)
+            .bind(&parts)
+            .bind(&epochs)
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(db("release revoked partitions"))
+        })
+        .await
+    }
+
     /// Claims partitions for `owner` in one statement: creates missing rows, bumps the
     /// epoch of existing ones (fencing any previous owner) and returns where to start.
     /// Each partition comes with the least epoch its claim may take (0 for any): a

@@ -153,6 +153,11 @@ impl Outage {
         self.end(|state| state.last.is_none_or(|last| last.elapsed() >= quiet));
     }
 
+    /// Whether a failure was reported since the dependency last worked.
+    pub fn failing(&self) -> bool {
+        self.state().since.is_some()
+    }
+
     fn end(&self, over: impl FnOnce(&State) -> bool) {
         let line = {
             let mut state = self.state();

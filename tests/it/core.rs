@@ -306,6 +306,46 @@ fn record(topic: &str, offset: i64, id: u64) -> Record {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_clears_the_owner_only_of_rows_still_held_at_its_epoch() {
+    let db = TestDb::new().await;
+    let kafka = TestKafka::new(2);
+    let config = kafka.config(&db);
+    let store = Store::for_pool(db.pool.clone(), &config)
+        .await
+        .expect("store");
+    let (p0, p1) = ((kafka.topic.clone(), 0), (kafka.topic.clone(), 1));
+    let a = store
+        .claim("worker-a", &[(p0.clone(), 0), (p1.clone(), 0)])
+        .await
+        .expect("a claims both");
+    assert_eq!(a.iter().map(|c| c.epoch).collect::<Vec<_>>(), vec![1, 1]);
+    // Partition 1 moves to b before a's revoke is handled.
+    store
+        .claim("worker-b", &[(p1.clone(), 0)])
+        .await
+        .expect("b claims");
+
+    let released = store
+        .release_revoked("worker-a", &[(p0, 1), (p1, 1)])
+        .await
+        .expect("release runs");
+    assert_eq!(released, 1, "only the row a still held");
+    let owners: Vec<(i32, String, i64)> = sqlx::query_as(
+        "SELECT partition, owner, epoch FROM ingest.offsets WHERE topic = $1 ORDER BY partition",
+    )
+    .bind(&kafka.topic)
+    .fetch_all(&db.pool)
+    .await
+    .expect("rows");
+    assert_eq!(
+        owners,
+        vec![(0, String::new(), 1), (1, "worker-b".to_owned(), 2)],
+        "a's row is cleared, its epoch kept; b's claim untouched"
+    );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_with_stale_epoch_cannot_commit_and_its_transaction_rolls_back() {
     let db = TestDb::new().await;
     let kafka = TestKafka::new(1);

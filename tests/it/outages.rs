@@ -150,15 +150,15 @@ async fn a_database_down_for_20_s_costs_a_bounded_number_of_lines() {
     let all = lines.join("\n");
     eprintln!("{} lines:\n{all}", lines.len());
     assert!(lines.len() <= MOST_LINES, "{} lines:\n{all}", lines.len());
+    // The commits of the records produced during the outage fail, then go through (a
+    // read of the stored offsets may fail too, as "Postgres").
     assert!(
-        all.contains("Postgres failing; retrying"),
+        all.contains("Batch commits failing; retrying"),
         "the start: {all}"
     );
     assert!(
-        all.contains("Postgres working again after"),
+        all.contains("Batch commits working again after"),
         "the end: {all}"
     );
-    // Commits fail and recover on their own: a read that works says nothing of them.
-    assert!(all.contains("Batch commits failing; retrying"), "{all}");
     db.drop().await;
 }
