@@ -312,6 +312,9 @@ pub(crate) struct RewindArgs {
     /// Apply the plan.
     #[arg(long)]
     pub yes: bool,
+    /// After applying, follow the workers' replay to its end (records, rate, time left).
+    #[arg(long, requires = "yes")]
+    pub wait: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -766,6 +769,9 @@ async fn offsets(command: OffsetsCommand) -> anyhow::Result<()> {
             )
             .await?;
             print_report(args.json, &plan, ops::format_plan)?;
+            if args.wait {
+                ops::wait_for_replay(&config, &plan).await?;
+            }
         }
     }
     Ok(())
@@ -881,71 +887,53 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     std::process::exit(1);
 }
 
+/// The docs' pages and code blocks, shared with the integration tests that run them.
+#[cfg(test)]
+#[path = "../tests/it/pages.rs"]
+mod doc_pages;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The documentation's pages, each with its name.
-    const DOCS: [(&str, &str); 9] = [
-        ("README.md", include_str!("../README.md")),
-        ("docs/guarantees.md", include_str!("../docs/guarantees.md")),
-        (
-            "docs/configuration.md",
-            include_str!("../docs/configuration.md"),
-        ),
-        ("docs/mapping.md", include_str!("../docs/mapping.md")),
-        ("docs/security.md", include_str!("../docs/security.md")),
-        ("docs/operations.md", include_str!("../docs/operations.md")),
-        (
-            "docs/observability.md",
-            include_str!("../docs/observability.md"),
-        ),
-        (
-            "docs/performance.md",
-            include_str!("../docs/performance.md"),
-        ),
-        (
-            "docs/development.md",
-            include_str!("../docs/development.md"),
-        ),
-    ];
+    use super::doc_pages as pages;
 
-    /// The command lines of this binary a page shows: each line of a code block that
-    /// runs it (continued lines joined), and each inline code span that runs it with a
-    /// flag (a bare `kafka-pg-ingest dev chaos` in prose may be a name). Usage synopses
-    /// (`[--flag]`, `a|b`, `...`) are left out; so are comments, `&`, pipes and
-    /// redirections after the command.
-    fn shown_commands(page: &str) -> Vec<String> {
-        let mut commands = Vec::new();
-        let mut prose = String::new();
-        let mut in_block = false;
-        let mut pending = String::new();
-        for line in page.lines() {
-            if line.trim_start().starts_with("```") {
-                in_block = !in_block;
-                continue;
-            }
-            if !in_block {
-                prose.push_str(line);
-                prose.push(' ');
-                continue;
-            }
-            let line = line.split(" #").next().unwrap_or_default().trim_end();
-            match line.strip_suffix('\\') {
-                Some(head) => pending.push_str(head),
-                None => {
-                    pending.push_str(line);
-                    commands.extend(command_of(&std::mem::take(&mut pending)));
-                }
-            }
-        }
+    /// The command lines of this binary a page shows, each with where: each line of a
+    /// shell or plain code block that runs it (continued lines joined), and each inline
+    /// code span that runs it with a flag (a bare `kafka-pg-ingest dev chaos` in prose
+    /// may be a name). Comments, `&`, pipes and redirections after the command are left
+    /// out.
+    fn shown_commands(page: &str, text: &str) -> Vec<(String, String)> {
+        let (blocks, prose) = pages::code_blocks(text);
+        let mut commands: Vec<(String, String)> = blocks
+            .iter()
+            .filter(|b| b.info.is_empty() || b.info == "sh")
+            .flat_map(|b| b.lines.iter().map(move |line| (b.line, line)))
+            .flat_map(|(n, line)| unnest(line).into_iter().map(move |l| (n, l)))
+            .filter_map(|(n, line)| Some((format!("{page}:{n}"), command_of(&line)?)))
+            .collect();
         for span in prose.split('`').skip(1).step_by(2) {
             if span.contains(" --") {
-                commands.extend(command_of(span));
+                commands.extend(command_of(span).map(|args| (page.to_owned(), args)));
             }
         }
         commands
     }
+
+    /// A line with a command substitution (`"$(...)"`) as two: the line with a number
+    /// for it, and the command inside.
+    fn unnest(line: &str) -> Vec<String> {
+        let split = line
+            .split_once("\"$(")
+            .and_then(|(head, rest)| Some((head, rest.rsplit_once(")\"")?)));
+        match split {
+            Some((head, (inner, tail))) => vec![format!("{head}1{tail}"), inner.to_owned()],
+            None => vec![line.to_owned()],
+        }
+    }
+
+    /// Programs the docs pipe a command's output into (not synopsis alternatives).
+    const PIPED_INTO: [&str; 2] = ["| psql", "| jq"];
 
     /// The arguments after the binary's name in `text`, if it runs the binary.
     fn command_of(text: &str) -> Option<String> {
@@ -967,7 +955,7 @@ mod tests {
         args.contains('[')
             || args.contains("...")
             || args.contains('(')
-            || (args.contains('|') && !args.contains("| psql"))
+            || (args.contains('|') && !PIPED_INTO.iter().any(|p| args.contains(p)))
     }
 
     /// Checks each `--flag` of a synopsis exists on the command it names.
@@ -995,8 +983,9 @@ mod tests {
     #[test]
     fn every_command_the_docs_show_parses_against_the_command_line() {
         let mut checked = 0;
-        for (page, text) in DOCS {
-            for args in shown_commands(text) {
+        for (page, text) in pages::pages() {
+            for (place, args) in shown_commands(&page, &text) {
+                let page = place.as_str();
                 if synopsis(&args) {
                     check_synopsis(page, &args);
                 } else {

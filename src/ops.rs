@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::config::{Config, WriteMode};
 use crate::kafka::{self, Inspector};
+use crate::progress::Progress;
 use crate::record::hex;
 use crate::routes::Routes;
 use crate::store::admin::{self, DeadLetter, DeadLetterFilter, OffsetRow};
@@ -262,6 +263,47 @@ pub async fn rewind(
         applied: apply,
     })
 }
+
+/// Follows the replay an applied rewind started until every moved partition has read
+/// again what it rewound (its `replay_until` cleared and its offset back where it stood),
+/// showing the records replayed, the rate and the time left. The group's workers do the
+/// replay: without one running, this waits until interrupted (the rewind stays either way).
+pub async fn wait_for_replay(config: &Config, plan: &RewindPlan) -> anyhow::Result<()> {
+    let moves: Vec<&PlannedMove> = plan.moves.iter().filter(|m| m.reread > 0).collect();
+    let total: i64 = moves.iter().map(|m| m.reread).sum();
+    if total == 0 {
+        return Ok(());
+    }
+    eprintln!(
+        "waiting for the workers of group `{}` to read {total} records of {} again \
+         (Ctrl-C stops waiting; the rewind stays)",
+        plan.group, plan.topic
+    );
+    let pool = store::connect_pool(config).await?;
+    let mut progress = Progress::new("records replayed", total as u64);
+    loop {
+        let rows = admin::offset_rows(&pool, Some(&plan.group), Some(&plan.topic)).await?;
+        let mut done = 0;
+        let mut finished = true;
+        for m in &moves {
+            let row = rows.iter().find(|r| r.partition == m.partition);
+            let next = row.and_then(|r| r.next_offset).unwrap_or(m.to);
+            done += (next - m.to).clamp(0, m.reread);
+            // The replay ends where the worker clears replay_until; a rewind to the end
+            // of a partition never sets it.
+            finished &= row.is_some_and(|r| r.replay_until.is_none()) && next - m.to >= m.reread;
+        }
+        progress.set(done as u64);
+        if finished {
+            progress.finish();
+            return Ok(());
+        }
+        tokio::time::sleep(REPLAY_POLL).await;
+    }
+}
+
+/// How often `offsets rewind --wait` reads the stored offsets.
+const REPLAY_POLL: Duration = Duration::from_millis(500);
 
 /// The target offset of each row, kept within the broker's watermarks, with the offset
 /// wanted before that.

@@ -12,6 +12,7 @@ use sqlx::PgConnection;
 use super::commit::{Ranges, copy_fields};
 use super::{Batch, Store, StoreError, db};
 use crate::config::WriteMode;
+use crate::progress::Progress;
 use crate::decode::{ReasonCode, Rejection};
 use crate::record::Record;
 
@@ -124,6 +125,9 @@ macro_rules! bind_filter {
             .bind($f.since)
     };
 }
+
+/// Dead letters a re-drive decodes and writes at a time (all in its one transaction).
+const REDRIVE_CHUNK: usize = 5_000;
 
 /// A dead letter as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -283,26 +287,34 @@ impl Store {
         let kept: Vec<usize> = (0..records.len())
             .filter(|i| !skipped.contains(i))
             .collect();
-        let batch = Batch::decode(
-            kept.iter().map(|&i| records[i].clone()).collect(),
-            &self.routes,
-            Vec::new(),
-        );
-        let mut rejects: Vec<(usize, Rejection)> = Vec::new();
-        // A re-drive reports what stays dead; the worker's metrics count only its own.
-        let mut without_partition = 0;
-        self.write_rows_isolating(
-            &mut tx,
-            &batch,
-            &Ranges::default(),
-            &mut rejects,
-            &mut without_partition,
-        )
-        .await?;
-        rejects.extend(batch.rejects.iter().cloned());
-        // Back to indexes of `records`, then the superseded ones.
-        let mut failed: Vec<(usize, Rejection)> =
-            rejects.into_iter().map(|(i, r)| (kept[i], r)).collect();
+        let mut failed: Vec<(usize, Rejection)> = Vec::new();
+        let mut progress = Progress::new("dead letters re-driven", kept.len() as u64);
+        // In chunks, in order, within the one transaction: a long re-drive shows how far
+        // it is, and a key's later record is still written after its earlier one.
+        for chunk in kept.chunks(REDRIVE_CHUNK) {
+            let batch = Batch::decode(
+                chunk.iter().map(|&i| records[i].clone()).collect(),
+                &self.routes,
+                Vec::new(),
+            );
+            let mut rejects: Vec<(usize, Rejection)> = Vec::new();
+            // A re-drive reports what stays dead; the worker's metrics count only its own.
+            let mut without_partition = 0;
+            self.write_rows_isolating(
+                &mut tx,
+                &batch,
+                &Ranges::default(),
+                &mut rejects,
+                &mut without_partition,
+            )
+            .await?;
+            rejects.extend(batch.rejects.iter().cloned());
+            // Back to indexes of `records`.
+            failed.extend(rejects.into_iter().map(|(i, r)| (chunk[i], r)));
+            progress.add(chunk.len() as u64);
+        }
+        progress.finish();
+        // Then the superseded ones.
         failed.extend(superseded.into_iter().map(|(i, newer)| {
             (
                 i,

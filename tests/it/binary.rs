@@ -373,8 +373,6 @@ async fn cycles_flag_runs_that_many_polls_then_exits_zero_with_its_batches_commi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dev_broker_and_dev_produce_feed_a_worker_that_lands_every_message_once() {
-    use std::io::BufRead;
-
     let db = TestDb::new().await;
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let (topic, group) = (
@@ -389,11 +387,7 @@ async fn dev_broker_and_dev_produce_feed_a_worker_that_lands_every_message_once(
             .spawn()
             .expect("broker starts"),
     );
-    let mut first_line = String::new();
-    std::io::BufReader::new(broker.stdout.take().expect("stdout"))
-        .read_line(&mut first_line)
-        .expect("bootstrap address");
-    let brokers = first_line.trim().to_owned();
+    let brokers = first_line(&mut broker);
     assert!(
         brokers.starts_with("127.0.0.1:") || brokers.starts_with("localhost:"),
         "{brokers}"

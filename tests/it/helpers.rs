@@ -551,6 +551,17 @@ pub fn final_error(stderr: &str) -> &str {
         .unwrap_or("")
 }
 
+/// The first line `child` printed on its piped stdout, trimmed (what `dev broker` and
+/// `dev registry` print: their address).
+pub fn first_line(child: &mut Reaped) -> String {
+    use std::io::BufRead;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut first)
+        .expect("first line");
+    first.trim().to_owned()
+}
+
 /// Sends SIGTERM to `child` and waits for it to exit.
 pub fn terminate(child: &mut Reaped) -> std::process::ExitStatus {
     child.signal("TERM").expect("kill runs");

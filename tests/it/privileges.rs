@@ -14,13 +14,20 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 
 /// A login role of its own for one test, holding the grants of `deploy/grants.sql`.
-struct WorkerRole {
-    name: String,
+pub struct WorkerRole {
+    pub name: String,
     password: String,
 }
 
 impl WorkerRole {
     async fn create(db: &TestDb) -> Self {
+        let role = Self::login(db).await;
+        role.grant(db).await;
+        role
+    }
+
+    /// The role without grants: what step 2 of the least-privilege setup makes.
+    pub async fn login(db: &TestDb) -> Self {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let role = Self {
             name: format!("kpi_worker_{}", &suffix[..12]),
@@ -38,7 +45,6 @@ impl WorkerRole {
             ),
         )
         .await;
-        role.grant(db).await;
         role
     }
 
@@ -60,21 +66,25 @@ impl WorkerRole {
         );
     }
 
-    /// A worker configuration logging in as this role, which cannot migrate.
-    fn config(&self, db: &TestDb, kafka: &TestKafka) -> kafka_pg_ingest::config::Config {
+    /// The URL of `db` logging in as this role.
+    pub fn url(&self, db: &TestDb) -> String {
         let (scheme, rest) = db.url.split_once("://").expect("URL has a scheme");
         let server_and_database = rest.rsplit_once('@').map_or(rest, |(_, s)| s);
-        let url = format!(
+        format!(
             "{scheme}://{}:{}@{server_and_database}",
             self.name, self.password
-        );
-        let mut config = kafka.config_for_url(&url);
+        )
+    }
+
+    /// A worker configuration logging in as this role, which cannot migrate.
+    fn config(&self, db: &TestDb, kafka: &TestKafka) -> kafka_pg_ingest::config::Config {
+        let mut config = kafka.config_for_url(&self.url(db));
         config.postgres.migrate_on_start = false;
         config
     }
 
     /// Drops the role with the privileges it holds (and any temporary table it left).
-    async fn drop(self, db: &TestDb) {
+    pub async fn drop(self, db: &TestDb) {
         let name = quote_ident(&self.name);
         exec(&db.pool, &format!("DROP OWNED BY {name}; DROP ROLE {name}")).await;
     }

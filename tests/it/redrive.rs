@@ -209,3 +209,74 @@ async fn a_retry_without_the_topic_the_worker_ran_with_refuses_then_succeeds_wit
         .assert_exactly_once(11, 0);
     db.drop().await;
 }
+
+/// A route of `shop.items` reading `amount` as text digits only with `coerce`.
+fn coerced_items_route(topic: &str, coerce: bool) -> String {
+    format!(
+        "routes:\n  - topic: {topic}\n    table: shop.items\n    mode: upsert\n    key: [id]\n    \
+         columns:\n      \
+         - {{ column: id, field: \"@key\", type: int8, coerce: true }}\n      \
+         - {{ column: amount, field: amount, type: int4, coerce: {coerce} }}\n      \
+         - {{ column: part, field: \"@partition\", type: int4 }}\n      \
+         - {{ column: off, field: \"@offset\", type: int8 }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_re_drive_longer_than_one_chunk_lands_every_keys_latest_record() {
+    let db = TestDb::new().await;
+    exec(
+        &db.pool,
+        "CREATE SCHEMA shop; CREATE TABLE shop.items (id int8 PRIMARY KEY, amount int4, \
+           part int4, off int8)",
+    )
+    .await;
+    let kafka = TestKafka::new(1);
+    // 12,000 records of 1,000 keys: each key's versions lie in every chunk of the re-drive.
+    let (total, keys) = (12_000, 1_000);
+    let records: Vec<Msg> = (0..total)
+        .map(|i| {
+            let amount = format!(r#"{{"amount": "{i}"}}"#);
+            item(&(i % keys).to_string(), Some(&amount))
+        })
+        .collect();
+    send(&kafka, &kafka.topic, &records);
+    let strict = kafka
+        .config_with_yaml(&db, &coerced_items_route(&kafka.topic, false))
+        .expect("route loads");
+    let mut pipeline = Pipeline::connect(strict).await.expect("starts");
+    drive_until_caught_up(
+        &mut pipeline,
+        &db.pool,
+        &kafka,
+        total,
+        Duration::from_secs(60),
+    )
+    .await;
+    pipeline.close().await;
+    let dead = scalar(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await;
+    assert_eq!(dead, total, "text amounts are dead letters without coerce");
+
+    let coerced = kafka
+        .config_with_yaml(&db, &coerced_items_route(&kafka.topic, true))
+        .expect("route loads");
+    let done = ops::retry_dead_letters(&coerced, &DeadLetterFilter::default())
+        .await
+        .expect("re-drive");
+    assert_eq!((done.moved, done.still_failing), (total as u64, 0));
+    let rows: Vec<(i64, i32, i64)> =
+        sqlx::query_as("SELECT id, amount, off FROM shop.items ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("rows");
+    let expected: Vec<(i64, i32, i64)> = (0..keys)
+        .map(|k| {
+            let last = k + total - keys;
+            (k, last as i32, last)
+        })
+        .collect();
+    assert_eq!(rows, expected, "each key holds its last record");
+    let dead = scalar(&db.pool, "SELECT count(*) FROM ingest.dead_letters").await;
+    assert_eq!(dead, 0);
+    db.drop().await;
+}

@@ -39,9 +39,14 @@ impl Msg {
 
 /// Produces `msgs` in order (blocking) and waits for every acknowledgement.
 pub fn send(kafka: &TestKafka, topic: &str, msgs: &[Msg]) {
+    send_to(&kafka.brokers, topic, msgs);
+}
+
+/// [`send`] to any brokers.
+pub fn send_to(brokers: &str, topic: &str, msgs: &[Msg]) {
     tokio::task::block_in_place(|| {
         let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.brokers)
+            .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .create()
             .expect("producer");
