@@ -265,13 +265,27 @@ pub async fn rewind(
 }
 
 /// Follows the replay an applied rewind started until every moved partition has read
-/// again what it rewound (its `replay_until` cleared and its offset back where it stood),
+/// again up to where it stood (its `replay_until`, cleared by the worker that passes it),
 /// showing the records replayed, the rate and the time left. The group's workers do the
-/// replay: without one running, this waits until interrupted (the rewind stays either way).
+/// replay: without one running, this waits until interrupted (the rewind stays either
+/// way), saying so when nothing moves for [`STALLED`].
 pub async fn wait_for_replay(config: &Config, plan: &RewindPlan) -> anyhow::Result<()> {
-    let moves: Vec<&PlannedMove> = plan.moves.iter().filter(|m| m.reread > 0).collect();
-    let total: i64 = moves.iter().map(|m| m.reread).sum();
-    if total == 0 {
+    let pool = store::connect_pool(config).await?;
+    let read = || admin::offset_rows(&pool, Some(&plan.group), Some(&plan.topic));
+    // What each moved partition replays: from its new offset to its replay_until (which
+    // may lie beyond where this rewind found it, left by an earlier one).
+    let first = read().await?;
+    let spans: Vec<(i32, i64, i64)> = plan
+        .moves
+        .iter()
+        .filter_map(|m| {
+            let row = first.iter().find(|r| r.partition == m.partition)?;
+            Some((m.partition, m.to, row.replay_until?))
+        })
+        .filter(|(_, to, until)| until > to)
+        .collect();
+    let total: i64 = spans.iter().map(|(_, to, until)| until - to).sum();
+    if spans.is_empty() {
         return Ok(());
     }
     eprintln!(
@@ -279,28 +293,42 @@ pub async fn wait_for_replay(config: &Config, plan: &RewindPlan) -> anyhow::Resu
          (Ctrl-C stops waiting; the rewind stays)",
         plan.group, plan.topic
     );
-    let pool = store::connect_pool(config).await?;
     let mut progress = Progress::new("records replayed", total as u64);
+    let (mut last, mut moved_at) = (-1, tokio::time::Instant::now());
     loop {
-        let rows = admin::offset_rows(&pool, Some(&plan.group), Some(&plan.topic)).await?;
+        let rows = read().await?;
         let mut done = 0;
-        let mut finished = true;
-        for m in &moves {
-            let row = rows.iter().find(|r| r.partition == m.partition);
-            let next = row.and_then(|r| r.next_offset).unwrap_or(m.to);
-            done += (next - m.to).clamp(0, m.reread);
-            // The replay ends where the worker clears replay_until; a rewind to the end
-            // of a partition never sets it.
-            finished &= row.is_some_and(|r| r.replay_until.is_none()) && next - m.to >= m.reread;
+        let mut replaying = false;
+        for &(partition, to, until) in &spans {
+            let row = rows.iter().find(|r| r.partition == partition);
+            let next = row.and_then(|r| r.next_offset).unwrap_or(to);
+            let cleared = row.is_none_or(|r| r.replay_until.is_none());
+            done += if cleared { until - to } else { (next - to).clamp(0, until - to) };
+            replaying |= !cleared;
         }
         progress.set(done as u64);
-        if finished {
+        if !replaying {
             progress.finish();
             return Ok(());
+        }
+        if done != last {
+            (last, moved_at) = (done, tokio::time::Instant::now());
+        } else if moved_at.elapsed() >= STALLED {
+            tracing::warn!(
+                group = %plan.group,
+                "the replay has not moved for {} s: is a worker of group `{}` running? \
+                 (`offsets show` names the owners)",
+                STALLED.as_secs(),
+                plan.group
+            );
+            moved_at = tokio::time::Instant::now();
         }
         tokio::time::sleep(REPLAY_POLL).await;
     }
 }
+
+/// How long `offsets rewind --wait` sees no progress before it says so.
+const STALLED: Duration = Duration::from_secs(30);
 
 /// How often `offsets rewind --wait` reads the stored offsets.
 const REPLAY_POLL: Duration = Duration::from_millis(500);

@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 
 use super::commit::{Ranges, copy_fields};
 use super::{Batch, Store, StoreError, db};
-use crate::config::WriteMode;
+use crate::config::{Envelope, WriteMode};
 use crate::progress::Progress;
 use crate::decode::{ReasonCode, Rejection};
 use crate::record::Record;
@@ -289,9 +289,19 @@ impl Store {
             .collect();
         let mut failed: Vec<(usize, Rejection)> = Vec::new();
         let mut progress = Progress::new("dead letters re-driven", kept.len() as u64);
-        // In chunks, in order, within the one transaction: a long re-drive shows how far
-        // it is, and a key's later record is still written after its earlier one.
-        for chunk in kept.chunks(REDRIVE_CHUNK) {
+        // In chunks, in order, within the one transaction, so a long re-drive shows how
+        // far it is: a key's later record is still written after its earlier one. Routes
+        // ordering versions (or reading Debezium events) choose among all of a key's
+        // records at once (the newest version, a delete, a truncate, a TOAST fill), so a
+        // re-drive touching one writes in one piece.
+        let whole = records.iter().any(|r| {
+            self.routes.route_of(&r.topic).is_some_and(|i| {
+                let route = self.routes.decoders()[i].route();
+                route.version.is_some() || route.envelope != Envelope::None
+            })
+        });
+        let chunk_len = if whole { kept.len().max(1) } else { REDRIVE_CHUNK };
+        for chunk in kept.chunks(chunk_len) {
             let batch = Batch::decode(
                 chunk.iter().map(|&i| records[i].clone()).collect(),
                 &self.routes,

@@ -114,10 +114,13 @@ fn is_worker(command: &str) -> bool {
         .split_whitespace()
         .skip_while(|w| w.contains('=') && !w.starts_with('-'));
     words.next() == Some("kafka-pg-ingest")
-        && words
-            .next()
-            .is_some_and(|w| w == "run" || (w.starts_with("--") && w != "--help"))
+        && words.next().is_none_or(|w| {
+            w == "run" || (w.starts_with("--") && !["--help", "--version"].contains(&w))
+        })
 }
+
+/// How long a line in the foreground may take (a `--wait` or a `demo` included).
+const LINE_LIMIT: Duration = Duration::from_secs(180);
 
 /// A shell session following the docs: the environment so far, the processes left
 /// running, and what was produced (per topic: valid and malformed records).
@@ -151,6 +154,10 @@ impl Shell {
         env.insert("RUST_LOG".into(), "info,librdkafka=warn".into());
         let secret = dir.join("kafka-password");
         std::fs::write(&secret, "walkthrough-secret\n").expect("secret file");
+        // A script piped into psql exits 0 after a failed statement unless told to stop.
+        let psqlrc = dir.join("psqlrc");
+        std::fs::write(&psqlrc, "\\set ON_ERROR_STOP on\n").expect("psqlrc");
+        env.insert("PSQLRC".into(), psqlrc.display().to_string());
         Self {
             pool: db.pool.clone(),
             examples: vec![
@@ -167,9 +174,21 @@ impl Shell {
 
     /// `line` as this session runs it.
     fn rewrite(&self, line: &str) -> String {
-        let mut line = line.replace("cargo run -- ", "kafka-pg-ingest ");
+        let mut line = line
+            .replace("cargo run --release -- ", "kafka-pg-ingest ")
+            .replace("cargo run -- ", "kafka-pg-ingest ");
         for (example, real) in &self.examples {
             line = line.replace(example, real);
+        }
+        // An example this session has no real value for would reach the shared server
+        // or nothing: a line must not run with one.
+        for example in [
+            EXAMPLE_BROKERS,
+            EXAMPLE_REGISTRY,
+            EXAMPLE_DATABASE,
+            "cargo run",
+        ] {
+            assert!(!line.contains(example), "`{line}` still holds `{example}`");
         }
         line
     }
@@ -220,13 +239,10 @@ impl Shell {
             self.start_service(command);
             return String::new();
         }
-        let out = self.command(&line).output().expect("bash runs");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (status, stdout, stderr) = self.within_limit(&line).await;
         assert!(
-            out.status.success(),
-            "`{line}` exited {}:\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            status.success(),
+            "`{line}` exited {status}:\n{stdout}\n{stderr}"
         );
         if line.contains(" dev produce ") {
             self.count_produced(&line, &stdout);
@@ -239,6 +255,38 @@ impl Shell {
         for line in block(page, first) {
             self.run(&line).await;
         }
+    }
+
+    /// Runs `line` in the foreground; what it printed. A line still running after
+    /// [`LINE_LIMIT`] fails the test.
+    async fn within_limit(&self, line: &str) -> (std::process::ExitStatus, String, String) {
+        let mut child = Reaped(
+            self.command(line)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("bash runs"),
+        );
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || pipe.map(std::io::read_to_string).and_then(Result::ok))
+        };
+        let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < LINE_LIMIT,
+                "`{line}` still runs after {LINE_LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let text = |t: std::thread::JoinHandle<Option<String>>| {
+            t.join().ok().flatten().unwrap_or_default()
+        };
+        (status, text(out), text(err))
     }
 
     /// Adds what a `dev produce` line printed: "N valid and M malformed ...".
@@ -299,6 +347,10 @@ impl Shell {
     /// Waits until the stored offsets of every topic add up to what was produced to it
     /// and no partition is still replaying; a worker that exits meanwhile fails the test.
     async fn caught_up(&mut self) {
+        assert!(
+            !self.produced.is_empty(),
+            "a worker runs before anything was produced: nothing to wait for"
+        );
         for _ in 0..1200 {
             let mut done = true;
             for (topic, (valid, malformed)) in &self.produced {
@@ -398,6 +450,36 @@ fn read(path: &Path) -> String {
 
 #[test]
 fn every_shell_block_of_the_docs_is_walked_by_a_test_or_named_unrunnable() {
+    // A runnable block under another label would escape the walk: shell is ```sh, and
+    // an unlabelled block holds output or a usage synopsis, never a command to run.
+    for (page, text) in pages() {
+        for b in code_blocks(&text).0 {
+            assert!(
+                ![
+                    "bash",
+                    "shell",
+                    "console",
+                    "zsh",
+                    "sh-session",
+                    "shell-session"
+                ]
+                .contains(&b.info.as_str()),
+                "{page}:{}: label the block ```sh",
+                b.line
+            );
+            let runnable = b.lines.first().is_some_and(|l| {
+                ["kafka-pg-ingest ", "cargo ", "psql ", "scripts/", "export "]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+                    && !l.contains('[')
+            });
+            assert!(
+                !(b.info.is_empty() && runnable),
+                "{page}:{}: a command in an unlabelled block: label it ```sh",
+                b.line
+            );
+        }
+    }
     let blocks = shell_blocks();
     let known = |page: &str, first: &str| {
         WALKED
@@ -487,7 +569,11 @@ async fn the_operations_pages_blocks_run_in_order_and_land_every_record_once() {
 
     let mut rejected = 0;
     let mut retried = String::new();
+    let mut before_replay = None;
     for line in block("docs/operations.md", DEAD_LETTER_WALKTHROUGH) {
+        if line.contains(" --wait") {
+            before_replay = Some(scalar(&db.pool, "SELECT max(id) FROM web_metrics.metrics").await);
+        }
         let out = shell.run(&line).await;
         if line.contains("dlq list --reason db_rejected") && !line.contains("dlq show") {
             rejected = scalar(
@@ -510,6 +596,13 @@ async fn the_operations_pages_blocks_run_in_order_and_land_every_record_once() {
             assert_eq!(replaying, 0, "--wait returns once the replay is done");
         }
     }
+    // The rewind to a time before every record replaced each row with its re-read.
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM web_metrics.metrics WHERE id <= $1")
+        .bind(before_replay.expect("the walkthrough rewinds with --wait"))
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(kept, 0, "every row was written again by the replay");
     assert_eq!(
         retried.trim(),
         format!("{rejected} moved into web_metrics.metrics, 0 still failing")

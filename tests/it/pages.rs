@@ -59,7 +59,7 @@ pub fn code_blocks(page: &str) -> (Vec<CodeBlock>, String) {
             prose.push(' ');
             continue;
         };
-        let code = line.split(" #").next().unwrap_or_default().trim_end();
+        let code = uncommented(line);
         match code.strip_suffix('\\') {
             Some(head) => pending.push_str(head),
             None => {
@@ -72,4 +72,20 @@ pub fn code_blocks(page: &str) -> (Vec<CodeBlock>, String) {
         }
     }
     (blocks, prose)
+}
+
+/// `line` without its shell comment: from the first ` #` outside quotes.
+fn uncommented(line: &str) -> &str {
+    let mut quote = None;
+    let mut previous = ' ';
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '#') if previous.is_whitespace() => return line[..i].trim_end(),
+            _ => {}
+        }
+        previous = c;
+    }
+    line.trim_end()
 }
