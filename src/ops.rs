@@ -154,6 +154,10 @@ pub struct PlannedMove {
     pub to: i64,
     /// Records read again: how far `to` lies below `from`.
     pub reread: i64,
+    /// Once applied: where the partition's replay ends (this rewind's, or an earlier
+    /// one's still under way).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_until: Option<i64>,
 }
 
 impl PlannedMove {
@@ -163,6 +167,7 @@ impl PlannedMove {
             from,
             to,
             reread: from.map_or(0, |from| (from - to).max(0)),
+            replay_until: None,
         }
     }
 }
@@ -251,7 +256,10 @@ pub async fn rewind(
         let moved = admin::rewind(&pool, group, topic, &wanted, keep).await?;
         moves = moved
             .into_iter()
-            .map(|m| PlannedMove::new(m.partition, m.from, m.to))
+            .map(|m| PlannedMove {
+                replay_until: m.replay_until,
+                ..PlannedMove::new(m.partition, m.from, m.to)
+            })
             .collect();
     }
     Ok(RewindPlan {
@@ -270,24 +278,20 @@ pub async fn rewind(
 /// replay: without one running, this waits until interrupted (the rewind stays either
 /// way), saying so when nothing moves for [`STALLED`].
 pub async fn wait_for_replay(config: &Config, plan: &RewindPlan) -> anyhow::Result<()> {
-    let pool = store::connect_pool(config).await?;
-    let read = || admin::offset_rows(&pool, Some(&plan.group), Some(&plan.topic));
     // What each moved partition replays: from its new offset to its replay_until (which
     // may lie beyond where this rewind found it, left by an earlier one).
-    let first = read().await?;
     let spans: Vec<(i32, i64, i64)> = plan
         .moves
         .iter()
-        .filter_map(|m| {
-            let row = first.iter().find(|r| r.partition == m.partition)?;
-            Some((m.partition, m.to, row.replay_until?))
-        })
+        .filter_map(|m| Some((m.partition, m.to, m.replay_until?)))
         .filter(|(_, to, until)| until > to)
         .collect();
     let total: i64 = spans.iter().map(|(_, to, until)| until - to).sum();
     if spans.is_empty() {
+        eprintln!("nothing to wait for: no moved partition reads records again");
         return Ok(());
     }
+    let pool = store::connect_pool(config).await?;
     eprintln!(
         "waiting for the workers of group `{}` to read {total} records of {} again \
          (Ctrl-C stops waiting; the rewind stays)",
@@ -296,7 +300,7 @@ pub async fn wait_for_replay(config: &Config, plan: &RewindPlan) -> anyhow::Resu
     let mut progress = Progress::new("records replayed", total as u64);
     let (mut last, mut moved_at) = (-1, tokio::time::Instant::now());
     loop {
-        let rows = read().await?;
+        let rows = admin::offset_rows(&pool, Some(&plan.group), Some(&plan.topic)).await?;
         let mut done = 0;
         let mut replaying = false;
         for &(partition, to, until) in &spans {
@@ -314,13 +318,15 @@ pub async fn wait_for_replay(config: &Config, plan: &RewindPlan) -> anyhow::Resu
         if done != last {
             (last, moved_at) = (done, tokio::time::Instant::now());
         } else if moved_at.elapsed() >= STALLED {
-            tracing::warn!(
-                group = %plan.group,
-                "the replay has not moved for {} s: is a worker of group `{}` running? \
-                 (`offsets show` names the owners)",
-                STALLED.as_secs(),
-                plan.group
-            );
+            progress.suspend(|| {
+                tracing::warn!(
+                    group = %plan.group,
+                    "the replay has not moved for {} s: is a worker of the group running \
+                     (`offsets show` names the owners)? A partition whose last offsets hold \
+                     no record (transaction markers) ends its replay with its next record",
+                    STALLED.as_secs()
+                );
+            });
             moved_at = tokio::time::Instant::now();
         }
         tokio::time::sleep(REPLAY_POLL).await;

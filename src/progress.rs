@@ -64,6 +64,14 @@ impl Progress {
         self.set(self.done + n);
     }
 
+    /// Runs `say` (a log line) with the bar, if any, out of its way.
+    pub fn suspend(&self, say: impl FnOnce()) {
+        match &self.bar {
+            Some(bar) => bar.suspend(say),
+            None => say(),
+        }
+    }
+
     /// Ends the report: the bar is cleared, or a last line written.
     pub fn finish(mut self) {
         match self.bar.take() {

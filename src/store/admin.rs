@@ -55,6 +55,9 @@ pub struct Moved {
     pub partition: i32,
     pub from: Option<i64>,
     pub to: i64,
+    /// Where the replay the move started (or an earlier one) ends: `None` when nothing
+    /// below the partition's furthest offset is read again.
+    pub replay_until: Option<i64>,
 }
 
 /// Moves the stored offsets of `group`/`topic` in one transaction. A partition moved
@@ -69,14 +72,14 @@ pub async fn rewind(
     keep: bool,
 ) -> Result<Vec<Moved>, StoreError> {
     let (partitions, targets): (Vec<i32>, Vec<i64>) = moves.iter().copied().unzip();
-    let rows: Vec<(i32, Option<i64>, i64)> = sqlx::query_as(
+    let rows: Vec<(i32, Option<i64>, i64, Option<i64>)> = sqlx::query_as(
         "UPDATE ingest.offsets o SET next_offset = m.target, replay_keep = $3, updated_at = now(), \
            replay_until = CASE WHEN m.target < GREATEST(o.next_offset, o.replay_until) \
                                THEN GREATEST(o.next_offset, o.replay_until) END \
          FROM (SELECT u.*, c.next_offset AS previous FROM unnest($4::int4[], $5::int8[]) AS u(partition, target) \
                JOIN ingest.offsets c ON c.consumer_group = $1 AND c.topic = $2 AND c.partition = u.partition) m \
          WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = m.partition \
-         RETURNING o.partition, m.previous, o.next_offset",
+         RETURNING o.partition, m.previous, o.next_offset, o.replay_until",
     )
     .bind(group)
     .bind(topic)
@@ -88,10 +91,11 @@ pub async fn rewind(
     .map_err(db("move stored offsets"))?;
     let mut moved: Vec<Moved> = rows
         .into_iter()
-        .map(|(partition, from, to)| Moved {
+        .map(|(partition, from, to, replay_until)| Moved {
             partition,
             from,
             to,
+            replay_until,
         })
         .collect();
     moved.sort_by_key(|m| m.partition);
@@ -291,13 +295,16 @@ impl Store {
         let mut progress = Progress::new("dead letters re-driven", kept.len() as u64);
         // In chunks, in order, within the one transaction, so a long re-drive shows how
         // far it is: a key's later record is still written after its earlier one. Routes
-        // ordering versions (or reading Debezium events) choose among all of a key's
-        // records at once (the newest version, a delete, a truncate, a TOAST fill), so a
-        // re-drive touching one writes in one piece.
+        // ordering versions, reading Debezium events or deleting on tombstones choose
+        // among all of a key's records at once (the newest version, a delete then a
+        // write as one update, a truncate, a TOAST fill), so a re-drive touching one
+        // writes in one piece.
         let whole = records.iter().any(|r| {
             self.routes.route_of(&r.topic).is_some_and(|i| {
                 let route = self.routes.decoders()[i].route();
-                route.version.is_some() || route.envelope != Envelope::None
+                route.version.is_some()
+                    || route.envelope != Envelope::None
+                    || route.delete_on_tombstone
             })
         });
         let chunk_len = if whole { kept.len().max(1) } else { REDRIVE_CHUNK };

@@ -260,31 +260,41 @@ impl Shell {
     /// Runs `line` in the foreground; what it printed. A line still running after
     /// [`LINE_LIMIT`] fails the test.
     async fn within_limit(&self, line: &str) -> (std::process::ExitStatus, String, String) {
+        use std::os::unix::process::CommandExt;
+        // A group of its own: a line out of time is killed with every process it started.
         let mut child = Reaped(
             self.command(line)
+                .process_group(0)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("bash runs"),
         );
         let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-            std::thread::spawn(move || pipe.map(std::io::read_to_string).and_then(Result::ok))
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(pipe.map(std::io::read_to_string).and_then(Result::ok));
+            });
+            rx
         };
         let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
         let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
         let started = std::time::Instant::now();
         let status = loop {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(status) = child.try_wait().expect("wait for the line") {
                 break status;
             }
-            assert!(
-                started.elapsed() < LINE_LIMIT,
-                "`{line}` still runs after {LINE_LIMIT:?}"
-            );
+            if started.elapsed() >= LINE_LIMIT {
+                let group = format!("-{}", child.id());
+                let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+                panic!("`{line}` still ran after {LINE_LIMIT:?}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let text = |t: std::thread::JoinHandle<Option<String>>| {
-            t.join().ok().flatten().unwrap_or_default()
+        // A process the line left behind may hold its output open: not past the limit.
+        let text = |rx: std::sync::mpsc::Receiver<Option<String>>| {
+            let left = LINE_LIMIT.saturating_sub(started.elapsed());
+            rx.recv_timeout(left).ok().flatten().unwrap_or_default()
         };
         (status, text(out), text(err))
     }
@@ -453,6 +463,10 @@ fn every_shell_block_of_the_docs_is_walked_by_a_test_or_named_unrunnable() {
     // A runnable block under another label would escape the walk: shell is ```sh, and
     // an unlabelled block holds output or a usage synopsis, never a command to run.
     for (page, text) in pages() {
+        assert!(
+            !text.lines().any(|l| l.trim_start().starts_with("~~~")),
+            "{page}: fence code with ```"
+        );
         for b in code_blocks(&text).0 {
             assert!(
                 ![
@@ -471,7 +485,9 @@ fn every_shell_block_of_the_docs_is_walked_by_a_test_or_named_unrunnable() {
                 ["kafka-pg-ingest ", "cargo ", "psql ", "scripts/", "export "]
                     .iter()
                     .any(|p| l.starts_with(p))
-                    && !l.contains('[')
+                    // A usage synopsis: `[--flag]`, `NAME...`.
+                    && !l.contains(" [")
+                    && !l.contains("...")
             });
             assert!(
                 !(b.info.is_empty() && runnable),
@@ -799,4 +815,27 @@ async fn the_least_privilege_setup_runs_a_worker_that_lands_every_record_once() 
         .assert_exactly_once(500, 0);
     role.drop(&db).await;
     db.drop().await;
+}
+
+#[test]
+fn a_blocks_comments_are_cut_only_outside_quotes_and_escapes() {
+    let page = "```sh\n\
+        kafka-pg-ingest run   # a comment\n\
+        psql -c \"SELECT 1 # inside quotes\"  # outside\n\
+        echo it\\'s \\# not one # but this is\n\
+        curl http://h/#fragment\n\
+        # a whole line\n\
+        kafka-pg-ingest dev produce \\\n  --count 5   # continued\n\
+        ```\n";
+    let (blocks, _) = code_blocks(page);
+    assert_eq!(
+        blocks[0].lines,
+        [
+            "kafka-pg-ingest run",
+            "psql -c \"SELECT 1 # inside quotes\"",
+            "echo it\\'s \\# not one",
+            "curl http://h/#fragment",
+            "kafka-pg-ingest dev produce   --count 5",
+        ]
+    );
 }

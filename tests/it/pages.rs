@@ -28,7 +28,7 @@ pub fn pages() -> Vec<(String, String)> {
 pub struct CodeBlock {
     /// The page's line of its opening fence.
     pub line: usize,
-    /// What follows the opening fence: `sh`, `yaml`, or nothing.
+    /// Its language, the first word after the opening fence: `sh`, `yaml`, or nothing.
     pub info: String,
     /// Its lines, continued lines (`\`) joined, comments and blank lines left out.
     pub lines: Vec<String>,
@@ -47,7 +47,11 @@ pub fn code_blocks(page: &str) -> (Vec<CodeBlock>, String) {
                 None => {
                     current = Some(CodeBlock {
                         line: n + 1,
-                        info: info.trim().to_owned(),
+                        info: info
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
                         lines: Vec::new(),
                     });
                 }
@@ -74,12 +78,19 @@ pub fn code_blocks(page: &str) -> (Vec<CodeBlock>, String) {
     (blocks, prose)
 }
 
-/// `line` without its shell comment: from the first ` #` outside quotes.
+/// `line` without its shell comment: from the first ` #` outside quotes (a character
+/// after `\` outside single quotes is taken as it is).
 fn uncommented(line: &str) -> &str {
     let mut quote = None;
     let mut previous = ' ';
-    for (i, c) in line.char_indices() {
+    let mut chars = line.char_indices();
+    while let Some((i, c)) = chars.next() {
         match (quote, c) {
+            (None | Some('"'), '\\') => {
+                chars.next();
+                previous = 'x';
+                continue;
+            }
             (None, '\'' | '"') => quote = Some(c),
             (Some(q), c) if c == q => quote = None,
             (None, '#') if previous.is_whitespace() => return line[..i].trim_end(),

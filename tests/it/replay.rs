@@ -88,6 +88,7 @@ async fn rewind_by_offset_on_a_live_worker_replaces_re_read_rows_and_lands_the_s
         from: Some(500),
         to: 100,
         reread: 400,
+        replay_until: None,
     };
     assert_eq!(plan.moves, vec![expected.clone()]);
     assert_eq!(
@@ -105,6 +106,11 @@ async fn rewind_by_offset_on_a_live_worker_replaces_re_read_rows_and_lands_the_s
     )
     .await
     .expect("rewind");
+    // Applied, it records where the replay ends: where the partition stood.
+    let expected = PlannedMove {
+        replay_until: Some(500),
+        ..expected
+    };
     assert_eq!(applied.moves, vec![expected]);
     // The stream goes on while the worker replays.
     kafka.produce(valid_messages(1_000, 200));
