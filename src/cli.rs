@@ -950,7 +950,7 @@ mod tests {
     }
 
     /// Whether `args` is a usage synopsis (`[--flag]`, `(a | b)`, `NAME...`), not a
-    /// command line. A command line piped on (`| psql`) is cut there.
+    /// command line (output piped into another program is cut off before).
     fn synopsis(args: &str) -> bool {
         args.contains('[') || args.contains("...") || args.contains('(') || args.contains('|')
     }

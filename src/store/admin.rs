@@ -12,8 +12,8 @@ use sqlx::PgConnection;
 use super::commit::{Ranges, copy_fields};
 use super::{Batch, Store, StoreError, db};
 use crate::config::{Envelope, WriteMode};
-use crate::progress::Progress;
 use crate::decode::{ReasonCode, Rejection};
+use crate::progress::Progress;
 use crate::record::Record;
 
 /// One `ingest.offsets` row.

@@ -468,15 +468,7 @@ async fn dev_produce_stream_lands(format: &str) {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // "produced V valid and M malformed messages", then one line per reason.
-    let counts: Vec<i64> = stdout
-        .lines()
-        .next()
-        .expect("a summary")
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let (valid, malformed) = (counts[0], counts[1]);
+    let (valid, malformed) = produced_counts(&stdout);
     assert!(malformed > 0 && valid + malformed == 2_000, "{stdout}");
     let config = kafka
         .config_with_yaml(&db, &registry_sink(&registry, format))

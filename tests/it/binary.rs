@@ -416,14 +416,7 @@ async fn dev_broker_and_dev_produce_feed_a_worker_that_lands_every_message_once(
         "{}",
         String::from_utf8_lossy(&produced.stderr)
     );
-    let numbers: Vec<i64> = summary
-        .lines()
-        .next()
-        .expect("summary line")
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let (valid, malformed) = (numbers[0], numbers[1]);
+    let (valid, malformed) = produced_counts(&summary);
     assert_eq!(valid + malformed, 2000, "{summary}");
     assert!(malformed > 0, "{summary}");
 

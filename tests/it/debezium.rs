@@ -74,7 +74,7 @@ const TRUNCATED: &str = "INSERT INTO expected (id, first_name, last_name, email,
             (902, 'Temp', 'Two', 't2@example.org', 2.00, 24023256, 'c')";
 
 /// The fixture's records, in order.
-fn fixture(name: &str) -> Vec<Msg> {
+pub fn fixture(name: &str) -> Vec<Msg> {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).expect("fixture");
     let bytes = |v: &Value| (!v.is_null()).then(|| v.to_string().into_bytes());

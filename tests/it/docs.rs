@@ -108,11 +108,21 @@ fn block(page: &str, first: &str) -> Vec<String> {
     found.remove(0).commands
 }
 
+/// `command` split after its leading `NAME=value` words: those words, then the rest.
+fn assignments(command: &str) -> (&str, &str) {
+    let mut rest = command.trim_start();
+    while let Some((word, tail)) = rest.split_once(' ') {
+        if !word.contains('=') || word.starts_with('-') {
+            break;
+        }
+        rest = tail.trim_start();
+    }
+    (&command[..command.len() - rest.len()], rest)
+}
+
 /// What a `run` line is: the binary, then `run` or only flags.
 fn is_worker(command: &str) -> bool {
-    let mut words = command
-        .split_whitespace()
-        .skip_while(|w| w.contains('=') && !w.starts_with('-'));
+    let mut words = assignments(command).1.split_whitespace();
     words.next() == Some("kafka-pg-ingest")
         && words.next().is_none_or(|w| {
             w == "run" || (w.starts_with("--") && !["--help", "--version"].contains(&w))
@@ -299,7 +309,7 @@ impl Shell {
         (status, text(out), text(err))
     }
 
-    /// Adds what a `dev produce` line printed: "N valid and M malformed ...".
+    /// Adds what a `dev produce` line printed.
     fn count_produced(&mut self, line: &str, stdout: &str) {
         let topic = line
             .split_whitespace()
@@ -307,16 +317,10 @@ impl Shell {
             .nth(1)
             .unwrap_or("website-metrics")
             .to_owned();
-        let numbers: Vec<i64> = stdout
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect();
+        let (valid, malformed) = produced_counts(stdout);
         let entry = self.produced.entry(topic).or_default();
-        entry.0 += numbers[0];
-        entry.1 += numbers[1];
+        entry.0 += valid;
+        entry.1 += malformed;
     }
 
     /// A `dev broker` or `dev registry` in the background: what it prints first replaces
@@ -417,11 +421,10 @@ impl Shell {
     }
 
     /// A broker for a page that assumes one: `KAFKA_BROKERS` names it.
-    fn broker(&mut self, topic: &str) -> String {
+    fn broker(&mut self, topic: &str) {
         self.start_service(&format!("kafka-pg-ingest dev broker --topic {topic}"));
         let brokers = self.rewrite(EXAMPLE_BROKERS);
-        self.env.insert("KAFKA_BROKERS".into(), brokers.clone());
-        brokers
+        self.env.insert("KAFKA_BROKERS".into(), brokers);
     }
 
     /// Records the test itself produces (for pages that leave producing to the reader).
@@ -441,16 +444,7 @@ impl Drop for Shell {
 /// `command` run by `exec`, so that the process the test signals is the program itself;
 /// leading `NAME=value` words stay in front of it.
 fn exec_form(command: &str) -> String {
-    let mut rest = command.trim_start();
-    let mut assignments = String::new();
-    while let Some((word, tail)) = rest.split_once(' ') {
-        if !word.contains('=') || word.starts_with('-') {
-            break;
-        }
-        assignments.push_str(word);
-        assignments.push(' ');
-        rest = tail.trim_start();
-    }
+    let (assignments, rest) = assignments(command);
     format!("{assignments}exec {rest}")
 }
 
@@ -722,21 +716,7 @@ async fn the_debezium_example_mirrors_the_fixtures_source_table() {
     let mut shell = Shell::new(&db);
     let topic = "dbserver1.inventory.customers";
     shell.broker(topic);
-    let fixture = std::fs::read_to_string(root().join("tests/fixtures/debezium-postgres.jsonl"))
-        .expect("fixture");
-    let bytes = |v: &serde_json::Value| (!v.is_null()).then(|| v.to_string().into_bytes());
-    let msgs: Vec<Msg> = fixture
-        .lines()
-        .map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line).expect("JSON line");
-            Msg {
-                key: bytes(&event["key"]),
-                value: bytes(&event["value"]),
-                ..Msg::default()
-            }
-        })
-        .collect();
-    shell.produce(topic, &msgs);
+    shell.produce(topic, &crate::debezium::fixture("debezium-postgres.jsonl"));
     shell.walk("docs/mapping.md", CUSTOMERS).await;
     shell.finish().await;
     let rows: Vec<(i32, String, Option<String>)> =

@@ -551,6 +551,19 @@ pub fn final_error(stderr: &str) -> &str {
         .unwrap_or("")
 }
 
+/// The valid and malformed counts of a `dev produce` summary ("produced V valid and M
+/// malformed messages", then one line per reason).
+pub fn produced_counts(stdout: &str) -> (i64, i64) {
+    let counts: Vec<i64> = stdout
+        .lines()
+        .next()
+        .expect("a summary")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (counts[0], counts[1])
+}
+
 /// The first line `child` printed on its piped stdout, trimmed (what `dev broker` and
 /// `dev registry` print: their address).
 pub fn first_line(child: &mut Reaped) -> String {

@@ -5,7 +5,7 @@ mod avro;
 mod binary;
 mod chaos;
 mod core;
-mod debezium;
+pub mod debezium;
 mod deploy;
 mod docs;
 mod edges;
